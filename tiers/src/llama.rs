@@ -1,0 +1,518 @@
+//! Llama-family decoder (llama, SmolLM, Mistral-style GQA) over a ragged batch.
+//!
+//! One [`Llama::forward`] call runs any mix of prefill chunks and single decode tokens from many sequences:
+//! their rows are stacked so each linear layer is one matmul over all rows, while RoPE and attention use each
+//! row's own sequence position and KV cache. The KV caches live outside the model ([`KvCache`], one per
+//! sequence) and are owned by the engine.
+//!
+//! Numerics mirror `candle_transformers::models::quantized_llama` (interleaved RoPE as in GGML's llama,
+//! RMSNorm as `x / sqrt(mean(x²) + eps) * w`, softmax with max subtraction) so greedy tokens match it.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use nimmer_config::Precision;
+use rayon::prelude::*;
+
+use crate::error::{Result, TierError};
+use crate::kernels::{self, QuantActs, TiledWeight};
+use crate::tokenizer::GgufTokenizer;
+
+/// Hyper-parameters read from GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub dim: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope_base: f32,
+    /// Context the model was trained for.
+    pub train_context: usize,
+}
+
+impl LlamaConfig {
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+    /// KV-cache bytes one token takes (f32 keys and values, every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.n_layer * 2 * self.kv_dim() * 4
+    }
+}
+
+/// A linear layer `y = x · Wᵀ`, `W` `[n, k]`.
+pub enum Linear {
+    /// Int8 kernels over tiled quantized weights (activations quantized per row).
+    Tiled(TiledWeight),
+    /// Full precision through candle's gemm.
+    F32 { w: Tensor, n: usize, k: usize },
+}
+
+impl Linear {
+    pub fn n(&self) -> usize {
+        match self {
+            Linear::Tiled(t) => t.n(),
+            Linear::F32 { n, .. } => *n,
+        }
+    }
+    fn k(&self) -> usize {
+        match self {
+            Linear::Tiled(t) => t.k(),
+            Linear::F32 { k, .. } => *k,
+        }
+    }
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Linear::Tiled(t) => t.size_bytes(),
+            Linear::F32 { n, k, .. } => n * k * 4,
+        }
+    }
+
+    /// `out[rows, n] = x[rows, k] · Wᵀ`.
+    fn forward(&self, x: &[f32], rows: usize, qa: &mut QuantActs, out: &mut Vec<f32>) -> Result<()> {
+        out.resize(rows * self.n(), 0.0);
+        match self {
+            Linear::Tiled(w) => {
+                qa.quantize(&x[..rows * w.k()], rows, w.k());
+                kernels::matmul(qa, w, out);
+            }
+            Linear::F32 { w, k, .. } => {
+                let xt = Tensor::from_slice(&x[..rows * k], (rows, *k), &Device::Cpu)?;
+                let y = xt.matmul(&w.t()?)?;
+                out.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(())
+    }
+
+    fn row(&self, n: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Linear::Tiled(w) => w.row(n, out),
+            Linear::F32 { w, .. } => out.copy_from_slice(&w.get(n)?.to_vec1::<f32>()?),
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// q, k, v stacked: `[q_dim + 2·kv_dim, dim]`.
+    qkv: Linear,
+    o: Linear,
+    ffn_norm: Vec<f32>,
+    /// gate and up stacked: `[2·ffn, dim]`.
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// The model: weights and RoPE tables; no per-sequence state.
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    /// Separate embedding table when the output matrix is not tied to it.
+    embed: Option<Linear>,
+    /// `cos`/`sin` `[max_pos, head_dim/2]`.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    max_pos: usize,
+}
+
+/// Per-sequence KV cache, `[pos, kv_dim]` per layer for keys and values.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// A cache with room for `capacity` tokens reserved up front (no reallocation while decoding).
+    pub fn new(cfg: &LlamaConfig, capacity: usize) -> Self {
+        let per = capacity * cfg.kv_dim();
+        Self {
+            k: (0..cfg.n_layer).map(|_| Vec::with_capacity(per)).collect(),
+            v: (0..cfg.n_layer).map(|_| Vec::with_capacity(per)).collect(),
+            len: 0,
+        }
+    }
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One sequence's part of a batch: tokens at positions `kv.len()..`, appended to `kv`.
+pub struct Chunk<'a> {
+    pub tokens: &'a [u32],
+    pub kv: &'a mut KvCache,
+    /// Whether to compute logits for the chunk's last token.
+    pub logits: bool,
+}
+
+/// Reusable buffers for [`Llama::forward`].
+#[derive(Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    qa: QuantActs,
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum2: f32 = xr.iter().map(|v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((o, &v), &a) in or.iter_mut().zip(xr).zip(w) {
+            *o = v / m * a;
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+fn read_tensor(ct: &Content, reader: &mut BufReader<File>, path: &Path, name: &str) -> Result<QTensor> {
+    ct.tensor(reader, name, &Device::Cpu).map_err(|e| TierError::Tensor {
+        path: path.into(),
+        tensor: name.into(),
+        message: e.to_string(),
+    })
+}
+
+fn tensor_err(path: &Path, name: &str, message: impl Into<String>) -> TierError {
+    TierError::Tensor { path: path.into(), tensor: name.into(), message: message.into() }
+}
+
+/// Builds one linear layer from GGUF tensors stacked along the output dimension.
+fn linear(parts: &[(&str, QTensor)], k: usize, precision: Precision, path: &Path) -> Result<Linear> {
+    let mut n = 0;
+    for (name, t) in parts {
+        let (tn, tk) = t.shape().dims2().map_err(|e| tensor_err(path, name, e.to_string()))?;
+        if tk != k {
+            return Err(tensor_err(path, name, format!("shape [{tn}, {tk}]: expected {k} input features")));
+        }
+        if tk % kernels::QK != 0 {
+            return Err(tensor_err(path, name, format!("{tk} input features is not a multiple of {}", kernels::QK)));
+        }
+        n += tn;
+    }
+    let all = |d: GgmlDType| parts.iter().all(|(_, t)| t.dtype() == d);
+    let raw = || -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        for (_, t) in parts {
+            v.extend_from_slice(&t.data()?);
+        }
+        Ok(v)
+    };
+    let dense = || -> Result<Vec<f32>> {
+        let mut v = Vec::with_capacity(n * k);
+        for (_, t) in parts {
+            v.extend(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(v)
+    };
+    Ok(match precision {
+        Precision::F32 => {
+            let w = Tensor::from_vec(dense()?, (n, k), &Device::Cpu)?;
+            Linear::F32 { w, n, k }
+        }
+        Precision::Native if all(GgmlDType::Q4_1) => Linear::Tiled(TiledWeight::from_q4_1(&raw()?, n, k)),
+        _ if all(GgmlDType::Q8_0) => Linear::Tiled(TiledWeight::from_q8_0(&raw()?, n, k)),
+        _ => Linear::Tiled(TiledWeight::from_f32(&dense()?, n, k)),
+    })
+}
+
+impl Llama {
+    /// Loads a llama-family GGUF: the model, its tokenizer and chat template.
+    /// `max_pos` bounds the RoPE table (the tier's context).
+    pub fn load(path: &Path, precision: Precision, max_pos: usize) -> Result<(Self, GgufTokenizer)> {
+        let file = File::open(path).map_err(|e| TierError::model_file(path, e))?;
+        let mut reader = BufReader::new(file);
+        let ct = Content::read(&mut reader).map_err(|e| TierError::model_file(path, format!("not a readable GGUF file: {e}")))?;
+        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if !matches!(arch.as_str(), "llama" | "mistral") {
+            return Err(TierError::UnsupportedArchitecture { path: path.into(), arch, supported: "llama, mistral" });
+        }
+        let md = |key: &str| -> Result<&candle_core::quantized::gguf_file::Value> {
+            ct.metadata.get(&format!("{arch}.{key}")).ok_or_else(|| TierError::model_file(path, format!("missing metadata `{arch}.{key}`")))
+        };
+        let num = |key: &str| -> Result<usize> {
+            md(key)?.to_u32().map(|v| v as usize).map_err(|e| TierError::model_file(path, format!("`{arch}.{key}`: {e}")))
+        };
+        let n_head = num("attention.head_count")?;
+        let dim = num("embedding_length")?;
+        let tokenizer = GgufTokenizer::from_gguf(&ct, path)?;
+        let cfg = LlamaConfig {
+            n_layer: num("block_count")?,
+            dim,
+            n_head,
+            n_kv_head: num("attention.head_count_kv").unwrap_or(n_head),
+            head_dim: num("rope.dimension_count").unwrap_or(dim / n_head),
+            ffn: num("feed_forward_length")?,
+            vocab: tokenizer.vocab_size(),
+            eps: md("attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e))).unwrap_or(1e-5),
+            rope_base: md("rope.freq_base").and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e))).unwrap_or(10_000.0),
+            train_context: num("context_length").unwrap_or(2048),
+        };
+        if cfg.head_dim * cfg.n_head != dim || cfg.n_head % cfg.n_kv_head != 0 || cfg.head_dim % 2 != 0 {
+            return Err(TierError::model_file(path, format!("inconsistent attention shape: {} heads x {} dims for width {dim}", cfg.n_head, cfg.head_dim)));
+        }
+        let mut rd = |name: &str| read_tensor(&ct, &mut reader, path, name);
+        let vec_f32 = |t: QTensor, name: &str, len: usize| -> Result<Vec<f32>> {
+            let v = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            if v.len() != len {
+                return Err(tensor_err(path, name, format!("has {} values, expected {len}", v.len())));
+            }
+            Ok(v)
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let names = [p("attn_q"), p("attn_k"), p("attn_v")];
+            let qkv_parts = vec![
+                (names[0].as_str(), rd(&names[0])?),
+                (names[1].as_str(), rd(&names[1])?),
+                (names[2].as_str(), rd(&names[2])?),
+            ];
+            let qkv = linear(&qkv_parts, dim, precision, path)?;
+            if qkv.n() != cfg.q_dim() + 2 * cfg.kv_dim() {
+                return Err(tensor_err(path, &names[0], format!("q/k/v give {} outputs, expected {}", qkv.n(), cfg.q_dim() + 2 * cfg.kv_dim())));
+            }
+            let on = p("attn_output");
+            let o = linear(&[(on.as_str(), rd(&on)?)], cfg.q_dim(), precision, path)?;
+            let (gn, un, dn) = (p("ffn_gate"), p("ffn_up"), p("ffn_down"));
+            let gate_up = linear(&[(gn.as_str(), rd(&gn)?), (un.as_str(), rd(&un)?)], dim, precision, path)?;
+            if gate_up.n() != 2 * cfg.ffn {
+                return Err(tensor_err(path, &gn, format!("gate/up give {} outputs, expected {}", gate_up.n(), 2 * cfg.ffn)));
+            }
+            let down = linear(&[(dn.as_str(), rd(&dn)?)], cfg.ffn, precision, path)?;
+            if o.n() != dim || down.n() != dim {
+                return Err(tensor_err(path, &dn, format!("expected {dim} outputs")));
+            }
+            let an = p("attn_norm");
+            let fnn = p("ffn_norm");
+            layers.push(Layer {
+                attn_norm: vec_f32(rd(&an)?, &an, dim)?,
+                qkv,
+                o,
+                ffn_norm: vec_f32(rd(&fnn)?, &fnn, dim)?,
+                gate_up,
+                down,
+            });
+        }
+        let norm = vec_f32(rd("output_norm.weight")?, "output_norm.weight", dim)?;
+        let embd = rd("token_embd.weight")?;
+        let (lm_head, embed) = if ct.tensor_infos.contains_key("output.weight") {
+            let out = rd("output.weight")?;
+            (linear(&[("output.weight", out)], dim, precision, path)?, Some(linear(&[("token_embd.weight", embd)], dim, precision, path)?))
+        } else {
+            (linear(&[("token_embd.weight", embd)], dim, precision, path)?, None)
+        };
+        if lm_head.n() < cfg.vocab {
+            return Err(tensor_err(path, "output.weight", format!("{} rows for a vocabulary of {}", lm_head.n(), cfg.vocab)));
+        }
+        let half = cfg.head_dim / 2;
+        let theta: Vec<f32> = (0..half).map(|i| 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
+        let mut rope_cos = Vec::with_capacity(max_pos * half);
+        let mut rope_sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for &t in &theta {
+                let a = p as f32 * t;
+                rope_cos.push(a.cos());
+                rope_sin.push(a.sin());
+            }
+        }
+        let model = Self { cfg, layers, norm, lm_head, embed, rope_cos, rope_sin, max_pos };
+        Ok((model, tokenizer))
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let l: usize = self.layers.iter().map(|l| l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes()).sum();
+        l + self.lm_head.size_bytes() + self.embed.as_ref().map_or(0, Linear::size_bytes)
+    }
+
+    /// Longest position the RoPE table covers.
+    pub fn max_positions(&self) -> usize {
+        self.max_pos
+    }
+
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let half = self.cfg.head_dim / 2;
+        let (cos, sin) = (&self.rope_cos[pos * half..(pos + 1) * half], &self.rope_sin[pos * half..(pos + 1) * half]);
+        for head in x.chunks_exact_mut(self.cfg.head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+
+    /// Runs every chunk through the model, appending to each chunk's KV cache.
+    /// Returns one logits vector per chunk that asked for logits, in chunk order.
+    pub fn forward(&self, chunks: &mut [Chunk<'_>], ws: &mut Workspace) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (dim, qd, kvd, hd) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        // Row r → (chunk, position).
+        let mut row_of: Vec<(usize, usize)> = Vec::new();
+        for (c, ch) in chunks.iter().enumerate() {
+            let start = ch.kv.len;
+            if start + ch.tokens.len() > self.max_pos {
+                return Err(TierError::InvalidRequest {
+                    field: "tokens",
+                    message: format!("position {} is past the model's {} positions", start + ch.tokens.len(), self.max_pos),
+                });
+            }
+            row_of.extend((0..ch.tokens.len()).map(|i| (c, start + i)));
+        }
+        let rows = row_of.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let Workspace { x, h, qkv, attn, proj, gu, act, qa } = ws;
+        x.resize(rows * dim, 0.0);
+        h.resize(rows * dim, 0.0);
+        let mut r = 0;
+        for ch in chunks.iter() {
+            for &t in ch.tokens {
+                if t as usize >= cfg.vocab {
+                    return Err(TierError::InvalidRequest { field: "tokens", message: format!("token id {t} is outside the vocabulary of {}", cfg.vocab) });
+                }
+                let dst = &mut x[r * dim..(r + 1) * dim];
+                self.embed.as_ref().unwrap_or(&self.lm_head).row(t as usize, dst)?;
+                r += 1;
+            }
+        }
+        let scale = (hd as f32).sqrt();
+        let group = cfg.n_head / cfg.n_kv_head;
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(x, &layer.attn_norm, cfg.eps, h);
+            layer.qkv.forward(h, rows, qa, qkv)?;
+            let w = qd + 2 * kvd;
+            // RoPE on q and k, then append k and v to each sequence's cache.
+            for (r, &(c, pos)) in row_of.iter().enumerate() {
+                let row = &mut qkv[r * w..(r + 1) * w];
+                self.rope(&mut row[..qd + kvd], pos);
+                let kv = &mut *chunks[c].kv;
+                kv.k[li].extend_from_slice(&row[qd..qd + kvd]);
+                kv.v[li].extend_from_slice(&row[qd + kvd..]);
+            }
+            attn.resize(rows * qd, 0.0);
+            let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.kv).collect();
+            let qkv_ref: &[f32] = qkv;
+            let row_ref = &row_of;
+            let attend = |(r, out): (usize, &mut [f32])| {
+                let (c, pos) = row_ref[r];
+                let (kc, vc) = (&caches[c].k[li], &caches[c].v[li]);
+                let q = &qkv_ref[r * w..r * w + qd];
+                let mut scores = vec![0f32; pos + 1];
+                for hh in 0..cfg.n_head {
+                    let kvh = hh / group;
+                    let qh = &q[hh * hd..(hh + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        *s = dot(qh, &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) / scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut out[hh * hd..(hh + 1) * hd];
+                    o.fill(0.0);
+                    for (j, s) in scores.iter().enumerate() {
+                        let p = s / sum;
+                        let vj = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                        for (oi, &vi) in o.iter_mut().zip(vj) {
+                            *oi = p.mul_add(vi, *oi);
+                        }
+                    }
+                }
+            };
+            if rows > 1 {
+                attn.par_chunks_mut(qd).enumerate().for_each(attend);
+            } else {
+                attn.chunks_mut(qd).enumerate().for_each(attend);
+            }
+            layer.o.forward(attn, rows, qa, proj)?;
+            for (xi, pi) in x.iter_mut().zip(proj.iter()) {
+                *xi += pi;
+            }
+            rms_norm(x, &layer.ffn_norm, cfg.eps, h);
+            layer.gate_up.forward(h, rows, qa, gu)?;
+            act.resize(rows * cfg.ffn, 0.0);
+            for (a, g) in act.chunks_exact_mut(cfg.ffn).zip(gu.chunks_exact(2 * cfg.ffn)) {
+                let (gate, up) = g.split_at(cfg.ffn);
+                for ((ai, &gi), &ui) in a.iter_mut().zip(gate).zip(up) {
+                    *ai = gi / (1.0 + (-gi).exp()) * ui;
+                }
+            }
+            layer.down.forward(act, rows, qa, proj)?;
+            for (xi, pi) in x.iter_mut().zip(proj.iter()) {
+                *xi += pi;
+            }
+
+        }
+        for ch in chunks.iter_mut() {
+            ch.kv.len += ch.tokens.len();
+        }
+        // Final norm and LM head only for the rows that need logits.
+        let mut last_rows = Vec::new();
+        let mut r = 0;
+        for ch in chunks.iter() {
+            r += ch.tokens.len();
+            if ch.logits && !ch.tokens.is_empty() {
+                last_rows.push(r - 1);
+            }
+        }
+        if last_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = last_rows.len();
+        let mut sel = vec![0f32; n * dim];
+        for (i, &r) in last_rows.iter().enumerate() {
+            sel[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
+        }
+        h.resize(n * dim, 0.0);
+        rms_norm(&sel, &self.norm, cfg.eps, &mut h[..n * dim]);
+        self.lm_head.forward(h, n, qa, proj)?;
+        let v = self.lm_head.n();
+        Ok((0..n).map(|i| proj[i * v..i * v + cfg.vocab].to_vec()).collect())
+    }
+}
