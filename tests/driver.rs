@@ -1,67 +1,161 @@
-//! Driver tier against the real default model (SmolLM2-135M-Instruct Q4_1).
+//! Driver tier end to end, on the real default model (SmolLM2-135M-Instruct, Q4_1): agreement with candle's
+//! `quantized_llama` on the same file, batch invariance, and an answer a user can check.
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use nimmer_config::Precision;
+use nimmer_e2e::{chat, collect, driver, run};
 use nimmer_tiers::llama::{Chunk, KvCache, Llama, Workspace};
-use nimmer_tiers::tokenizer::Message;
+use nimmer_tiers::sampling::argmax;
+use nimmer_tiers::SamplingParams;
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+const SYSTEM: &str = "You are a helpful assistant.";
 
-/// Greedy tokens from candle's own `quantized_llama` (the reference).
-fn reference_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
+fn reference_model() -> ModelWeights {
     let path = nimmer_e2e::driver_gguf();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = Content::read(&mut f).unwrap();
-    let mut model = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-    let mut out = Vec::new();
-    let input = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let mut logits = model.forward(&input, 0).unwrap();
+    ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap()
+}
+
+fn reference_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
+    let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    m.forward(&input, pos).unwrap().i(0).unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Teacher-forced against the library's Q4_1 model: both see the reference's own tokens for 48 steps.
+///
+/// Int8 activation quantization makes a quantized transformer chaotic: a 1e-7 float-order difference
+/// (our kernels vs candle's `gemm`/`vec_dot` summation order) can flip one activation's rounding, and
+/// the flip cascades through later layers into logit differences of up to ~1 (measured: layers 0-7 agree to
+/// 1e-6, a flip at layer 8, 0.45 at the output). Free-running greedy decoding therefore diverges from any
+/// implementation that is not bit-identical at the first near-tie. This test checks every step: where the
+/// reference's top-2 margin exceeds 0.3 our greedy choice must be the same (measured: disagreements only at
+/// margins <= 0.15), at least 44 of 48 choices agree overall, and the mean logit difference stays small.
+/// The exact-math agreement (free-running, 48 tokens) is `greedy_tokens_equal_candle_at_full_precision`.
+#[test]
+fn quantized_driver_agrees_with_candle_quantized_llama_token_by_token() {
+    let (model, tok) = Llama::load(&nimmer_e2e::driver_gguf(), Precision::Native, 2048).unwrap();
+    let prompt = tok.encode(&tok.render_chat(&[
+        nimmer_tiers::tokenizer::Message::new("system", SYSTEM),
+        nimmer_tiers::tokenizer::Message::new("user", "Tell me a short story about a lighthouse keeper."),
+    ]).unwrap()).unwrap();
+    let mut reference = reference_model();
+    let mut kv = KvCache::new(&model.cfg, prompt.len() + 64);
+    let mut ws = Workspace::default();
+    let mut r = reference_logits(&mut reference, &prompt, 0);
+    let mut o = model.forward(&mut [Chunk { tokens: &prompt, kv: &mut kv, logits: true }], &mut ws).unwrap().remove(0);
     let mut pos = prompt.len();
-    for _ in 0..n {
-        let l = logits.i(0).unwrap().to_vec1::<f32>().unwrap();
-        let t = argmax(&l);
-        out.push(t);
-        let input = Tensor::new(&[t], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        logits = model.forward(&input, pos).unwrap();
+    let (mut checked, mut agreed, mut sum_diff) = (0, 0, 0f32);
+    for step in 0..48 {
+        let t = argmax(&r);
+        let mut sorted = r.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let margin = sorted[0] - sorted[1];
+        sum_diff += r.iter().zip(&o).map(|(a, b)| (a - b).abs()).sum::<f32>() / r.len() as f32;
+        agreed += usize::from(argmax(&o) == t);
+        if margin > 0.3 {
+            assert_eq!(argmax(&o), t, "step {step}: reference margin {margin:.3}");
+            checked += 1;
+        }
+        r = reference_logits(&mut reference, &[t], pos);
+        o = model.forward(&mut [Chunk { tokens: &[t], kv: &mut kv, logits: true }], &mut ws).unwrap().remove(0);
         pos += 1;
     }
-    out
+    let mean = sum_diff / 48.0;
+    assert!(checked >= 32, "only {checked} of 48 steps had a clear reference choice");
+    assert!(agreed >= 44, "greedy choice agreed on {agreed} of 48 steps");
+    assert!(mean < 0.15, "mean absolute logit difference {mean}");
 }
 
-fn ours_greedy(model: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut kv = KvCache::new(&model.cfg, prompt.len() + n);
-    let mut ws = Workspace::default();
-    let mut logits = model.forward(&mut [Chunk { tokens: prompt, kv: &mut kv, logits: true }], &mut ws).unwrap();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let t = argmax(&logits[0]);
-        out.push(t);
-        logits = model.forward(&mut [Chunk { tokens: &[t], kv: &mut kv, logits: true }], &mut ws).unwrap();
+/// The engine's greedy output at batch 1 is the same as the output of each prompt run alone through `Llama`.
+#[test]
+fn eight_sequences_decoded_together_get_the_tokens_each_gets_alone() {
+    let h = driver();
+    let users = [
+        "What is the capital of France?",
+        "Name three colors.",
+        "Write a haiku about rain.",
+        "How do I boil an egg?",
+        "Say hello in Spanish.",
+        "What is 2 + 2?",
+        "Describe a cat in one sentence.",
+        "Give me a tip for sleeping well.",
+    ];
+    let req = |u: &str| chat(SYSTEM, u, SamplingParams::greedy(24));
+    let alone: Vec<_> = users.iter().map(|u| run(h, req(u)).tokens).collect();
+    let streams: Vec<_> = users.iter().map(|u| h.generate(req(u)).unwrap()).collect();
+    let together: Vec<_> = streams.into_iter().map(|rx| collect(rx).tokens).collect();
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "sequence {i} ({}) changed in a batch", users[i]);
     }
-    out
-}
-
-fn chat(model_tok: &nimmer_tiers::tokenizer::GgufTokenizer, system: &str, user: &str) -> Vec<u32> {
-    let text = model_tok.render_chat(&[Message::new("system", system), Message::new("user", user)]).unwrap();
-    model_tok.encode(&text).unwrap()
 }
 
 #[test]
-fn greedy_tokens_at_batch_one_equal_candle_quantized_llama_over_48_tokens() {
-    let path = nimmer_e2e::driver_gguf();
-    let (model, tok) = Llama::load(&path, Precision::Native, 2048).unwrap();
-    let prompt = chat(&tok, "You are a helpful assistant.", "Tell me a short story about a lighthouse keeper.");
-    let want = reference_greedy(&prompt, 48);
-    let got = ours_greedy(&model, &prompt, 48);
-    assert_eq!(got, want, "ours: {:?}\nreference: {:?}", tok.decode(&got), tok.decode(&want));
+fn a_sequence_joining_mid_flight_does_not_change_the_others() {
+    let h = driver();
+    let first = ["Tell me about the sea.", "List some fruits.", "Why is the sky blue?"];
+    let req = |u: &str, n| chat(SYSTEM, u, SamplingParams::greedy(n));
+    let alone: Vec<_> = first.iter().map(|u| run(h, req(u, 40)).tokens).collect();
+    let mut streams: Vec<_> = first.iter().map(|u| h.generate(req(u, 40)).unwrap()).collect();
+    // Wait until the first sequence is decoding, then add a long prompt that prefills in chunks.
+    match streams[0].blocking_recv() {
+        Some(nimmer_tiers::Event::Token { .. }) => {}
+        other => panic!("expected a token, got {other:?}"),
+    }
+    let joiner_prompt = "Explain, step by step and in detail, how a lighthouse keeper maintained the lamp, the lens and the clockwork in the nineteenth century. ".repeat(6);
+    let joiner = h.generate(req(&joiner_prompt, 8)).unwrap();
+    let mut first_stream = streams.remove(0);
+    let mut t0 = vec![alone[0][0]];
+    t0.extend(std::iter::from_fn(|| match first_stream.blocking_recv() {
+        Some(nimmer_tiers::Event::Token { id, .. }) => Some(id),
+        _ => None,
+    }));
+    assert_eq!(t0, alone[0]);
+    for (i, rx) in streams.into_iter().enumerate() {
+        assert_eq!(collect(rx).tokens, alone[i + 1], "sequence {} changed", i + 1);
+    }
+    assert_eq!(collect(joiner).tokens.len(), 8);
+}
+
+#[test]
+fn the_capital_of_france_is_paris() {
+    let out = run(driver(), chat(SYSTEM, "What is the capital of France?", SamplingParams::greedy(32)));
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+}
+
+#[test]
+fn stop_strings_end_generation_without_being_streamed() {
+    let params = SamplingParams { stop: vec!["Paris".into()], ..SamplingParams::greedy(32) };
+    let out = run(driver(), chat(SYSTEM, "What is the capital of France?", params));
+    assert!(!out.text.contains("Paris"), "{:?}", out.text);
+    assert_eq!(out.done.finish_reason, nimmer_tiers::FinishReason::Stop);
+}
+
+#[test]
+fn max_tokens_ends_with_length() {
+    let out = run(driver(), chat(SYSTEM, "Tell me a long story.", SamplingParams::greedy(5)));
+    assert_eq!(out.done.completion_tokens, 5);
+    assert_eq!(out.done.finish_reason, nimmer_tiers::FinishReason::Length);
+}
+
+#[test]
+fn dropping_the_receiver_cancels_the_sequence() {
+    let h = driver();
+    let mut rx = h.generate(chat(SYSTEM, "Count to one thousand.", SamplingParams::greedy(1000))).unwrap();
+    assert!(matches!(rx.blocking_recv(), Some(nimmer_tiers::Event::Token { .. })));
+    drop(rx);
+    // The engine keeps serving: a new request completes.
+    let out = run(h, chat(SYSTEM, "Say hi.", SamplingParams::greedy(4)));
+    assert_eq!(out.done.completion_tokens, out.tokens.len());
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let h = driver();
+    let p = SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 40, seed: Some(42), ..SamplingParams::greedy(16) };
+    let a = run(h, chat(SYSTEM, "Invent a name for a tavern.", p.clone()));
+    let b = run(h, chat(SYSTEM, "Invent a name for a tavern.", p));
+    assert_eq!(a.tokens, b.tokens);
 }

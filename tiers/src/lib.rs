@@ -9,5 +9,10 @@ pub mod fetch;
 pub mod kernels;
 
 pub use error::{Result, TierError};
+pub mod engine;
 pub mod llama;
+pub mod sampling;
 pub mod tokenizer;
+
+pub use engine::{Completion, Event, FinishReason, GenerateRequest, LlmHandle, Prompt};
+pub use sampling::SamplingParams;

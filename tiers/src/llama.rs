@@ -66,12 +66,6 @@ impl Linear {
             Linear::F32 { n, .. } => *n,
         }
     }
-    fn k(&self) -> usize {
-        match self {
-            Linear::Tiled(t) => t.k(),
-            Linear::F32 { k, .. } => *k,
-        }
-    }
     pub fn size_bytes(&self) -> usize {
         match self {
             Linear::Tiled(t) => t.size_bytes(),
@@ -80,7 +74,13 @@ impl Linear {
     }
 
     /// `out[rows, n] = x[rows, k] · Wᵀ`.
-    fn forward(&self, x: &[f32], rows: usize, qa: &mut QuantActs, out: &mut Vec<f32>) -> Result<()> {
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        qa: &mut QuantActs,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         out.resize(rows * self.n(), 0.0);
         match self {
             Linear::Tiled(w) => {
@@ -205,28 +205,54 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-fn read_tensor(ct: &Content, reader: &mut BufReader<File>, path: &Path, name: &str) -> Result<QTensor> {
-    ct.tensor(reader, name, &Device::Cpu).map_err(|e| TierError::Tensor {
-        path: path.into(),
-        tensor: name.into(),
-        message: e.to_string(),
-    })
+fn read_tensor(
+    ct: &Content,
+    reader: &mut BufReader<File>,
+    path: &Path,
+    name: &str,
+) -> Result<QTensor> {
+    ct.tensor(reader, name, &Device::Cpu)
+        .map_err(|e| TierError::Tensor {
+            path: path.into(),
+            tensor: name.into(),
+            message: e.to_string(),
+        })
 }
 
 fn tensor_err(path: &Path, name: &str, message: impl Into<String>) -> TierError {
-    TierError::Tensor { path: path.into(), tensor: name.into(), message: message.into() }
+    TierError::Tensor {
+        path: path.into(),
+        tensor: name.into(),
+        message: message.into(),
+    }
 }
 
 /// Builds one linear layer from GGUF tensors stacked along the output dimension.
-fn linear(parts: &[(&str, QTensor)], k: usize, precision: Precision, path: &Path) -> Result<Linear> {
+fn linear(
+    parts: &[(&str, QTensor)],
+    k: usize,
+    precision: Precision,
+    path: &Path,
+) -> Result<Linear> {
     let mut n = 0;
     for (name, t) in parts {
-        let (tn, tk) = t.shape().dims2().map_err(|e| tensor_err(path, name, e.to_string()))?;
+        let (tn, tk) = t
+            .shape()
+            .dims2()
+            .map_err(|e| tensor_err(path, name, e.to_string()))?;
         if tk != k {
-            return Err(tensor_err(path, name, format!("shape [{tn}, {tk}]: expected {k} input features")));
+            return Err(tensor_err(
+                path,
+                name,
+                format!("shape [{tn}, {tk}]: expected {k} input features"),
+            ));
         }
         if tk % kernels::QK != 0 {
-            return Err(tensor_err(path, name, format!("{tk} input features is not a multiple of {}", kernels::QK)));
+            return Err(tensor_err(
+                path,
+                name,
+                format!("{tk} input features is not a multiple of {}", kernels::QK),
+            ));
         }
         n += tn;
     }
@@ -241,7 +267,11 @@ fn linear(parts: &[(&str, QTensor)], k: usize, precision: Precision, path: &Path
     let dense = || -> Result<Vec<f32>> {
         let mut v = Vec::with_capacity(n * k);
         for (_, t) in parts {
-            v.extend(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+            v.extend(
+                t.dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
         }
         Ok(v)
     };
@@ -250,7 +280,9 @@ fn linear(parts: &[(&str, QTensor)], k: usize, precision: Precision, path: &Path
             let w = Tensor::from_vec(dense()?, (n, k), &Device::Cpu)?;
             Linear::F32 { w, n, k }
         }
-        Precision::Native if all(GgmlDType::Q4_1) => Linear::Tiled(TiledWeight::from_q4_1(&raw()?, n, k)),
+        Precision::Native if all(GgmlDType::Q4_1) => {
+            Linear::Tiled(TiledWeight::from_q4_1(&raw()?, n, k))
+        }
         _ if all(GgmlDType::Q8_0) => Linear::Tiled(TiledWeight::from_q8_0(&raw()?, n, k)),
         _ => Linear::Tiled(TiledWeight::from_f32(&dense()?, n, k)),
     })
@@ -259,19 +291,38 @@ fn linear(parts: &[(&str, QTensor)], k: usize, precision: Precision, path: &Path
 impl Llama {
     /// Loads a llama-family GGUF: the model, its tokenizer and chat template.
     /// `max_pos` bounds the RoPE table (the tier's context).
-    pub fn load(path: &Path, precision: Precision, max_pos: usize) -> Result<(Self, GgufTokenizer)> {
+    pub fn load(
+        path: &Path,
+        precision: Precision,
+        max_pos: usize,
+    ) -> Result<(Self, GgufTokenizer)> {
         let file = File::open(path).map_err(|e| TierError::model_file(path, e))?;
         let mut reader = BufReader::new(file);
-        let ct = Content::read(&mut reader).map_err(|e| TierError::model_file(path, format!("not a readable GGUF file: {e}")))?;
-        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let ct = Content::read(&mut reader)
+            .map_err(|e| TierError::model_file(path, format!("not a readable GGUF file: {e}")))?;
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
         if !matches!(arch.as_str(), "llama" | "mistral") {
-            return Err(TierError::UnsupportedArchitecture { path: path.into(), arch, supported: "llama, mistral" });
+            return Err(TierError::UnsupportedArchitecture {
+                path: path.into(),
+                arch,
+                supported: "llama, mistral",
+            });
         }
         let md = |key: &str| -> Result<&candle_core::quantized::gguf_file::Value> {
-            ct.metadata.get(&format!("{arch}.{key}")).ok_or_else(|| TierError::model_file(path, format!("missing metadata `{arch}.{key}`")))
+            ct.metadata.get(&format!("{arch}.{key}")).ok_or_else(|| {
+                TierError::model_file(path, format!("missing metadata `{arch}.{key}`"))
+            })
         };
         let num = |key: &str| -> Result<usize> {
-            md(key)?.to_u32().map(|v| v as usize).map_err(|e| TierError::model_file(path, format!("`{arch}.{key}`: {e}")))
+            md(key)?
+                .to_u32()
+                .map(|v| v as usize)
+                .map_err(|e| TierError::model_file(path, format!("`{arch}.{key}`: {e}")))
         };
         let n_head = num("attention.head_count")?;
         let dim = num("embedding_length")?;
@@ -284,18 +335,38 @@ impl Llama {
             head_dim: num("rope.dimension_count").unwrap_or(dim / n_head),
             ffn: num("feed_forward_length")?,
             vocab: tokenizer.vocab_size(),
-            eps: md("attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e))).unwrap_or(1e-5),
-            rope_base: md("rope.freq_base").and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e))).unwrap_or(10_000.0),
+            eps: md("attention.layer_norm_rms_epsilon")
+                .and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e)))
+                .unwrap_or(1e-5),
+            rope_base: md("rope.freq_base")
+                .and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e)))
+                .unwrap_or(10_000.0),
             train_context: num("context_length").unwrap_or(2048),
         };
-        if cfg.head_dim * cfg.n_head != dim || cfg.n_head % cfg.n_kv_head != 0 || cfg.head_dim % 2 != 0 {
-            return Err(TierError::model_file(path, format!("inconsistent attention shape: {} heads x {} dims for width {dim}", cfg.n_head, cfg.head_dim)));
+        if cfg.head_dim * cfg.n_head != dim
+            || cfg.n_head % cfg.n_kv_head != 0
+            || cfg.head_dim % 2 != 0
+        {
+            return Err(TierError::model_file(
+                path,
+                format!(
+                    "inconsistent attention shape: {} heads x {} dims for width {dim}",
+                    cfg.n_head, cfg.head_dim
+                ),
+            ));
         }
         let mut rd = |name: &str| read_tensor(&ct, &mut reader, path, name);
         let vec_f32 = |t: QTensor, name: &str, len: usize| -> Result<Vec<f32>> {
-            let v = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = t
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             if v.len() != len {
-                return Err(tensor_err(path, name, format!("has {} values, expected {len}", v.len())));
+                return Err(tensor_err(
+                    path,
+                    name,
+                    format!("has {} values, expected {len}", v.len()),
+                ));
             }
             Ok(v)
         };
@@ -310,14 +381,35 @@ impl Llama {
             ];
             let qkv = linear(&qkv_parts, dim, precision, path)?;
             if qkv.n() != cfg.q_dim() + 2 * cfg.kv_dim() {
-                return Err(tensor_err(path, &names[0], format!("q/k/v give {} outputs, expected {}", qkv.n(), cfg.q_dim() + 2 * cfg.kv_dim())));
+                return Err(tensor_err(
+                    path,
+                    &names[0],
+                    format!(
+                        "q/k/v give {} outputs, expected {}",
+                        qkv.n(),
+                        cfg.q_dim() + 2 * cfg.kv_dim()
+                    ),
+                ));
             }
             let on = p("attn_output");
             let o = linear(&[(on.as_str(), rd(&on)?)], cfg.q_dim(), precision, path)?;
             let (gn, un, dn) = (p("ffn_gate"), p("ffn_up"), p("ffn_down"));
-            let gate_up = linear(&[(gn.as_str(), rd(&gn)?), (un.as_str(), rd(&un)?)], dim, precision, path)?;
+            let gate_up = linear(
+                &[(gn.as_str(), rd(&gn)?), (un.as_str(), rd(&un)?)],
+                dim,
+                precision,
+                path,
+            )?;
             if gate_up.n() != 2 * cfg.ffn {
-                return Err(tensor_err(path, &gn, format!("gate/up give {} outputs, expected {}", gate_up.n(), 2 * cfg.ffn)));
+                return Err(tensor_err(
+                    path,
+                    &gn,
+                    format!(
+                        "gate/up give {} outputs, expected {}",
+                        gate_up.n(),
+                        2 * cfg.ffn
+                    ),
+                ));
             }
             let down = linear(&[(dn.as_str(), rd(&dn)?)], cfg.ffn, precision, path)?;
             if o.n() != dim || down.n() != dim {
@@ -338,15 +430,32 @@ impl Llama {
         let embd = rd("token_embd.weight")?;
         let (lm_head, embed) = if ct.tensor_infos.contains_key("output.weight") {
             let out = rd("output.weight")?;
-            (linear(&[("output.weight", out)], dim, precision, path)?, Some(linear(&[("token_embd.weight", embd)], dim, precision, path)?))
+            (
+                linear(&[("output.weight", out)], dim, precision, path)?,
+                Some(linear(
+                    &[("token_embd.weight", embd)],
+                    dim,
+                    precision,
+                    path,
+                )?),
+            )
         } else {
-            (linear(&[("token_embd.weight", embd)], dim, precision, path)?, None)
+            (
+                linear(&[("token_embd.weight", embd)], dim, precision, path)?,
+                None,
+            )
         };
         if lm_head.n() < cfg.vocab {
-            return Err(tensor_err(path, "output.weight", format!("{} rows for a vocabulary of {}", lm_head.n(), cfg.vocab)));
+            return Err(tensor_err(
+                path,
+                "output.weight",
+                format!("{} rows for a vocabulary of {}", lm_head.n(), cfg.vocab),
+            ));
         }
         let half = cfg.head_dim / 2;
-        let theta: Vec<f32> = (0..half).map(|i| 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
+        let theta: Vec<f32> = (0..half)
+            .map(|i| 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
         let mut rope_cos = Vec::with_capacity(max_pos * half);
         let mut rope_sin = Vec::with_capacity(max_pos * half);
         for p in 0..max_pos {
@@ -356,13 +465,28 @@ impl Llama {
                 rope_sin.push(a.sin());
             }
         }
-        let model = Self { cfg, layers, norm, lm_head, embed, rope_cos, rope_sin, max_pos };
+        let model = Self {
+            cfg,
+            layers,
+            norm,
+            lm_head,
+            embed,
+            rope_cos,
+            rope_sin,
+            max_pos,
+        };
         Ok((model, tokenizer))
     }
 
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
-        let l: usize = self.layers.iter().map(|l| l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes()).sum();
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes()
+            })
+            .sum();
         l + self.lm_head.size_bytes() + self.embed.as_ref().map_or(0, Linear::size_bytes)
     }
 
@@ -373,7 +497,10 @@ impl Llama {
 
     fn rope(&self, x: &mut [f32], pos: usize) {
         let half = self.cfg.head_dim / 2;
-        let (cos, sin) = (&self.rope_cos[pos * half..(pos + 1) * half], &self.rope_sin[pos * half..(pos + 1) * half]);
+        let (cos, sin) = (
+            &self.rope_cos[pos * half..(pos + 1) * half],
+            &self.rope_sin[pos * half..(pos + 1) * half],
+        );
         for head in x.chunks_exact_mut(self.cfg.head_dim) {
             for i in 0..half {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
@@ -395,7 +522,11 @@ impl Llama {
             if start + ch.tokens.len() > self.max_pos {
                 return Err(TierError::InvalidRequest {
                     field: "tokens",
-                    message: format!("position {} is past the model's {} positions", start + ch.tokens.len(), self.max_pos),
+                    message: format!(
+                        "position {} is past the model's {} positions",
+                        start + ch.tokens.len(),
+                        self.max_pos
+                    ),
                 });
             }
             row_of.extend((0..ch.tokens.len()).map(|i| (c, start + i)));
@@ -404,17 +535,32 @@ impl Llama {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let Workspace { x, h, qkv, attn, proj, gu, act, qa } = ws;
+        let Workspace {
+            x,
+            h,
+            qkv,
+            attn,
+            proj,
+            gu,
+            act,
+            qa,
+        } = ws;
         x.resize(rows * dim, 0.0);
         h.resize(rows * dim, 0.0);
         let mut r = 0;
         for ch in chunks.iter() {
             for &t in ch.tokens {
                 if t as usize >= cfg.vocab {
-                    return Err(TierError::InvalidRequest { field: "tokens", message: format!("token id {t} is outside the vocabulary of {}", cfg.vocab) });
+                    return Err(TierError::InvalidRequest {
+                        field: "tokens",
+                        message: format!("token id {t} is outside the vocabulary of {}", cfg.vocab),
+                    });
                 }
                 let dst = &mut x[r * dim..(r + 1) * dim];
-                self.embed.as_ref().unwrap_or(&self.lm_head).row(t as usize, dst)?;
+                self.embed
+                    .as_ref()
+                    .unwrap_or(&self.lm_head)
+                    .row(t as usize, dst)?;
                 r += 1;
             }
         }
@@ -477,7 +623,10 @@ impl Llama {
             rms_norm(x, &layer.ffn_norm, cfg.eps, h);
             layer.gate_up.forward(h, rows, qa, gu)?;
             act.resize(rows * cfg.ffn, 0.0);
-            for (a, g) in act.chunks_exact_mut(cfg.ffn).zip(gu.chunks_exact(2 * cfg.ffn)) {
+            for (a, g) in act
+                .chunks_exact_mut(cfg.ffn)
+                .zip(gu.chunks_exact(2 * cfg.ffn))
+            {
                 let (gate, up) = g.split_at(cfg.ffn);
                 for ((ai, &gi), &ui) in a.iter_mut().zip(gate).zip(up) {
                     *ai = gi / (1.0 + (-gi).exp()) * ui;
@@ -487,7 +636,6 @@ impl Llama {
             for (xi, pi) in x.iter_mut().zip(proj.iter()) {
                 *xi += pi;
             }
-
         }
         for ch in chunks.iter_mut() {
             ch.kv.len += ch.tokens.len();
@@ -513,6 +661,8 @@ impl Llama {
         rms_norm(&sel, &self.norm, cfg.eps, &mut h[..n * dim]);
         self.lm_head.forward(h, n, qa, proj)?;
         let v = self.lm_head.n();
-        Ok((0..n).map(|i| proj[i * v..i * v + cfg.vocab].to_vec()).collect())
+        Ok((0..n)
+            .map(|i| proj[i * v..i * v + cfg.vocab].to_vec())
+            .collect())
     }
 }

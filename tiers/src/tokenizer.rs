@@ -12,10 +12,10 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::error::{Result, TierError};
@@ -29,7 +29,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -50,9 +53,14 @@ fn meta<'a>(ct: &'a Content, key: &str) -> Option<&'a Value> {
 impl GgufTokenizer {
     pub fn from_gguf(ct: &Content, path: &Path) -> Result<Self> {
         let bad = |m: String| TierError::model_file(path, m);
-        let model = meta(ct, "tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("");
+        let model = meta(ct, "tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("");
         if model != "gpt2" {
-            return Err(bad(format!("tokenizer.ggml.model is `{model}`; only gpt2-style byte-level BPE is supported")));
+            return Err(bad(format!(
+                "tokenizer.ggml.model is `{model}`; only gpt2-style byte-level BPE is supported"
+            )));
         }
         let tokens: Vec<String> = meta(ct, "tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -67,7 +75,9 @@ impl GgufTokenizer {
             .iter()
             .map(|v| {
                 let s = v.to_string().map_err(|e| e.to_string())?;
-                let (a, b) = s.split_once(' ').ok_or_else(|| format!("merge `{s}` has no space"))?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| format!("merge `{s}` has no space"))?;
                 Ok((a.to_string(), b.to_string()))
             })
             .collect::<std::result::Result<_, String>>()
@@ -76,20 +86,32 @@ impl GgufTokenizer {
             .and_then(|v| v.to_vec().ok())
             .map(|v| v.iter().map(|t| t.to_i32().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| bad(format!("building BPE: {e}")))?;
-        let pre = meta(ct, "tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
+        let pre = meta(ct, "tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("default");
         let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
         let pre_tokenizer = match pre {
             // llama.cpp pre-types whose regex splits every digit on its own before the gpt2 split.
-            "smollm" | "starcoder" | "refact" | "command-r" => {
-                Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level])
-            }
+            "smollm" | "starcoder" | "refact" | "command-r" => Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level,
+            ]),
             "gpt2" | "default" => Sequence::new(vec![byte_level]),
-            other => return Err(bad(format!("tokenizer.ggml.pre `{other}` is not supported"))),
+            other => {
+                return Err(bad(format!(
+                    "tokenizer.ggml.pre `{other}` is not supported"
+                )));
+            }
         };
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
@@ -101,7 +123,9 @@ impl GgufTokenizer {
             .filter(|(_, t)| **t == 3 || **t == 4)
             .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
             .collect();
-        tokenizer.add_special_tokens(special);
+        tokenizer
+            .add_special_tokens(special)
+            .map_err(|e| bad(format!("adding control tokens: {e}")))?;
         let id_of = |key: &str| meta(ct, key).and_then(|v| v.to_u32().ok());
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let eos_id = id_of("tokenizer.ggml.eos_token_id");
@@ -114,7 +138,9 @@ impl GgufTokenizer {
                 }
             }
         }
-        let template = meta(ct, "tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        let template = meta(ct, "tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         Ok(Self {
             tokenizer,
             template,
@@ -126,13 +152,18 @@ impl GgufTokenizer {
 
     /// Encodes text; special-token markup in `text` becomes the special ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode_fast(text, false).map_err(|e| TierError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| TierError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| TierError::Tokenizer(e.to_string()))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| TierError::Tokenizer(e.to_string()))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -141,17 +172,25 @@ impl GgufTokenizer {
 
     /// Renders `messages` through the model's chat template, ending with the assistant's turn prefix.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
-        let template = self
-            .template
-            .as_deref()
-            .ok_or_else(|| TierError::Template("the model file has no tokenizer.chat_template; send a raw prompt".into()))?;
+        let template = self.template.as_deref().ok_or_else(|| {
+            TierError::Template(
+                "the model file has no tokenizer.chat_template; send a raw prompt".into(),
+            )
+        })?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| TierError::Template(e.to_string()))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| TierError::Template(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => true,

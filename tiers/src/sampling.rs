@@ -1,0 +1,319 @@
+//! Choosing the next token from logits (greedy, temperature, top-k, top-p, repetition penalty, seeded RNG),
+//! and turning a growing list of ids into streamed text that never shows a stop string.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TierError};
+
+/// Per-request sampling settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1.0 = all).
+    pub top_p: f32,
+    /// > 1 discourages tokens already in the prompt or output (HF/CTRL style).
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    /// Generation stops before any of these strings; they are never streamed.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            max_tokens: 128,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            max_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Rejects out-of-range values with the field they concern.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, message: &str| {
+            Err(TierError::InvalidRequest {
+                field,
+                message: message.into(),
+            })
+        };
+        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+            return bad("temperature", "must be between 0 and 100");
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite()
+            && self.repetition_penalty > 0.0
+            && self.repetition_penalty <= 10.0)
+        {
+            return bad("repetition_penalty", "must be in (0, 10]");
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "must be at least 1");
+        }
+        if self.stop.len() > 8 || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return bad("stop", "at most 8 non-empty strings of up to 256 bytes");
+        }
+        Ok(())
+    }
+}
+
+/// Stateful sampler of one sequence.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    scratch: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            params,
+            rng,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Picks the next token; `history` is prompt + output so far (for the repetition penalty).
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = std::collections::HashSet::with_capacity(history.len());
+            for &t in history {
+                if seen.insert(t) {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
+                    }
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let c = &mut self.scratch;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l / p.temperature)),
+        );
+        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            c.truncate(p.top_k);
+        }
+        c.sort_unstable_by(by_logit_desc);
+        let max = c[0].1;
+        let mut sum = 0.0;
+        for e in c.iter_mut() {
+            e.1 = (e.1 - max).exp();
+            sum += e.1;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = c.len();
+            for (i, e) in c.iter().enumerate() {
+                acc += e.1 / sum;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+            sum = c.iter().map(|e| e.1).sum();
+        }
+        let mut r = self.rng.random::<f32>() * sum;
+        for e in c.iter() {
+            r -= e.1;
+            if r <= 0.0 {
+                return e.0;
+            }
+        }
+        c.last().map_or(0, |e| e.0)
+    }
+}
+
+/// Index of the largest value (first one on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Streams the text of a growing id list, holding back what could still turn into a stop string and
+/// anything that ends inside a multi-byte character.
+#[derive(Default)]
+pub struct TextStream {
+    stop: Vec<String>,
+    emitted: usize,
+    /// Full text when a stop string was found (truncated before it).
+    pub stopped: bool,
+}
+
+impl TextStream {
+    pub fn new(stop: Vec<String>) -> Self {
+        Self {
+            stop,
+            emitted: 0,
+            stopped: false,
+        }
+    }
+
+    /// Given the full decoded text so far, returns the new text that is safe to show.
+    /// Sets `stopped` when a stop string appears; the text is then cut before it.
+    pub fn push(&mut self, full: &str) -> String {
+        if let Some(at) = self.stop.iter().filter_map(|s| full.find(s.as_str())).min() {
+            self.stopped = true;
+            return self.take(full, at);
+        }
+        if full.ends_with('\u{FFFD}') {
+            return String::new();
+        }
+        let hold = self
+            .stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        let mut end = full.len().saturating_sub(hold);
+        while !full.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.take(full, end)
+    }
+
+    /// Everything not yet shown (at the end of generation).
+    pub fn finish(&mut self, full: &str) -> String {
+        let end = full.trim_end_matches('\u{FFFD}').len();
+        self.take(full, end)
+    }
+
+    fn take(&mut self, full: &str, end: usize) -> String {
+        if end <= self.emitted {
+            return String::new();
+        }
+        let s = full[self.emitted..end].to_string();
+        self.emitted = end;
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::greedy(1));
+        assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_choices() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
+        let logits: Vec<f32> = (0..100).map(|i| (i % 13) as f32 * 0.3).collect();
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(&p), draw(&p));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let p = SamplingParams {
+            temperature: 1.5,
+            top_k: 1,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(p);
+        for _ in 0..10 {
+            assert_eq!(s.sample(&mut [0.0, 1.0, 0.5], &[]), 1);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy(1)
+        };
+        let mut s = Sampler::new(p);
+        assert_eq!(s.sample(&mut [0.0, 3.0, 2.0], &[1]), 2);
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        };
+        assert!(p.validate().unwrap_err().to_string().contains("top_p"));
+    }
+
+    #[test]
+    fn a_stop_string_is_never_streamed() {
+        let mut t = TextStream::new(vec!["END".into()]);
+        let mut out = String::new();
+        for full in [
+            "Hello",
+            "Hello E",
+            "Hello EN",
+            "Hello END",
+            "Hello END more",
+        ] {
+            out += &t.push(full);
+            if t.stopped {
+                break;
+            }
+        }
+        assert!(t.stopped);
+        assert_eq!(out, "Hello ");
+    }
+
+    #[test]
+    fn text_ending_in_a_partial_character_is_held_back() {
+        let mut t = TextStream::new(vec![]);
+        assert_eq!(t.push("caf\u{FFFD}"), "");
+        assert_eq!(t.push("café"), "café");
+    }
+}
