@@ -6,9 +6,9 @@ use candle_core::{Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use nimmer_config::Precision;
 use nimmer_e2e::{chat, collect, driver, run};
+use nimmer_tiers::SamplingParams;
 use nimmer_tiers::llama::{Chunk, KvCache, Llama, Workspace};
 use nimmer_tiers::sampling::argmax;
-use nimmer_tiers::SamplingParams;
 
 const SYSTEM: &str = "You are a helpful assistant.";
 
@@ -20,8 +20,16 @@ fn reference_model() -> ModelWeights {
 }
 
 fn reference_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
-    let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    m.forward(&input, pos).unwrap().i(0).unwrap().to_vec1::<f32>().unwrap()
+    let input = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.forward(&input, pos)
+        .unwrap()
+        .i(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 /// Teacher-forced against the library's Q4_1 model: both see the reference's own tokens for 48 steps.
@@ -37,15 +45,33 @@ fn reference_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32
 #[test]
 fn quantized_driver_agrees_with_candle_quantized_llama_token_by_token() {
     let (model, tok) = Llama::load(&nimmer_e2e::driver_gguf(), Precision::Native, 2048).unwrap();
-    let prompt = tok.encode(&tok.render_chat(&[
-        nimmer_tiers::tokenizer::Message::new("system", SYSTEM),
-        nimmer_tiers::tokenizer::Message::new("user", "Tell me a short story about a lighthouse keeper."),
-    ]).unwrap()).unwrap();
+    let prompt = tok
+        .encode(
+            &tok.render_chat(&[
+                nimmer_tiers::tokenizer::Message::new("system", SYSTEM),
+                nimmer_tiers::tokenizer::Message::new(
+                    "user",
+                    "Tell me a short story about a lighthouse keeper.",
+                ),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
     let mut reference = reference_model();
     let mut kv = KvCache::new(&model.cfg, prompt.len() + 64);
     let mut ws = Workspace::default();
     let mut r = reference_logits(&mut reference, &prompt, 0);
-    let mut o = model.forward(&mut [Chunk { tokens: &prompt, kv: &mut kv, logits: true }], &mut ws).unwrap().remove(0);
+    let mut o = model
+        .forward(
+            &mut [Chunk {
+                tokens: &prompt,
+                kv: &mut kv,
+                logits: true,
+            }],
+            &mut ws,
+        )
+        .unwrap()
+        .remove(0);
     let mut pos = prompt.len();
     let (mut checked, mut agreed, mut sum_diff) = (0, 0, 0f32);
     for step in 0..48 {
@@ -60,13 +86,29 @@ fn quantized_driver_agrees_with_candle_quantized_llama_token_by_token() {
             checked += 1;
         }
         r = reference_logits(&mut reference, &[t], pos);
-        o = model.forward(&mut [Chunk { tokens: &[t], kv: &mut kv, logits: true }], &mut ws).unwrap().remove(0);
+        o = model
+            .forward(
+                &mut [Chunk {
+                    tokens: &[t],
+                    kv: &mut kv,
+                    logits: true,
+                }],
+                &mut ws,
+            )
+            .unwrap()
+            .remove(0);
         pos += 1;
     }
     let mean = sum_diff / 48.0;
-    assert!(checked >= 32, "only {checked} of 48 steps had a clear reference choice");
+    assert!(
+        checked >= 32,
+        "only {checked} of 48 steps had a clear reference choice"
+    );
     assert!(agreed >= 44, "greedy choice agreed on {agreed} of 48 steps");
-    assert!(mean < 0.3, "mean absolute logit difference {mean} (measured 0.18)");
+    assert!(
+        mean < 0.3,
+        "mean absolute logit difference {mean} (measured 0.18)"
+    );
 }
 
 /// The engine's greedy output at batch 1 is the same as the output of each prompt run alone through `Llama`.
@@ -95,10 +137,17 @@ fn eight_sequences_decoded_together_get_the_tokens_each_gets_alone() {
 #[test]
 fn a_sequence_joining_mid_flight_does_not_change_the_others() {
     let h = driver();
-    let first = ["Tell me about the sea.", "List some fruits.", "Why is the sky blue?"];
+    let first = [
+        "Tell me about the sea.",
+        "List some fruits.",
+        "Why is the sky blue?",
+    ];
     let req = |u: &str, n| chat(SYSTEM, u, SamplingParams::greedy(n));
     let alone: Vec<_> = first.iter().map(|u| run(h, req(u, 40)).tokens).collect();
-    let mut streams: Vec<_> = first.iter().map(|u| h.generate(req(u, 40)).unwrap()).collect();
+    let mut streams: Vec<_> = first
+        .iter()
+        .map(|u| h.generate(req(u, 40)).unwrap())
+        .collect();
     // Wait until the first sequence is decoding, then add a long prompt that prefills in chunks.
     match streams[0].blocking_recv() {
         Some(nimmer_tiers::Event::Token { .. }) => {}
@@ -114,28 +163,49 @@ fn a_sequence_joining_mid_flight_does_not_change_the_others() {
     }));
     assert_eq!(t0, alone[0]);
     for (i, rx) in streams.into_iter().enumerate() {
-        assert_eq!(collect(rx).tokens, alone[i + 1], "sequence {} changed", i + 1);
+        assert_eq!(
+            collect(rx).tokens,
+            alone[i + 1],
+            "sequence {} changed",
+            i + 1
+        );
     }
     assert_eq!(collect(joiner).tokens.len(), 8);
 }
 
 #[test]
 fn the_capital_of_france_is_paris() {
-    let out = run(driver(), chat(SYSTEM, "What is the capital of France?", SamplingParams::greedy(32)));
+    let out = run(
+        driver(),
+        chat(
+            SYSTEM,
+            "What is the capital of France?",
+            SamplingParams::greedy(32),
+        ),
+    );
     assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
 }
 
 #[test]
 fn stop_strings_end_generation_without_being_streamed() {
-    let params = SamplingParams { stop: vec!["Paris".into()], ..SamplingParams::greedy(32) };
-    let out = run(driver(), chat(SYSTEM, "What is the capital of France?", params));
+    let params = SamplingParams {
+        stop: vec!["Paris".into()],
+        ..SamplingParams::greedy(32)
+    };
+    let out = run(
+        driver(),
+        chat(SYSTEM, "What is the capital of France?", params),
+    );
     assert!(!out.text.contains("Paris"), "{:?}", out.text);
     assert_eq!(out.done.finish_reason, nimmer_tiers::FinishReason::Stop);
 }
 
 #[test]
 fn max_tokens_ends_with_length() {
-    let out = run(driver(), chat(SYSTEM, "Tell me a long story.", SamplingParams::greedy(5)));
+    let out = run(
+        driver(),
+        chat(SYSTEM, "Tell me a long story.", SamplingParams::greedy(5)),
+    );
     assert_eq!(out.done.completion_tokens, 5);
     assert_eq!(out.done.finish_reason, nimmer_tiers::FinishReason::Length);
 }
@@ -143,8 +213,17 @@ fn max_tokens_ends_with_length() {
 #[test]
 fn dropping_the_receiver_cancels_the_sequence() {
     let h = driver();
-    let mut rx = h.generate(chat(SYSTEM, "Count to one thousand.", SamplingParams::greedy(1000))).unwrap();
-    assert!(matches!(rx.blocking_recv(), Some(nimmer_tiers::Event::Token { .. })));
+    let mut rx = h
+        .generate(chat(
+            SYSTEM,
+            "Count to one thousand.",
+            SamplingParams::greedy(1000),
+        ))
+        .unwrap();
+    assert!(matches!(
+        rx.blocking_recv(),
+        Some(nimmer_tiers::Event::Token { .. })
+    ));
     drop(rx);
     // The engine keeps serving: a new request completes.
     let out = run(h, chat(SYSTEM, "Say hi.", SamplingParams::greedy(4)));
@@ -154,7 +233,13 @@ fn dropping_the_receiver_cancels_the_sequence() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let h = driver();
-    let p = SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 40, seed: Some(42), ..SamplingParams::greedy(16) };
+    let p = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 40,
+        seed: Some(42),
+        ..SamplingParams::greedy(16)
+    };
     let a = run(h, chat(SYSTEM, "Invent a name for a tavern.", p.clone()));
     let b = run(h, chat(SYSTEM, "Invent a name for a tavern.", p));
     assert_eq!(a.tokens, b.tokens);

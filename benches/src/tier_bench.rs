@@ -1,1 +1,252 @@
-fn main() {}
+//! Tier benchmark: prefill tok/s, decode tok/s at several concurrencies, time to first token and inter-token
+//! latency percentiles, peak RSS; Saturn embeddings/s. Writes a Markdown table (and the machine and command)
+//! into `benches/RESULTS.md` between markers, replacing the previous run of the same tier.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nimmer_config::Config;
+use nimmer_tiers::fetch::{Verify, ensure_model};
+use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
+
+#[derive(Parser)]
+#[command(about = "Benchmark a model tier and record the figures in benches/RESULTS.md")]
+struct Args {
+    /// driver or theia
+    #[arg(long, default_value = "driver")]
+    tier: String,
+    /// Concurrency levels for the decode test.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
+    concurrency: Vec<usize>,
+    /// Tokens generated per request in the decode test.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Prompt length for the prefill test.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Config directory (default: the embedded config).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Write the table into this file (between markers for the tier).
+    #[arg(long)]
+    write: Option<std::path::PathBuf>,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+struct Run {
+    /// (first token time, per-token times, done time) per request.
+    tokens: Vec<Vec<Instant>>,
+    start: Instant,
+}
+
+fn run_concurrent(h: &LlmHandle, reqs: Vec<GenerateRequest>) -> Result<Run> {
+    let start = Instant::now();
+    let streams: Vec<_> = reqs
+        .into_iter()
+        .map(|r| h.generate(r))
+        .collect::<Result<_, _>>()?;
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut rx| {
+            std::thread::spawn(move || {
+                let mut times = Vec::new();
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Token { .. } => times.push(Instant::now()),
+                        Event::Done(_) => break,
+                        Event::Error(e) => panic!("{e}"),
+                    }
+                }
+                times
+            })
+        })
+        .collect();
+    let tokens = handles
+        .into_iter()
+        .map(|j| j.join().expect("collector"))
+        .collect();
+    Ok(Run { tokens, start })
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let cfg = match &args.config {
+        Some(d) => Config::load(d)?,
+        None => Config::embedded(),
+    };
+    let spec = match args.tier.as_str() {
+        "driver" => cfg.tiers.tiers.driver.clone(),
+        "theia" => cfg.tiers.tiers.theia.clone(),
+        other => anyhow::bail!("unknown tier `{other}` (driver, theia)"),
+    };
+    let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
+    let mut spec = spec;
+    spec.max_batch = spec
+        .max_batch
+        .max(*args.concurrency.iter().max().unwrap_or(&1));
+    spec.batch_token_budget = spec.batch_token_budget.max(spec.max_batch);
+    let h = LlmHandle::start(&args.tier, &spec, &dir.join("model.gguf"))
+        .context("starting the engine")?;
+    let mut rows = Vec::new();
+
+    // Prefill: one long prompt, one new token.
+    let filler =
+        "The old lighthouse keeper climbed the spiral stairs every evening to light the lamp. ";
+    let mut text = filler.to_string();
+    while h.tokenize(&Prompt::Text(text.clone()))?.len() < args.prefill_tokens {
+        text.push_str(filler);
+    }
+    let ids: Vec<u32> = h.tokenize(&Prompt::Text(text))?[..args.prefill_tokens].to_vec();
+    let mut prefill = Vec::new();
+    for _ in 0..3 {
+        let r = run_concurrent(
+            &h,
+            vec![GenerateRequest {
+                prompt: Prompt::Tokens(ids.clone()),
+                params: SamplingParams {
+                    ignore_eos: true,
+                    ..SamplingParams::greedy(1)
+                },
+            }],
+        )?;
+        prefill.push(
+            args.prefill_tokens as f64 / r.tokens[0][0].duration_since(r.start).as_secs_f64(),
+        );
+    }
+    let prefill_tps = pct(&mut prefill, 0.5);
+
+    for &c in &args.concurrency {
+        let users = [
+            "Tell me about the harbour.",
+            "What do the guards say about the thief?",
+            "Describe the market at dawn.",
+            "Why is the bridge closed?",
+        ];
+        let reqs = (0..c)
+            .map(|i| GenerateRequest {
+                prompt: Prompt::Chat(vec![
+                    nimmer_tiers::tokenizer::Message::new(
+                        "system",
+                        "You are a townsperson in a busy port city.",
+                    ),
+                    nimmer_tiers::tokenizer::Message::new("user", users[i % users.len()]),
+                ]),
+                params: SamplingParams {
+                    ignore_eos: true,
+                    ..SamplingParams::greedy(args.gen_tokens)
+                },
+            })
+            .collect();
+        let r = run_concurrent(&h, reqs)?;
+        let first = r.tokens.iter().map(|t| t[0]).min().expect("tokens");
+        let last = r
+            .tokens
+            .iter()
+            .map(|t| *t.last().expect("tokens"))
+            .max()
+            .expect("tokens");
+        let decoded: usize = r.tokens.iter().map(|t| t.len() - 1).sum();
+        let decode_tps = decoded as f64 / last.duration_since(first).as_secs_f64();
+        let mut ttft: Vec<f64> = r
+            .tokens
+            .iter()
+            .map(|t| t[0].duration_since(r.start).as_secs_f64() * 1e3)
+            .collect();
+        let mut itl: Vec<f64> = r
+            .tokens
+            .iter()
+            .flat_map(|t| {
+                t.windows(2)
+                    .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3)
+            })
+            .collect();
+        rows.push(format!(
+            "| {c} | {decode_tps:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            pct(&mut ttft, 0.5),
+            pct(&mut ttft, 0.95),
+            pct(&mut ttft, 0.99),
+            pct(&mut itl, 0.5),
+            pct(&mut itl, 0.95),
+            pct(&mut itl, 0.99)
+        ));
+        eprintln!("{}", rows.last().expect("row"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let info = h.info();
+    let mut table = format!(
+        "### {tier} tier\n\nMachine: {cpu}, {cores} cores, kernel `{:?}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n| concurrency | decode tok/s (aggregate) | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|\n",
+        nimmer_tiers::kernels::level(),
+        spec.model,
+        spec.precision,
+        info.weight_bytes >> 20,
+        if args.concurrency == [1, 4, 8, 16, 32] {
+            String::new()
+        } else {
+            format!(
+                " --concurrency {}",
+                args.concurrency
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        },
+        args.prefill_tokens,
+        peak_rss_mib(),
+        tier = args.tier,
+    );
+    for r in &rows {
+        table.push_str(r);
+        table.push('\n');
+    }
+    println!("{table}");
+    if let Some(path) = args.write {
+        let (begin, end) = (
+            format!("<!-- tier-bench:{}:begin -->", args.tier),
+            format!("<!-- tier-bench:{}:end -->", args.tier),
+        );
+        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n".into());
+        let block = format!("{begin}\n{table}{end}");
+        let new = match (old.find(&begin), old.find(&end)) {
+            (Some(a), Some(b)) if b > a => {
+                format!("{}{}{}", &old[..a], block, &old[b + end.len()..])
+            }
+            _ => format!("{}\n{}\n", old.trim_end(), block),
+        };
+        std::fs::write(&path, new)?;
+    }
+    Ok(())
+}

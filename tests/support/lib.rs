@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use nimmer_config::Config;
-use nimmer_tiers::fetch::{ensure_model, Verify};
+use nimmer_tiers::fetch::{Verify, ensure_model};
 use nimmer_tiers::{Completion, Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -17,7 +17,8 @@ pub fn config() -> Config {
 /// Path of a model file of the default config, fetched on first use.
 pub fn model_file(model: &str, file: &str) -> PathBuf {
     let c = config();
-    let dir = ensure_model(&c.tiers, model, Verify::Cached).unwrap_or_else(|e| panic!("fetching {model}: {e}"));
+    let dir = ensure_model(&c.tiers, model, Verify::Cached)
+        .unwrap_or_else(|e| panic!("fetching {model}: {e}"));
     dir.join(file)
 }
 
@@ -63,7 +64,13 @@ pub fn collect(mut rx: UnboundedReceiver<Event>) -> Output {
 /// A chat request with an explicit system message (the 135M model needs one).
 pub fn chat(system: &str, user: &str, params: SamplingParams) -> GenerateRequest {
     use nimmer_tiers::tokenizer::Message;
-    GenerateRequest { prompt: Prompt::Chat(vec![Message::new("system", system), Message::new("user", user)]), params }
+    GenerateRequest {
+        prompt: Prompt::Chat(vec![
+            Message::new("system", system),
+            Message::new("user", user),
+        ]),
+        params,
+    }
 }
 
 /// Runs one request alone, to completion.

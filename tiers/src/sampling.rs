@@ -23,6 +23,8 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Generation stops before any of these strings; they are never streamed.
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks that need a fixed length).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -35,6 +37,7 @@ impl Default for SamplingParams {
             seed: None,
             max_tokens: 128,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

@@ -437,7 +437,7 @@ fn deliver(info: &TierInfo, s: &mut Seq, logits: &mut [f32]) -> bool {
     let now = Instant::now();
     s.first_token.get_or_insert(now);
     let tokenizer = &info.tokenizer;
-    let eos = tokenizer.eos_ids.contains(&tok);
+    let eos = !s.new.params.ignore_eos && tokenizer.eos_ids.contains(&tok);
     let mut text = String::new();
     if !eos {
         s.generated.push(tok);
