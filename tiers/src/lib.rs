@@ -16,3 +16,21 @@ pub mod tokenizer;
 
 pub use engine::{Completion, Event, FinishReason, GenerateRequest, LlmHandle, Prompt};
 pub use sampling::SamplingParams;
+pub mod saturn;
+
+pub use saturn::{Classification, SaturnHandle};
+
+/// The candle device for a configured device kind.
+pub fn device(d: nimmer_config::Device) -> Result<candle_core::Device> {
+    match d {
+        nimmer_config::Device::Cpu => Ok(candle_core::Device::Cpu),
+        nimmer_config::Device::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(TierError::Device(
+                    "device = \"cuda\" needs a build with `--features cuda` and a CUDA GPU".into(),
+                ));
+            }
+            candle_core::Device::new_cuda(0).map_err(|e| TierError::Device(e.to_string()))
+        }
+    }
+}
