@@ -1,1 +1,226 @@
-fn main() {}
+//! `nimmer`: the gateway binary. This file only parses arguments and calls into the crates.
+//!
+//! - `nimmer models fetch|list`: download, verify (pinned sha256) and cache the configured models.
+//! - `nimmer generate`: one request through a tier's engine, streamed to stdout.
+//! - `nimmer classify`: Saturn classifiers over the given inputs, as JSON.
+//!
+//! `serve` (HTTP/NATS) comes with the gateway issue.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use nimmer_config::Config;
+use nimmer_tiers::fetch::{Verify, ensure_model, model_dir};
+use nimmer_tiers::tokenizer::Message;
+use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams, SaturnHandle};
+
+#[derive(Parser)]
+#[command(
+    name = "nimmer",
+    version,
+    about = "Inference-scheduling gateway for AI-NPC dialog"
+)]
+struct Cli {
+    /// Directory with tiers.toml and classifiers.toml (default: the configuration embedded in the binary).
+    #[arg(long, global = true, env = "NIMMER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage model files.
+    Models {
+        #[command(subcommand)]
+        cmd: ModelsCmd,
+    },
+    /// Generate text with a tier (driver or theia), streamed to stdout.
+    Generate(GenerateArgs),
+    /// Classify inputs with one of Saturn's classifiers; prints JSON.
+    Classify {
+        /// Classifier name from classifiers.toml.
+        #[arg(long, short)]
+        classifier: String,
+        /// Texts to classify.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Download, verify and cache models (all configured models by default); re-hashes present files.
+    Fetch {
+        /// Only these models.
+        names: Vec<String>,
+    },
+    /// List configured models, where they live and whether they are present.
+    List,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// driver or theia
+    #[arg(long, default_value = "driver")]
+    tier: String,
+    /// System message.
+    #[arg(long, default_value = "You are a helpful assistant.")]
+    system: String,
+    /// User message (rendered through the model's chat template).
+    #[arg(long, conflicts_with = "raw")]
+    user: Option<String>,
+    /// Raw prompt text, not templated.
+    #[arg(long)]
+    raw: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+fn load_config(dir: &Option<PathBuf>) -> Result<Config> {
+    Ok(match dir {
+        Some(d) => Config::load(d)?,
+        None => Config::embedded(),
+    })
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cfg = load_config(&cli.config)?;
+    match cli.cmd {
+        Cmd::Models {
+            cmd: ModelsCmd::Fetch { names },
+        } => {
+            let names: Vec<String> = if names.is_empty() {
+                cfg.tiers.models.keys().cloned().collect()
+            } else {
+                names
+            };
+            for n in names {
+                if !cfg.tiers.models.contains_key(&n) {
+                    bail!(
+                        "no model `{n}` in {} (known: {})",
+                        cfg.origin,
+                        cfg.tiers
+                            .models
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                let dir = ensure_model(&cfg.tiers, &n, Verify::Full)?;
+                println!("{n}: ok ({})", dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Models {
+            cmd: ModelsCmd::List,
+        } => {
+            for (name, spec) in &cfg.tiers.models {
+                let dir = model_dir(&cfg.tiers, name, spec);
+                let present = spec.files.iter().all(|f| dir.join(&f.name).exists());
+                println!(
+                    "{name}\t{:?}\t{}\t{}\n  {}",
+                    spec.format,
+                    if present { "present" } else { "missing" },
+                    dir.display(),
+                    spec.about
+                );
+            }
+            Ok(())
+        }
+        Cmd::Generate(a) => generate(&cfg, a),
+        Cmd::Classify { classifier, inputs } => {
+            let spec = &cfg.tiers.tiers.saturn;
+            let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
+            let base = cli.config.as_deref();
+            let saturn = SaturnHandle::start(spec, &dir, &cfg.classifiers, base)?;
+            let out = saturn.classify_blocking(&classifier, inputs.clone())?;
+            let rows: Vec<_> = inputs.iter().zip(out).map(|(i, c)| serde_json::json!({ "input": i, "label": c.label, "scores": c.scores, "latency_ms": c.latency_ms })).collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            Ok(())
+        }
+    }
+}
+
+fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
+    let spec = match a.tier.as_str() {
+        "driver" => &cfg.tiers.tiers.driver,
+        "theia" => &cfg.tiers.tiers.theia,
+        other => bail!("unknown tier `{other}` (driver, theia)"),
+    };
+    let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
+    let handle = LlmHandle::start(&a.tier, spec, &dir.join("model.gguf"))
+        .with_context(|| format!("starting the {} tier", a.tier))?;
+    let prompt = match (a.raw, a.user) {
+        (Some(raw), _) => Prompt::Text(raw),
+        (None, Some(user)) => Prompt::Chat(vec![
+            Message::new("system", &a.system),
+            Message::new("user", &user),
+        ]),
+        (None, None) => bail!("give --user MESSAGE or --raw PROMPT"),
+    };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop,
+        ignore_eos: false,
+    };
+    let mut rx = handle.generate(GenerateRequest { prompt, params })?;
+    let mut out = std::io::stdout().lock();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token { text, .. } => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+            Event::Done(d) => {
+                writeln!(out)?;
+                eprintln!(
+                    "[{} prompt + {} generated tokens, finish {:?}, ttft {:.0} ms, {:.1} tok/s]",
+                    d.prompt_tokens,
+                    d.completion_tokens,
+                    d.finish_reason,
+                    d.ttft_ms,
+                    d.completion_tokens as f64 / ((d.total_ms - d.ttft_ms).max(1e-3) / 1e3)
+                );
+                return Ok(());
+            }
+            Event::Error(e) => bail!("engine: {e}"),
+        }
+    }
+    bail!("the engine stopped before finishing")
+}
