@@ -72,9 +72,8 @@ fn quantized_driver_agrees_with_candle_quantized_llama_token_by_token() {
         )
         .unwrap()
         .remove(0);
-    let mut pos = prompt.len();
     let (mut checked, mut agreed, mut sum_diff) = (0, 0, 0f32);
-    for step in 0..48 {
+    for (step, pos) in (0..48).zip(prompt.len()..) {
         let t = argmax(&r);
         let mut sorted = r.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
@@ -97,7 +96,6 @@ fn quantized_driver_agrees_with_candle_quantized_llama_token_by_token() {
             )
             .unwrap()
             .remove(0);
-        pos += 1;
     }
     let mean = sum_diff / 48.0;
     assert!(

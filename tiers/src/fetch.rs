@@ -232,15 +232,14 @@ fn mark_verified(path: &Path, sha: &str) {
 
 /// Checks a present file against its pinned sha256.
 pub fn check_file(path: &Path, expected: &str, verify: Verify) -> Result<()> {
-    if verify == Verify::Cached {
-        if let (Some(stamp), Ok(saved)) = (
+    if verify == Verify::Cached
+        && let (Some(stamp), Ok(saved)) = (
             stamp_of(path, expected),
             std::fs::read_to_string(stamp_path(path)),
-        ) {
-            if stamp == saved {
-                return Ok(());
-            }
-        }
+        )
+        && stamp == saved
+    {
+        return Ok(());
     }
     let actual = sha256_file(path)?;
     if !actual.eq_ignore_ascii_case(expected) {

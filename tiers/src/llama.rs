@@ -344,8 +344,8 @@ impl Llama {
             train_context: num("context_length").unwrap_or(2048),
         };
         if cfg.head_dim * cfg.n_head != dim
-            || cfg.n_head % cfg.n_kv_head != 0
-            || cfg.head_dim % 2 != 0
+            || !cfg.n_head.is_multiple_of(cfg.n_kv_head)
+            || !cfg.head_dim.is_multiple_of(2)
         {
             return Err(TierError::model_file(
                 path,

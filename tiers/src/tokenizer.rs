@@ -132,10 +132,10 @@ impl GgufTokenizer {
         let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
         // Chat models end a turn with their end-of-turn token, which may differ from EOS.
         for t in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"] {
-            if let Some(&id) = tokenizer.get_vocab(true).get(t) {
-                if !eos_ids.contains(&id) {
-                    eos_ids.push(id);
-                }
+            if let Some(&id) = tokenizer.get_vocab(true).get(t)
+                && !eos_ids.contains(&id)
+            {
+                eos_ids.push(id);
             }
         }
         let template = meta(ct, "tokenizer.chat_template")

@@ -456,10 +456,11 @@ fn deliver(info: &TierInfo, s: &mut Seq, logits: &mut [f32]) -> bool {
     } else {
         None
     };
-    if reason.is_some() && !s.text.stopped {
-        if let Ok(full) = tokenizer.decode(&s.generated) {
-            text.push_str(&s.text.finish(&full));
-        }
+    if reason.is_some()
+        && !s.text.stopped
+        && let Ok(full) = tokenizer.decode(&s.generated)
+    {
+        text.push_str(&s.text.finish(&full));
     }
     if !eos && s.new.events.send(Event::Token { id: tok, text }).is_err() {
         return true;

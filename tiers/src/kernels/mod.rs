@@ -94,7 +94,7 @@ impl TiledWeight {
         k: usize,
         mut row_block: impl FnMut(usize, usize) -> (f16, f16, [u8; QK]),
     ) -> Self {
-        assert!(k % QK == 0, "k = {k} is not a multiple of {QK}");
+        assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
         let blocks = k / QK;
         let tiles = n.div_ceil(TILE);
         let bb = format.block_bytes();
@@ -239,7 +239,7 @@ pub struct QuantActs {
 impl QuantActs {
     /// Quantizes `x` (`[rows, k]`, row-major) into `self`, reusing its buffers.
     pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
-        assert!(k % QK == 0 && x.len() == rows * k);
+        assert!(k.is_multiple_of(QK) && x.len() == rows * k);
         let nb = rows * (k / QK);
         self.rows = rows;
         self.k = k;
