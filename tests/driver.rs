@@ -1,36 +1,15 @@
 //! Driver tier end to end, on the real default model (SmolLM2-135M-Instruct, Q4_1): agreement with candle's
 //! `quantized_llama` on the same file, batch invariance, and an answer a user can check.
 
-use candle_core::quantized::gguf_file::Content;
-use candle_core::{Device, IndexOp, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use nimmer_config::Precision;
-use nimmer_e2e::{chat, collect, driver, run};
+use nimmer_e2e::{
+    chat, chat_ids, collect, driver, our_logits, reference_logits, reference_model, run,
+};
 use nimmer_tiers::SamplingParams;
-use nimmer_tiers::llama::{Chunk, KvCache, Llama, Workspace};
+use nimmer_tiers::llama::{KvCache, Llama, Workspace};
 use nimmer_tiers::sampling::argmax;
 
 const SYSTEM: &str = "You are a helpful assistant.";
-
-fn reference_model() -> ModelWeights {
-    let path = nimmer_e2e::driver_gguf();
-    let mut f = std::fs::File::open(&path).unwrap();
-    let ct = Content::read(&mut f).unwrap();
-    ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap()
-}
-
-fn reference_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
-    let input = Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.forward(&input, pos)
-        .unwrap()
-        .i(0)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
 
 /// Teacher-forced against the library's Q4_1 model: both see the reference's own tokens for 48 steps.
 ///
@@ -45,33 +24,16 @@ fn reference_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32
 #[test]
 fn quantized_driver_agrees_with_candle_quantized_llama_token_by_token() {
     let (model, tok) = Llama::load(&nimmer_e2e::driver_gguf(), Precision::Native, 2048).unwrap();
-    let prompt = tok
-        .encode(
-            &tok.render_chat(&[
-                nimmer_tiers::tokenizer::Message::new("system", SYSTEM),
-                nimmer_tiers::tokenizer::Message::new(
-                    "user",
-                    "Tell me a short story about a lighthouse keeper.",
-                ),
-            ])
-            .unwrap(),
-        )
-        .unwrap();
+    let prompt = chat_ids(
+        &tok,
+        SYSTEM,
+        "Tell me a short story about a lighthouse keeper.",
+    );
     let mut reference = reference_model();
     let mut kv = KvCache::new(&model.cfg, prompt.len() + 64);
     let mut ws = Workspace::default();
     let mut r = reference_logits(&mut reference, &prompt, 0);
-    let mut o = model
-        .forward(
-            &mut [Chunk {
-                tokens: &prompt,
-                kv: &mut kv,
-                logits: true,
-            }],
-            &mut ws,
-        )
-        .unwrap()
-        .remove(0);
+    let mut o = our_logits(&model, &mut kv, &mut ws, &prompt);
     let (mut checked, mut agreed, mut sum_diff) = (0, 0, 0f32);
     for (step, pos) in (0..48).zip(prompt.len()..) {
         let t = argmax(&r);
@@ -85,17 +47,7 @@ fn quantized_driver_agrees_with_candle_quantized_llama_token_by_token() {
             checked += 1;
         }
         r = reference_logits(&mut reference, &[t], pos);
-        o = model
-            .forward(
-                &mut [Chunk {
-                    tokens: &[t],
-                    kv: &mut kv,
-                    logits: true,
-                }],
-                &mut ws,
-            )
-            .unwrap()
-            .remove(0);
+        o = our_logits(&model, &mut kv, &mut ws, &[t]);
     }
     let mean = sum_diff / 48.0;
     assert!(

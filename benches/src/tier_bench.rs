@@ -13,7 +13,7 @@ use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
 #[derive(Parser)]
 #[command(about = "Benchmark a model tier and record the figures in benches/RESULTS.md")]
 struct Args {
-    /// driver or theia
+    /// driver, theia, saturn, or reference (candle's own quantized_llama on the Driver's file, batch 1)
     #[arg(long, default_value = "driver")]
     tier: String,
     /// Concurrency levels for the decode test.
@@ -98,10 +98,52 @@ fn main() -> Result<()> {
         Some(d) => Config::load(d)?,
         None => Config::embedded(),
     };
-    let spec = match args.tier.as_str() {
-        "driver" => cfg.tiers.tiers.driver.clone(),
-        "theia" => cfg.tiers.tiers.theia.clone(),
-        other => anyhow::bail!("unknown tier `{other}` (driver, theia)"),
+    let table = match args.tier.as_str() {
+        "driver" | "theia" => bench_llm(&args, &cfg)?,
+        "saturn" => bench_saturn(&args, &cfg)?,
+        "reference" => bench_reference(&args, &cfg)?,
+        other => anyhow::bail!("unknown tier `{other}` (driver, theia, saturn, reference)"),
+    };
+    println!("{table}");
+    if let Some(path) = &args.write {
+        write_block(path, &args.tier, &table)?;
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+fn write_block(path: &std::path::Path, tier: &str, table: &str) -> Result<()> {
+    let (begin, end) = (
+        format!("<!-- tier-bench:{tier}:begin -->"),
+        format!("<!-- tier-bench:{tier}:end -->"),
+    );
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmark results\n".into());
+    let block = format!("{begin}\n{table}{end}");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + end.len()..]),
+        _ => format!("{}\n\n{}\n", old.trim_end(), block),
+    };
+    std::fs::write(path, new)?;
+    Ok(())
+}
+
+fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
+    let spec = if args.tier == "driver" {
+        cfg.tiers.tiers.driver.clone()
+    } else {
+        cfg.tiers.tiers.theia.clone()
     };
     let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
     let mut spec = spec;
@@ -196,18 +238,10 @@ fn main() -> Result<()> {
         eprintln!("{}", rows.last().expect("row"));
         std::thread::sleep(Duration::from_millis(200));
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let info = h.info();
     let mut table = format!(
-        "### {tier} tier\n\nMachine: {cpu}, {cores} cores, kernel `{:?}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n| concurrency | decode tok/s (aggregate) | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|\n",
+        "### {tier} tier\n\nMachine: {}, kernel `{:?}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n| concurrency | decode tok/s (aggregate) | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|\n",
+        machine(),
         nimmer_tiers::kernels::level(),
         spec.model,
         spec.precision,
@@ -232,21 +266,95 @@ fn main() -> Result<()> {
         table.push_str(r);
         table.push('\n');
     }
-    println!("{table}");
-    if let Some(path) = args.write {
-        let (begin, end) = (
-            format!("<!-- tier-bench:{}:begin -->", args.tier),
-            format!("<!-- tier-bench:{}:end -->", args.tier),
-        );
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n".into());
-        let block = format!("{begin}\n{table}{end}");
-        let new = match (old.find(&begin), old.find(&end)) {
-            (Some(a), Some(b)) if b > a => {
-                format!("{}{}{}", &old[..a], block, &old[b + end.len()..])
-            }
-            _ => format!("{}\n{}\n", old.trim_end(), block),
-        };
-        std::fs::write(&path, new)?;
+    Ok(table)
+}
+
+/// Saturn: embeddings/s and classify latency with N concurrent single-text requests.
+fn bench_saturn(args: &Args, cfg: &Config) -> Result<String> {
+    let spec = &cfg.tiers.tiers.saturn;
+    let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
+    let saturn =
+        nimmer_tiers::SaturnHandle::start(spec, &dir, &cfg.classifiers, args.config.as_deref())?;
+    let lines = [
+        "You lied to me and stole my horse!",
+        "Fresh fish, two coins a piece.",
+        "Please, hide me from the guards.",
+        "What a wonderful festival this is!",
+    ];
+    let mut table = format!(
+        "### saturn tier\n\nMachine: {}. Model `{}`, max_batch {}, max_delay {} ms. Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier saturn`.\n\n| concurrent requests | classifications/s | latency p50 ms | p95 | p99 |\n|---|---|---|---|---|\n",
+        machine(),
+        spec.model,
+        spec.max_batch,
+        spec.max_delay_ms
+    );
+    for &c in &args.concurrency {
+        let per = 64usize.div_ceil(c).max(4);
+        let start = Instant::now();
+        let threads: Vec<_> = (0..c)
+            .map(|i| {
+                let s = saturn.clone();
+                std::thread::spawn(move || {
+                    (0..per)
+                        .map(|j| {
+                            let t = Instant::now();
+                            s.classify_blocking(
+                                "ternary-gate",
+                                vec![lines[(i + j) % lines.len()].to_string()],
+                            )
+                            .expect("classify");
+                            t.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect::<Vec<f64>>()
+                })
+            })
+            .collect();
+        let mut lat: Vec<f64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("client"))
+            .collect();
+        let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+        table.push_str(&format!(
+            "| {c} | {rate:.0} | {:.1} | {:.1} | {:.1} |\n",
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.95),
+            pct(&mut lat, 0.99)
+        ));
     }
-    Ok(())
+    Ok(table)
+}
+
+/// candle's stock `quantized_llama` on the Driver's file: prefill and batch-1 decode, for comparison.
+fn bench_reference(args: &Args, cfg: &Config) -> Result<String> {
+    use candle_core::quantized::gguf_file::Content;
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let spec = &cfg.tiers.tiers.driver;
+    let path = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?.join("model.gguf");
+    let mut f = std::fs::File::open(&path)?;
+    let ct = Content::read(&mut f)?;
+    let mut m = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)?;
+    let prompt: Vec<u32> = (0..args.prefill_tokens as u32)
+        .map(|i| 200 + (i * 37) % 20000)
+        .collect();
+    let t = Instant::now();
+    let mut logits = m.forward(
+        &Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
+        0,
+    )?;
+    let prefill = args.prefill_tokens as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..args.gen_tokens {
+        let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        logits = m.forward(
+            &Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?,
+            args.prefill_tokens + i,
+        )?;
+    }
+    let decode = args.gen_tokens as f64 / t.elapsed().as_secs_f64();
+    Ok(format!(
+        "### reference: candle `quantized_llama` (stock, batch 1)\n\nMachine: {}. Same file as the Driver, same build flags (x86-64-v3). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier reference`.\n\nPrefill ({} tokens): **{prefill:.0} tok/s**; decode at batch 1: **{decode:.0} tok/s** (it keeps one KV cache per model, so it cannot batch sequences).\n\n",
+        machine(),
+        args.prefill_tokens
+    ))
 }

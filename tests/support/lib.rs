@@ -77,3 +77,61 @@ pub fn chat(system: &str, user: &str, params: SamplingParams) -> GenerateRequest
 pub fn run(h: &LlmHandle, req: GenerateRequest) -> Output {
     collect(h.generate(req).expect("request accepted"))
 }
+
+/// candle's own `quantized_llama` on the Driver's file: the reference our forward pass is checked against.
+pub fn reference_model() -> candle_transformers::models::quantized_llama::ModelWeights {
+    let path = driver_gguf();
+    let mut f = std::fs::File::open(&path).expect("driver gguf");
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).expect("gguf header");
+    candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &candle_core::Device::Cpu,
+    )
+    .expect("reference model")
+}
+
+/// The reference's logits for the last of `tokens`, fed at position `pos`.
+pub fn reference_logits(
+    m: &mut candle_transformers::models::quantized_llama::ModelWeights,
+    tokens: &[u32],
+    pos: usize,
+) -> Vec<f32> {
+    use candle_core::IndexOp;
+    let input = candle_core::Tensor::new(tokens, &candle_core::Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("input");
+    m.forward(&input, pos)
+        .and_then(|l| l.i(0))
+        .and_then(|l| l.to_vec1::<f32>())
+        .expect("reference forward")
+}
+
+/// Our logits for the last of `tokens`, appended to `kv`.
+pub fn our_logits(
+    model: &nimmer_tiers::llama::Llama,
+    kv: &mut nimmer_tiers::llama::KvCache,
+    ws: &mut nimmer_tiers::llama::Workspace,
+    tokens: &[u32],
+) -> Vec<f32> {
+    let mut chunk = [nimmer_tiers::llama::Chunk {
+        tokens,
+        kv,
+        logits: true,
+    }];
+    model.forward(&mut chunk, ws).expect("forward").remove(0)
+}
+
+/// A prompt rendered through the Driver's chat template with a system message.
+pub fn chat_ids(
+    tok: &nimmer_tiers::tokenizer::GgufTokenizer,
+    system: &str,
+    user: &str,
+) -> Vec<u32> {
+    use nimmer_tiers::tokenizer::Message;
+    tok.encode(
+        &tok.render_chat(&[Message::new("system", system), Message::new("user", user)])
+            .expect("template"),
+    )
+    .expect("encode")
+}

@@ -220,17 +220,19 @@ impl SaturnHandle {
         }
     }
 
+    fn score_all(c: &Classifier, embs: Vec<Vec<f32>>, started: Instant) -> Vec<Classification> {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        embs.iter().map(|e| Self::score(c, e, ms)).collect()
+    }
+
     /// Classifies each input with the named classifier.
     pub async fn classify(
         &self,
         classifier: &str,
         inputs: Vec<String>,
     ) -> Result<Vec<Classification>> {
-        let c = self.classifier(classifier)?;
-        let t = Instant::now();
-        let embs = self.embed(inputs).await?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        Ok(embs.iter().map(|e| Self::score(c, e, ms)).collect())
+        let (c, t) = (self.classifier(classifier)?, Instant::now());
+        Ok(Self::score_all(c, self.embed(inputs).await?, t))
     }
 
     /// As [`Self::classify`], from a non-async thread.
@@ -239,11 +241,8 @@ impl SaturnHandle {
         classifier: &str,
         inputs: Vec<String>,
     ) -> Result<Vec<Classification>> {
-        let c = self.classifier(classifier)?;
-        let t = Instant::now();
-        let embs = self.embed_blocking(inputs)?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        Ok(embs.iter().map(|e| Self::score(c, e, ms)).collect())
+        let (c, t) = (self.classifier(classifier)?, Instant::now());
+        Ok(Self::score_all(c, self.embed_blocking(inputs)?, t))
     }
 }
 

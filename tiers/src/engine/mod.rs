@@ -109,6 +109,12 @@ pub struct LlmHandle {
 impl LlmHandle {
     /// Loads the model on a new engine thread and returns once it is ready (or failed to load).
     pub fn start(name: &str, spec: &LlmTierSpec, gguf: &Path) -> Result<Self> {
+        if spec.device != nimmer_config::Device::Cpu {
+            return Err(TierError::Device(format!(
+                "tiers.{name}.device = {:?}: the LLM engines run on the CPU kernels only so far (Saturn can use CUDA)",
+                spec.device
+            )));
+        }
         let (tx, rx) = mpsc::channel(spec.queue);
         let (ready_tx, ready_rx) = oneshot::channel();
         let spec = spec.clone();
