@@ -582,31 +582,43 @@ impl Llama {
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.kv).collect();
             let qkv_ref: &[f32] = qkv;
             let row_ref = &row_of;
+            // One row attends over its own sequence's positions 0..=pos. Heads sharing a KV head (GQA) are
+            // processed together so each key and value row is loaded once per group.
             let attend = |(r, out): (usize, &mut [f32])| {
                 let (c, pos) = row_ref[r];
+                let n = pos + 1;
                 let (kc, vc) = (&caches[c].k[li], &caches[c].v[li]);
                 let q = &qkv_ref[r * w..r * w + qd];
-                let mut scores = vec![0f32; pos + 1];
-                for hh in 0..cfg.n_head {
-                    let kvh = hh / group;
-                    let qh = &q[hh * hd..(hh + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        *s = dot(qh, &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) / scale;
-                        max = max.max(*s);
+                let mut p = vec![0f32; group * n];
+                for g in 0..cfg.n_kv_head {
+                    let (h0, kv0) = (g * group, g * hd);
+                    for j in 0..n {
+                        let kj = &kc[j * kvd + kv0..j * kvd + kv0 + hd];
+                        for i in 0..group {
+                            let h = h0 + i;
+                            p[i * n + j] = dot(&q[h * hd..(h + 1) * hd], kj) / scale;
+                        }
                     }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
+                    for ps in p.chunks_exact_mut(n) {
+                        let max = ps.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                        let mut sum = 0f32;
+                        for v in ps.iter_mut() {
+                            *v = (*v - max).exp();
+                            sum += *v;
+                        }
+                        for v in ps.iter_mut() {
+                            *v /= sum;
+                        }
                     }
-                    let o = &mut out[hh * hd..(hh + 1) * hd];
+                    let o = &mut out[h0 * hd..(h0 + group) * hd];
                     o.fill(0.0);
-                    for (j, s) in scores.iter().enumerate() {
-                        let p = s / sum;
-                        let vj = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        for (oi, &vi) in o.iter_mut().zip(vj) {
-                            *oi = p.mul_add(vi, *oi);
+                    for j in 0..n {
+                        let vj = &vc[j * kvd + kv0..j * kvd + kv0 + hd];
+                        for (i, oh) in o.chunks_exact_mut(hd).enumerate() {
+                            let pj = p[i * n + j];
+                            for (oi, &vi) in oh.iter_mut().zip(vj) {
+                                *oi = pj.mul_add(vi, *oi);
+                            }
                         }
                     }
                 }

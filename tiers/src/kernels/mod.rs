@@ -247,20 +247,36 @@ impl QuantActs {
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         self.s_exact.resize(nb, 0.0);
-        for (i, xs) in x.chunks_exact(QK).enumerate() {
+        let quantize_block = |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut f32, s_exact: &mut f32| {
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let q = &mut self.q[i * QK..(i + 1) * QK];
+            let dd = amax / 127.0;
+            let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
             let mut sum = 0i32;
             for (qj, &v) in q.iter_mut().zip(xs) {
                 *qj = (v * id).round() as i8;
                 sum += *qj as i32;
             }
-            let d16 = f16::from_f32(d);
-            self.d[i] = d16.to_f32();
-            self.s[i] = (f16::from_f32(sum as f32) * d16).to_f32();
-            self.s_exact[i] = d16.to_f32() * sum as f32;
+            let d16 = f16::from_f32(dd);
+            *d = d16.to_f32();
+            *s = (f16::from_f32(sum as f32) * d16).to_f32();
+            *s_exact = d16.to_f32() * sum as f32;
+        };
+        let blocks = x
+            .par_chunks(QK)
+            .zip(self.q.par_chunks_mut(QK))
+            .zip(self.d.par_iter_mut())
+            .zip(self.s.par_iter_mut())
+            .zip(self.s_exact.par_iter_mut());
+        // Small inputs are not worth waking another thread for.
+        if rows * k >= 4 * 1024 {
+            blocks.with_min_len(64).for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
+        } else {
+            x.chunks_exact(QK)
+                .zip(self.q.chunks_exact_mut(QK))
+                .zip(self.d.iter_mut())
+                .zip(self.s.iter_mut())
+                .zip(self.s_exact.iter_mut())
+                .for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
         }
     }
 
