@@ -12,8 +12,11 @@
 //! Every output element is computed by the same sequence of operations whatever the number of rows, so a
 //! sequence gets bit-identical logits alone or in a batch (batch invariance).
 //!
-//! `dispatch` picks the AVX-512 VNNI kernel at run time and falls back to portable code elsewhere.
+//! [`level`] picks the kernel at run time: AVX-512 VNNI, else AVX2, else portable code; all three give
+//! bit-identical results.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -247,20 +250,21 @@ impl QuantActs {
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         self.s_exact.resize(nb, 0.0);
-        let quantize_block = |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut f32, s_exact: &mut f32| {
-            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let dd = amax / 127.0;
-            let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
-            let mut sum = 0i32;
-            for (qj, &v) in q.iter_mut().zip(xs) {
-                *qj = (v * id).round() as i8;
-                sum += *qj as i32;
-            }
-            let d16 = f16::from_f32(dd);
-            *d = d16.to_f32();
-            *s = (f16::from_f32(sum as f32) * d16).to_f32();
-            *s_exact = d16.to_f32() * sum as f32;
-        };
+        let quantize_block =
+            |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut f32, s_exact: &mut f32| {
+                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                let dd = amax / 127.0;
+                let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+                let mut sum = 0i32;
+                for (qj, &v) in q.iter_mut().zip(xs) {
+                    *qj = (v * id).round() as i8;
+                    sum += *qj as i32;
+                }
+                let d16 = f16::from_f32(dd);
+                *d = d16.to_f32();
+                *s = (f16::from_f32(sum as f32) * d16).to_f32();
+                *s_exact = d16.to_f32() * sum as f32;
+            };
         let blocks = x
             .par_chunks(QK)
             .zip(self.q.par_chunks_mut(QK))
@@ -269,7 +273,9 @@ impl QuantActs {
             .zip(self.s_exact.par_iter_mut());
         // Small inputs are not worth waking another thread for.
         if rows * k >= 4 * 1024 {
-            blocks.with_min_len(64).for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
+            blocks
+                .with_min_len(64)
+                .for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
         } else {
             x.chunks_exact(QK)
                 .zip(self.q.chunks_exact_mut(QK))
@@ -297,24 +303,42 @@ impl QuantActs {
 }
 
 /// Which kernel family runs on this CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KernelLevel {
     Portable,
+    Avx2,
     Avx512Vnni,
 }
 
-/// Detected once; `NIMMER_KERNEL=portable` forces the fallback (tests compare both).
+/// Every level this CPU can run, best last.
+pub fn available_levels() -> Vec<KernelLevel> {
+    let mut v = vec![KernelLevel::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::available() {
+            v.push(KernelLevel::Avx2);
+        }
+        if x86::available() {
+            v.push(KernelLevel::Avx512Vnni);
+        }
+    }
+    v
+}
+
+/// The best level, detected once. `NIMMER_KERNEL=portable|avx2` caps it (to measure or test the fallbacks).
 pub fn level() -> KernelLevel {
     static LEVEL: std::sync::OnceLock<KernelLevel> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        if std::env::var("NIMMER_KERNEL").is_ok_and(|v| v == "portable") {
-            return KernelLevel::Portable;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            return KernelLevel::Avx512Vnni;
-        }
-        KernelLevel::Portable
+        let cap = match std::env::var("NIMMER_KERNEL").as_deref() {
+            Ok("portable") => KernelLevel::Portable,
+            Ok("avx2") => KernelLevel::Avx2,
+            _ => KernelLevel::Avx512Vnni,
+        };
+        available_levels()
+            .into_iter()
+            .filter(|l| *l <= cap)
+            .max()
+            .unwrap_or(KernelLevel::Portable)
     })
 }
 
@@ -354,6 +378,8 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
                     KernelLevel::Avx512Vnni => unsafe {
                         x86::tile_rows(w, t, x, r0, nr, &mut tile_out)
                     },
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx2 => unsafe { avx2::tile_rows(w, t, x, r0, nr, &mut tile_out) },
                     _ => scalar::tile_rows(w, t, x, r0, nr, &mut tile_out),
                 }
                 for (i, row_out) in tile_out.iter().enumerate().take(nr) {

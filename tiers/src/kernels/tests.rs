@@ -112,21 +112,48 @@ fn every_format_matches_an_f32_matmul_over_its_dequantized_weights() {
 }
 
 #[test]
-fn the_simd_kernel_equals_the_portable_kernel_bit_for_bit() {
-    if level() == KernelLevel::Portable {
-        eprintln!("no AVX-512 VNNI here: only the portable kernel runs");
-        return;
-    }
+fn every_simd_kernel_equals_the_portable_kernel_bit_for_bit() {
+    let levels = available_levels();
+    eprintln!("kernel levels on this CPU: {levels:?}");
     for (name, w, n, k) in weights() {
         for rows in [1, 3, 4, 5, 9] {
             let x = random(rows * k, rows as u64);
             let mut qa = QuantActs::default();
             qa.quantize(&x, rows, k);
-            let (mut a, mut b) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-            matmul_with(KernelLevel::Portable, &qa, &w, &mut a);
-            matmul_with(level(), &qa, &w, &mut b);
-            assert_eq!(a, b, "{name} rows={rows}");
+            let mut want = vec![0f32; rows * n];
+            matmul_with(KernelLevel::Portable, &qa, &w, &mut want);
+            for &l in &levels[1..] {
+                let mut got = vec![0f32; rows * n];
+                matmul_with(l, &qa, &w, &mut got);
+                assert_eq!(got, want, "{name} {l:?} rows={rows}");
+            }
         }
+    }
+}
+
+#[test]
+fn extreme_u8_weights_do_not_saturate() {
+    // Every 8-bit quant at 255 and every activation at ±127: the AVX2 path must split nibbles to stay exact.
+    let (n, k) = (16, 64);
+    let raw: Vec<u8> = (0..n * k / QK)
+        .flat_map(|_| {
+            let mut b = f16::from_f32(0.01).to_le_bytes().to_vec();
+            b.extend(std::iter::repeat_n(127u8, QK));
+            b
+        })
+        .collect();
+    let w = TiledWeight::from_q8_0(&raw, n, k);
+    let x: Vec<f32> = (0..k)
+        .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let mut qa = QuantActs::default();
+    qa.quantize(&x, 1, k);
+    let mut want = vec![0f32; n];
+    matmul_with(KernelLevel::Portable, &qa, &w, &mut want);
+    for &l in &available_levels()[1..] {
+        let mut got = vec![0f32; n];
+        matmul_with(l, &qa, &w, &mut got);
+        assert_eq!(got, want, "{l:?}");
     }
 }
 
