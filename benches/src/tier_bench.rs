@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use nimmer_config::Config;
-use nimmer_tiers::fetch::{Verify, ensure_model};
+use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
 
 #[derive(Parser)]
@@ -145,14 +145,13 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     } else {
         cfg.tiers.tiers.theia.clone()
     };
-    let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
+    let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
     let mut spec = spec;
     spec.max_batch = spec
         .max_batch
         .max(*args.concurrency.iter().max().unwrap_or(&1));
     spec.batch_token_budget = spec.batch_token_budget.max(spec.max_batch);
-    let h = LlmHandle::start(&args.tier, &spec, &dir.join("model.gguf"))
-        .context("starting the engine")?;
+    let h = LlmHandle::start(&args.tier, &spec, &model).context("starting the engine")?;
     let mut rows = Vec::new();
 
     // Prefill: one long prompt, one new token.

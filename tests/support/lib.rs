@@ -124,7 +124,7 @@ pub fn our_logits(
 
 /// A prompt rendered through the Driver's chat template with a system message.
 pub fn chat_ids(
-    tok: &nimmer_tiers::tokenizer::GgufTokenizer,
+    tok: &nimmer_tiers::tokenizer::ChatTokenizer,
     system: &str,
     user: &str,
 ) -> Vec<u32> {

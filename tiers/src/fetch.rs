@@ -38,6 +38,16 @@ fn expand_home(p: &str) -> PathBuf {
     }
 }
 
+/// Makes sure an LLM model is present and returns what [`crate::llama::Llama::load`] takes: the GGUF file, or
+/// the directory of a Hugging Face model.
+pub fn ensure_llm(tiers: &TiersFile, name: &str, verify: Verify) -> Result<PathBuf> {
+    let dir = ensure_model(tiers, name, verify)?;
+    Ok(match tiers.models.get(name).map(|m| m.format) {
+        Some(nimmer_config::ModelFormat::Gguf) => dir.join("model.gguf"),
+        _ => dir,
+    })
+}
+
 /// How carefully to look at files already on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verify {

@@ -1,4 +1,5 @@
-//! The tokenizer and chat template of a GGUF file, built from the file itself.
+//! The tokenizer and chat template of an LLM: built from a GGUF file itself, or read from a Hugging Face
+//! model directory (`tokenizer.json`, `tokenizer_config.json`).
 //!
 //! gpt2-style byte-level BPE from `tokenizer.ggml.tokens` + `tokenizer.ggml.merges`. The pre-tokenizer follows
 //! `tokenizer.ggml.pre`: for `smollm` (and other llama.cpp pre-types that split digits one by one) digits are
@@ -36,8 +37,8 @@ impl Message {
     }
 }
 
-/// Tokenizer + chat template + special ids of one GGUF model.
-pub struct GgufTokenizer {
+/// Tokenizer + chat template + special ids of one model.
+pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     template: Option<String>,
     bos: Option<String>,
@@ -50,7 +51,7 @@ fn meta<'a>(ct: &'a Content, key: &str) -> Option<&'a Value> {
     ct.metadata.get(key)
 }
 
-impl GgufTokenizer {
+impl ChatTokenizer {
     pub fn from_gguf(ct: &Content, path: &Path) -> Result<Self> {
         let bad = |m: String| TierError::model_file(path, m);
         let model = meta(ct, "tokenizer.ggml.model")
@@ -129,25 +130,81 @@ impl GgufTokenizer {
         let id_of = |key: &str| meta(ct, key).and_then(|v| v.to_u32().ok());
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let eos_id = id_of("tokenizer.ggml.eos_token_id");
-        let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
+        let template = meta(ct, "tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        Ok(Self::assemble(
+            tokenizer,
+            template,
+            name_of(id_of("tokenizer.ggml.bos_token_id")),
+            name_of(eos_id),
+        ))
+    }
+
+    /// From a Hugging Face model directory: `tokenizer.json`, and the chat template and special tokens from
+    /// `tokenizer_config.json` when present.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| TierError::model_file(&tok_path, e))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| TierError::model_file(&cfg_path, e))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        // Special tokens are either plain strings or `{"content": ...}` objects.
+        let token = |key: &str| {
+            let v = &cfg[key];
+            v.as_str()
+                .or_else(|| v["content"].as_str())
+                .map(str::to_string)
+        };
+        let template = cfg["chat_template"].as_str().map(str::to_string);
+        Ok(Self::assemble(
+            tokenizer,
+            template,
+            token("bos_token"),
+            token("eos_token"),
+        ))
+    }
+
+    fn assemble(
+        tokenizer: Tokenizer,
+        template: Option<String>,
+        bos: Option<String>,
+        eos: Option<String>,
+    ) -> Self {
+        let vocab = tokenizer.get_vocab(true);
+        let mut eos_ids: Vec<u32> = eos
+            .as_ref()
+            .and_then(|t| vocab.get(t).copied())
+            .into_iter()
+            .collect();
         // Chat models end a turn with their end-of-turn token, which may differ from EOS.
         for t in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"] {
-            if let Some(&id) = tokenizer.get_vocab(true).get(t)
+            if let Some(&id) = vocab.get(t)
                 && !eos_ids.contains(&id)
             {
                 eos_ids.push(id);
             }
         }
-        let template = meta(ct, "tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
-        Ok(Self {
+        Self {
             tokenizer,
             template,
-            bos: name_of(id_of("tokenizer.ggml.bos_token_id")),
-            eos: name_of(eos_id),
+            bos,
+            eos,
             eos_ids,
-        })
+        }
+    }
+
+    /// The underlying `tokenizers` tokenizer (e.g. to save it as `tokenizer.json`).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.template.as_deref()
     }
 
     /// Encodes text; special-token markup in `text` becomes the special ids.

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Result, TierError};
 use crate::llama::{Chunk, KvCache, Llama, LlamaConfig, Workspace};
 use crate::sampling::{Sampler, SamplingParams, TextStream};
-use crate::tokenizer::{GgufTokenizer, Message};
+use crate::tokenizer::{ChatTokenizer, Message};
 
 pub use sched::{SeqState, admit_count, plan_step};
 
@@ -80,7 +80,7 @@ pub enum Event {
 /// Static facts about a running tier, shared by all handles.
 pub struct TierInfo {
     pub name: String,
-    pub tokenizer: GgufTokenizer,
+    pub tokenizer: ChatTokenizer,
     pub model: LlamaConfig,
     pub context: usize,
     pub kv_budget_bytes: usize,

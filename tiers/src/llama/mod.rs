@@ -5,22 +5,20 @@
 //! row's own sequence position and KV cache. The KV caches live outside the model ([`KvCache`], one per
 //! sequence) and are owned by the engine.
 //!
+//! Weights come from a GGUF file or a Hugging Face model directory ([`load`]).
+//!
 //! Numerics mirror `candle_transformers::models::quantized_llama` (interleaved RoPE as in GGML's llama,
 //! RMSNorm as `x / sqrt(mean(x²) + eps) * w`, softmax with max subtraction) so greedy tokens match it.
 
-use std::fs::File;
-use std::io::BufReader;
-use std::path::Path;
-
-use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use nimmer_config::Precision;
 use rayon::prelude::*;
 
 use crate::error::{Result, TierError};
 use crate::kernels::{self, QuantActs, TiledWeight};
-use crate::tokenizer::GgufTokenizer;
+
+mod load;
+
+pub use load::hf_name;
 
 /// Hyper-parameters read from GGUF metadata.
 #[derive(Debug, Clone)]
@@ -36,6 +34,8 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     /// Context the model was trained for.
     pub train_context: usize,
+    /// RoPE pairs `(i, i + d/2)` (Hugging Face weights) instead of `(2i, 2i + 1)` (GGUF llama).
+    pub rope_neox: bool,
 }
 
 impl LlamaConfig {
@@ -205,279 +205,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-fn read_tensor(
-    ct: &Content,
-    reader: &mut BufReader<File>,
-    path: &Path,
-    name: &str,
-) -> Result<QTensor> {
-    ct.tensor(reader, name, &Device::Cpu)
-        .map_err(|e| TierError::Tensor {
-            path: path.into(),
-            tensor: name.into(),
-            message: e.to_string(),
-        })
-}
-
-fn tensor_err(path: &Path, name: &str, message: impl Into<String>) -> TierError {
-    TierError::Tensor {
-        path: path.into(),
-        tensor: name.into(),
-        message: message.into(),
-    }
-}
-
-/// Builds one linear layer from GGUF tensors stacked along the output dimension.
-fn linear(
-    parts: &[(&str, QTensor)],
-    k: usize,
-    precision: Precision,
-    path: &Path,
-) -> Result<Linear> {
-    let mut n = 0;
-    for (name, t) in parts {
-        let (tn, tk) = t
-            .shape()
-            .dims2()
-            .map_err(|e| tensor_err(path, name, e.to_string()))?;
-        if tk != k {
-            return Err(tensor_err(
-                path,
-                name,
-                format!("shape [{tn}, {tk}]: expected {k} input features"),
-            ));
-        }
-        if tk % kernels::QK != 0 {
-            return Err(tensor_err(
-                path,
-                name,
-                format!("{tk} input features is not a multiple of {}", kernels::QK),
-            ));
-        }
-        n += tn;
-    }
-    let all = |d: GgmlDType| parts.iter().all(|(_, t)| t.dtype() == d);
-    let raw = || -> Result<Vec<u8>> {
-        let mut v = Vec::new();
-        for (_, t) in parts {
-            v.extend_from_slice(&t.data()?);
-        }
-        Ok(v)
-    };
-    let dense = || -> Result<Vec<f32>> {
-        let mut v = Vec::with_capacity(n * k);
-        for (_, t) in parts {
-            v.extend(
-                t.dequantize(&Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        Ok(v)
-    };
-    Ok(match precision {
-        Precision::F32 => {
-            let w = Tensor::from_vec(dense()?, (n, k), &Device::Cpu)?;
-            Linear::F32 { w, n, k }
-        }
-        Precision::Native if all(GgmlDType::Q4_1) => {
-            Linear::Tiled(TiledWeight::from_q4_1(&raw()?, n, k))
-        }
-        _ if all(GgmlDType::Q8_0) => Linear::Tiled(TiledWeight::from_q8_0(&raw()?, n, k)),
-        _ => Linear::Tiled(TiledWeight::from_f32(&dense()?, n, k)),
-    })
-}
-
 impl Llama {
-    /// Loads a llama-family GGUF: the model, its tokenizer and chat template.
-    /// `max_pos` bounds the RoPE table (the tier's context).
-    pub fn load(
-        path: &Path,
-        precision: Precision,
-        max_pos: usize,
-    ) -> Result<(Self, GgufTokenizer)> {
-        let file = File::open(path).map_err(|e| TierError::model_file(path, e))?;
-        let mut reader = BufReader::new(file);
-        let ct = Content::read(&mut reader)
-            .map_err(|e| TierError::model_file(path, format!("not a readable GGUF file: {e}")))?;
-        let arch = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if !matches!(arch.as_str(), "llama" | "mistral") {
-            return Err(TierError::UnsupportedArchitecture {
-                path: path.into(),
-                arch,
-                supported: "llama, mistral",
-            });
-        }
-        let md = |key: &str| -> Result<&candle_core::quantized::gguf_file::Value> {
-            ct.metadata.get(&format!("{arch}.{key}")).ok_or_else(|| {
-                TierError::model_file(path, format!("missing metadata `{arch}.{key}`"))
-            })
-        };
-        let num = |key: &str| -> Result<usize> {
-            md(key)?
-                .to_u32()
-                .map(|v| v as usize)
-                .map_err(|e| TierError::model_file(path, format!("`{arch}.{key}`: {e}")))
-        };
-        let n_head = num("attention.head_count")?;
-        let dim = num("embedding_length")?;
-        let tokenizer = GgufTokenizer::from_gguf(&ct, path)?;
-        let cfg = LlamaConfig {
-            n_layer: num("block_count")?,
-            dim,
-            n_head,
-            n_kv_head: num("attention.head_count_kv").unwrap_or(n_head),
-            head_dim: num("rope.dimension_count").unwrap_or(dim / n_head),
-            ffn: num("feed_forward_length")?,
-            vocab: tokenizer.vocab_size(),
-            eps: md("attention.layer_norm_rms_epsilon")
-                .and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e)))
-                .unwrap_or(1e-5),
-            rope_base: md("rope.freq_base")
-                .and_then(|v| v.to_f32().map_err(|e| TierError::model_file(path, e)))
-                .unwrap_or(10_000.0),
-            train_context: num("context_length").unwrap_or(2048),
-        };
-        if cfg.head_dim * cfg.n_head != dim
-            || !cfg.n_head.is_multiple_of(cfg.n_kv_head)
-            || !cfg.head_dim.is_multiple_of(2)
-        {
-            return Err(TierError::model_file(
-                path,
-                format!(
-                    "inconsistent attention shape: {} heads x {} dims for width {dim}",
-                    cfg.n_head, cfg.head_dim
-                ),
-            ));
-        }
-        let mut rd = |name: &str| read_tensor(&ct, &mut reader, path, name);
-        let vec_f32 = |t: QTensor, name: &str, len: usize| -> Result<Vec<f32>> {
-            let v = t
-                .dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            if v.len() != len {
-                return Err(tensor_err(
-                    path,
-                    name,
-                    format!("has {} values, expected {len}", v.len()),
-                ));
-            }
-            Ok(v)
-        };
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let names = [p("attn_q"), p("attn_k"), p("attn_v")];
-            let qkv_parts = vec![
-                (names[0].as_str(), rd(&names[0])?),
-                (names[1].as_str(), rd(&names[1])?),
-                (names[2].as_str(), rd(&names[2])?),
-            ];
-            let qkv = linear(&qkv_parts, dim, precision, path)?;
-            if qkv.n() != cfg.q_dim() + 2 * cfg.kv_dim() {
-                return Err(tensor_err(
-                    path,
-                    &names[0],
-                    format!(
-                        "q/k/v give {} outputs, expected {}",
-                        qkv.n(),
-                        cfg.q_dim() + 2 * cfg.kv_dim()
-                    ),
-                ));
-            }
-            let on = p("attn_output");
-            let o = linear(&[(on.as_str(), rd(&on)?)], cfg.q_dim(), precision, path)?;
-            let (gn, un, dn) = (p("ffn_gate"), p("ffn_up"), p("ffn_down"));
-            let gate_up = linear(
-                &[(gn.as_str(), rd(&gn)?), (un.as_str(), rd(&un)?)],
-                dim,
-                precision,
-                path,
-            )?;
-            if gate_up.n() != 2 * cfg.ffn {
-                return Err(tensor_err(
-                    path,
-                    &gn,
-                    format!(
-                        "gate/up give {} outputs, expected {}",
-                        gate_up.n(),
-                        2 * cfg.ffn
-                    ),
-                ));
-            }
-            let down = linear(&[(dn.as_str(), rd(&dn)?)], cfg.ffn, precision, path)?;
-            if o.n() != dim || down.n() != dim {
-                return Err(tensor_err(path, &dn, format!("expected {dim} outputs")));
-            }
-            let an = p("attn_norm");
-            let fnn = p("ffn_norm");
-            layers.push(Layer {
-                attn_norm: vec_f32(rd(&an)?, &an, dim)?,
-                qkv,
-                o,
-                ffn_norm: vec_f32(rd(&fnn)?, &fnn, dim)?,
-                gate_up,
-                down,
-            });
-        }
-        let norm = vec_f32(rd("output_norm.weight")?, "output_norm.weight", dim)?;
-        let embd = rd("token_embd.weight")?;
-        let (lm_head, embed) = if ct.tensor_infos.contains_key("output.weight") {
-            let out = rd("output.weight")?;
-            (
-                linear(&[("output.weight", out)], dim, precision, path)?,
-                Some(linear(
-                    &[("token_embd.weight", embd)],
-                    dim,
-                    precision,
-                    path,
-                )?),
-            )
-        } else {
-            (
-                linear(&[("token_embd.weight", embd)], dim, precision, path)?,
-                None,
-            )
-        };
-        if lm_head.n() < cfg.vocab {
-            return Err(tensor_err(
-                path,
-                "output.weight",
-                format!("{} rows for a vocabulary of {}", lm_head.n(), cfg.vocab),
-            ));
-        }
-        let half = cfg.head_dim / 2;
-        let theta: Vec<f32> = (0..half)
-            .map(|i| 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32))
-            .collect();
-        let mut rope_cos = Vec::with_capacity(max_pos * half);
-        let mut rope_sin = Vec::with_capacity(max_pos * half);
-        for p in 0..max_pos {
-            for &t in &theta {
-                let a = p as f32 * t;
-                rope_cos.push(a.cos());
-                rope_sin.push(a.sin());
-            }
-        }
-        let model = Self {
-            cfg,
-            layers,
-            norm,
-            lm_head,
-            embed,
-            rope_cos,
-            rope_sin,
-            max_pos,
-        };
-        Ok((model, tokenizer))
-    }
-
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
         let l: usize = self
@@ -501,11 +229,17 @@ impl Llama {
             &self.rope_cos[pos * half..(pos + 1) * half],
             &self.rope_sin[pos * half..(pos + 1) * half],
         );
+        let (step, off) = if self.cfg.rope_neox {
+            (1, half)
+        } else {
+            (2, 1)
+        };
         for head in x.chunks_exact_mut(self.cfg.head_dim) {
             for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos[i] - b * sin[i];
-                head[2 * i + 1] = a * sin[i] + b * cos[i];
+                let (ia, ib) = (i * step, i * step + off);
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * cos[i] - b * sin[i];
+                head[ib] = a * sin[i] + b * cos[i];
             }
         }
     }
