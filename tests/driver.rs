@@ -194,3 +194,51 @@ fn seeded_sampling_is_reproducible() {
     let b = run(h, chat(SYSTEM, "Invent a name for a tavern.", p));
     assert_eq!(a.tokens, b.tokens);
 }
+
+fn candle_driver() -> &'static nimmer_tiers::LlmHandle {
+    static H: std::sync::OnceLock<nimmer_tiers::LlmHandle> = std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        let mut spec = nimmer_e2e::config().tiers.tiers.driver.clone();
+        spec.backend = Some(nimmer_config::Backend::Candle);
+        nimmer_tiers::LlmHandle::start("driver", &spec, &nimmer_e2e::driver_gguf()).unwrap()
+    })
+}
+
+/// With `backend = "candle"` the engine runs candle's own ops (the path CUDA uses), so on the CPU its
+/// free-running greedy tokens equal the library's `quantized_llama` exactly.
+#[test]
+fn the_engine_on_the_candle_backend_equals_candle_quantized_llama_for_48_tokens() {
+    let h = candle_driver();
+    let user = "Tell me a short story about a lighthouse keeper.";
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(48)
+    };
+    let out = run(h, chat(SYSTEM, user, params));
+    let prompt = chat_ids(&h.info().tokenizer, SYSTEM, user);
+    let mut reference = reference_model();
+    let mut l = reference_logits(&mut reference, &prompt, 0);
+    let mut want = Vec::new();
+    for pos in prompt.len()..prompt.len() + 48 {
+        let t = argmax(&l);
+        want.push(t);
+        l = reference_logits(&mut reference, &[t], pos);
+    }
+    assert_eq!(out.tokens, want);
+}
+
+#[test]
+fn the_candle_backend_is_batch_invariant_on_the_cpu() {
+    let h = candle_driver();
+    let users = [
+        "Name three colors.",
+        "What is 2 + 2?",
+        "Say hello in Spanish.",
+    ];
+    let req = |u: &str| chat(SYSTEM, u, SamplingParams::greedy(16));
+    let alone: Vec<_> = users.iter().map(|u| run(h, req(u)).tokens).collect();
+    let streams: Vec<_> = users.iter().map(|u| h.generate(req(u)).unwrap()).collect();
+    for (i, rx) in streams.into_iter().enumerate() {
+        assert_eq!(collect(rx).tokens, alone[i], "{}", users[i]);
+    }
+}

@@ -28,6 +28,9 @@ struct Args {
     /// Config directory (default: the embedded config).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// Override the tier's backend (nimmer or candle).
+    #[arg(long)]
+    backend: Option<String>,
     /// Write the table into this file (between markers for the tier).
     #[arg(long)]
     write: Option<std::path::PathBuf>,
@@ -147,6 +150,12 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     };
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
     let mut spec = spec;
+    spec.backend = match args.backend.as_deref() {
+        None => spec.backend,
+        Some("nimmer") => Some(nimmer_config::Backend::Nimmer),
+        Some("candle") => Some(nimmer_config::Backend::Candle),
+        Some(other) => anyhow::bail!("unknown backend `{other}` (nimmer, candle)"),
+    };
     spec.max_batch = spec
         .max_batch
         .max(*args.concurrency.iter().max().unwrap_or(&1));
@@ -239,9 +248,9 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     }
     let info = h.info();
     let mut table = format!(
-        "### {tier} tier\n\nMachine: {}, kernel `{:?}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n| concurrency | decode tok/s (aggregate) | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|\n",
+        "### {tier} tier\n\nMachine: {}, kernel `{}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n| concurrency | decode tok/s (aggregate) | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|\n",
         machine(),
-        nimmer_tiers::kernels::level(),
+        h.info().kernel,
         spec.model,
         spec.precision,
         info.weight_bytes >> 20,

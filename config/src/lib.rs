@@ -12,8 +12,8 @@ mod tiers;
 pub use classifiers::{ClassifierSpec, ClassifiersFile, LabelSpec};
 pub use error::ConfigError;
 pub use tiers::{
-    Device, FileSpec, LlmTierSpec, ModelFormat, ModelSpec, Precision, SaturnTierSpec, TiersFile,
-    WheelSource,
+    Backend, Device, FileSpec, LlmTierSpec, ModelFormat, ModelSpec, Precision, SaturnTierSpec,
+    TiersFile, WheelSource,
 };
 
 use std::path::{Path, PathBuf};

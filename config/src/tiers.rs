@@ -105,12 +105,25 @@ pub enum Precision {
     F32,
 }
 
+/// Which decoder runs an LLM tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Our batched int8 kernels (CPU; AVX-512 VNNI, AVX2 or portable).
+    Nimmer,
+    /// candle's ops (CPU or CUDA); on the CPU it computes exactly what candle's `quantized_llama` computes.
+    Candle,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmTierSpec {
     pub model: String,
     #[serde(default = "cpu")]
     pub device: Device,
+    /// Default: `nimmer` on the CPU, `candle` on CUDA.
+    #[serde(default)]
+    pub backend: Option<Backend>,
     #[serde(default = "native")]
     pub precision: Precision,
     /// Longest sequence (prompt + new tokens) a request may use.
@@ -126,6 +139,16 @@ pub struct LlmTierSpec {
     /// Worker threads for the kernels; 0 = all cores.
     #[serde(default)]
     pub threads: usize,
+}
+
+impl LlmTierSpec {
+    /// The backend in effect.
+    pub fn backend(&self) -> Backend {
+        self.backend.unwrap_or(match self.device {
+            Device::Cpu => Backend::Nimmer,
+            Device::Cuda => Backend::Candle,
+        })
+    }
 }
 
 fn cpu() -> Device {
@@ -252,6 +275,13 @@ impl TiersFile {
                 }
                 _ => {}
             }
+            if spec.device == Device::Cuda && spec.backend == Some(Backend::Nimmer) {
+                return Err(ConfigError::invalid(
+                    file,
+                    key("backend"),
+                    "the nimmer kernels run on the CPU; use backend = \"candle\" (the default) with device = \"cuda\"",
+                ));
+            }
             positive(file, &key("context"), spec.context)?;
             positive(file, &key("max_batch"), spec.max_batch)?;
             positive(file, &key("queue"), spec.queue)?;
@@ -355,6 +385,33 @@ mod tests {
         let e = with(|s| s.replacen("batch_token_budget = 256", "batch_token_budget = 4", 1))
             .unwrap_err();
         assert_eq!(rule(e).0, "tiers.driver.batch_token_budget");
+    }
+
+    #[test]
+    fn the_nimmer_backend_on_cuda_is_rejected() {
+        let e = with(|s| {
+            s.replacen(
+                "device = \"cpu\"\nprecision = \"native\"",
+                "device = \"cuda\"\nbackend = \"nimmer\"\nprecision = \"native\"",
+                1,
+            )
+        })
+        .unwrap_err();
+        assert_eq!(rule(e).0, "tiers.driver.backend");
+    }
+
+    #[test]
+    fn cuda_defaults_to_the_candle_backend() {
+        let t = with(|s| {
+            s.replacen(
+                "device = \"cpu\"\nprecision = \"native\"",
+                "device = \"cuda\"\nprecision = \"native\"",
+                1,
+            )
+        })
+        .unwrap();
+        assert_eq!(t.tiers.driver.backend(), Backend::Candle);
+        assert_eq!(t.tiers.theia.backend(), Backend::Nimmer);
     }
 
     #[test]

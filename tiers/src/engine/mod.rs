@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, TierError};
-use crate::llama::{Chunk, KvCache, Llama, LlamaConfig, Workspace};
+use crate::llama::{CandleLlama, Chunk, Decoder, Llama, LlamaConfig};
 use crate::sampling::{Sampler, SamplingParams, TextStream};
 use crate::tokenizer::{ChatTokenizer, Message};
 
@@ -86,6 +86,8 @@ pub struct TierInfo {
     pub kv_budget_bytes: usize,
     pub queue_capacity: usize,
     pub weight_bytes: usize,
+    /// Which kernels run the model.
+    pub kernel: String,
 }
 
 enum Command {
@@ -109,12 +111,6 @@ pub struct LlmHandle {
 impl LlmHandle {
     /// Loads the model on a new engine thread and returns once it is ready (or failed to load).
     pub fn start(name: &str, spec: &LlmTierSpec, gguf: &Path) -> Result<Self> {
-        if spec.device != nimmer_config::Device::Cpu {
-            return Err(TierError::Device(format!(
-                "tiers.{name}.device = {:?}: the LLM engines run on the CPU kernels only so far (Saturn can use CUDA)",
-                spec.device
-            )));
-        }
         let (tx, rx) = mpsc::channel(spec.queue);
         let (ready_tx, ready_rx) = oneshot::channel();
         let spec = spec.clone();
@@ -123,42 +119,49 @@ impl LlmHandle {
         std::thread::Builder::new()
             .name(format!("nimmer-{name}"))
             .spawn(move || {
-                let threads = if spec.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { spec.threads };
-                let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name({
-                    let tier = tier.clone();
-                    move |i| format!("nimmer-{tier}-k{i}")
-                }).build() {
+                let threads = if spec.threads == 0 {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                } else {
+                    spec.threads
+                };
+                let pool = match rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name({
+                        let tier = tier.clone();
+                        move |i| format!("nimmer-{tier}-k{i}")
+                    })
+                    .build()
+                {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(TierError::Device(format!("kernel thread pool: {e}"))));
+                        let _ = ready_tx
+                            .send(Err(TierError::Device(format!("kernel thread pool: {e}"))));
                         return;
                     }
                 };
-                let loaded = pool.install(|| Llama::load(&path, spec.precision, spec.context));
-                let (model, tokenizer) = match loaded {
-                    Ok(m) => m,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
+                match spec.backend() {
+                    nimmer_config::Backend::Nimmer => {
+                        match pool.install(|| Llama::load(&path, spec.precision, spec.context)) {
+                            Ok((model, tok)) => serve(model, tok, tier, spec, pool, ready_tx, rx),
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                            }
+                        }
                     }
-                };
-                if spec.context > model.cfg.train_context {
-                    tracing::warn!(tier = %tier, context = spec.context, trained = model.cfg.train_context, "configured context exceeds the model's training context");
+                    nimmer_config::Backend::Candle => {
+                        let loaded = crate::device(spec.device).and_then(|d| {
+                            pool.install(|| {
+                                CandleLlama::load(&path, spec.precision, spec.context, &d)
+                            })
+                        });
+                        match loaded {
+                            Ok((model, tok)) => serve(model, tok, tier, spec, pool, ready_tx, rx),
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                            }
+                        }
+                    }
                 }
-                let info = Arc::new(TierInfo {
-                    name: tier.clone(),
-                    tokenizer,
-                    model: model.cfg.clone(),
-                    context: spec.context,
-                    kv_budget_bytes: spec.kv_memory_mib << 20,
-                    queue_capacity: spec.queue,
-                    weight_bytes: model.weight_bytes(),
-                });
-                tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = ?crate::kernels::level(), threads, "engine ready");
-                if ready_tx.send(Ok(info.clone())).is_err() {
-                    return;
-                }
-                Engine { model, info, spec, pool, waiting: VecDeque::new(), running: Vec::new(), kv_used: 0, ws: Workspace::default() }.run(rx);
             })
             .map_err(|e| TierError::Device(format!("spawning engine thread: {e}")))?;
         let info = ready_rx
@@ -259,15 +262,56 @@ impl LlmHandle {
     }
 }
 
+/// Runs the engine loop of a loaded model on this thread after reporting readiness.
+fn serve<M: Decoder>(
+    model: M,
+    tokenizer: ChatTokenizer,
+    tier: String,
+    spec: LlmTierSpec,
+    pool: rayon::ThreadPool,
+    ready_tx: oneshot::Sender<Result<Arc<TierInfo>>>,
+    rx: mpsc::Receiver<Command>,
+) {
+    let cfg = model.config();
+    if spec.context > cfg.train_context {
+        tracing::warn!(tier = %tier, context = spec.context, trained = cfg.train_context, "configured context exceeds the model's training context");
+    }
+    let info = Arc::new(TierInfo {
+        name: tier.clone(),
+        tokenizer,
+        model: cfg.clone(),
+        context: spec.context,
+        kv_budget_bytes: spec.kv_memory_mib << 20,
+        queue_capacity: spec.queue,
+        weight_bytes: model.weight_bytes(),
+        kernel: model.kernel(),
+    });
+    tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
+    if ready_tx.send(Ok(info.clone())).is_err() {
+        return;
+    }
+    Engine {
+        model,
+        info,
+        spec,
+        pool,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        kv_used: 0,
+        ws: M::Workspace::default(),
+    }
+    .run(rx);
+}
+
 /// A sequence owned by the engine.
-struct Seq {
+struct Seq<C> {
     new: NewSeq,
     /// Prompt tokens already in the KV cache.
     prefilled: usize,
     generated: Vec<u32>,
     /// Last sampled token, fed on the next decode step.
     last: u32,
-    kv: Option<KvCache>,
+    kv: Option<C>,
     kv_bytes: usize,
     sampler: Sampler,
     text: TextStream,
@@ -275,18 +319,18 @@ struct Seq {
     first_token: Option<Instant>,
 }
 
-struct Engine {
-    model: Llama,
+struct Engine<M: Decoder> {
+    model: M,
     info: Arc<TierInfo>,
     spec: LlmTierSpec,
     pool: rayon::ThreadPool,
-    waiting: VecDeque<Seq>,
-    running: Vec<Seq>,
+    waiting: VecDeque<Seq<M::Cache>>,
+    running: Vec<Seq<M::Cache>>,
     kv_used: usize,
-    ws: Workspace,
+    ws: M::Workspace,
 }
 
-impl Engine {
+impl<M: Decoder> Engine<M> {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             if self.waiting.is_empty() && self.running.is_empty() {
@@ -348,10 +392,10 @@ impl Engine {
         let free_slots = self.spec.max_batch.saturating_sub(self.running.len());
         let n = admit_count(&needs, free_slots, self.info.kv_budget_bytes - self.kv_used);
         for mut s in self.waiting.drain(..n) {
-            s.kv = Some(KvCache::new(
-                &self.info.model,
-                s.new.prompt.len() + s.new.params.max_tokens,
-            ));
+            s.kv = Some(
+                self.model
+                    .new_cache(s.new.prompt.len() + s.new.params.max_tokens),
+            );
             s.admitted = Some(Instant::now());
             self.kv_used += s.kv_bytes;
             self.running.push(s);
@@ -389,7 +433,9 @@ impl Engine {
             }
         }
         let (model, ws) = (&self.model, &mut self.ws);
-        let result = self.pool.install(|| model.forward(&mut chunks, ws));
+        let result = self
+            .pool
+            .install(|| Decoder::forward(model, &mut chunks, ws));
         drop(chunks);
         let mut logits = match result {
             Ok(l) => l.into_iter(),
@@ -433,7 +479,7 @@ impl Engine {
 }
 
 /// Samples and streams one token; returns whether the sequence is finished.
-fn deliver(info: &TierInfo, s: &mut Seq, logits: &mut [f32]) -> bool {
+fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, logits: &mut [f32]) -> bool {
     let history: Vec<u32> = if s.new.params.repetition_penalty != 1.0 {
         s.new.prompt.iter().chain(&s.generated).copied().collect()
     } else {

@@ -126,11 +126,10 @@ impl Llama {
         }
     }
 
-    fn load_gguf(
+    /// Opens a llama GGUF and reads its configuration and tokenizer; the reader is left for the tensors.
+    pub(super) fn read_gguf_header(
         path: &Path,
-        precision: Precision,
-        max_pos: usize,
-    ) -> Result<(Self, ChatTokenizer)> {
+    ) -> Result<(Content, BufReader<File>, LlamaConfig, ChatTokenizer)> {
         let file = File::open(path).map_err(|e| TierError::model_file(path, e))?;
         let mut reader = BufReader::new(file);
         let ct = Content::read(&mut reader)
@@ -180,6 +179,15 @@ impl Llama {
             train_context: num("context_length").unwrap_or(2048),
             rope_neox: false,
         };
+        Ok((ct, reader, cfg, tokenizer))
+    }
+
+    fn load_gguf(
+        path: &Path,
+        precision: Precision,
+        max_pos: usize,
+    ) -> Result<(Self, ChatTokenizer)> {
+        let (ct, mut reader, cfg, tokenizer) = Self::read_gguf_header(path)?;
         let has_output = ct.tensor_infos.contains_key("output.weight");
         let source = |name: &str| {
             ct.tensor(&mut reader, name, &Device::Cpu)

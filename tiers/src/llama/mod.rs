@@ -16,7 +16,10 @@ use rayon::prelude::*;
 use crate::error::{Result, TierError};
 use crate::kernels::{self, QuantActs, TiledWeight};
 
+mod candle;
 mod load;
+
+pub use candle::{CandleKv, CandleLlama};
 
 pub use load::hf_name;
 
@@ -157,11 +160,49 @@ impl KvCache {
 }
 
 /// One sequence's part of a batch: tokens at positions `kv.len()..`, appended to `kv`.
-pub struct Chunk<'a> {
+pub struct Chunk<'a, C = KvCache> {
     pub tokens: &'a [u32],
-    pub kv: &'a mut KvCache,
+    pub kv: &'a mut C,
     /// Whether to compute logits for the chunk's last token.
     pub logits: bool,
+}
+
+/// What the engine batches: a model with its per-sequence cache and scratch types.
+pub trait Decoder: Send + Sync + 'static {
+    type Cache: Send;
+    type Workspace: Default + Send;
+    fn config(&self) -> &LlamaConfig;
+    /// A cache with room for `capacity` tokens.
+    fn new_cache(&self, capacity: usize) -> Self::Cache;
+    /// Runs every chunk, appending to its cache; logits for the chunks that ask, in order.
+    fn forward(
+        &self,
+        chunks: &mut [Chunk<'_, Self::Cache>],
+        ws: &mut Self::Workspace,
+    ) -> Result<Vec<Vec<f32>>>;
+    fn weight_bytes(&self) -> usize;
+    /// Which kernels run it, for logs and benchmarks.
+    fn kernel(&self) -> String;
+}
+
+impl Decoder for Llama {
+    type Cache = KvCache;
+    type Workspace = Workspace;
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(&self.cfg, capacity)
+    }
+    fn forward(&self, chunks: &mut [Chunk<'_>], ws: &mut Workspace) -> Result<Vec<Vec<f32>>> {
+        Llama::forward(self, chunks, ws)
+    }
+    fn weight_bytes(&self) -> usize {
+        Llama::weight_bytes(self)
+    }
+    fn kernel(&self) -> String {
+        format!("nimmer {:?}", kernels::level())
+    }
 }
 
 /// Reusable buffers for [`Llama::forward`].
