@@ -4,7 +4,7 @@
 //! - `nimmer generate`: one request through a tier's engine, streamed to stdout.
 //! - `nimmer classify`: Saturn classifiers over the given inputs, as JSON.
 //!
-//! `serve` (HTTP/NATS) comes with the gateway issue.
+//! - `nimmer serve`: the HTTP gateway over the three tiers.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +39,12 @@ enum Cmd {
     },
     /// Generate text with a tier (driver or theia), streamed to stdout.
     Generate(GenerateArgs),
+    /// Serve the HTTP API (loads the three tiers, fetching models when missing).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "NIMMER_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
     /// Classify inputs with one of Saturn's classifiers; prints JSON.
     Classify {
         /// Classifier name from classifiers.toml.
@@ -159,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(a) => generate(&cfg, a),
+        Cmd::Serve { listen } => serve(cfg, cli.config, listen),
         Cmd::Classify { classifier, inputs } => {
             let spec = &cfg.tiers.tiers.saturn;
             let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
@@ -223,4 +230,46 @@ fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
         }
     }
     bail!("the engine stopped before finishing")
+}
+
+fn serve(cfg: Config, dir: Option<PathBuf>, listen: std::net::SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        tracing::info!(config = %cfg.origin, "loading tiers");
+        let gw =
+            tokio::task::spawn_blocking(move || nimmer::core::Gateway::start(cfg, dir.as_deref()))
+                .await??;
+        tracing::info!(addr = %listener.local_addr()?, "nimmer gateway listening");
+        nimmer::serve(listener, std::sync::Arc::new(gw), shutdown_signal()).await?;
+        tracing::info!("shut down");
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight responses");
 }

@@ -135,3 +135,32 @@ pub fn chat_ids(
     )
     .expect("encode")
 }
+
+/// Starts a gateway on `127.0.0.1:0` on its own runtime thread; returns its base URL. The server lives as long
+/// as the test process.
+pub fn start_gateway(config: Config) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let gw =
+                tokio::task::spawn_blocking(move || nimmer::core::Gateway::start(config, None))
+                    .await
+                    .expect("join")
+                    .expect("gateway starts");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(format!("http://{}", listener.local_addr().expect("addr")))
+                .expect("send addr");
+            nimmer::serve(listener, std::sync::Arc::new(gw), std::future::pending())
+                .await
+                .expect("serve");
+        });
+    });
+    rx.recv().expect("gateway started")
+}

@@ -15,14 +15,14 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use nimmer_config::{ClassifiersFile, SaturnTierSpec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, TierError};
 
 /// One classification.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Classification {
     pub label: String,
     /// Probability per label, in the classifier's label order.

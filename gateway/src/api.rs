@@ -1,0 +1,433 @@
+//! Request and response types of the HTTP API. Incoming JSON is parsed into `*Request` types (unknown fields
+//! rejected), then turned into a validated [`Dialog`] ("parse, don't validate"): UID segments and zone ids are
+//! checked against NATS subject-token rules because they become subject tokens.
+
+use std::collections::BTreeMap;
+
+use nimmer_tiers::SamplingParams;
+use nimmer_tiers::tokenizer::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// A NATS-safe token: 1..=64 of `[A-Za-z0-9_-]` (no `.`, `*`, `>`, whitespace).
+fn check_token(field: &'static str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > 64 {
+        return Err(ApiError::invalid(field, "must be 1 to 64 characters"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!("character {c:?} is not allowed (letters, digits, '-', '_')"),
+        ));
+    }
+    Ok(())
+}
+
+/// The hierarchical routing key `gm_event/district/scene/slot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uid {
+    pub gm_event: String,
+    pub district: String,
+    pub scene: String,
+    pub slot: String,
+}
+
+/// A UID as sent: `"ev/district/scene/slot"` or an object.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum UidInput {
+    Path(String),
+    Object(Uid),
+}
+
+impl UidInput {
+    fn parse(self) -> Result<Uid, ApiError> {
+        let uid = match self {
+            UidInput::Path(p) => {
+                let parts: Vec<&str> = p.split('/').collect();
+                if parts.len() != 4 {
+                    return Err(ApiError::invalid(
+                        "uid",
+                        "must be gm_event/district/scene/slot",
+                    ));
+                }
+                Uid {
+                    gm_event: parts[0].into(),
+                    district: parts[1].into(),
+                    scene: parts[2].into(),
+                    slot: parts[3].into(),
+                }
+            }
+            UidInput::Object(u) => u,
+        };
+        check_token("uid.gm_event", &uid.gm_event)?;
+        check_token("uid.district", &uid.district)?;
+        check_token("uid.scene", &uid.scene)?;
+        check_token("uid.slot", &uid.slot)?;
+        Ok(uid)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Dialog,
+    Deep,
+    Moment,
+    Classify,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Npc {
+    pub id: String,
+    #[serde(default)]
+    pub traits: BTreeMap<String, f32>,
+}
+
+/// Sampling options of a request (all optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+/// `POST /v1/dialog` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialogRequest {
+    pub uid: UidInput,
+    pub zone: String,
+    pub kind: Kind,
+    #[serde(default)]
+    pub npc: Option<Npc>,
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub sampling: Sampling,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub participants: Vec<String>,
+    #[serde(default)]
+    pub faction: Option<String>,
+    /// For `kind = "classify"`: which classifier.
+    #[serde(default)]
+    pub classifier: Option<String>,
+}
+
+/// What a dialog request asks for, validated.
+#[derive(Debug, Clone)]
+pub enum Work {
+    Generate {
+        messages: Option<Vec<Message>>,
+        prompt: Option<String>,
+        params: SamplingParams,
+    },
+    Classify {
+        classifier: String,
+        input: String,
+    },
+}
+
+/// A validated dialog request.
+#[derive(Debug, Clone)]
+pub struct Dialog {
+    pub uid: Uid,
+    pub zone: String,
+    pub kind: Kind,
+    pub npc: Option<Npc>,
+    pub work: Work,
+    pub stream: bool,
+    pub priority: i32,
+    pub deadline_ms: Option<u64>,
+    pub participants: Vec<String>,
+    pub faction: Option<String>,
+}
+
+/// Largest `max_tokens` a request may ask for (tiers may cap lower by context).
+pub const MAX_NEW_TOKENS: usize = 4096;
+
+impl Sampling {
+    pub fn params(self, max_tokens: Option<usize>) -> Result<SamplingParams, ApiError> {
+        let d = SamplingParams::default();
+        let max_tokens = max_tokens.unwrap_or(d.max_tokens);
+        if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("must be between 1 and {MAX_NEW_TOKENS}"),
+            ));
+        }
+        let p = SamplingParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            seed: self.seed,
+            max_tokens,
+            stop: self.stop,
+            ignore_eos: false,
+        };
+        p.validate().map_err(ApiError::from)?;
+        Ok(p)
+    }
+}
+
+impl DialogRequest {
+    pub fn validate(self) -> Result<Dialog, ApiError> {
+        let uid = self.uid.parse()?;
+        check_token("zone", &self.zone)?;
+        if let Some(f) = &self.faction {
+            check_token("faction", f)?;
+        }
+        for p in &self.participants {
+            check_token("participants", p)?;
+        }
+        if let Some(npc) = &self.npc {
+            check_token("npc.id", &npc.id)?;
+            if let Some((name, _)) = npc
+                .traits
+                .iter()
+                .find(|(_, w)| !w.is_finite() || **w < 0.0 || **w > 1.0)
+            {
+                return Err(ApiError::invalid(
+                    "npc.traits",
+                    format!("weight of `{name}` must be between 0 and 1"),
+                ));
+            }
+        }
+        if self.deadline_ms == Some(0) {
+            return Err(ApiError::invalid("deadline_ms", "must be greater than 0"));
+        }
+        if matches!(&self.messages, Some(m) if m.is_empty()) {
+            return Err(ApiError::invalid("messages", "must not be empty"));
+        }
+        if matches!(&self.prompt, Some(p) if p.trim().is_empty()) {
+            return Err(ApiError::invalid("prompt", "must not be empty"));
+        }
+        let work = match self.kind {
+            Kind::Classify => {
+                let classifier = self.classifier.ok_or_else(|| {
+                    ApiError::invalid("classifier", "required for kind \"classify\"")
+                })?;
+                let input = match (self.prompt, &self.messages) {
+                    (Some(p), _) => p,
+                    (None, Some(m)) => m
+                        .iter()
+                        .rev()
+                        .find(|m| m.role == "user")
+                        .map(|m| m.content.clone())
+                        .ok_or_else(|| {
+                            ApiError::invalid("messages", "needs a user message to classify")
+                        })?,
+                    (None, None) => {
+                        return Err(ApiError::invalid("prompt", "give `prompt` or `messages`"));
+                    }
+                };
+                Work::Classify { classifier, input }
+            }
+            _ => {
+                if self.classifier.is_some() {
+                    return Err(ApiError::invalid(
+                        "classifier",
+                        "only for kind \"classify\"",
+                    ));
+                }
+                if self.messages.is_some() == self.prompt.is_some() {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        "give exactly one of `messages` or `prompt`",
+                    ));
+                }
+                Work::Generate {
+                    params: self.sampling.params(self.max_tokens)?,
+                    messages: self.messages,
+                    prompt: self.prompt,
+                }
+            }
+        };
+        Ok(Dialog {
+            uid,
+            zone: self.zone,
+            kind: self.kind,
+            npc: self.npc,
+            work,
+            stream: self.stream,
+            priority: self.priority,
+            deadline_ms: self.deadline_ms,
+            participants: self.participants,
+            faction: self.faction,
+        })
+    }
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timings {
+    pub queue_ms: f64,
+    pub ttft_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotInfo {
+    pub zone: String,
+    pub id: u64,
+}
+
+/// `POST /v1/dialog` response (and the final SSE event).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DialogResponse {
+    pub uid: Uid,
+    pub text: String,
+    pub tier: String,
+    pub adapters: Vec<String>,
+    pub finish_reason: Option<String>,
+    pub usage: Usage,
+    pub timings: Timings,
+    pub slot: SlotInfo,
+    pub degraded: bool,
+    pub degraded_reason: Option<String>,
+    /// For `kind = "classify"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classification: Option<nimmer_tiers::Classification>,
+}
+
+/// `POST /v1/classify` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    pub classifier: String,
+    pub inputs: Vec<String>,
+}
+
+/// `POST /v1/chat/completions` body (the OpenAI fields we support).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    /// `driver` or `theia`.
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<StopInput>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ChatRequest {
+    pub fn params(&self) -> Result<SamplingParams, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("n", "only n = 1 is supported"));
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "must not be empty"));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopInput::One(s)) => vec![s.clone()],
+            Some(StopInput::Many(v)) => v.clone(),
+        };
+        Sampling {
+            temperature: Some(self.temperature.unwrap_or(1.0)),
+            top_p: self.top_p,
+            seed: self.seed,
+            stop,
+            ..Sampling::default()
+        }
+        .params(self.max_completion_tokens.or(self.max_tokens))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: serde_json::Value) -> Result<Dialog, ApiError> {
+        serde_json::from_value::<DialogRequest>(json)
+            .map_err(|e| ApiError::invalid("body", e.to_string()))?
+            .validate()
+    }
+
+    #[test]
+    fn a_uid_path_and_object_are_the_same() {
+        let a = req(serde_json::json!({"uid": "e1/d1/s1/k1", "zone": "z", "kind": "dialog", "prompt": "hi"})).unwrap();
+        let b = req(serde_json::json!({"uid": {"gm_event": "e1", "district": "d1", "scene": "s1", "slot": "k1"}, "zone": "z", "kind": "dialog", "prompt": "hi"})).unwrap();
+        assert_eq!(a.uid, b.uid);
+    }
+
+    #[test]
+    fn nats_wildcards_in_a_uid_or_zone_are_rejected_by_field() {
+        for (json, field) in [
+            (
+                serde_json::json!({"uid": "e1/d*/s1/k1", "zone": "z", "kind": "dialog", "prompt": "hi"}),
+                "uid.district",
+            ),
+            (
+                serde_json::json!({"uid": "e1/d1/s1/k1", "zone": "z.>", "kind": "dialog", "prompt": "hi"}),
+                "zone",
+            ),
+            (
+                serde_json::json!({"uid": "e1/d1/s 1/k1", "zone": "z", "kind": "dialog", "prompt": "hi"}),
+                "uid.scene",
+            ),
+        ] {
+            assert_eq!(req(json).unwrap_err().field(), Some(field));
+        }
+    }
+
+    #[test]
+    fn classify_needs_a_classifier() {
+        let e = req(
+            serde_json::json!({"uid": "e/d/s/k", "zone": "z", "kind": "classify", "prompt": "hi"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field(), Some("classifier"));
+    }
+}

@@ -1,0 +1,119 @@
+//! `ApiError`: the gateway's one error type. Each kind maps to a status code and a JSON body
+//! `{"error": message, "kind": kind, "field": field?}`; internal details are logged, never sent.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use nimmer_tiers::TierError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not JSON.
+    #[error("malformed JSON: {message}")]
+    Malformed { message: String },
+    /// 422: well-formed but invalid.
+    #[error("`{field}`: {message}")]
+    Invalid { field: String, message: String },
+    /// 413
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    /// 415
+    #[error("expected Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 429 with Retry-After.
+    #[error(
+        "the {tier} tier is saturated ({capacity} slots in use); retry after {retry_after_s} s"
+    )]
+    Saturated {
+        tier: String,
+        capacity: usize,
+        retry_after_s: u64,
+    },
+    /// 504
+    #[error("the deadline of {deadline_ms} ms passed before the request could start")]
+    Deadline { deadline_ms: u64 },
+    /// 503
+    #[error("the {tier} tier is not available")]
+    Unavailable { tier: String },
+    /// 500; details are logged only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Malformed { .. } => StatusCode::BAD_REQUEST,
+            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Saturated { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Malformed { .. } => "malformed",
+            Self::Invalid { .. } => "invalid",
+            Self::TooLarge { .. } => "too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Saturated { .. } => "over_budget",
+            Self::Deadline { .. } => "deadline",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<TierError> for ApiError {
+    fn from(e: TierError) -> Self {
+        match e {
+            TierError::InvalidRequest { field, message } => Self::invalid(field, message),
+            e @ TierError::ContextExceeded { .. } => Self::invalid("messages", e.to_string()),
+            e @ TierError::KvBudgetExceeded { .. } => Self::invalid("max_tokens", e.to_string()),
+            e @ TierError::UnknownClassifier { .. } => Self::invalid("classifier", e.to_string()),
+            e @ TierError::Template(_) => Self::invalid("messages", e.to_string()),
+            TierError::QueueFull { tier, capacity } => Self::Saturated {
+                tier,
+                capacity,
+                retry_after_s: 1,
+            },
+            TierError::EngineDown { tier } => Self::Unavailable { tier },
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let mut body = serde_json::json!({ "error": self.to_string(), "kind": self.kind() });
+        if let Some(f) = self.field() {
+            body["field"] = f.into();
+        }
+        let mut resp = (self.status(), axum::Json(body)).into_response();
+        if let Self::Saturated { retry_after_s, .. } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
+        resp
+    }
+}

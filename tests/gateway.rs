@@ -1,0 +1,401 @@
+//! The gateway over HTTP on 127.0.0.1:0 with the real models: every kind, SSE, the OpenAI-compatible API,
+//! deadlines, disconnects, and a table of bad inputs that each get a precise 4xx while the gateway keeps serving.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const SYSTEM: &str = "You are a helpful assistant.";
+
+fn base() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| nimmer_e2e::start_gateway(nimmer_e2e::config()))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn dialog(kind: &str, user: &str) -> Value {
+    json!({
+        "uid": "ev7/harbour/pier/slot1", "zone": "harbour-3", "kind": kind,
+        "npc": { "id": "mira", "traits": { "gruff": 0.5 } },
+        "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": user }],
+        "max_tokens": 24, "participants": ["p1", "p2"], "faction": "guild",
+    })
+}
+
+async fn post(path: &str, body: &Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", base()))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn dialog_is_served_by_the_driver() {
+    let (status, v) = post(
+        "/v1/dialog",
+        &dialog("dialog", "What is the capital of France?"),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+    assert_eq!(v["tier"], "driver");
+    assert_eq!(v["slot"]["zone"], "harbour-3");
+    assert_eq!(v["uid"]["district"], "harbour");
+    assert_eq!(v["degraded"], false);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(v["timings"]["ttft_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn deep_and_moment_are_served_by_theia() {
+    for kind in ["deep", "moment"] {
+        let (status, v) = post(
+            "/v1/dialog",
+            &dialog(kind, "What is the capital of France?"),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["tier"], "theia", "{kind}");
+        assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn classify_is_served_by_saturn() {
+    let body = json!({ "uid": "ev7/harbour/pier/slot2", "zone": "harbour-3", "kind": "classify", "classifier": "ternary-gate", "prompt": "You saved my life, thank you!" });
+    let (status, v) = post("/v1/dialog", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["tier"], "saturn");
+    assert_eq!(v["classification"]["label"], "+1");
+    let (status, v) = post(
+        "/v1/classify",
+        &json!({ "classifier": "voice-selection", "inputs": ["Run, the soldiers are coming!"] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["results"][0]["label"], "fearful");
+}
+
+/// Reads an SSE body into (event, data) pairs.
+async fn sse(resp: reqwest::Response) -> Vec<(String, String)> {
+    let text = resp.text().await.unwrap();
+    text.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let mut ev = String::from("message");
+            let mut data = String::new();
+            for line in b.lines() {
+                if let Some(e) = line.strip_prefix("event: ").or(line.strip_prefix("event:")) {
+                    ev = e.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
+                    data.push_str(d);
+                }
+            }
+            (ev, data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_streamed_dialog_sends_tokens_then_the_same_response() {
+    let mut body = dialog("dialog", "What is the capital of France?");
+    let (_, plain) = post("/v1/dialog", &body).await;
+    body["stream"] = json!(true);
+    let resp = client()
+        .post(format!("{}/v1/dialog", base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let events = sse(resp).await;
+    let tokens: String = events
+        .iter()
+        .filter(|(e, _)| e == "token")
+        .map(|(_, d)| {
+            serde_json::from_str::<Value>(d).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "done");
+    let done: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(tokens, plain["text"].as_str().unwrap());
+    assert_eq!(done["text"], plain["text"]);
+    assert_eq!(done["usage"], plain["usage"]);
+}
+
+#[tokio::test]
+async fn openai_chat_completions_work_plain_and_streamed() {
+    let body = json!({ "model": "driver", "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "What is the capital of France?" }], "max_tokens": 24, "temperature": 0 });
+    let (status, v) = post("/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(content.contains("Paris"), "{v}");
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    let mut body = body;
+    body["stream"] = json!(true);
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = sse(resp).await;
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, content);
+    let last = chunks.last().unwrap();
+    assert!(last["choices"][0]["finish_reason"].is_string());
+    assert_eq!(last["usage"], v["usage"]);
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_start_before_its_deadline_gets_504() {
+    let mut body = dialog(
+        "dialog",
+        &"Tell me everything about the harbour. ".repeat(40),
+    );
+    body["deadline_ms"] = json!(1);
+    let (status, v) = post("/v1/dialog", &body).await;
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["kind"], "deadline");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_its_slot() {
+    let mut body = dialog("dialog", "Count slowly from one to one thousand.");
+    body["zone"] = json!("disconnect-zone");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(1000);
+    let resp = client()
+        .post(format!("{}/v1/dialog", base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let in_use = || async {
+        let v: Value = client()
+            .get(format!("{}/v1/zones", base()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["zones"]["disconnect-zone"]["slots_in_use"]["driver"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert_eq!(in_use().await, 1);
+    drop(stream);
+    for _ in 0..100 {
+        if in_use().await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the slot was not freed after the client disconnected");
+}
+
+/// (name, JSON body, or raw body, expected status, field the error must name)
+type Case = (
+    &'static str,
+    Option<Value>,
+    Option<&'static str>,
+    u16,
+    Option<&'static str>,
+);
+
+#[tokio::test]
+async fn bad_input_gets_a_precise_4xx_and_the_gateway_keeps_serving() {
+    let ok = dialog("dialog", "hi");
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = ok.clone();
+        f(&mut v);
+        v
+    };
+    let cases: Vec<Case> = vec![
+        ("malformed JSON", None, Some("{\"uid\": "), 400, None),
+        (
+            "wrong type",
+            Some(with(&|v| v["max_tokens"] = json!("many"))),
+            None,
+            422,
+            Some("max_tokens"),
+        ),
+        (
+            "unknown kind",
+            Some(with(&|v| v["kind"] = json!("shout"))),
+            None,
+            422,
+            Some("kind"),
+        ),
+        (
+            "unknown field",
+            Some(with(&|v| v["mood"] = json!("happy"))),
+            None,
+            422,
+            Some("mood"),
+        ),
+        (
+            "empty messages",
+            Some(with(&|v| v["messages"] = json!([]))),
+            None,
+            422,
+            Some("messages"),
+        ),
+        (
+            "messages and prompt",
+            Some(with(&|v| v["prompt"] = json!("x"))),
+            None,
+            422,
+            Some("messages"),
+        ),
+        (
+            "max_tokens out of range",
+            Some(with(&|v| v["max_tokens"] = json!(1_000_000))),
+            None,
+            422,
+            Some("max_tokens"),
+        ),
+        (
+            "temperature out of range",
+            Some(with(&|v| v["sampling"] = json!({ "temperature": -2 }))),
+            None,
+            422,
+            Some("temperature"),
+        ),
+        (
+            "wildcard in uid",
+            Some(with(&|v| v["uid"] = json!("ev7/>/pier/slot1"))),
+            None,
+            422,
+            Some("uid.district"),
+        ),
+        (
+            "dot in zone",
+            Some(with(&|v| v["zone"] = json!("harbour.3"))),
+            None,
+            422,
+            Some("zone"),
+        ),
+        (
+            "short uid",
+            Some(with(&|v| v["uid"] = json!("ev7/harbour"))),
+            None,
+            422,
+            Some("uid"),
+        ),
+        (
+            "trait weight",
+            Some(with(&|v| v["npc"]["traits"]["gruff"] = json!(3.0))),
+            None,
+            422,
+            Some("npc.traits"),
+        ),
+        (
+            "unknown classifier",
+            Some(
+                json!({ "uid": "a/b/c/d", "zone": "z", "kind": "classify", "classifier": "nope", "prompt": "hi" }),
+            ),
+            None,
+            422,
+            Some("classifier"),
+        ),
+        (
+            "unknown role",
+            Some(with(&|v| v["messages"][0]["role"] = json!("wizard"))),
+            None,
+            422,
+            Some("messages"),
+        ),
+        (
+            "prompt over the context",
+            Some(with(&|v| {
+                v["messages"][1]["content"] = json!("word ".repeat(3000))
+            })),
+            None,
+            422,
+            Some("messages"),
+        ),
+        ("oversize body", None, Some("OVERSIZE"), 413, None),
+    ];
+    for (name, json_body, raw, want, field) in cases {
+        let req = client()
+            .post(format!("{}/v1/dialog", base()))
+            .header("content-type", "application/json");
+        let req = match (json_body, raw) {
+            (Some(b), _) => req.body(b.to_string()),
+            (None, Some("OVERSIZE")) => {
+                req.body(format!("{{\"prompt\": \"{}\"}}", "x".repeat(300 * 1024)))
+            }
+            (None, Some(r)) => req.body(r.to_string()),
+            _ => unreachable!(),
+        };
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, want, "{name}: {v}");
+        assert!(v["error"].is_string(), "{name}: {v}");
+        if let Some(f) = field {
+            let got = v["field"].as_str().unwrap_or("");
+            assert!(
+                got == f || got.ends_with(f) || v["error"].as_str().unwrap().contains(f),
+                "{name}: field {got:?}, want {f}: {v}"
+            );
+        }
+    }
+    let resp = client()
+        .post(format!("{}/v1/dialog", base()))
+        .body(ok.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
+    let (status, v) = post(
+        "/v1/chat/completions",
+        &json!({ "model": "gpt-4", "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert_eq!((status, v["field"].as_str()), (422, Some("model")));
+    let (status, v) = post("/v1/dialog", &dialog("dialog", "Say hello.")).await;
+    assert_eq!(status, 200, "still serving: {v}");
+    assert_eq!(
+        client()
+            .get(format!("{}/healthz", base()))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+}
