@@ -1,16 +1,16 @@
-//! Slots and degradation with a small configuration: Driver 2 slots, Theia 1. Its own test binary (and
-//! gateway) so no other test shares the slots.
+//! Slots, queues, degradation and fairness with small configurations (Driver 2 slots, Theia 1). Each test runs
+//! its own gateway so no other test shares the slots.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-#[tokio::test]
-async fn deep_work_degrades_to_the_driver_and_a_saturated_tier_answers_429() {
+fn small(driver_queue: usize) -> String {
     let text = nimmer_config::DEFAULT_TIERS_TOML
         .replacen("max_batch = 32", "max_batch = 2", 1)
-        .replacen("max_batch = 4", "max_batch = 1", 1);
+        .replacen("max_batch = 4", "max_batch = 1", 1)
+        .replacen("queue = 256", &format!("queue = {driver_queue}"), 1);
     let cfg = nimmer_config::Config::from_strs(
         "tiers.toml",
         &text,
@@ -19,33 +19,43 @@ async fn deep_work_degrades_to_the_driver_and_a_saturated_tier_answers_429() {
         "test".into(),
     )
     .unwrap();
-    let base = nimmer_e2e::start_gateway(cfg);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
+    nimmer_e2e::start_gateway(cfg)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
         .build()
-        .unwrap();
-    let body = |kind: &str, stream: bool, max_tokens: usize| {
-        json!({ "uid": "e/d/s/k", "zone": "market", "kind": kind, "stream": stream, "max_tokens": max_tokens,
-                "messages": [{ "role": "system", "content": "You are a helpful assistant." }, { "role": "user", "content": "Count from one to five hundred." }],
-                "sampling": { "temperature": 0.7, "seed": 1 } })
-    };
-    let hold = |kind: &'static str| {
-        let c = client.clone();
-        let url = format!("{base}/v1/dialog");
-        let b = body(kind, true, 2000);
-        async move {
-            let r = c.post(url).json(&b).send().await.unwrap();
-            assert_eq!(r.status().as_u16(), 200);
-            let mut s = r.bytes_stream();
-            s.next().await.unwrap().unwrap();
-            s
-        }
-    };
-    // Theia's one slot is busy: a deep request runs on the driver, marked degraded.
-    let theia = hold("deep").await;
-    let r: Value = client
+        .unwrap()
+}
+
+fn body(zone: &str, kind: &str, stream: bool, max_tokens: usize) -> Value {
+    json!({ "uid": "e/d/s/k", "zone": zone, "kind": kind, "stream": stream, "max_tokens": max_tokens,
+            "messages": [{ "role": "system", "content": "You are a helpful assistant." }, { "role": "user", "content": "Count from one to five hundred." }],
+            "sampling": { "temperature": 0.7, "seed": 1 } })
+}
+
+/// Starts a long streamed request; returns its open stream (holding the slot) once the first bytes arrived.
+async fn hold(base: &str, zone: &str, kind: &str) -> Box<dyn std::any::Any + Send> {
+    let r = client()
         .post(format!("{base}/v1/dialog"))
-        .json(&body("deep", false, 4))
+        .json(&body(zone, kind, true, 2000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut s = Box::pin(r.bytes_stream());
+    s.next().await.unwrap().unwrap();
+    Box::new(s)
+}
+
+#[tokio::test]
+async fn deep_work_degrades_to_the_driver_and_a_full_queue_answers_429() {
+    let base = small(1);
+    let theia = hold(&base, "market", "deep").await;
+    let r: Value = client()
+        .post(format!("{base}/v1/dialog"))
+        .json(&body("market", "deep", false, 4))
         .send()
         .await
         .unwrap()
@@ -55,32 +65,130 @@ async fn deep_work_degrades_to_the_driver_and_a_saturated_tier_answers_429() {
     assert_eq!(r["tier"], "driver", "{r}");
     assert_eq!(r["degraded"], true);
     assert!(r["degraded_reason"].as_str().unwrap().contains("theia"));
-    // Both driver slots busy: dialog gets 429 with Retry-After.
-    let d1 = hold("dialog").await;
-    let d2 = hold("dialog").await;
-    let r = client
+    let d1 = hold(&base, "market", "dialog").await;
+    let d2 = hold(&base, "market", "dialog").await;
+    // One request may wait (queue = 1): it waits; the next is refused with 429 + Retry-After.
+    let waiting = tokio::spawn({
+        let base = base.clone();
+        async move {
+            client()
+                .post(format!("{base}/v1/dialog"))
+                .json(&body("alley", "dialog", false, 4))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    for _ in 0..100 {
+        let z: Value = client()
+            .get(format!("{base}/v1/zones"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if z["zones"]["alley"]["queued"]["driver"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = client()
         .post(format!("{base}/v1/dialog"))
-        .json(&body("dialog", false, 4))
+        .json(&body("square", "dialog", false, 4))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 429);
     assert!(r.headers().get("retry-after").is_some());
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["kind"], "over_budget");
-    // Freed slots serve again.
+    assert_eq!(r.json::<Value>().await.unwrap()["kind"], "over_budget");
     drop((theia, d1, d2));
-    for _ in 0..100 {
-        let r = client
-            .post(format!("{base}/v1/dialog"))
-            .json(&body("dialog", false, 4))
+    assert_eq!(
+        waiting.await.unwrap(),
+        200,
+        "the queued request ran once slots were freed"
+    );
+}
+
+#[tokio::test]
+async fn a_queued_request_past_its_deadline_gets_504() {
+    let base = small(8);
+    let _d1 = hold(&base, "market", "dialog").await;
+    let _d2 = hold(&base, "market", "dialog").await;
+    let mut b = body("alley", "dialog", false, 4);
+    b["deadline_ms"] = json!(300);
+    let r = client()
+        .post(format!("{base}/v1/dialog"))
+        .json(&b)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    assert_eq!(r.json::<Value>().await.unwrap()["kind"], "deadline");
+}
+
+/// A zone floods the Driver with 12 requests; a quiet zone's one request, sent after them, must not wait for
+/// the flood to drain: at least 80% of the flood finishes after it (an ordering check, not a timing one).
+#[tokio::test]
+async fn a_flooding_zone_does_not_starve_a_quiet_one() {
+    let base = small(64);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..12 {
+        let (base, tx) = (base.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = client()
+                .post(format!("{base}/v1/dialog"))
+                .json(&body("flood", "dialog", false, 24))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            tx.send(format!("flood-{i}")).unwrap();
+        });
+    }
+    for _ in 0..200 {
+        let z: Value = client()
+            .get(format!("{base}/v1/zones"))
             .send()
             .await
+            .unwrap()
+            .json()
+            .await
             .unwrap();
-        if r.status().as_u16() == 200 {
-            return;
+        if z["zones"]["flood"]["queued"]["driver"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 9
+        {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("slots were not freed");
+    {
+        let (base, tx) = (base.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = client()
+                .post(format!("{base}/v1/dialog"))
+                .json(&body("quiet", "dialog", false, 24))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            tx.send("quiet".to_string()).unwrap();
+        });
+    }
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some(name) = rx.recv().await {
+        order.push(name);
+    }
+    assert_eq!(order.len(), 13, "{order:?}");
+    let pos = order.iter().position(|n| n == "quiet").unwrap();
+    let after = order.len() - 1 - pos;
+    assert!(
+        after >= 10,
+        "only {after} of 12 flood requests finished after the quiet zone's: {order:?}"
+    );
 }

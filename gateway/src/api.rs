@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 /// A NATS-safe token: 1..=64 of `[A-Za-z0-9_-]` (no `.`, `*`, `>`, whitespace).
-fn check_token(field: &'static str, value: &str) -> Result<(), ApiError> {
+pub fn check_token(field: &'static str, value: &str) -> Result<(), ApiError> {
     if value.is_empty() || value.len() > 64 {
         return Err(ApiError::invalid(field, "must be 1 to 64 characters"));
     }

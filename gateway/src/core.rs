@@ -1,9 +1,11 @@
 //! The gateway core, independent of HTTP: the three tiers, routing by kind, slots and degradation.
 //!
 //! Every running request holds a [`SlotPermit`] (an RAII value that lives as long as its response stream):
-//! a tier's capacity is its `max_batch`. Deep and moment requests go to Theia; when Theia has no free slot they
-//! run on the Driver with `degraded: true`. A saturated tier answers 429 at once.
-//! (Weighted fair queuing across zones, budgets and hot reload come in the next step of the gateway issue.)
+//! a tier's capacity is its `max_batch`. Requests without a free slot wait in the tier's fair queue
+//! ([`crate::fair`]): per zone, by priority, and a freed slot goes to the zone holding the fewest. A full queue
+//! answers 429; a request that cannot start before its deadline answers 504 without spending compute.
+//! Deep and moment requests go to Theia; when Theia has no free slot they run on the Driver, `degraded: true`.
+//! (Zone classes and weights, budgets and hot reload come in the next step of the gateway issue.)
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,10 +16,11 @@ use nimmer_config::Config;
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SaturnHandle};
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{Dialog, Kind, Work};
 use crate::error::ApiError;
+use crate::fair::FairQueue;
 
 /// A model tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -38,38 +41,122 @@ impl Tier {
     }
 }
 
-/// What `GET /v1/zones` shows about one zone.
+/// What `GET /v1/zones` shows about one zone, per tier.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ZoneView {
     pub slots_in_use: BTreeMap<Tier, usize>,
-    pub requests: u64,
-    pub idle_ms: u64,
+    pub queued: BTreeMap<Tier, usize>,
 }
 
-#[derive(Default)]
-struct ZoneState {
-    in_use: BTreeMap<Tier, usize>,
-    requests: u64,
-    last_seen: Option<Instant>,
+/// How long a request may wait for a slot when it sets no deadline.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One tier's slots: a fair queue of waiters, each waiting for its permit on a oneshot channel.
+pub struct TierSlots {
+    tier: Tier,
+    queue: Mutex<FairQueue<oneshot::Sender<SlotPermit>>>,
+    next_id: AtomicU64,
 }
 
-/// A slot of a tier, held by one request; returned on drop.
+/// Why no slot could be had.
+enum NoSlot {
+    Full,
+    Timeout,
+}
+
+impl TierSlots {
+    fn new(tier: Tier, capacity: usize, queue: usize) -> Arc<Self> {
+        Arc::new(Self {
+            tier,
+            queue: Mutex::new(FairQueue::new(capacity, queue)),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn permit(self: &Arc<Self>, zone: &str) -> SlotPermit {
+        SlotPermit {
+            tier: self.tier,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            zone: zone.to_string(),
+            slots: Some(self.clone()),
+        }
+    }
+
+    /// A slot now, if one is free and nobody is waiting.
+    fn try_take(self: &Arc<Self>, zone: &str) -> Option<SlotPermit> {
+        self.queue
+            .lock()
+            .expect("slots lock")
+            .try_take(zone, 1.0)
+            .then(|| self.permit(zone))
+    }
+
+    /// A slot now or after waiting in the fair queue for at most `wait`.
+    async fn acquire(
+        self: &Arc<Self>,
+        zone: &str,
+        priority: i32,
+        wait: Duration,
+    ) -> Result<SlotPermit, NoSlot> {
+        let rx = {
+            let mut q = self.queue.lock().expect("slots lock");
+            if q.try_take(zone, 1.0) {
+                return Ok(self.permit(zone));
+            }
+            let (tx, rx) = oneshot::channel();
+            q.push(zone, 1.0, priority, tx).map_err(|_| NoSlot::Full)?;
+            rx
+        };
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => {
+                // Our sender (if still queued) is closed now; drop it so it takes no slot.
+                self.queue
+                    .lock()
+                    .expect("slots lock")
+                    .retain(|tx| !tx.is_closed());
+                Err(NoSlot::Timeout)
+            }
+        }
+    }
+
+    /// Hands free slots to waiters until none is free or nobody waits.
+    fn dispatch(self: &Arc<Self>) {
+        loop {
+            let Some((zone, tx)) = self.queue.lock().expect("slots lock").pop_next() else {
+                return;
+            };
+            if let Err(mut p) = tx.send(self.permit(&zone)) {
+                // The waiter left: give the slot back without re-entering dispatch from Drop.
+                p.slots = None;
+                self.queue.lock().expect("slots lock").release(&zone);
+            }
+        }
+    }
+
+    fn view(&self, zones: &mut BTreeMap<String, ZoneView>) {
+        let q = self.queue.lock().expect("slots lock");
+        for (name, (in_use, queued)) in q.zones() {
+            let z = zones.entry(name).or_default();
+            z.slots_in_use.insert(self.tier, in_use);
+            z.queued.insert(self.tier, queued);
+        }
+    }
+}
+
+/// A slot of a tier, held by one request; returned (and handed to the next waiter) on drop.
 pub struct SlotPermit {
     pub tier: Tier,
     pub id: u64,
     pub zone: String,
-    _permit: OwnedSemaphorePermit,
-    zones: Arc<Mutex<BTreeMap<String, ZoneState>>>,
+    slots: Option<Arc<TierSlots>>,
 }
 
 impl Drop for SlotPermit {
     fn drop(&mut self) {
-        let mut zones = self.zones.lock().expect("zones lock");
-        if let Some(n) = zones
-            .get_mut(&self.zone)
-            .and_then(|z| z.in_use.get_mut(&self.tier))
-        {
-            *n = n.saturating_sub(1);
+        if let Some(slots) = self.slots.take() {
+            slots.queue.lock().expect("slots lock").release(&self.zone);
+            slots.dispatch();
         }
     }
 }
@@ -90,11 +177,8 @@ pub struct Gateway {
     driver: LlmHandle,
     theia: LlmHandle,
     saturn: SaturnHandle,
-    /// Free slots per tier.
-    slots: BTreeMap<Tier, (Arc<Semaphore>, usize)>,
-    next_slot: AtomicU64,
-    /// Active zones, shared with permits (which decrement on drop).
-    zones: Arc<Mutex<BTreeMap<String, ZoneState>>>,
+    /// Slots and fair queue per tier.
+    slots: BTreeMap<Tier, Arc<TierSlots>>,
     config: Config,
 }
 
@@ -120,20 +204,18 @@ impl Gateway {
             config_dir,
         )?;
         let slots = [
-            (Tier::Driver, t.tiers.driver.max_batch),
-            (Tier::Theia, t.tiers.theia.max_batch),
-            (Tier::Saturn, t.tiers.saturn.queue),
+            (Tier::Driver, t.tiers.driver.max_batch, t.tiers.driver.queue),
+            (Tier::Theia, t.tiers.theia.max_batch, t.tiers.theia.queue),
+            (Tier::Saturn, t.tiers.saturn.max_batch, t.tiers.saturn.queue),
         ]
         .into_iter()
-        .map(|(tier, n)| (tier, (Arc::new(Semaphore::new(n)), n)))
+        .map(|(tier, n, q)| (tier, TierSlots::new(tier, n, q)))
         .collect();
         Ok(Self {
             driver,
             theia,
             saturn,
             slots,
-            next_slot: AtomicU64::new(1),
-            zones: Arc::default(),
             config,
         })
     }
@@ -154,51 +236,58 @@ impl Gateway {
         }
     }
 
-    /// Takes a free slot of `tier` for `zone`, or `None` when the tier is saturated.
-    pub fn try_slot(&self, tier: Tier, zone: &str) -> Option<SlotPermit> {
-        let (sem, _) = &self.slots[&tier];
-        let permit = sem.clone().try_acquire_owned().ok()?;
-        let mut zones = self.zones.lock().expect("zones lock");
-        let z = zones.entry(zone.to_string()).or_default();
-        *z.in_use.entry(tier).or_default() += 1;
-        z.requests += 1;
-        z.last_seen = Some(Instant::now());
-        Some(SlotPermit {
-            tier,
-            id: self.next_slot.fetch_add(1, Ordering::Relaxed),
-            zone: zone.to_string(),
-            _permit: permit,
-            zones: self.zones.clone(),
-        })
-    }
-
-    fn saturated(&self, tier: Tier) -> ApiError {
-        ApiError::Saturated {
-            tier: tier.name().into(),
-            capacity: self.slots[&tier].1,
-            retry_after_s: 1,
-        }
-    }
-
-    /// Picks the tier for a kind and takes a slot, degrading deep work to the Driver when Theia is full.
-    pub fn route(&self, kind: Kind, zone: &str) -> Result<(SlotPermit, Option<String>), ApiError> {
-        match kind {
-            Kind::Classify => self
-                .try_slot(Tier::Saturn, zone)
-                .map(|p| (p, None))
-                .ok_or_else(|| self.saturated(Tier::Saturn)),
-            Kind::Dialog => self
-                .try_slot(Tier::Driver, zone)
-                .map(|p| (p, None))
-                .ok_or_else(|| self.saturated(Tier::Driver)),
-            Kind::Deep | Kind::Moment => {
-                if let Some(p) = self.try_slot(Tier::Theia, zone) {
-                    return Ok((p, None));
+    /// A slot of `tier` for `zone`, waiting in the fair queue up to the deadline (504) or the queue timeout
+    /// (429); a full queue answers 429 at once.
+    pub async fn slot(
+        &self,
+        tier: Tier,
+        zone: &str,
+        priority: i32,
+        deadline_ms: Option<u64>,
+    ) -> Result<SlotPermit, ApiError> {
+        let wait = deadline_ms.map_or(QUEUE_TIMEOUT, |ms| {
+            Duration::from_millis(ms).min(QUEUE_TIMEOUT)
+        });
+        let slots = &self.slots[&tier];
+        slots
+            .acquire(zone, priority, wait)
+            .await
+            .map_err(|e| match (e, deadline_ms) {
+                (NoSlot::Timeout, Some(ms)) if Duration::from_millis(ms) <= QUEUE_TIMEOUT => {
+                    ApiError::Deadline { deadline_ms: ms }
                 }
-                self.try_slot(Tier::Driver, zone)
-                    .map(|p| (p, Some("theia saturated: served by driver".to_string())))
-                    .ok_or_else(|| self.saturated(Tier::Theia))
-            }
+                _ => ApiError::Saturated {
+                    tier: tier.name().into(),
+                    capacity: slots.queue.lock().expect("slots lock").capacity(),
+                    retry_after_s: 1,
+                },
+            })
+    }
+
+    /// Picks the tier for a kind and gets a slot; deep work runs on the Driver when Theia has no free slot.
+    pub async fn route(
+        &self,
+        kind: Kind,
+        zone: &str,
+        priority: i32,
+        deadline_ms: Option<u64>,
+    ) -> Result<(SlotPermit, Option<String>), ApiError> {
+        match kind {
+            Kind::Classify => Ok((
+                self.slot(Tier::Saturn, zone, priority, deadline_ms).await?,
+                None,
+            )),
+            Kind::Dialog => Ok((
+                self.slot(Tier::Driver, zone, priority, deadline_ms).await?,
+                None,
+            )),
+            Kind::Deep | Kind::Moment => match self.slots[&Tier::Theia].try_take(zone) {
+                Some(p) => Ok((p, None)),
+                None => Ok((
+                    self.slot(Tier::Driver, zone, priority, deadline_ms).await?,
+                    Some("theia saturated: served by driver".to_string()),
+                )),
+            },
         }
     }
 
@@ -248,7 +337,14 @@ impl Gateway {
         else {
             return Err(ApiError::Internal("classify routed to generate".into()));
         };
-        let (permit, degraded) = self.route(d.kind, &d.zone)?;
+        let started = Instant::now();
+        let (permit, degraded) = self
+            .route(d.kind, &d.zone, d.priority, d.deadline_ms)
+            .await?;
+        let deadline_ms = d.deadline_ms.map(|ms| {
+            ms.saturating_sub(started.elapsed().as_millis() as u64)
+                .max(1)
+        });
         let prompt = match (messages, prompt) {
             (Some(m), _) => Prompt::Chat(m.clone()),
             (None, Some(p)) => Prompt::Text(p.clone()),
@@ -263,27 +359,17 @@ impl Gateway {
                 prompt,
                 params: params.clone(),
             },
-            d.deadline_ms,
+            deadline_ms,
         )
         .await
     }
 
-    /// Zones with their slot use.
+    /// Zones with their slots in use and queue lengths, per tier.
     pub fn zones(&self) -> BTreeMap<String, ZoneView> {
-        let zones = self.zones.lock().expect("zones lock");
+        let mut zones = BTreeMap::new();
+        for slots in self.slots.values() {
+            slots.view(&mut zones);
+        }
         zones
-            .iter()
-            .map(|(k, z)| {
-                let idle_ms = z.last_seen.map_or(0, |t| t.elapsed().as_millis() as u64);
-                (
-                    k.clone(),
-                    ZoneView {
-                        slots_in_use: z.in_use.clone(),
-                        requests: z.requests,
-                        idle_ms,
-                    },
-                )
-            })
-            .collect()
     }
 }

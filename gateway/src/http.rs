@@ -181,7 +181,9 @@ async fn dialog(
     );
     tracing::info!(uid = %uid, zone = %d.zone, kind = ?d.kind, "dialog");
     if let Work::Classify { classifier, input } = &d.work {
-        let (permit, _) = gw.route(Kind::Classify, &d.zone)?;
+        let (permit, _) = gw
+            .route(Kind::Classify, &d.zone, d.priority, d.deadline_ms)
+            .await?;
         let t = std::time::Instant::now();
         let mut out = gw
             .saturn()
@@ -261,7 +263,7 @@ async fn classify(
     if req.inputs.is_empty() || req.inputs.len() > 64 {
         return Err(ApiError::invalid("inputs", "give 1 to 64 inputs"));
     }
-    let _permit = gw.route(Kind::Classify, "_classify")?;
+    let _permit = gw.slot(Tier::Saturn, "_classify", 0, None).await?;
     let out = gw.saturn().classify(&req.classifier, req.inputs).await?;
     Ok(Json(json!({ "classifier": req.classifier, "results": out })).into_response())
 }
@@ -282,11 +284,13 @@ async fn chat(
     };
     let params = req.params()?;
     let zone = req.user.clone().unwrap_or_else(|| "_openai".into());
-    let permit = gw.try_slot(tier, &zone).ok_or(ApiError::Saturated {
-        tier: tier.name().into(),
-        capacity: 0,
-        retry_after_s: 1,
-    })?;
+    if crate::api::check_token("user", &zone).is_err() {
+        return Err(ApiError::invalid(
+            "user",
+            "must be a NATS-safe token (letters, digits, '-', '_')",
+        ));
+    }
+    let permit = gw.slot(tier, &zone, 0, None).await?;
     let mut running = gw
         .generate(
             permit,

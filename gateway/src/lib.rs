@@ -3,6 +3,7 @@
 //! - [`api`]: request/response types; parsing into validated requests (UIDs and zones are NATS-safe tokens).
 //! - [`core`]: the three tiers, routing by kind, slot permits, degradation from Theia to Driver.
 //! - [`http`]: axum handlers (JSON and SSE), OpenAI-compatible chat completions.
+//! - [`fair`]: fair slot allocation across zones (pure, unit-tested).
 //! - [`error`]: the error type and its status codes.
 //!
 //! The `nimmer` binary (`src/main.rs`) parses arguments and calls [`serve`].
@@ -10,6 +11,7 @@
 pub mod api;
 pub mod core;
 pub mod error;
+pub mod fair;
 pub mod http;
 
 use std::sync::Arc;
