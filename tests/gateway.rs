@@ -193,6 +193,7 @@ async fn a_client_that_disconnects_frees_its_slot() {
     body["zone"] = json!("disconnect-zone");
     body["stream"] = json!(true);
     body["max_tokens"] = json!(1000);
+    body["sampling"] = json!({ "ignore_eos": true });
     let resp = client()
         .post(format!("{}/v1/dialog", base()))
         .json(&body)

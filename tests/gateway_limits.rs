@@ -29,10 +29,11 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A request that generates exactly `max_tokens` tokens (`ignore_eos`), so slot holders never finish early.
 fn body(zone: &str, kind: &str, stream: bool, max_tokens: usize) -> Value {
     json!({ "uid": "e/d/s/k", "zone": zone, "kind": kind, "stream": stream, "max_tokens": max_tokens,
             "messages": [{ "role": "system", "content": "You are a helpful assistant." }, { "role": "user", "content": "Count from one to five hundred." }],
-            "sampling": { "temperature": 0.7, "seed": 1 } })
+            "sampling": { "temperature": 0.7, "seed": 1, "ignore_eos": true } })
 }
 
 /// Starts a long streamed request; returns its open stream (holding the slot) once the first bytes arrived.

@@ -101,6 +101,9 @@ pub struct Sampling {
     pub seed: Option<u64>,
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence (benchmarks and load tests that need a fixed length).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/dialog` body.
@@ -185,7 +188,7 @@ impl Sampling {
             seed: self.seed,
             max_tokens,
             stop: self.stop,
-            ignore_eos: false,
+            ignore_eos: self.ignore_eos,
         };
         p.validate().map_err(ApiError::from)?;
         Ok(p)
