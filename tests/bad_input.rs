@@ -25,24 +25,7 @@ fn a_missing_model_file_is_named() {
         "[models.local]\nformat = \"gguf\"\ndir = \"{}\"\nfiles = [{{ name = \"model.gguf\" }}]\n",
         dir.path().display()
     );
-    let base = nimmer_config::DEFAULT_TIERS_TOML;
-    let (head, tail) = base.split_at(base.find("[tiers.driver]").unwrap());
-    let text = format!(
-        "{head}\n{toml}\n{}",
-        tail.replacen(
-            "model = \"smollm2-135m-instruct-q4_1\"",
-            "model = \"local\"",
-            1
-        )
-    );
-    let cfg = Config::from_strs(
-        "tiers.toml",
-        &text,
-        "c.toml",
-        nimmer_config::DEFAULT_CLASSIFIERS_TOML,
-        "test".into(),
-    )
-    .unwrap();
+    let cfg = nimmer_e2e::config_with_driver_model("local", &toml);
     let e = ensure_model(&cfg.tiers, "local", Verify::Cached)
         .unwrap_err()
         .to_string();

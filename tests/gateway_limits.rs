@@ -7,18 +7,11 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 fn small(driver_queue: usize) -> String {
-    let text = nimmer_config::DEFAULT_TIERS_TOML
-        .replacen("max_batch = 32", "max_batch = 2", 1)
-        .replacen("max_batch = 4", "max_batch = 1", 1)
-        .replacen("queue = 256", &format!("queue = {driver_queue}"), 1);
-    let cfg = nimmer_config::Config::from_strs(
-        "tiers.toml",
-        &text,
-        "classifiers.toml",
-        nimmer_config::DEFAULT_CLASSIFIERS_TOML,
-        "test".into(),
-    )
-    .unwrap();
+    let cfg = nimmer_e2e::config_with(|t| {
+        t.replacen("max_batch = 32", "max_batch = 2", 1)
+            .replacen("max_batch = 4", "max_batch = 1", 1)
+            .replacen("queue = 256", &format!("queue = {driver_queue}"), 1)
+    });
     nimmer_e2e::start_gateway(cfg)
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
-use nimmer_config::{Config, Precision};
+use nimmer_config::Precision;
 use nimmer_e2e::{chat, chat_ids, our_logits, run};
 use nimmer_tiers::fetch::{Verify, ensure_llm};
 use nimmer_tiers::llama::{KvCache, Llama, Workspace, hf_name};
@@ -120,28 +120,11 @@ fn a_hugging_face_directory_runs_exactly_like_the_gguf_at_full_precision() {
 #[test]
 fn a_tier_configured_with_a_llama_safetensors_model_serves_requests() {
     let dir = exported();
-    let base = nimmer_config::DEFAULT_TIERS_TOML;
     let model = format!(
         "[models.hf-smollm]\nformat = \"llama-safetensors\"\ndir = \"{}\"\nfiles = [{{ name = \"config.json\" }}, {{ name = \"model.safetensors\" }}, {{ name = \"tokenizer.json\" }}, {{ name = \"tokenizer_config.json\" }}]\n",
         dir.display()
     );
-    let (head, tail) = base.split_at(base.find("[tiers.driver]").unwrap());
-    let text = format!(
-        "{head}\n{model}\n{}",
-        tail.replacen(
-            "model = \"smollm2-135m-instruct-q4_1\"",
-            "model = \"hf-smollm\"",
-            1
-        )
-    );
-    let cfg = Config::from_strs(
-        "tiers.toml",
-        &text,
-        "classifiers.toml",
-        nimmer_config::DEFAULT_CLASSIFIERS_TOML,
-        "test".into(),
-    )
-    .unwrap();
+    let cfg = nimmer_e2e::config_with_driver_model("hf-smollm", &model);
     let path = ensure_llm(&cfg.tiers, "hf-smollm", Verify::Cached).unwrap();
     assert_eq!(path, dir);
     // Native precision requantizes f32 weights to 8-bit blocks.

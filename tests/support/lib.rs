@@ -14,6 +14,34 @@ pub fn config() -> Config {
     Config::embedded()
 }
 
+/// The default configuration with `tiers.toml` edited by `edit`.
+pub fn config_with(edit: impl FnOnce(&str) -> String) -> Config {
+    let text = edit(nimmer_config::DEFAULT_TIERS_TOML);
+    Config::from_strs(
+        "tiers.toml",
+        &text,
+        "classifiers.toml",
+        nimmer_config::DEFAULT_CLASSIFIERS_TOML,
+        "test".into(),
+    )
+    .expect("edited config is valid")
+}
+
+/// The default configuration plus a `[models.NAME]` block (`model_toml`) that the Driver tier runs.
+pub fn config_with_driver_model(name: &str, model_toml: &str) -> Config {
+    config_with(|base| {
+        let (head, tail) = base.split_at(base.find("[tiers.driver]").expect("driver section"));
+        format!(
+            "{head}\n{model_toml}\n{}",
+            tail.replacen(
+                "model = \"smollm2-135m-instruct-q4_1\"",
+                &format!("model = \"{name}\""),
+                1
+            )
+        )
+    })
+}
+
 /// Path of a model file of the default config, fetched on first use.
 pub fn model_file(model: &str, file: &str) -> PathBuf {
     let c = config();
