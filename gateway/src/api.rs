@@ -311,7 +311,7 @@ pub struct DialogResponse {
     pub text: String,
     pub tier: String,
     pub adapters: Vec<String>,
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<nimmer_tiers::FinishReason>,
     pub usage: Usage,
     pub timings: Timings,
     pub slot: SlotInfo,

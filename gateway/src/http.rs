@@ -101,30 +101,42 @@ fn usage(c: &Completion) -> Usage {
     }
 }
 
-fn response(d: &Dialog, r: &Running, text: String, done: &Completion) -> DialogResponse {
+/// Where a generation ran: what a response reports besides the text and the completion.
+struct Served {
+    tier: Tier,
+    slot: SlotInfo,
+    degraded_reason: Option<String>,
+}
+
+impl Served {
+    fn of(r: &Running) -> Self {
+        Self {
+            tier: r.tier,
+            slot: SlotInfo {
+                zone: r.permit.zone.clone(),
+                id: r.permit.id,
+            },
+            degraded_reason: r.degraded_reason.clone(),
+        }
+    }
+}
+
+fn response(d: &Dialog, s: &Served, text: String, done: &Completion) -> DialogResponse {
     DialogResponse {
         uid: d.uid.clone(),
         text,
-        tier: r.tier.name().into(),
+        tier: s.tier.name().into(),
         adapters: Vec::new(),
-        finish_reason: Some(
-            serde_json::to_value(done.finish_reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-        ),
+        finish_reason: Some(done.finish_reason),
         usage: usage(done),
         timings: Timings {
             queue_ms: done.queue_ms,
             ttft_ms: done.ttft_ms,
             total_ms: done.total_ms,
         },
-        slot: SlotInfo {
-            zone: r.permit.zone.clone(),
-            id: r.permit.id,
-        },
-        degraded: r.degraded_reason.is_some(),
-        degraded_reason: r.degraded_reason.clone(),
+        slot: s.slot.clone(),
+        degraded: s.degraded_reason.is_some(),
+        degraded_reason: s.degraded_reason.clone(),
         classification: None,
     }
 }
@@ -219,36 +231,33 @@ async fn dialog(
     let mut running = gw.dialog(&d).await?;
     if !d.stream {
         let (text, done) = finish(&mut running).await?;
-        return Ok(Json(response(&d, &running, text, &done)).into_response());
+        return Ok(Json(response(&d, &Served::of(&running), text, &done)).into_response());
     }
-    let (tier, slot, zone, degraded) = (
-        running.tier,
-        running.permit.id,
-        running.permit.zone.clone(),
-        running.degraded_reason.clone(),
-    );
+    let served = Served::of(&running);
     let mut text = String::new();
     let events = futures::StreamExt::map(
         token_stream(running),
         move |ev| -> Result<SseEvent, Infallible> {
             Ok(match ev {
-            Event::Token { id, text: t } => {
-                text.push_str(&t);
-                SseEvent::default().event("token").data(json!({ "id": id, "text": t }).to_string())
-            }
-            Event::Done(c) => SseEvent::default().event("done").data(
-                json!({
-                    "uid": d.uid, "text": text, "tier": tier.name(), "adapters": [], "finish_reason": c.finish_reason,
-                    "usage": usage(&c), "timings": { "queue_ms": c.queue_ms, "ttft_ms": c.ttft_ms, "total_ms": c.total_ms },
-                    "slot": { "zone": zone, "id": slot }, "degraded": degraded.is_some(), "degraded_reason": degraded,
-                })
-                .to_string(),
-            ),
-            Event::Error(e) => {
-                tracing::error!(error = %e, "generation failed mid-stream");
-                SseEvent::default().event("error").data(json!({ "error": "internal error", "kind": "internal" }).to_string())
-            }
-        })
+                Event::Token { id, text: t } => {
+                    text.push_str(&t);
+                    SseEvent::default()
+                        .event("token")
+                        .data(json!({ "id": id, "text": t }).to_string())
+                }
+                Event::Done(c) => {
+                    let body = response(&d, &served, std::mem::take(&mut text), &c);
+                    SseEvent::default()
+                        .event("done")
+                        .data(serde_json::to_string(&body).unwrap_or_default())
+                }
+                Event::Error(e) => {
+                    tracing::error!(error = %e, "generation failed mid-stream");
+                    SseEvent::default()
+                        .event("error")
+                        .data(json!({ "error": "internal error", "kind": "internal" }).to_string())
+                }
+            })
         },
     );
     Ok(Sse::new(events)

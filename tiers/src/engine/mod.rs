@@ -42,7 +42,7 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     /// End-of-sequence token or a stop string.
