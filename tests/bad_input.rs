@@ -223,6 +223,11 @@ fn a_broken_config_file_names_file_key_and_rule() {
         nimmer_config::DEFAULT_CLASSIFIERS_TOML,
     )
     .unwrap();
+    std::fs::write(
+        dir.path().join("budgets.toml"),
+        nimmer_config::DEFAULT_BUDGETS_TOML,
+    )
+    .unwrap();
     let e = Config::load(dir.path()).unwrap_err().to_string();
     assert!(
         e.contains("tiers.toml")
@@ -233,4 +238,23 @@ fn a_broken_config_file_names_file_key_and_rule() {
     std::fs::write(dir.path().join("tiers.toml"), "this is = = not toml").unwrap();
     let e = Config::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("tiers.toml"), "{e}");
+    std::fs::write(
+        dir.path().join("tiers.toml"),
+        nimmer_config::DEFAULT_TIERS_TOML,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("budgets.toml"),
+        nimmer_config::DEFAULT_BUDGETS_TOML.replacen(
+            "queue_timeout_ms = 30000",
+            "queue_timeout_ms = 0",
+            1,
+        ),
+    )
+    .unwrap();
+    let e = Config::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("budgets.toml") && e.contains("tiers.driver.queue_timeout_ms"),
+        "{e}"
+    );
 }

@@ -200,7 +200,8 @@ fn candle_driver() -> &'static nimmer_tiers::LlmHandle {
     H.get_or_init(|| {
         let mut spec = nimmer_e2e::config().tiers.tiers.driver.clone();
         spec.backend = Some(nimmer_config::Backend::Candle);
-        nimmer_tiers::LlmHandle::start("driver", &spec, &nimmer_e2e::driver_gguf()).unwrap()
+        let limits = nimmer_tiers::EngineLimits::of(&nimmer_e2e::config().budgets.tiers.driver);
+        nimmer_tiers::LlmHandle::start("driver", &spec, limits, &nimmer_e2e::driver_gguf()).unwrap()
     })
 }
 

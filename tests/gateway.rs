@@ -192,7 +192,7 @@ async fn a_client_that_disconnects_frees_its_slot() {
     let mut body = dialog("dialog", "Count slowly from one to one thousand.");
     body["zone"] = json!("disconnect-zone");
     body["stream"] = json!(true);
-    body["max_tokens"] = json!(1000);
+    body["max_tokens"] = json!(500);
     body["sampling"] = json!({ "ignore_eos": true });
     let resp = client()
         .post(format!("{}/v1/dialog", base()))
@@ -200,6 +200,7 @@ async fn a_client_that_disconnects_frees_its_slot() {
         .send()
         .await
         .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     let in_use = || async {

@@ -7,11 +7,15 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 fn small(driver_queue: usize) -> String {
-    let cfg = nimmer_e2e::config_with(|t| {
-        t.replacen("max_batch = 32", "max_batch = 2", 1)
-            .replacen("max_batch = 4", "max_batch = 1", 1)
-            .replacen("queue = 256", &format!("queue = {driver_queue}"), 1)
-    });
+    let cfg = nimmer_e2e::config_with_budgets(
+        |t| t.to_string(),
+        |b| {
+            b.replacen("slots = 32", "slots = 2", 1)
+                .replacen("slots = 4", "slots = 1", 1)
+                .replacen("queue = 256", &format!("queue = {driver_queue}"), 1)
+                .replace("max_new_tokens = 512", "max_new_tokens = 2000")
+        },
+    );
     nimmer_e2e::start_gateway(cfg)
 }
 

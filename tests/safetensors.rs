@@ -128,7 +128,13 @@ fn a_tier_configured_with_a_llama_safetensors_model_serves_requests() {
     let path = ensure_llm(&cfg.tiers, "hf-smollm", Verify::Cached).unwrap();
     assert_eq!(path, dir);
     // Native precision requantizes f32 weights to 8-bit blocks.
-    let h = LlmHandle::start("driver", &cfg.tiers.tiers.driver, &path).unwrap();
+    let h = LlmHandle::start(
+        "driver",
+        &cfg.tiers.tiers.driver,
+        nimmer_tiers::EngineLimits::of(&cfg.budgets.tiers.driver),
+        &path,
+    )
+    .unwrap();
     let out = run(
         &h,
         chat(

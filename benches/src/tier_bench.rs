@@ -143,11 +143,12 @@ fn write_block(path: &std::path::Path, tier: &str, table: &str) -> Result<()> {
 }
 
 fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
-    let spec = if args.tier == "driver" {
-        cfg.tiers.tiers.driver.clone()
+    let (spec, budget) = if args.tier == "driver" {
+        (cfg.tiers.tiers.driver.clone(), &cfg.budgets.tiers.driver)
     } else {
-        cfg.tiers.tiers.theia.clone()
+        (cfg.tiers.tiers.theia.clone(), &cfg.budgets.tiers.theia)
     };
+    let mut limits = nimmer_tiers::EngineLimits::of(budget);
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
     let mut spec = spec;
     spec.backend = match args.backend.as_deref() {
@@ -159,8 +160,8 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     spec.max_batch = spec
         .max_batch
         .max(*args.concurrency.iter().max().unwrap_or(&1));
-    spec.batch_token_budget = spec.batch_token_budget.max(spec.max_batch);
-    let h = LlmHandle::start(&args.tier, &spec, &model).context("starting the engine")?;
+    limits.batch_token_budget = limits.batch_token_budget.max(spec.max_batch);
+    let h = LlmHandle::start(&args.tier, &spec, limits, &model).context("starting the engine")?;
     let mut rows = Vec::new();
 
     // Prefill: one long prompt, one new token.

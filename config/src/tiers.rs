@@ -1,5 +1,5 @@
 //! `tiers.toml`: the models (where each file comes from and its pinned sha256) and the three tiers
-//! (which model, device, precision, context and engine limits).
+//! (which model, device, precision, context, batch capacity and threads). Budgets live in `budgets.toml`.
 
 use std::collections::BTreeMap;
 
@@ -128,12 +128,8 @@ pub struct LlmTierSpec {
     pub precision: Precision,
     /// Longest sequence (prompt + new tokens) a request may use.
     pub context: usize,
-    /// Most sequences decoding together.
+    /// Most sequences decoding together (the engine's batch capacity; budgets.toml's `slots` may not exceed it).
     pub max_batch: usize,
-    /// Most tokens one engine step may run (decode rows + prefill chunks): the chunked-prefill budget.
-    pub batch_token_budget: usize,
-    /// KV-cache memory all running sequences may hold together, in MiB; admission respects it.
-    pub kv_memory_mib: usize,
     /// Requests waiting for the engine (bounded channel).
     pub queue: usize,
     /// Worker threads for the kernels; 0 = all cores.
@@ -285,17 +281,6 @@ impl TiersFile {
             positive(file, &key("context"), spec.context)?;
             positive(file, &key("max_batch"), spec.max_batch)?;
             positive(file, &key("queue"), spec.queue)?;
-            positive(file, &key("kv_memory_mib"), spec.kv_memory_mib)?;
-            if spec.batch_token_budget < spec.max_batch {
-                return Err(ConfigError::invalid(
-                    file,
-                    key("batch_token_budget"),
-                    format!(
-                        "must be at least max_batch ({}) so every running sequence can decode each step",
-                        spec.max_batch
-                    ),
-                ));
-            }
         }
         let s = &self.tiers.saturn;
         match self.models.get(&s.model) {
@@ -378,13 +363,6 @@ mod tests {
     fn zero_context_is_rejected() {
         let e = with(|s| s.replacen("context = 2048", "context = 0", 1)).unwrap_err();
         assert_eq!(rule(e).0, "tiers.driver.context");
-    }
-
-    #[test]
-    fn batch_token_budget_below_max_batch_is_rejected() {
-        let e = with(|s| s.replacen("batch_token_budget = 256", "batch_token_budget = 4", 1))
-            .unwrap_err();
-        assert_eq!(rule(e).0, "tiers.driver.batch_token_budget");
     }
 
     #[test]

@@ -293,6 +293,10 @@ pub struct Usage {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Timings {
+    /// Waiting for a slot in the gateway's fair queue.
+    #[serde(default)]
+    pub slot_wait_ms: f64,
+    /// Waiting for admission into the engine's running batch.
     pub queue_ms: f64,
     pub ttft_ms: f64,
     pub total_ms: f64,
@@ -320,6 +324,32 @@ pub struct DialogResponse {
     /// For `kind = "classify"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub classification: Option<nimmer_tiers::Classification>,
+}
+
+/// A finished dialog as published to JetStream (`RESULTS`) for the compositors: the request's routing facts
+/// and the response. `result_id` is unique per result (the JetStream message id, for deduplication).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DialogResult {
+    pub result_id: String,
+    pub uid: Uid,
+    pub zone: String,
+    pub kind: Kind,
+    pub npc: Option<Npc>,
+    pub participants: Vec<String>,
+    pub faction: Option<String>,
+    /// Unix time in milliseconds when the gateway finished the dialog.
+    pub finished_at_ms: u64,
+    pub response: DialogResponse,
+}
+
+impl Uid {
+    /// The JetStream subject of this dialog's result.
+    pub fn results_subject(&self) -> String {
+        format!(
+            "nimmerverse.results.{}.{}.{}",
+            self.gm_event, self.district, self.scene
+        )
+    }
 }
 
 /// `POST /v1/classify` body.

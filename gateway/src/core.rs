@@ -1,55 +1,50 @@
-//! The gateway core, independent of HTTP: the three tiers, routing by kind, slots and degradation.
+//! The gateway core, independent of HTTP and NATS: the three tiers, the active configuration (hot-swapped
+//! as a whole), zones, slots, budgets, routing and degradation.
 //!
 //! Every running request holds a [`SlotPermit`] (an RAII value that lives as long as its response stream):
-//! a tier's capacity is its `max_batch`. Requests without a free slot wait in the tier's fair queue
-//! ([`crate::fair`]): per zone, by priority, and a freed slot goes to the zone holding the fewest. A full queue
-//! answers 429; a request that cannot start before its deadline answers 504 without spending compute.
-//! Deep and moment requests go to Theia; when Theia has no free slot they run on the Driver, `degraded: true`.
-//! (Zone classes and weights, budgets and hot reload come in the next step of the gateway issue.)
+//! a tier's capacity is its `slots` budget. Requests without a free slot wait in the tier's fair queue
+//! ([`crate::fair`]): per zone, by priority, and a freed slot goes to the zone holding the fewest per unit of
+//! its class's weight. A full queue or a zone over its token rate answers 429 with Retry-After; a request
+//! that cannot start before its deadline answers 504 without spending compute. Deep and moment requests go
+//! where `[routing]` says (Theia); when Theia cannot take them they run on the Driver, `degraded: true`.
+//! A [`Running`] generation charges its tokens to its zone's bucket when it ends, however it ends.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
-use nimmer_config::Config;
+use nimmer_config::{Config, RequestBudget};
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
-use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SaturnHandle};
+use nimmer_tiers::{EngineLimits, Event, GenerateRequest, LlmHandle, Prompt, SaturnHandle};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{Dialog, Kind, Work};
+use crate::api::{Dialog, DialogResponse, DialogResult, Kind, Work};
 use crate::error::ApiError;
 use crate::fair::FairQueue;
+use crate::metrics;
+use crate::nats::ResultsSink;
+use crate::zones::{ZoneInfo, ZoneTable};
 
-/// A model tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Driver,
-    Theia,
-    Saturn,
-}
+/// A model tier (the names config files use).
+pub use nimmer_config::TierName as Tier;
 
-impl Tier {
-    pub fn name(self) -> &'static str {
-        match self {
-            Tier::Driver => "driver",
-            Tier::Theia => "theia",
-            Tier::Saturn => "saturn",
-        }
-    }
-}
-
-/// What `GET /v1/zones` shows about one zone, per tier.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What `GET /v1/zones` shows about one zone.
+#[derive(Debug, Clone, Serialize)]
 pub struct ZoneView {
+    #[serde(flatten)]
+    pub info: Option<ZoneInfo>,
     pub slots_in_use: BTreeMap<Tier, usize>,
     pub queued: BTreeMap<Tier, usize>,
 }
 
-/// How long a request may wait for a slot when it sets no deadline.
-pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The configuration in effect and its version (1 at start, +1 per applied reload).
+pub struct Live {
+    pub config: Config,
+    pub version: u64,
+    pub applied_at: SystemTime,
+}
 
 /// One tier's slots: a fair queue of waiters, each waiting for its permit on a oneshot channel.
 pub struct TierSlots {
@@ -73,48 +68,64 @@ impl TierSlots {
         })
     }
 
-    fn permit(self: &Arc<Self>, zone: &str) -> SlotPermit {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FairQueue<oneshot::Sender<SlotPermit>>> {
+        self.queue.lock().expect("slots lock")
+    }
+
+    fn permit(self: &Arc<Self>, zone: &str, class: &str) -> SlotPermit {
         SlotPermit {
             tier: self.tier,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             zone: zone.to_string(),
+            class: class.to_string(),
+            granted: Instant::now(),
             slots: Some(self.clone()),
         }
     }
 
+    fn gauges(&self, q: &FairQueue<oneshot::Sender<SlotPermit>>) {
+        metrics::slots(self.tier, q.in_use(), q.capacity(), q.waiting());
+    }
+
     /// A slot now, if one is free and nobody is waiting.
-    fn try_take(self: &Arc<Self>, zone: &str) -> Option<SlotPermit> {
-        self.queue
-            .lock()
-            .expect("slots lock")
-            .try_take(zone, 1.0)
-            .then(|| self.permit(zone))
+    fn try_take(self: &Arc<Self>, zone: &str, class: &str, weight: f64) -> Option<SlotPermit> {
+        let mut q = self.lock();
+        let ok = q.try_take(zone, weight);
+        self.gauges(&q);
+        ok.then(|| self.permit(zone, class))
     }
 
     /// A slot now or after waiting in the fair queue for at most `wait`.
     async fn acquire(
         self: &Arc<Self>,
         zone: &str,
+        class: &str,
+        weight: f64,
         priority: i32,
         wait: Duration,
     ) -> Result<SlotPermit, NoSlot> {
         let rx = {
-            let mut q = self.queue.lock().expect("slots lock");
-            if q.try_take(zone, 1.0) {
-                return Ok(self.permit(zone));
+            let mut q = self.lock();
+            if q.try_take(zone, weight) {
+                self.gauges(&q);
+                return Ok(self.permit(zone, class));
             }
             let (tx, rx) = oneshot::channel();
-            q.push(zone, 1.0, priority, tx).map_err(|_| NoSlot::Full)?;
+            q.push(zone, weight, priority, tx)
+                .map_err(|_| NoSlot::Full)?;
+            self.gauges(&q);
             rx
         };
         match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(p)) => Ok(p),
+            Ok(Ok(mut p)) => {
+                p.class = class.to_string();
+                Ok(p)
+            }
             _ => {
                 // Our sender (if still queued) is closed now; drop it so it takes no slot.
-                self.queue
-                    .lock()
-                    .expect("slots lock")
-                    .retain(|tx| !tx.is_closed());
+                let mut q = self.lock();
+                q.retain(|tx| !tx.is_closed());
+                self.gauges(&q);
                 Err(NoSlot::Timeout)
             }
         }
@@ -123,21 +134,34 @@ impl TierSlots {
     /// Hands free slots to waiters until none is free or nobody waits.
     fn dispatch(self: &Arc<Self>) {
         loop {
-            let Some((zone, tx)) = self.queue.lock().expect("slots lock").pop_next() else {
-                return;
+            let next = {
+                let mut q = self.lock();
+                let n = q.pop_next();
+                self.gauges(&q);
+                n
             };
-            if let Err(mut p) = tx.send(self.permit(&zone)) {
+            let Some((zone, tx)) = next else { return };
+            if let Err(mut p) = tx.send(self.permit(&zone, "")) {
                 // The waiter left: give the slot back without re-entering dispatch from Drop.
                 p.slots = None;
-                self.queue.lock().expect("slots lock").release(&zone);
+                self.lock().release(&zone);
             }
         }
     }
 
+    fn set_limits(self: &Arc<Self>, capacity: usize, queue: usize) {
+        self.lock().set_limits(capacity, queue);
+        self.dispatch();
+    }
+
     fn view(&self, zones: &mut BTreeMap<String, ZoneView>) {
-        let q = self.queue.lock().expect("slots lock");
+        let q = self.lock();
         for (name, (in_use, queued)) in q.zones() {
-            let z = zones.entry(name).or_default();
+            let z = zones.entry(name).or_insert_with(|| ZoneView {
+                info: None,
+                slots_in_use: BTreeMap::new(),
+                queued: BTreeMap::new(),
+            });
             z.slots_in_use.insert(self.tier, in_use);
             z.queued.insert(self.tier, queued);
         }
@@ -149,51 +173,123 @@ pub struct SlotPermit {
     pub tier: Tier,
     pub id: u64,
     pub zone: String,
+    /// The zone's class when the slot was granted.
+    pub class: String,
+    pub granted: Instant,
     slots: Option<Arc<TierSlots>>,
 }
 
 impl Drop for SlotPermit {
     fn drop(&mut self) {
         if let Some(slots) = self.slots.take() {
-            slots.queue.lock().expect("slots lock").release(&self.zone);
+            slots.lock().release(&self.zone);
             slots.dispatch();
         }
     }
 }
 
-/// A generation in flight.
+/// Charges a generation's tokens to its zone's bucket when dropped, and records its metrics once done.
+struct Meter {
+    zones: Arc<Mutex<ZoneTable>>,
+    zone: String,
+    tier: Tier,
+    budget: RequestBudget,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.zones.lock().expect("zones lock").charge(
+            &self.zone,
+            self.tier,
+            self.prompt_tokens + self.completion_tokens,
+            &self.budget,
+            Instant::now(),
+        );
+    }
+}
+
+/// A generation in flight: its slot, its event stream and its token meter.
 pub struct Running {
     pub tier: Tier,
     pub degraded_reason: Option<String>,
     pub permit: SlotPermit,
-    pub events: mpsc::UnboundedReceiver<Event>,
+    /// Time spent waiting for the slot.
+    pub slot_wait: Duration,
+    events: mpsc::UnboundedReceiver<Event>,
     /// The first event, already received (so the deadline could be checked).
-    pub first: Event,
-    pub started: Instant,
+    first: Option<Event>,
+    meter: Meter,
 }
 
-/// The three tiers and their slots.
+impl Running {
+    /// The next event; `None` when the engine went away without finishing.
+    pub async fn next(&mut self) -> Option<Event> {
+        let ev = match self.first.take() {
+            Some(e) => Some(e),
+            None => self.events.recv().await,
+        };
+        match &ev {
+            Some(Event::Token { .. }) => self.meter.completion_tokens += 1,
+            Some(Event::Done(c)) => {
+                self.meter.prompt_tokens = c.prompt_tokens;
+                self.meter.completion_tokens = c.completion_tokens;
+                metrics::finished(
+                    self.tier,
+                    &self.permit.class,
+                    c.prompt_tokens,
+                    c.completion_tokens,
+                    c.ttft_ms / 1e3,
+                );
+            }
+            _ => {}
+        }
+        ev
+    }
+}
+
+/// What a generation asks for: a kind (routed by `[routing]`, may degrade) or a tier by name (OpenAI
+/// `model`; waits for that tier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Kind(Kind),
+    Tier(Tier),
+}
+
+/// A slot and whether it is a degraded one.
+struct Routed {
+    permit: SlotPermit,
+    degraded: Option<String>,
+}
+
+/// The three tiers, their slots, the zones and the configuration in effect.
 pub struct Gateway {
     driver: LlmHandle,
     theia: LlmHandle,
     saturn: SaturnHandle,
-    /// Slots and fair queue per tier.
     slots: BTreeMap<Tier, Arc<TierSlots>>,
-    config: Config,
+    live: RwLock<Arc<Live>>,
+    zones: Arc<Mutex<ZoneTable>>,
+    /// Where finished dialogs go (set when NATS is configured).
+    results: Mutex<Option<ResultsSink>>,
 }
 
 impl Gateway {
     /// Fetches what is missing and loads the three tiers (blocking; minutes on a first run).
     pub fn start(config: Config, config_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let t = &config.tiers;
+        let b = &config.budgets.tiers;
         let driver = LlmHandle::start(
             "driver",
             &t.tiers.driver,
+            EngineLimits::of(&b.driver),
             &ensure_llm(t, &t.tiers.driver.model, Verify::Cached)?,
         )?;
         let theia = LlmHandle::start(
             "theia",
             &t.tiers.theia,
+            EngineLimits::of(&b.theia),
             &ensure_llm(t, &t.tiers.theia.model, Verify::Cached)?,
         )?;
         let saturn_dir = ensure_model(t, &t.tiers.saturn.model, Verify::Cached)?;
@@ -203,25 +299,59 @@ impl Gateway {
             &config.classifiers,
             config_dir,
         )?;
-        let slots = [
-            (Tier::Driver, t.tiers.driver.max_batch, t.tiers.driver.queue),
-            (Tier::Theia, t.tiers.theia.max_batch, t.tiers.theia.queue),
-            (Tier::Saturn, t.tiers.saturn.max_batch, t.tiers.saturn.queue),
-        ]
-        .into_iter()
-        .map(|(tier, n, q)| (tier, TierSlots::new(tier, n, q)))
-        .collect();
+        let slots = Tier::ALL
+            .into_iter()
+            .map(|tier| {
+                let tb = config.budgets.tier_budget(tier);
+                (tier, TierSlots::new(tier, tb.slots, tb.queue))
+            })
+            .collect();
+        let _ = metrics::handle();
+        metrics::config_version(1);
         Ok(Self {
             driver,
             theia,
             saturn,
             slots,
-            config,
+            live: RwLock::new(Arc::new(Live {
+                config,
+                version: 1,
+                applied_at: SystemTime::now(),
+            })),
+            zones: Arc::new(Mutex::new(ZoneTable::default())),
+            results: Mutex::new(None),
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// Sends finished dialogs to `sink` from now on (`None` stops and returns the old sink).
+    pub fn set_results(&self, sink: Option<ResultsSink>) -> Option<ResultsSink> {
+        std::mem::replace(&mut *self.results.lock().expect("results lock"), sink)
+    }
+
+    /// Hands a finished dialog to the results publisher, if there is one.
+    pub fn publish_result(&self, d: &Dialog, resp: &DialogResponse) {
+        let Some(sink) = self.results.lock().expect("results lock").clone() else {
+            return;
+        };
+        let finished_at_ms = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_millis() as u64);
+        sink.send(&DialogResult {
+            result_id: format!("{:032x}", rand::random::<u128>()),
+            uid: d.uid.clone(),
+            zone: d.zone.clone(),
+            kind: d.kind,
+            npc: d.npc.clone(),
+            participants: d.participants.clone(),
+            faction: d.faction.clone(),
+            finished_at_ms,
+            response: resp.clone(),
+        });
+    }
+
+    /// The configuration in effect.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().expect("config lock").clone()
     }
 
     pub fn saturn(&self) -> &SaturnHandle {
@@ -236,8 +366,87 @@ impl Gateway {
         }
     }
 
-    /// A slot of `tier` for `zone`, waiting in the fair queue up to the deadline (504) or the queue timeout
-    /// (429); a full queue answers 429 at once.
+    /// Applies a new configuration's budgets (a hot reload) and returns the new version. Requests in flight
+    /// keep their slots; new capacity is handed to waiters at once. Models, devices and classifiers are
+    /// fixed while running: edits to them are logged and wait for a restart.
+    pub fn apply(&self, next: Config) -> u64 {
+        let mut live = self.live.write().expect("config lock");
+        let old = &live.config;
+        if next.sources.tiers != old.sources.tiers
+            || next.sources.classifiers != old.sources.classifiers
+        {
+            tracing::warn!(
+                "tiers.toml or classifiers.toml changed: models and classifiers apply on restart; only budgets.toml was applied"
+            );
+        }
+        let mut next = next;
+        next.tiers = old.tiers.clone();
+        next.classifiers = old.classifiers.clone();
+        next.sources.tiers = old.sources.tiers.clone();
+        next.sources.classifiers = old.sources.classifiers.clone();
+        for tier in Tier::ALL {
+            let tb = next.budgets.tier_budget(tier);
+            self.slots[&tier].set_limits(tb.slots, tb.queue);
+            if let Some(h) = self.llm(tier) {
+                h.set_limits(EngineLimits::of(tb));
+            }
+        }
+        let version = live.version + 1;
+        *live = Arc::new(Live {
+            config: next,
+            version,
+            applied_at: SystemTime::now(),
+        });
+        metrics::config_version(version);
+        version
+    }
+
+    /// Activates `zone` (or marks it seen) and returns its class, its weight and the budgets in effect.
+    fn touch(&self, zone: &str) -> (String, f64, Arc<Live>) {
+        let live = self.live();
+        let b = &live.config.budgets;
+        let class = self
+            .zones
+            .lock()
+            .expect("zones lock")
+            .touch(zone, b, Instant::now());
+        (class.clone(), b.weight(&class), live)
+    }
+
+    /// `PUT /v1/zones/{id}`: activates a zone, optionally setting its class.
+    pub fn put_zone(&self, zone: &str, class: Option<&str>) -> Result<String, ApiError> {
+        crate::api::check_token("zone", zone)?;
+        let live = self.live();
+        let b = &live.config.budgets;
+        if let Some(c) = class
+            && !b.classes.contains_key(c)
+        {
+            return Err(ApiError::invalid(
+                "class",
+                format!(
+                    "unknown zone class `{c}` ({})",
+                    b.classes.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        let mut zones = self.zones.lock().expect("zones lock");
+        zones.put(zone, class, b, Instant::now());
+        metrics::zones_active(zones.len());
+        Ok(zones.class(zone).unwrap_or_default().to_string())
+    }
+
+    /// Prunes zones idle past the TTL that hold and wait for nothing; returns how many went.
+    pub fn prune_zones(&self) -> usize {
+        let ttl = Duration::from_secs(self.live().config.budgets.zones.idle_ttl_s);
+        let busy = |z: &str| self.slots.values().any(|s| s.lock().zone(z) != (0, 0));
+        let mut zones = self.zones.lock().expect("zones lock");
+        let n = zones.prune(ttl, Instant::now(), busy).len();
+        metrics::zones_active(zones.len());
+        n
+    }
+
+    /// A slot of `tier` for `zone`: 429 when the zone is over its token rate or the queue is full, 504 when
+    /// the deadline passes first, 429 after the queue timeout.
     pub async fn slot(
         &self,
         tier: Tier,
@@ -245,65 +454,283 @@ impl Gateway {
         priority: i32,
         deadline_ms: Option<u64>,
     ) -> Result<SlotPermit, ApiError> {
-        let wait = deadline_ms.map_or(QUEUE_TIMEOUT, |ms| {
-            Duration::from_millis(ms).min(QUEUE_TIMEOUT)
-        });
-        let slots = &self.slots[&tier];
-        slots
-            .acquire(zone, priority, wait)
+        let (class, weight, live) = self.touch(zone);
+        let rb = live.config.budgets.tier(tier, &class);
+        self.slot_for(tier, zone, &class, weight, &rb, priority, deadline_ms)
             .await
-            .map_err(|e| match (e, deadline_ms) {
-                (NoSlot::Timeout, Some(ms)) if Duration::from_millis(ms) <= QUEUE_TIMEOUT => {
-                    ApiError::Deadline { deadline_ms: ms }
-                }
-                _ => ApiError::Saturated {
-                    tier: tier.name().into(),
-                    capacity: slots.queue.lock().expect("slots lock").capacity(),
-                    retry_after_s: 1,
-                },
-            })
     }
 
-    /// Picks the tier for a kind and gets a slot; deep work runs on the Driver when Theia has no free slot.
-    pub async fn route(
+    #[allow(clippy::too_many_arguments)]
+    async fn slot_for(
         &self,
-        kind: Kind,
+        tier: Tier,
         zone: &str,
+        class: &str,
+        weight: f64,
+        rb: &RequestBudget,
         priority: i32,
         deadline_ms: Option<u64>,
-    ) -> Result<(SlotPermit, Option<String>), ApiError> {
-        match kind {
-            Kind::Classify => Ok((
-                self.slot(Tier::Saturn, zone, priority, deadline_ms).await?,
-                None,
-            )),
-            Kind::Dialog => Ok((
-                self.slot(Tier::Driver, zone, priority, deadline_ms).await?,
-                None,
-            )),
-            Kind::Deep | Kind::Moment => match self.slots[&Tier::Theia].try_take(zone) {
-                Some(p) => Ok((p, None)),
-                None => Ok((
-                    self.slot(Tier::Driver, zone, priority, deadline_ms).await?,
-                    Some("theia saturated: served by driver".to_string()),
-                )),
-            },
+    ) -> Result<SlotPermit, ApiError> {
+        let rate =
+            self.zones
+                .lock()
+                .expect("zones lock")
+                .check_rate(zone, tier, rb, Instant::now());
+        if let Err(retry_after_s) = rate {
+            metrics::rejected(tier, class, "token_rate");
+            return Err(ApiError::OverRate {
+                tier: tier.as_str().into(),
+                zone: zone.into(),
+                retry_after_s,
+            });
+        }
+        let timeout = Duration::from_millis(rb.queue_timeout_ms);
+        let wait = deadline_ms.map_or(timeout, |ms| Duration::from_millis(ms).min(timeout));
+        let slots = &self.slots[&tier];
+        let started = Instant::now();
+        match slots.acquire(zone, class, weight, priority, wait).await {
+            Ok(p) => {
+                metrics::admitted(tier, class);
+                metrics::slot_wait(tier, class, started.elapsed().as_secs_f64());
+                Ok(p)
+            }
+            Err(NoSlot::Timeout)
+                if deadline_ms.is_some_and(|ms| Duration::from_millis(ms) <= timeout) =>
+            {
+                metrics::rejected(tier, class, "deadline");
+                Err(ApiError::Deadline {
+                    deadline_ms: deadline_ms.unwrap_or_default(),
+                })
+            }
+            Err(e) => {
+                metrics::rejected(
+                    tier,
+                    class,
+                    match e {
+                        NoSlot::Full => "queue_full",
+                        NoSlot::Timeout => "queue_timeout",
+                    },
+                );
+                Err(ApiError::Saturated {
+                    tier: tier.as_str().into(),
+                    capacity: slots.lock().capacity(),
+                    retry_after_s: 1,
+                })
+            }
         }
     }
 
-    /// Starts a generation and waits for its first event (at most until the deadline).
+    /// The tier a target runs on: `[routing]` names the tier of each kind.
+    pub fn tier_for(&self, target: Target) -> Tier {
+        let r = &self.live().config.budgets.routing;
+        match target {
+            Target::Kind(Kind::Dialog) => r.dialog,
+            Target::Kind(Kind::Deep) => r.deep,
+            Target::Kind(Kind::Moment) => r.moment,
+            Target::Kind(Kind::Classify) => Tier::Saturn,
+            Target::Tier(t) => t,
+        }
+    }
+
+    /// Picks the tier for a kind and gets a slot. Work routed to Theia runs on the Driver (degraded) when
+    /// Theia has no slot within `theia_wait_ms` or the zone is over its Theia token rate, if the policy allows
+    /// and `fits_driver` (the prompt and max_tokens fit the Driver's budget).
+    async fn route(
+        &self,
+        target: Target,
+        zone: &str,
+        priority: i32,
+        deadline_ms: Option<u64>,
+        fits_driver: impl Fn(&RequestBudget) -> bool,
+    ) -> Result<Routed, ApiError> {
+        let started = Instant::now();
+        let (class, weight, live) = self.touch(zone);
+        let b = &live.config.budgets;
+        let tier = self.tier_for(target);
+        let rb = b.tier(tier, &class);
+        let driver_rb = b.tier(Tier::Driver, &class);
+        let may_degrade = tier == Tier::Theia
+            && matches!(target, Target::Kind(_))
+            && b.routing.degrade
+            && fits_driver(&driver_rb);
+        if !may_degrade {
+            let permit = self
+                .slot_for(tier, zone, &class, weight, &rb, priority, deadline_ms)
+                .await?;
+            return Ok(Routed {
+                permit,
+                degraded: None,
+            });
+        }
+        let over_rate = self
+            .zones
+            .lock()
+            .expect("zones lock")
+            .check_rate(zone, tier, &rb, Instant::now())
+            .is_err();
+        let reason = if over_rate {
+            "zone over its theia token rate"
+        } else {
+            let wait = Duration::from_millis(b.routing.theia_wait_ms);
+            let wait = deadline_ms.map_or(wait, |ms| wait.min(Duration::from_millis(ms / 2)));
+            let got = if wait.is_zero() {
+                self.slots[&tier].try_take(zone, &class, weight)
+            } else {
+                self.slots[&tier]
+                    .acquire(zone, &class, weight, priority, wait)
+                    .await
+                    .ok()
+            };
+            if let Some(permit) = got {
+                metrics::admitted(tier, &class);
+                return Ok(Routed {
+                    permit,
+                    degraded: None,
+                });
+            }
+            "theia saturated"
+        };
+        metrics::degraded(&class, if over_rate { "token_rate" } else { "saturated" });
+        let waited = started.elapsed().as_millis() as u64;
+        let deadline_ms = deadline_ms.map(|ms| ms.saturating_sub(waited).max(1));
+        let permit = self
+            .slot_for(
+                Tier::Driver,
+                zone,
+                &class,
+                weight,
+                &driver_rb,
+                priority,
+                deadline_ms,
+            )
+            .await?;
+        Ok(Routed {
+            permit,
+            degraded: Some(format!("{reason}: served by driver")),
+        })
+    }
+
+    /// Checks a prompt and `max_tokens` against a tier's budget for a zone class; returns the prompt's tokens.
+    fn check_budget(
+        &self,
+        tier: Tier,
+        class: &str,
+        rb: &RequestBudget,
+        prompt: &Prompt,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, ApiError> {
+        let handle = self
+            .llm(tier)
+            .ok_or_else(|| ApiError::Internal("generation routed to saturn".into()))?;
+        if let Some(max) = rb.max_new_tokens
+            && max_tokens > max
+        {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "{max_tokens} exceeds the {} budget of {max} new tokens for zone class `{class}`",
+                    tier.as_str()
+                ),
+            ));
+        }
+        let ids = handle.tokenize(prompt)?;
+        if let Some(max) = rb.max_prompt_tokens
+            && ids.len() > max
+        {
+            return Err(ApiError::invalid(
+                match prompt {
+                    Prompt::Chat(_) => "messages",
+                    _ => "prompt",
+                },
+                format!(
+                    "the prompt has {} tokens; the {} budget for zone class `{class}` allows {max}",
+                    ids.len(),
+                    tier.as_str()
+                ),
+            ));
+        }
+        Ok(ids)
+    }
+
+    /// Checks budgets, routes, waits for a slot and starts the generation; returns once its first event
+    /// arrived (at most until the deadline).
     pub async fn generate(
         &self,
-        permit: SlotPermit,
-        degraded_reason: Option<String>,
-        req: GenerateRequest,
+        target: Target,
+        zone: &str,
+        priority: i32,
         deadline_ms: Option<u64>,
+        prompt: Prompt,
+        params: nimmer_tiers::SamplingParams,
     ) -> Result<Running, ApiError> {
         let started = Instant::now();
+        let tier = self.tier_for(target);
+        let (class, _, live) = self.touch(zone);
+        let b = &live.config.budgets;
+        let rb = b.tier(tier, &class);
+        let ids = match self.check_budget(tier, &class, &rb, &prompt, params.max_tokens) {
+            Ok(ids) => ids,
+            Err(e) => {
+                metrics::rejected(tier, &class, "invalid");
+                return Err(e);
+            }
+        };
+        let prompt_len = ids.len();
+        let fits_driver = |d: &RequestBudget| {
+            d.max_new_tokens.is_none_or(|m| params.max_tokens <= m)
+                && d.max_prompt_tokens.is_none_or(|m| prompt_len <= m)
+        };
+        let routed = self
+            .route(target, zone, priority, deadline_ms, fits_driver)
+            .await?;
+        let served_by = routed.permit.tier;
+        let ids = if served_by == tier {
+            ids
+        } else {
+            self.llm(served_by)
+                .ok_or_else(|| ApiError::Internal("degraded to saturn".into()))?
+                .tokenize(&prompt)?
+        };
+        let slot_wait = started.elapsed();
+        let deadline_left =
+            deadline_ms.map(|ms| ms.saturating_sub(slot_wait.as_millis() as u64).max(1));
+        let budget = live.config.budgets.tier(served_by, &class);
+        self.run(
+            routed,
+            GenerateRequest {
+                prompt: Prompt::Tokens(ids),
+                params,
+            },
+            deadline_left,
+            slot_wait,
+            budget,
+            prompt_len,
+        )
+        .await
+    }
+
+    async fn run(
+        &self,
+        routed: Routed,
+        req: GenerateRequest,
+        deadline_ms: Option<u64>,
+        slot_wait: Duration,
+        budget: RequestBudget,
+        prompt_tokens: usize,
+    ) -> Result<Running, ApiError> {
+        let permit = routed.permit;
         let tier = permit.tier;
         let handle = self
             .llm(tier)
             .ok_or_else(|| ApiError::Internal("generate on saturn".into()))?;
+        let meter = Meter {
+            zones: self.zones.clone(),
+            zone: permit.zone.clone(),
+            tier,
+            budget,
+            prompt_tokens,
+            completion_tokens: 0,
+        };
         let mut events = handle.generate(req)?;
         let first = match deadline_ms {
             Some(ms) => tokio::time::timeout(Duration::from_millis(ms), events.recv())
@@ -312,22 +739,23 @@ impl Gateway {
             None => events.recv().await,
         };
         let first = first.ok_or_else(|| ApiError::Unavailable {
-            tier: tier.name().into(),
+            tier: tier.as_str().into(),
         })?;
         if let Event::Error(e) = &first {
             return Err(ApiError::Internal(e.clone()));
         }
         Ok(Running {
             tier,
-            degraded_reason,
+            degraded_reason: routed.degraded,
             permit,
+            slot_wait,
             events,
-            first,
-            started,
+            first: Some(first),
+            meter,
         })
     }
 
-    /// Validated dialog → running generation (classify kinds are answered by [`Self::classify_one`]).
+    /// Validated dialog → running generation (classify kinds are answered by the caller through Saturn).
     pub async fn dialog(&self, d: &Dialog) -> Result<Running, ApiError> {
         let Work::Generate {
             messages,
@@ -337,14 +765,6 @@ impl Gateway {
         else {
             return Err(ApiError::Internal("classify routed to generate".into()));
         };
-        let started = Instant::now();
-        let (permit, degraded) = self
-            .route(d.kind, &d.zone, d.priority, d.deadline_ms)
-            .await?;
-        let deadline_ms = d.deadline_ms.map(|ms| {
-            ms.saturating_sub(started.elapsed().as_millis() as u64)
-                .max(1)
-        });
         let prompt = match (messages, prompt) {
             (Some(m), _) => Prompt::Chat(m.clone()),
             (None, Some(p)) => Prompt::Text(p.clone()),
@@ -353,22 +773,37 @@ impl Gateway {
             }
         };
         self.generate(
-            permit,
-            degraded,
-            GenerateRequest {
-                prompt,
-                params: params.clone(),
-            },
-            deadline_ms,
+            Target::Kind(d.kind),
+            &d.zone,
+            d.priority,
+            d.deadline_ms,
+            prompt,
+            params.clone(),
         )
         .await
     }
 
-    /// Zones with their slots in use and queue lengths, per tier.
+    /// Zones with their class, activity, token buckets, slots in use and queue lengths per tier.
     pub fn zones(&self) -> BTreeMap<String, ZoneView> {
         let mut zones = BTreeMap::new();
         for slots in self.slots.values() {
             slots.view(&mut zones);
+        }
+        let live = self.live();
+        let infos = self
+            .zones
+            .lock()
+            .expect("zones lock")
+            .info(&live.config.budgets, Instant::now());
+        for (name, info) in infos {
+            zones
+                .entry(name)
+                .or_insert_with(|| ZoneView {
+                    info: None,
+                    slots_in_use: BTreeMap::new(),
+                    queued: BTreeMap::new(),
+                })
+                .info = Some(info);
         }
         zones
     }

@@ -28,6 +28,19 @@ pub enum ApiError {
         capacity: usize,
         retry_after_s: u64,
     },
+    /// 429 with Retry-After: the zone spent its token rate on this tier.
+    #[error("zone `{zone}` is over its {tier} token rate; retry after {retry_after_s} s")]
+    OverRate {
+        tier: String,
+        zone: String,
+        retry_after_s: u64,
+    },
+    /// 401
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// 404
+    #[error("{what} not found")]
+    NotFound { what: String },
     /// 504
     #[error("the deadline of {deadline_ms} ms passed before the request could start")]
     Deadline { deadline_ms: u64 },
@@ -60,20 +73,25 @@ impl ApiError {
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Saturated { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Saturated { .. } | Self::OverRate { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Self::Malformed { .. } => "malformed",
             Self::Invalid { .. } => "invalid",
             Self::TooLarge { .. } => "too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Saturated { .. } => "over_budget",
+            Self::OverRate { .. } => "over_rate",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound { .. } => "not_found",
             Self::Deadline { .. } => "deadline",
             Self::Unavailable { .. } => "unavailable",
             Self::Internal(_) => "internal",
@@ -110,9 +128,16 @@ impl IntoResponse for ApiError {
             body["field"] = f.into();
         }
         let mut resp = (self.status(), axum::Json(body)).into_response();
-        if let Self::Saturated { retry_after_s, .. } = self {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        match self {
+            Self::Saturated { retry_after_s, .. } | Self::OverRate { retry_after_s, .. } => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            Self::Unauthorized => {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         resp
     }

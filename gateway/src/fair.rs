@@ -65,6 +65,13 @@ impl<T> FairQueue<T> {
         }
     }
 
+    /// New capacity and queue length (a hot reload). Slots held beyond a lower capacity are not taken back:
+    /// no new slot is handed out until the count is under it. Requests already queued stay queued.
+    pub fn set_limits(&mut self, capacity: usize, max_waiting: usize) {
+        self.capacity = capacity;
+        self.max_waiting = max_waiting;
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -186,6 +193,31 @@ impl<T> FairQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn under_contention_slots_follow_the_weights() {
+        let mut q = FairQueue::new(6, 100);
+        for i in 0..10 {
+            q.push("heavy", 2.0, 0, i).unwrap();
+            q.push("light", 1.0, 0, i).unwrap();
+        }
+        let mut got = std::collections::BTreeMap::new();
+        while let Some((zone, _)) = q.pop_next() {
+            *got.entry(zone).or_insert(0) += 1;
+        }
+        assert_eq!(got["heavy"], 4);
+        assert_eq!(got["light"], 2);
+    }
+
+    #[test]
+    fn a_raised_capacity_hands_out_more_slots() {
+        let mut q = FairQueue::new(1, 100);
+        assert!(q.try_take("a", 1.0));
+        q.push("a", 1.0, 0, 1).unwrap();
+        assert!(q.pop_next().is_none());
+        q.set_limits(2, 100);
+        assert_eq!(q.pop_next(), Some(("a".to_string(), 1)));
+    }
 
     #[test]
     fn a_free_slot_is_taken_at_once() {

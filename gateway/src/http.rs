@@ -1,41 +1,92 @@
 //! The HTTP front (axum): thin handlers that parse, call [`Gateway`], and shape responses (JSON or SSE).
 //! A response stream owns its slot permit and the engine's receiver, so a client that disconnects frees its
-//! slot and cancels its sequence.
+//! slot and cancels its sequence. NPC routes and ops routes sit behind separate optional bearer tokens
+//! (a tower layer each); `/healthz` and `/readyz` are open.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::Stream;
-use nimmer_tiers::{Completion, Event, GenerateRequest, Prompt};
+use nimmer_tiers::{Event, Prompt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::api::{
-    ChatRequest, ClassifyRequest, Dialog, DialogRequest, DialogResponse, Kind, SlotInfo, Timings,
-    Usage, Work,
-};
-use crate::core::{Gateway, Running, Tier};
+use crate::api::{ChatRequest, ClassifyRequest, DialogRequest, Usage, Work};
+use crate::core::{Gateway, Running, Target, Tier};
+use crate::dialog::{self, Served, finish, response, usage};
 use crate::error::ApiError;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 256 * 1024;
 
+/// Bearer tokens: NPC services (dialog, classify, chat) and ops (zones, config, metrics) each accept any
+/// token of their list; an empty list leaves those routes open.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    pub npc: Vec<String>,
+    pub ops: Vec<String>,
+}
+
+/// A tower layer admitting requests that carry one of `tokens` as `Authorization: Bearer ...`.
+async fn require_bearer(
+    State(tokens): State<Arc<Vec<String>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare every token in full so timing does not tell which prefix matched.
+    let ok = given.is_some_and(|g| {
+        tokens.iter().fold(false, |acc, t| {
+            acc | (t.len() == g.len()
+                && t.bytes().zip(g.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0)
+        })
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+fn guarded(r: Router<Arc<Gateway>>, tokens: Vec<String>) -> Router<Arc<Gateway>> {
+    if tokens.is_empty() {
+        r
+    } else {
+        r.layer(middleware::from_fn_with_state(
+            Arc::new(tokens),
+            require_bearer,
+        ))
+    }
+}
+
 /// The router over a gateway; tests drive it on `127.0.0.1:0`.
-pub fn app(gw: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/v1/dialog", post(dialog))
+pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
+    let npc = Router::new()
+        .route("/v1/dialog", post(post_dialog))
         .route("/v1/classify", post(classify))
-        .route("/v1/chat/completions", post(chat))
+        .route("/v1/chat/completions", post(chat));
+    let ops = Router::new()
         .route("/v1/zones", get(zones))
+        .route("/v1/zones/{id}", put(put_zone))
+        .route("/v1/config", get(config))
+        .route("/metrics", get(prometheus));
+    Router::new()
+        .merge(guarded(npc, auth.npc))
+        .merge(guarded(ops, auth.ops))
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -93,96 +144,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ValidJson<T> {
     }
 }
 
-fn usage(c: &Completion) -> Usage {
-    Usage {
-        prompt_tokens: c.prompt_tokens,
-        completion_tokens: c.completion_tokens,
-        total_tokens: c.prompt_tokens + c.completion_tokens,
-    }
-}
-
-/// Where a generation ran: what a response reports besides the text and the completion.
-struct Served {
-    tier: Tier,
-    slot: SlotInfo,
-    degraded_reason: Option<String>,
-}
-
-impl Served {
-    fn of(r: &Running) -> Self {
-        Self {
-            tier: r.tier,
-            slot: SlotInfo {
-                zone: r.permit.zone.clone(),
-                id: r.permit.id,
-            },
-            degraded_reason: r.degraded_reason.clone(),
-        }
-    }
-}
-
-fn response(d: &Dialog, s: &Served, text: String, done: &Completion) -> DialogResponse {
-    DialogResponse {
-        uid: d.uid.clone(),
-        text,
-        tier: s.tier.name().into(),
-        adapters: Vec::new(),
-        finish_reason: Some(done.finish_reason),
-        usage: usage(done),
-        timings: Timings {
-            queue_ms: done.queue_ms,
-            ttft_ms: done.ttft_ms,
-            total_ms: done.total_ms,
-        },
-        slot: s.slot.clone(),
-        degraded: s.degraded_reason.is_some(),
-        degraded_reason: s.degraded_reason.clone(),
-        classification: None,
-    }
-}
-
-/// Runs a generation to its end, returning the text and the completion.
-async fn finish(r: &mut Running) -> Result<(String, Completion), ApiError> {
-    let mut text = String::new();
-    let mut ev = Some(std::mem::replace(&mut r.first, Event::Error(String::new())));
-    loop {
-        let next = match ev.take() {
-            Some(e) => Some(e),
-            None => r.events.recv().await,
-        };
-        match next {
-            Some(Event::Token { text: t, .. }) => text.push_str(&t),
-            Some(Event::Done(c)) => return Ok((text, c)),
-            Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
-            None => {
-                return Err(ApiError::Unavailable {
-                    tier: r.tier.name().into(),
-                });
-            }
-        }
-    }
-}
-
 /// Streams a generation's events; the stream owns the slot permit.
 fn token_stream(mut r: Running) -> impl Stream<Item = Event> {
     async_stream::stream! {
-        let first = std::mem::replace(&mut r.first, Event::Error(String::new()));
-        let done = matches!(first, Event::Done(_));
-        yield first;
-        if !done {
-            while let Some(ev) = r.events.recv().await {
-                let end = matches!(ev, Event::Done(_) | Event::Error(_));
-                yield ev;
-                if end {
-                    break;
-                }
+        while let Some(ev) = r.next().await {
+            let end = matches!(ev, Event::Done(_) | Event::Error(_));
+            yield ev;
+            if end {
+                break;
             }
         }
         drop(r);
     }
 }
 
-async fn dialog(
+async fn post_dialog(
     State(gw): State<Arc<Gateway>>,
     ValidJson(req): ValidJson<DialogRequest>,
 ) -> Result<Response, ApiError> {
@@ -191,50 +167,21 @@ async fn dialog(
         "{}/{}/{}/{}",
         d.uid.gm_event, d.uid.district, d.uid.scene, d.uid.slot
     );
-    tracing::info!(uid = %uid, zone = %d.zone, kind = ?d.kind, "dialog");
-    if let Work::Classify { classifier, input } = &d.work {
-        let (permit, _) = gw
-            .route(Kind::Classify, &d.zone, d.priority, d.deadline_ms)
-            .await?;
-        let t = std::time::Instant::now();
-        let mut out = gw
-            .saturn()
-            .classify(classifier, vec![input.clone()])
-            .await?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        let resp = DialogResponse {
-            uid: d.uid.clone(),
-            text: out[0].label.clone(),
-            tier: Tier::Saturn.name().into(),
-            adapters: Vec::new(),
-            finish_reason: None,
-            usage: Usage {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                total_tokens: 0,
-            },
-            timings: Timings {
-                queue_ms: 0.0,
-                ttft_ms: ms,
-                total_ms: ms,
-            },
-            slot: SlotInfo {
-                zone: permit.zone.clone(),
-                id: permit.id,
-            },
-            degraded: false,
-            degraded_reason: None,
-            classification: out.pop(),
-        };
+    let span =
+        tracing::info_span!("dialog", uid = %uid, zone = %d.zone, kind = ?d.kind, front = "http");
+    tracing::Instrument::instrument(run_dialog(gw, d), span).await
+}
+
+async fn run_dialog(gw: Arc<Gateway>, d: crate::api::Dialog) -> Result<Response, ApiError> {
+    tracing::debug!(stream = d.stream, "dialog accepted");
+    if matches!(d.work, Work::Classify { .. }) || !d.stream {
+        let resp = dialog::complete(&gw, &d).await?;
         return Ok(Json(resp).into_response());
     }
-    let mut running = gw.dialog(&d).await?;
-    if !d.stream {
-        let (text, done) = finish(&mut running).await?;
-        return Ok(Json(response(&d, &Served::of(&running), text, &done)).into_response());
-    }
+    let running = gw.dialog(&d).await?;
     let served = Served::of(&running);
     let mut text = String::new();
+    let gw = gw.clone();
     let events = futures::StreamExt::map(
         token_stream(running),
         move |ev| -> Result<SseEvent, Infallible> {
@@ -247,6 +194,7 @@ async fn dialog(
                 }
                 Event::Done(c) => {
                     let body = response(&d, &served, std::mem::take(&mut text), &c);
+                    gw.publish_result(&d, &body);
                     SseEvent::default()
                         .event("done")
                         .data(serde_json::to_string(&body).unwrap_or_default())
@@ -299,16 +247,14 @@ async fn chat(
             "must be a NATS-safe token (letters, digits, '-', '_')",
         ));
     }
-    let permit = gw.slot(tier, &zone, 0, None).await?;
     let mut running = gw
         .generate(
-            permit,
+            Target::Tier(tier),
+            &zone,
+            0,
             None,
-            GenerateRequest {
-                prompt: Prompt::Chat(req.messages.clone()),
-                params,
-            },
-            None,
+            Prompt::Chat(req.messages.clone()),
+            params,
         )
         .await?;
     let id = format!("chatcmpl-{}", running.permit.id);
@@ -356,4 +302,57 @@ async fn chat(
 
 async fn zones(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
     Json(json!({ "zones": gw.zones() }))
+}
+
+/// `PUT /v1/zones/{id}` body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutZone {
+    #[serde(default)]
+    class: Option<String>,
+}
+
+async fn put_zone(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: PutZone = if body.iter().all(u8::is_ascii_whitespace) {
+        PutZone::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::invalid("class", e.to_string()),
+            _ => ApiError::Malformed {
+                message: e.to_string(),
+            },
+        })?
+    };
+    let class = gw.put_zone(&id, req.class.as_deref())?;
+    Ok(Json(json!({ "zone": id, "class": class })))
+}
+
+/// The configuration in effect: its version, origin and every value (models, tiers, classifiers, budgets).
+async fn config(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    let live = gw.live();
+    let c = &live.config;
+    let applied = live
+        .applied_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Json(json!({
+        "version": live.version,
+        "applied_at_ms": applied,
+        "origin": c.origin,
+        "budgets": c.budgets,
+        "tiers": c.tiers,
+        "classifiers": c.classifiers,
+    }))
+}
+
+async fn prometheus() -> Response {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::handle().render(),
+    )
+        .into_response()
 }

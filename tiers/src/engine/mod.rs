@@ -12,6 +12,7 @@ mod sched;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use nimmer_config::LlmTierSpec;
@@ -77,13 +78,47 @@ pub enum Event {
     Error(String),
 }
 
-/// Static facts about a running tier, shared by all handles.
+/// The engine limits ops may change while it runs (budgets.toml): read by the engine before every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Most tokens one step runs (decode rows + prefill chunks).
+    pub batch_token_budget: usize,
+    /// KV-cache bytes all running sequences may hold together; admission respects it.
+    pub kv_memory_bytes: usize,
+}
+
+impl EngineLimits {
+    /// The limits an LLM tier's budget sets (validated to be present for LLM tiers).
+    pub fn of(b: &nimmer_config::TierBudget) -> Self {
+        Self {
+            batch_token_budget: b.batch_token_budget.unwrap_or(256),
+            kv_memory_bytes: b.kv_memory_mib.unwrap_or(1024) << 20,
+        }
+    }
+}
+
+/// [`EngineLimits`] shared between the handles and the engine thread.
+struct LiveLimits {
+    batch_token_budget: AtomicUsize,
+    kv_memory_bytes: AtomicUsize,
+}
+
+impl LiveLimits {
+    fn get(&self) -> EngineLimits {
+        EngineLimits {
+            batch_token_budget: self.batch_token_budget.load(Ordering::Relaxed),
+            kv_memory_bytes: self.kv_memory_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Facts about a running tier, shared by all handles.
 pub struct TierInfo {
     pub name: String,
     pub tokenizer: ChatTokenizer,
     pub model: LlamaConfig,
     pub context: usize,
-    pub kv_budget_bytes: usize,
+    limits: LiveLimits,
     pub queue_capacity: usize,
     pub weight_bytes: usize,
     /// Which kernels run the model.
@@ -110,7 +145,12 @@ pub struct LlmHandle {
 
 impl LlmHandle {
     /// Loads the model on a new engine thread and returns once it is ready (or failed to load).
-    pub fn start(name: &str, spec: &LlmTierSpec, gguf: &Path) -> Result<Self> {
+    pub fn start(
+        name: &str,
+        spec: &LlmTierSpec,
+        limits: EngineLimits,
+        gguf: &Path,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel(spec.queue);
         let (ready_tx, ready_rx) = oneshot::channel();
         let spec = spec.clone();
@@ -142,7 +182,9 @@ impl LlmHandle {
                 match spec.backend() {
                     nimmer_config::Backend::Nimmer => {
                         match pool.install(|| Llama::load(&path, spec.precision, spec.context)) {
-                            Ok((model, tok)) => serve(model, tok, tier, spec, pool, ready_tx, rx),
+                            Ok((model, tok)) => {
+                                serve(model, tok, (tier, spec, limits), pool, ready_tx, rx)
+                            }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
                             }
@@ -155,7 +197,9 @@ impl LlmHandle {
                             })
                         });
                         match loaded {
-                            Ok((model, tok)) => serve(model, tok, tier, spec, pool, ready_tx, rx),
+                            Ok((model, tok)) => {
+                                serve(model, tok, (tier, spec, limits), pool, ready_tx, rx)
+                            }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
                             }
@@ -172,6 +216,21 @@ impl LlmHandle {
 
     pub fn info(&self) -> &TierInfo {
         &self.info
+    }
+
+    /// The engine limits in effect.
+    pub fn limits(&self) -> EngineLimits {
+        self.info.limits.get()
+    }
+
+    /// Changes the engine limits; the engine applies them before its next step. Running sequences keep their
+    /// KV memory: a lower budget only delays admissions.
+    pub fn set_limits(&self, l: EngineLimits) {
+        let live = &self.info.limits;
+        live.batch_token_budget
+            .store(l.batch_token_budget.max(1), Ordering::Relaxed);
+        live.kv_memory_bytes
+            .store(l.kv_memory_bytes, Ordering::Relaxed);
     }
 
     /// Tokenizes the prompt as the engine will see it.
@@ -233,11 +292,12 @@ impl LlmHandle {
             });
         }
         let need = (prompt.len() + req.params.max_tokens) * info.model.kv_bytes_per_token();
-        if need > info.kv_budget_bytes {
+        let kv_budget = info.limits.get().kv_memory_bytes;
+        if need > kv_budget {
             return Err(TierError::KvBudgetExceeded {
                 tier: info.name.clone(),
                 needed_mib: need as f64 / (1 << 20) as f64,
-                budget_mib: info.kv_budget_bytes >> 20,
+                budget_mib: kv_budget >> 20,
             });
         }
         let (events, rx) = mpsc::unbounded_channel();
@@ -266,8 +326,7 @@ impl LlmHandle {
 fn serve<M: Decoder>(
     model: M,
     tokenizer: ChatTokenizer,
-    tier: String,
-    spec: LlmTierSpec,
+    (tier, spec, limits): (String, LlmTierSpec, EngineLimits),
     pool: rayon::ThreadPool,
     ready_tx: oneshot::Sender<Result<Arc<TierInfo>>>,
     rx: mpsc::Receiver<Command>,
@@ -281,7 +340,10 @@ fn serve<M: Decoder>(
         tokenizer,
         model: cfg.clone(),
         context: spec.context,
-        kv_budget_bytes: spec.kv_memory_mib << 20,
+        limits: LiveLimits {
+            batch_token_budget: AtomicUsize::new(limits.batch_token_budget.max(1)),
+            kv_memory_bytes: AtomicUsize::new(limits.kv_memory_bytes),
+        },
         queue_capacity: spec.queue,
         weight_bytes: model.weight_bytes(),
         kernel: model.kernel(),
@@ -390,7 +452,8 @@ impl<M: Decoder> Engine<M> {
     fn admit(&mut self) {
         let needs: Vec<usize> = self.waiting.iter().map(|s| s.kv_bytes).collect();
         let free_slots = self.spec.max_batch.saturating_sub(self.running.len());
-        let n = admit_count(&needs, free_slots, self.info.kv_budget_bytes - self.kv_used);
+        let budget = self.info.limits.get().kv_memory_bytes;
+        let n = admit_count(&needs, free_slots, budget.saturating_sub(self.kv_used));
         for mut s in self.waiting.drain(..n) {
             s.kv = Some(
                 self.model
@@ -410,7 +473,19 @@ impl<M: Decoder> Engine<M> {
                 prefill_left: s.new.prompt.len() - s.prefilled,
             })
             .collect();
-        let plan = plan_step(&states, self.spec.batch_token_budget);
+        // Every running sequence decodes each step, whatever the (possibly just lowered) budget.
+        let budget = self
+            .info
+            .limits
+            .get()
+            .batch_token_budget
+            .max(self.running.len());
+        let plan = plan_step(&states, budget);
+        let tier = self.info.name.clone();
+        metrics::histogram!("nimmer_batch_size", "tier" => tier.clone())
+            .record(plan.iter().filter(|&&n| n > 0).count() as f64);
+        metrics::histogram!("nimmer_batch_tokens", "tier" => tier)
+            .record(plan.iter().sum::<usize>() as f64);
         let mut chunks = Vec::with_capacity(self.running.len());
         for (s, &n) in self.running.iter_mut().zip(&plan) {
             if n == 0 {

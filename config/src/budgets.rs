@@ -1,0 +1,409 @@
+//! `budgets.toml`: what ops tune live — zone classes and their weights, routing and degradation, and per-tier
+//! budgets (slots, queue, timeouts, token limits and rates, engine step and KV budgets) with per-class overrides.
+//! [`BudgetsFile::tier`] resolves one tier's budget for one zone class.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetsFile {
+    pub zones: ZonesSpec,
+    pub classes: BTreeMap<String, ZoneClass>,
+    pub routing: Routing,
+    pub tiers: TierBudgets,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZonesSpec {
+    /// Seconds without a request after which an idle zone is pruned.
+    pub idle_ttl_s: u64,
+    pub default_class: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneClass {
+    /// Share of slots against other waiting zones.
+    pub weight: f64,
+    /// Zone ids starting with one of these belong to the class.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub driver: Option<ClassOverride>,
+    #[serde(default)]
+    pub theia: Option<ClassOverride>,
+    #[serde(default)]
+    pub saturn: Option<ClassOverride>,
+}
+
+/// Per-request budgets a zone class may set differently for one tier.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassOverride {
+    pub queue_timeout_ms: Option<u64>,
+    pub max_prompt_tokens: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub tokens_per_s: Option<f64>,
+    pub burst_tokens: Option<f64>,
+}
+
+/// A tier name as config files spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierName {
+    Driver,
+    Theia,
+    Saturn,
+}
+
+impl TierName {
+    pub const ALL: [TierName; 3] = [TierName::Driver, TierName::Theia, TierName::Saturn];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TierName::Driver => "driver",
+            TierName::Theia => "theia",
+            TierName::Saturn => "saturn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    pub dialog: TierName,
+    pub deep: TierName,
+    pub moment: TierName,
+    /// Deep and moment requests run on the Driver when Theia cannot take them.
+    pub degrade: bool,
+    /// How long they wait for a Theia slot before degrading.
+    #[serde(default)]
+    pub theia_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierBudgets {
+    pub driver: TierBudget,
+    pub theia: TierBudget,
+    pub saturn: TierBudget,
+}
+
+/// One tier's budget. The token and engine fields apply to LLM tiers only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierBudget {
+    pub slots: usize,
+    pub queue: usize,
+    pub queue_timeout_ms: u64,
+    #[serde(default)]
+    pub max_prompt_tokens: Option<usize>,
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    /// Token bucket per zone: refill rate (0 = unlimited) and capacity.
+    #[serde(default)]
+    pub tokens_per_s: f64,
+    #[serde(default)]
+    pub burst_tokens: f64,
+    #[serde(default)]
+    pub batch_token_budget: Option<usize>,
+    #[serde(default)]
+    pub kv_memory_mib: Option<usize>,
+}
+
+/// One tier's per-request budget for one zone class (tier values with the class's overrides applied).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestBudget {
+    pub queue_timeout_ms: u64,
+    pub max_prompt_tokens: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub tokens_per_s: f64,
+    pub burst_tokens: f64,
+}
+
+impl BudgetsFile {
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let b: Self = toml::from_str(text).map_err(|e| ConfigError::parse(file, e))?;
+        b.validate(file)?;
+        Ok(b)
+    }
+
+    pub fn tier_budget(&self, tier: TierName) -> &TierBudget {
+        match tier {
+            TierName::Driver => &self.tiers.driver,
+            TierName::Theia => &self.tiers.theia,
+            TierName::Saturn => &self.tiers.saturn,
+        }
+    }
+
+    /// The class a zone id belongs to: the longest matching prefix, else the default class.
+    pub fn class_of(&self, zone: &str) -> &str {
+        self.classes
+            .iter()
+            .flat_map(|(name, c)| c.prefixes.iter().map(move |p| (p, name)))
+            .filter(|(p, _)| zone.starts_with(p.as_str()))
+            .max_by_key(|(p, _)| p.len())
+            .map_or(self.zones.default_class.as_str(), |(_, name)| name.as_str())
+    }
+
+    /// A class's weight (1.0 for a class that no longer exists).
+    pub fn weight(&self, class: &str) -> f64 {
+        self.classes.get(class).map_or(1.0, |c| c.weight)
+    }
+
+    /// `tier`'s per-request budget for zones of `class`.
+    pub fn tier(&self, tier: TierName, class: &str) -> RequestBudget {
+        let t = self.tier_budget(tier);
+        let o = self
+            .classes
+            .get(class)
+            .and_then(|c| match tier {
+                TierName::Driver => c.driver.as_ref(),
+                TierName::Theia => c.theia.as_ref(),
+                TierName::Saturn => c.saturn.as_ref(),
+            })
+            .cloned()
+            .unwrap_or_default();
+        RequestBudget {
+            queue_timeout_ms: o.queue_timeout_ms.unwrap_or(t.queue_timeout_ms),
+            max_prompt_tokens: o.max_prompt_tokens.or(t.max_prompt_tokens),
+            max_new_tokens: o.max_new_tokens.or(t.max_new_tokens),
+            tokens_per_s: o.tokens_per_s.unwrap_or(t.tokens_per_s),
+            burst_tokens: o.burst_tokens.unwrap_or(t.burst_tokens),
+        }
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: String, rule: &str| Err(ConfigError::invalid(file, key, rule));
+        if self.zones.idle_ttl_s == 0 {
+            return bad("zones.idle_ttl_s".into(), "must be greater than 0");
+        }
+        if !self.classes.contains_key(&self.zones.default_class) {
+            return bad(
+                "zones.default_class".into(),
+                "must name a class under [classes]",
+            );
+        }
+        for (name, c) in &self.classes {
+            if !(c.weight.is_finite() && c.weight > 0.0) {
+                return bad(
+                    format!("classes.{name}.weight"),
+                    "must be a positive number",
+                );
+            }
+            if c.prefixes.iter().any(String::is_empty) {
+                return bad(
+                    format!("classes.{name}.prefixes"),
+                    "a prefix must not be empty",
+                );
+            }
+            for (tier, o) in [
+                ("driver", &c.driver),
+                ("theia", &c.theia),
+                ("saturn", &c.saturn),
+            ] {
+                if let Some(o) = o {
+                    check_rate(
+                        file,
+                        &format!("classes.{name}.{tier}"),
+                        o.tokens_per_s,
+                        o.burst_tokens,
+                    )?;
+                    if tier == "saturn"
+                        && (o.max_prompt_tokens.is_some()
+                            || o.max_new_tokens.is_some()
+                            || o.tokens_per_s.is_some()
+                            || o.burst_tokens.is_some())
+                    {
+                        return bad(
+                            format!("classes.{name}.saturn"),
+                            "saturn takes only queue_timeout_ms (token budgets apply to LLM tiers)",
+                        );
+                    }
+                    for (k, v) in [
+                        ("max_prompt_tokens", o.max_prompt_tokens),
+                        ("max_new_tokens", o.max_new_tokens),
+                    ] {
+                        if v == Some(0) {
+                            return bad(
+                                format!("classes.{name}.{tier}.{k}"),
+                                "must be greater than 0",
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for (k, t) in [("deep", self.routing.deep), ("moment", self.routing.moment)] {
+            if t == TierName::Saturn {
+                return bad(
+                    format!("routing.{k}"),
+                    "must be an LLM tier (driver or theia)",
+                );
+            }
+        }
+        if self.routing.dialog == TierName::Saturn {
+            return bad(
+                "routing.dialog".into(),
+                "must be an LLM tier (driver or theia)",
+            );
+        }
+        for tier in TierName::ALL {
+            let t = self.tier_budget(tier);
+            let key = |k: &str| format!("tiers.{}.{k}", tier.as_str());
+            for (k, v) in [("slots", t.slots), ("queue", t.queue)] {
+                if v == 0 {
+                    return bad(key(k), "must be greater than 0");
+                }
+            }
+            if t.queue_timeout_ms == 0 {
+                return bad(key("queue_timeout_ms"), "must be greater than 0");
+            }
+            check_rate(
+                file,
+                &format!("tiers.{}", tier.as_str()),
+                Some(t.tokens_per_s),
+                Some(t.burst_tokens),
+            )?;
+            if tier == TierName::Saturn {
+                if t.max_prompt_tokens.is_some()
+                    || t.max_new_tokens.is_some()
+                    || t.tokens_per_s != 0.0
+                    || t.batch_token_budget.is_some()
+                    || t.kv_memory_mib.is_some()
+                {
+                    return bad(
+                        "tiers.saturn".into(),
+                        "saturn takes only slots, queue and queue_timeout_ms",
+                    );
+                }
+                continue;
+            }
+            for k in [
+                "max_prompt_tokens",
+                "max_new_tokens",
+                "batch_token_budget",
+                "kv_memory_mib",
+            ] {
+                let v = match k {
+                    "max_prompt_tokens" => t.max_prompt_tokens,
+                    "max_new_tokens" => t.max_new_tokens,
+                    "batch_token_budget" => t.batch_token_budget,
+                    _ => t.kv_memory_mib,
+                };
+                match v {
+                    None => return bad(key(k), "is required for an LLM tier"),
+                    Some(0) => return bad(key(k), "must be greater than 0"),
+                    Some(_) => {}
+                }
+            }
+            if t.batch_token_budget < Some(t.slots) {
+                return bad(
+                    key("batch_token_budget"),
+                    "must be at least `slots` so every running sequence can decode each step",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_rate(
+    file: &str,
+    at: &str,
+    rate: Option<f64>,
+    burst: Option<f64>,
+) -> Result<(), ConfigError> {
+    for (k, v) in [("tokens_per_s", rate), ("burst_tokens", burst)] {
+        if let Some(v) = v
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{at}.{k}"),
+                "must be a number >= 0",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(edit: impl Fn(&str) -> String) -> Result<BudgetsFile, ConfigError> {
+        BudgetsFile::parse("budgets.toml", &edit(crate::DEFAULT_BUDGETS_TOML))
+    }
+
+    fn key(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn classes_by_longest_prefix_else_default() {
+        let b = with(|s| s.to_string()).unwrap();
+        assert_eq!(b.class_of("plaza-7"), "plaza");
+        assert_eq!(b.class_of("landmark-tower"), "landmark");
+        assert_eq!(b.class_of("alley-3"), "street");
+        assert_eq!(b.weight("plaza"), 2.0);
+    }
+
+    #[test]
+    fn class_overrides_apply_to_their_tier_only() {
+        let b = with(|s| s.to_string()).unwrap();
+        assert_eq!(
+            b.tier(TierName::Theia, "landmark").max_new_tokens,
+            Some(1024)
+        );
+        assert_eq!(b.tier(TierName::Theia, "street").max_new_tokens, Some(512));
+        assert_eq!(
+            b.tier(TierName::Driver, "landmark").max_new_tokens,
+            Some(512)
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("slots = 32", "slots = 0", "tiers.driver.slots"),
+            ("weight = 2.0", "weight = -1.0", "classes.plaza.weight"),
+            (
+                "default_class = \"street\"",
+                "default_class = \"nope\"",
+                "zones.default_class",
+            ),
+            ("deep = \"theia\"", "deep = \"saturn\"", "routing.deep"),
+            (
+                "batch_token_budget = 256",
+                "batch_token_budget = 8",
+                "tiers.driver.batch_token_budget",
+            ),
+            (
+                "max_new_tokens = 1024",
+                "max_new_tokens = 0",
+                "classes.landmark.theia.max_new_tokens",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let e = with(|s| s.replacen(from, to, 1)).unwrap_err();
+            assert_eq!(key(e), *want, "{from} -> {to}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_parse_errors_naming_the_file() {
+        let e = with(|s| s.replacen("slots = 32", "slots = \"many\"", 1)).unwrap_err();
+        assert!(e.to_string().starts_with("budgets.toml:"), "{e}");
+        let e = with(|s| s.replacen("[tiers.driver]", "[tiers.driver]\nbogus = 1", 1)).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,77 @@
+//! Hot reload: watches the config directory (inotify through `notify`) and applies edits within a second.
+//! Events are debounced (editors write in several steps); the three files are then read and validated
+//! together. A valid change is applied to the gateway as a new config version; an invalid one is logged with
+//! its file, key and rule, counted, and the configuration in effect stays whole.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nimmer_config::{Config, Sources};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::core::Gateway;
+
+/// How long to wait for an editor's burst of writes to end before reading.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+const FILES: [&str; 3] = ["tiers.toml", "classifiers.toml", "budgets.toml"];
+
+/// Watches `dir` until the returned watcher is dropped.
+pub fn watch(dir: &Path, gw: Arc<Gateway>) -> anyhow::Result<notify::RecommendedWatcher> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher =
+        notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
+            Ok(ev) => {
+                let ours = ev.paths.iter().any(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| FILES.contains(&n))
+                });
+                if ours && !ev.kind.is_access() {
+                    let _ = tx.send(());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "config watcher"),
+        })?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    tracing::info!(dir = %dir.display(), "watching config for changes");
+    let dir: PathBuf = dir.to_path_buf();
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Debounce: wait until the directory is quiet.
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+            reload(&dir, &gw);
+        }
+    });
+    Ok(watcher)
+}
+
+/// Reads, validates and applies the configuration in `dir`; returns the new version if one was applied.
+pub fn reload(dir: &Path, gw: &Gateway) -> Option<u64> {
+    let sources = match Sources::read(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            crate::metrics::config_reload(false);
+            tracing::error!(error = %e, "config edit rejected; the configuration in effect stays");
+            return None;
+        }
+    };
+    let live = gw.live();
+    if sources == live.config.sources {
+        return None;
+    }
+    match Config::parse(sources, &dir.display().to_string()) {
+        Ok(next) => {
+            let version = gw.apply(next);
+            crate::metrics::config_reload(true);
+            tracing::info!(version, "config applied");
+            Some(version)
+        }
+        Err(e) => {
+            crate::metrics::config_reload(false);
+            tracing::error!(error = %e, version = live.version, "config edit rejected; the configuration in effect stays");
+            None
+        }
+    }
+}
