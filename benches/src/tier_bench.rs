@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use nimmer_benches::{machine, pct, peak_rss_mib, write_block};
 use nimmer_config::Config;
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
@@ -34,25 +35,6 @@ struct Args {
     /// Write the table into this file (between markers for the tier).
     #[arg(long)]
     write: Option<std::path::PathBuf>,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 struct Run {
@@ -109,36 +91,8 @@ fn main() -> Result<()> {
     };
     println!("{table}");
     if let Some(path) = &args.write {
-        write_block(path, &args.tier, &table)?;
+        write_block(path, &format!("tier-bench:{}", args.tier), &table)?;
     }
-    Ok(())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
-fn write_block(path: &std::path::Path, tier: &str, table: &str) -> Result<()> {
-    let (begin, end) = (
-        format!("<!-- tier-bench:{tier}:begin -->"),
-        format!("<!-- tier-bench:{tier}:end -->"),
-    );
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmark results\n".into());
-    let block = format!("{begin}\n{table}{end}");
-    let new = match (old.find(&begin), old.find(&end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + end.len()..]),
-        _ => format!("{}\n\n{}\n", old.trim_end(), block),
-    };
-    std::fs::write(path, new)?;
     Ok(())
 }
 

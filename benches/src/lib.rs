@@ -1,0 +1,55 @@
+//! Helpers shared by the benchmark binaries: percentiles, the machine's description, peak RSS, and writing a
+//! result block into `benches/RESULTS.md` between markers (replacing the previous run of the same block).
+
+use anyhow::Result;
+
+/// The `p` quantile (0..=1) of `v` (sorted in place); NaN when empty.
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Peak resident memory of this process, in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU model and core count.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// Writes `table` into `path` between `<!-- {name}:begin -->` and `<!-- {name}:end -->`.
+pub fn write_block(path: &std::path::Path, name: &str, table: &str) -> Result<()> {
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmark results\n".into());
+    let block = format!("{begin}\n{table}{end}");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + end.len()..]),
+        _ => format!("{}\n\n{}\n", old.trim_end(), block),
+    };
+    std::fs::write(path, new)?;
+    Ok(())
+}
