@@ -190,3 +190,39 @@ async fn a_flooding_zone_does_not_starve_a_quiet_one() {
         "only {after} of 12 flood requests finished after the quiet zone's: {order:?}"
     );
 }
+
+#[tokio::test]
+async fn with_degradation_off_deep_work_waits_for_theia() {
+    let cfg = nimmer_e2e::config_with_budgets(
+        |t| t.to_string(),
+        |b| {
+            b.replacen("slots = 4", "slots = 1", 1)
+                .replacen("degrade = true", "degrade = false", 1)
+                .replace("max_new_tokens = 512", "max_new_tokens = 2000")
+        },
+    );
+    let base = nimmer_e2e::start_gateway(cfg);
+    let theia = hold(&base, "market", "deep").await;
+    // Theia's one slot is held: the moment waits for it instead of running on the Driver, until its deadline.
+    let mut late = body("market", "moment", false, 4);
+    late["deadline_ms"] = json!(300);
+    let r = client()
+        .post(format!("{base}/v1/dialog"))
+        .json(&late)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    drop(theia);
+    let r: Value = client()
+        .post(format!("{base}/v1/dialog"))
+        .json(&body("market", "moment", false, 4))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["tier"], "theia", "{r}");
+    assert_eq!(r["degraded"], false);
+}
