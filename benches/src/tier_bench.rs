@@ -2,6 +2,7 @@
 //! latency percentiles, peak RSS; Saturn embeddings/s. Writes a Markdown table (and the machine and command)
 //! into `benches/RESULTS.md` between markers, replacing the previous run of the same tier.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -20,6 +21,9 @@ struct Args {
     /// Concurrency levels for the decode test.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
     concurrency: Vec<usize>,
+    /// Rounds over all concurrency levels (interleaved, so machine noise hits every level alike).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Tokens generated per request in the decode test.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
@@ -144,7 +148,10 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     }
     let prefill_tps = pct(&mut prefill, 0.5);
 
-    for &c in &args.concurrency {
+    // Rounds interleave the concurrency levels so that slow drifts of a shared machine hit all of them alike;
+    // the table reports per-level medians and the ratio to batch 1 as the median of per-round ratios.
+    let mut results: Vec<(usize, usize, f64, Vec<f64>, Vec<f64>)> = Vec::new();
+    for (round, &c) in (0..args.rounds).flat_map(|r| args.concurrency.iter().map(move |c| (r, c))) {
         let users = [
             "Tell me about the harbour.",
             "What do the guards say about the thief?",
@@ -167,16 +174,23 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
             })
             .collect();
         let r = run_concurrent(&h, reqs)?;
-        let first = r.tokens.iter().map(|t| t[0]).min().expect("tokens");
-        let last = r
+        // Steady-state decode: from the moment every sequence has its first token (all prefills done) to the
+        // moment the first sequence finishes, so every step in the window decodes all `c` sequences.
+        let start = r.tokens.iter().map(|t| t[0]).max().expect("tokens");
+        let end = r
             .tokens
             .iter()
             .map(|t| *t.last().expect("tokens"))
-            .max()
+            .min()
             .expect("tokens");
-        let decoded: usize = r.tokens.iter().map(|t| t.len() - 1).sum();
-        let decode_tps = decoded as f64 / last.duration_since(first).as_secs_f64();
-        let mut ttft: Vec<f64> = r
+        let decoded = r
+            .tokens
+            .iter()
+            .flatten()
+            .filter(|&&t| t > start && t <= end)
+            .count();
+        let decode_tps = decoded as f64 / end.duration_since(start).as_secs_f64().max(1e-9);
+        let ttft: Vec<f64> = r
             .tokens
             .iter()
             .map(|t| t[0].duration_since(r.start).as_secs_f64() * 1e3)
@@ -189,8 +203,40 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                     .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3)
             })
             .collect();
+        eprintln!(
+            "round {round}: concurrency {c}: {decode_tps:.0} tok/s, ITL p50 {:.1} ms",
+            pct(&mut itl, 0.5)
+        );
+        results.push((round, c, decode_tps, ttft, itl));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let batch1: BTreeMap<usize, f64> = results
+        .iter()
+        .filter(|r| r.1 == 1)
+        .map(|r| (r.0, r.2))
+        .collect();
+    for &c in &args.concurrency {
+        let mine: Vec<_> = results.iter().filter(|r| r.1 == c).collect();
+        let mut tps: Vec<f64> = mine.iter().map(|r| r.2).collect();
+        let mut ratios: Vec<f64> = mine
+            .iter()
+            .filter_map(|r| batch1.get(&r.0).map(|b| r.2 / b))
+            .collect();
+        let mut ttft: Vec<f64> = mine.iter().flat_map(|r| r.3.clone()).collect();
+        let mut itl: Vec<f64> = mine.iter().flat_map(|r| r.4.clone()).collect();
+        let runs = tps
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         rows.push(format!(
-            "| {c} | {decode_tps:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {c} | {:.0} ({runs}) | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            pct(&mut tps, 0.5),
+            if ratios.is_empty() {
+                "–".to_string()
+            } else {
+                format!("{:.2}×", pct(&mut ratios, 0.5))
+            },
             pct(&mut ttft, 0.5),
             pct(&mut ttft, 0.95),
             pct(&mut ttft, 0.99),
@@ -198,12 +244,10 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
             pct(&mut itl, 0.95),
             pct(&mut itl, 0.99)
         ));
-        eprintln!("{}", rows.last().expect("row"));
-        std::thread::sleep(Duration::from_millis(200));
     }
     let info = h.info();
     let mut table = format!(
-        "### {tier} tier\n\nMachine: {}, kernel `{}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n| concurrency | decode tok/s (aggregate) | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|\n",
+        "### {tier} tier\n\nMachine: {}, kernel `{}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n{} interleaved rounds. Decode tok/s is the steady-state aggregate (tokens generated between the moment all sequences have their first token and the moment the first one finishes, over that time: every step in it decodes all of them); the median (each round's figure in brackets), the ratio to batch 1 the median of per-round ratios.\n\n| concurrency | decode tok/s (aggregate) | vs batch 1 | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         h.info().kernel,
         spec.model,
@@ -223,6 +267,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         },
         args.prefill_tokens,
         peak_rss_mib(),
+        args.rounds,
         tier = args.tier,
     );
     for r in &rows {

@@ -365,6 +365,11 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
     let threads = rayon::current_num_threads().max(1);
     let per_task = tiles.div_ceil(threads * 4).max(1);
     let out_ptr = OutPtr(out.as_mut_ptr());
+    // Activation rows per pass over a weight tile: AVX-512 has the registers for 8 accumulators, AVX2 for 4.
+    let pass = match level {
+        KernelLevel::Avx512Vnni => MAX_ROWS_PER_PASS,
+        _ => 4,
+    };
     let run = move |t0: usize| {
         let t1 = (t0 + per_task).min(tiles);
         let out_ptr = out_ptr;
@@ -372,7 +377,7 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
             let mut tile_out = [[0f32; TILE]; MAX_ROWS_PER_PASS];
             let mut r0 = 0;
             while r0 < x.rows {
-                let nr = (x.rows - r0).min(MAX_ROWS_PER_PASS);
+                let nr = (x.rows - r0).min(pass);
                 match level {
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx512Vnni => unsafe {
@@ -406,8 +411,8 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
     }
 }
 
-/// Activation rows a kernel pass keeps in registers at once.
-pub const MAX_ROWS_PER_PASS: usize = 4;
+/// Most activation rows a kernel pass keeps in registers at once.
+pub const MAX_ROWS_PER_PASS: usize = 8;
 
 #[cfg(test)]
 mod tests;

@@ -116,7 +116,7 @@ fn every_simd_kernel_equals_the_portable_kernel_bit_for_bit() {
     let levels = available_levels();
     eprintln!("kernel levels on this CPU: {levels:?}");
     for (name, w, n, k) in weights() {
-        for rows in [1, 3, 4, 5, 9] {
+        for rows in [1, 3, 4, 5, 8, 9, 13, 16] {
             let x = random(rows * k, rows as u64);
             let mut qa = QuantActs::default();
             qa.quantize(&x, rows, k);

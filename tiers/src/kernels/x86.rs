@@ -1,5 +1,5 @@
 //! AVX-512 VNNI kernel over the tiled layout: per (tile, block) one 64-byte load feeds `vpdpbusd` for up to
-//! four activation rows, whose four-byte groups are broadcast to all 16 lanes (one lane per weight row).
+//! eight activation rows, whose four-byte groups are broadcast to all 16 lanes (one lane per weight row).
 //! Float work per block and row is one convert and two FMAs, in the same order as the portable kernel.
 
 use std::arch::x86_64::*;
@@ -29,6 +29,10 @@ pub(super) unsafe fn tile_rows(
             2 => tile_rows_n::<2>(w, t, x, r0, out),
             3 => tile_rows_n::<3>(w, t, x, r0, out),
             4 => tile_rows_n::<4>(w, t, x, r0, out),
+            5 => tile_rows_n::<5>(w, t, x, r0, out),
+            6 => tile_rows_n::<6>(w, t, x, r0, out),
+            7 => tile_rows_n::<7>(w, t, x, r0, out),
+            8 => tile_rows_n::<8>(w, t, x, r0, out),
             _ => unreachable!("at most MAX_ROWS_PER_PASS rows"),
         }
     }

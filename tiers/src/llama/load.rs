@@ -178,6 +178,7 @@ impl Llama {
             rope_base: float("rope.freq_base", 10_000.0),
             train_context: num("context_length").unwrap_or(2048),
             rope_neox: false,
+            kv_f16: false,
         };
         Ok((ct, reader, cfg, tokenizer))
     }
@@ -235,6 +236,7 @@ impl Llama {
             rope_base: c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
             train_context: num("max_position_embeddings").unwrap_or(2048),
             rope_neox: true,
+            kv_f16: false,
         };
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| TierError::model_file(dir, e))?
@@ -398,6 +400,10 @@ impl Llama {
                 rope_sin.push(a.sin());
             }
         }
+        let mut cfg = cfg;
+        // Quantized tiers keep keys and values in f16 (as llama.cpp does by default): half the attention
+        // traffic. Full precision keeps f32, so it stays equal to the f32 reference.
+        cfg.kv_f16 = precision != Precision::F32;
         let model = Self {
             cfg,
             layers,

@@ -11,6 +11,8 @@
 //! RMSNorm as `x / sqrt(mean(x²) + eps) * w`, softmax with max subtraction) so greedy tokens match it.
 
 use candle_core::{Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::error::{Result, TierError};
@@ -39,6 +41,8 @@ pub struct LlamaConfig {
     pub train_context: usize,
     /// RoPE pairs `(i, i + d/2)` (Hugging Face weights) instead of `(2i, 2i + 1)` (GGUF llama).
     pub rope_neox: bool,
+    /// Keys and values cached in f16 (quantized precisions of our decoder) rather than f32.
+    pub kv_f16: bool,
 }
 
 impl LlamaConfig {
@@ -48,9 +52,9 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
     }
-    /// KV-cache bytes one token takes (f32 keys and values, every layer).
+    /// KV-cache bytes one token takes (keys and values, every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
-        self.n_layer * 2 * self.kv_dim() * 4
+        self.n_layer * 2 * self.kv_dim() * if self.kv_f16 { 2 } else { 4 }
     }
 }
 
@@ -133,21 +137,75 @@ pub struct Llama {
     max_pos: usize,
 }
 
-/// Per-sequence KV cache, `[pos, kv_dim]` per layer for keys and values.
+/// Per-sequence KV cache, `[pos, kv_dim]` per layer for keys and values, in f32 or f16.
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    data: KvData,
     len: usize,
+}
+
+enum KvData {
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+}
+
+/// An element type of the KV cache.
+trait KvElem: Copy + Send + Sync {
+    fn store(dst: &mut Vec<Self>, src: &[f32]);
+    /// Converts `src` into `dst` (same length).
+    fn load(src: &[Self], dst: &mut [f32]);
+}
+
+impl KvElem for f32 {
+    fn store(dst: &mut Vec<Self>, src: &[f32]) {
+        dst.extend_from_slice(src);
+    }
+    fn load(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElem for f16 {
+    fn store(dst: &mut Vec<Self>, src: &[f32]) {
+        let at = dst.len();
+        dst.resize(at + src.len(), f16::ZERO);
+        dst[at..].convert_from_f32_slice(src);
+    }
+    fn load(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
 }
 
 impl KvCache {
     /// A cache with room for `capacity` tokens reserved up front (no reallocation while decoding).
     pub fn new(cfg: &LlamaConfig, capacity: usize) -> Self {
         let per = capacity * cfg.kv_dim();
-        Self {
-            k: (0..cfg.n_layer).map(|_| Vec::with_capacity(per)).collect(),
-            v: (0..cfg.n_layer).map(|_| Vec::with_capacity(per)).collect(),
-            len: 0,
+        fn bufs<T>(n: usize, per: usize) -> Vec<Vec<T>> {
+            (0..n).map(|_| Vec::with_capacity(per)).collect()
+        }
+        let data = if cfg.kv_f16 {
+            KvData::F16 {
+                k: bufs(cfg.n_layer, per),
+                v: bufs(cfg.n_layer, per),
+            }
+        } else {
+            KvData::F32 {
+                k: bufs(cfg.n_layer, per),
+                v: bufs(cfg.n_layer, per),
+            }
+        };
+        Self { data, len: 0 }
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        match &mut self.data {
+            KvData::F32 { k: kc, v: vc } => {
+                f32::store(&mut kc[layer], k);
+                f32::store(&mut vc[layer], v);
+            }
+            KvData::F16 { k: kc, v: vc } => {
+                f16::store(&mut kc[layer], k);
+                f16::store(&mut vc[layer], v);
+            }
         }
     }
     /// Tokens cached.
@@ -246,6 +304,55 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// One row's attention over its sequence's first `n` positions: `out = softmax(q·Kᵀ/scale)·V` per head. Heads
+/// sharing a KV head (GQA) are processed together so each key and value row is loaded (and converted) once.
+fn attend_row<T: KvElem>(
+    cfg: &LlamaConfig,
+    q: &[f32],
+    kc: &[T],
+    vc: &[T],
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
+    let group = cfg.n_head / cfg.n_kv_head;
+    let mut p = vec![0f32; group * n];
+    let mut row = vec![0f32; hd];
+    for g in 0..cfg.n_kv_head {
+        let (h0, kv0) = (g * group, g * hd);
+        for j in 0..n {
+            T::load(&kc[j * kvd + kv0..j * kvd + kv0 + hd], &mut row);
+            for i in 0..group {
+                let h = h0 + i;
+                p[i * n + j] = dot(&q[h * hd..(h + 1) * hd], &row) / scale;
+            }
+        }
+        for ps in p.chunks_exact_mut(n) {
+            let max = ps.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in ps.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in ps.iter_mut() {
+                *v /= sum;
+            }
+        }
+        let o = &mut out[h0 * hd..(h0 + group) * hd];
+        o.fill(0.0);
+        for j in 0..n {
+            T::load(&vc[j * kvd + kv0..j * kvd + kv0 + hd], &mut row);
+            for (i, oh) in o.chunks_exact_mut(hd).enumerate() {
+                let pj = p[i * n + j];
+                for (oi, &vi) in oh.iter_mut().zip(&row) {
+                    *oi = pj.mul_add(vi, *oi);
+                }
+            }
+        }
+    }
+}
+
 impl Llama {
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
@@ -340,7 +447,6 @@ impl Llama {
             }
         }
         let scale = (hd as f32).sqrt();
-        let group = cfg.n_head / cfg.n_kv_head;
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(x, &layer.attn_norm, cfg.eps, h);
             layer.qkv.forward(h, rows, qa, qkv)?;
@@ -349,9 +455,8 @@ impl Llama {
             for (r, &(c, pos)) in row_of.iter().enumerate() {
                 let row = &mut qkv[r * w..(r + 1) * w];
                 self.rope(&mut row[..qd + kvd], pos);
-                let kv = &mut *chunks[c].kv;
-                kv.k[li].extend_from_slice(&row[qd..qd + kvd]);
-                kv.v[li].extend_from_slice(&row[qd + kvd..]);
+                let (k, v) = row[qd..].split_at(kvd);
+                chunks[c].kv.append(li, k, v);
             }
             attn.resize(rows * qd, 0.0);
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.kv).collect();
@@ -361,41 +466,10 @@ impl Llama {
             // processed together so each key and value row is loaded once per group.
             let attend = |(r, out): (usize, &mut [f32])| {
                 let (c, pos) = row_ref[r];
-                let n = pos + 1;
-                let (kc, vc) = (&caches[c].k[li], &caches[c].v[li]);
                 let q = &qkv_ref[r * w..r * w + qd];
-                let mut p = vec![0f32; group * n];
-                for g in 0..cfg.n_kv_head {
-                    let (h0, kv0) = (g * group, g * hd);
-                    for j in 0..n {
-                        let kj = &kc[j * kvd + kv0..j * kvd + kv0 + hd];
-                        for i in 0..group {
-                            let h = h0 + i;
-                            p[i * n + j] = dot(&q[h * hd..(h + 1) * hd], kj) / scale;
-                        }
-                    }
-                    for ps in p.chunks_exact_mut(n) {
-                        let max = ps.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                        let mut sum = 0f32;
-                        for v in ps.iter_mut() {
-                            *v = (*v - max).exp();
-                            sum += *v;
-                        }
-                        for v in ps.iter_mut() {
-                            *v /= sum;
-                        }
-                    }
-                    let o = &mut out[h0 * hd..(h0 + group) * hd];
-                    o.fill(0.0);
-                    for j in 0..n {
-                        let vj = &vc[j * kvd + kv0..j * kvd + kv0 + hd];
-                        for (i, oh) in o.chunks_exact_mut(hd).enumerate() {
-                            let pj = p[i * n + j];
-                            for (oi, &vi) in oh.iter_mut().zip(vj) {
-                                *oi = pj.mul_add(vi, *oi);
-                            }
-                        }
-                    }
+                match &caches[c].data {
+                    KvData::F32 { k, v } => attend_row(cfg, q, &k[li], &v[li], pos + 1, scale, out),
+                    KvData::F16 { k, v } => attend_row(cfg, q, &k[li], &v[li], pos + 1, scale, out),
                 }
             };
             if rows > 1 {
