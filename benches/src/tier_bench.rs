@@ -41,6 +41,16 @@ struct Args {
     write: Option<std::path::PathBuf>,
 }
 
+/// One concurrency level measured in one round.
+struct Measured {
+    round: usize,
+    concurrency: usize,
+    /// Steady-state aggregate decode tok/s.
+    tps: f64,
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+}
+
 struct Run {
     /// (first token time, per-token times, done time) per request.
     tokens: Vec<Vec<Instant>>,
@@ -150,7 +160,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
 
     // Rounds interleave the concurrency levels so that slow drifts of a shared machine hit all of them alike;
     // the table reports per-level medians and the ratio to batch 1 as the median of per-round ratios.
-    let mut results: Vec<(usize, usize, f64, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut results: Vec<Measured> = Vec::new();
     for (round, &c) in (0..args.rounds).flat_map(|r| args.concurrency.iter().map(move |c| (r, c))) {
         let users = [
             "Tell me about the harbour.",
@@ -207,23 +217,29 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
             "round {round}: concurrency {c}: {decode_tps:.0} tok/s, ITL p50 {:.1} ms",
             pct(&mut itl, 0.5)
         );
-        results.push((round, c, decode_tps, ttft, itl));
+        results.push(Measured {
+            round,
+            concurrency: c,
+            tps: decode_tps,
+            ttft,
+            itl,
+        });
         std::thread::sleep(Duration::from_millis(200));
     }
     let batch1: BTreeMap<usize, f64> = results
         .iter()
-        .filter(|r| r.1 == 1)
-        .map(|r| (r.0, r.2))
+        .filter(|r| r.concurrency == 1)
+        .map(|r| (r.round, r.tps))
         .collect();
     for &c in &args.concurrency {
-        let mine: Vec<_> = results.iter().filter(|r| r.1 == c).collect();
-        let mut tps: Vec<f64> = mine.iter().map(|r| r.2).collect();
+        let mine: Vec<_> = results.iter().filter(|r| r.concurrency == c).collect();
+        let mut tps: Vec<f64> = mine.iter().map(|r| r.tps).collect();
         let mut ratios: Vec<f64> = mine
             .iter()
-            .filter_map(|r| batch1.get(&r.0).map(|b| r.2 / b))
+            .filter_map(|r| batch1.get(&r.round).map(|b| r.tps / b))
             .collect();
-        let mut ttft: Vec<f64> = mine.iter().flat_map(|r| r.3.clone()).collect();
-        let mut itl: Vec<f64> = mine.iter().flat_map(|r| r.4.clone()).collect();
+        let mut ttft: Vec<f64> = mine.iter().flat_map(|r| r.ttft.clone()).collect();
+        let mut itl: Vec<f64> = mine.iter().flat_map(|r| r.itl.clone()).collect();
         let runs = tps
             .iter()
             .map(|t| format!("{t:.0}"))
