@@ -157,6 +157,7 @@ pub fn our_logits(
         tokens,
         kv,
         logits: true,
+        lora: None,
     }];
     model.forward(&mut chunk, ws).expect("forward").remove(0)
 }

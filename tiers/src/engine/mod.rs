@@ -498,12 +498,14 @@ impl<M: Decoder> Engine<M> {
                     tokens: &s.new.prompt[s.prefilled..end],
                     kv,
                     logits: end == s.new.prompt.len(),
+                    lora: None,
                 });
             } else {
                 chunks.push(Chunk {
                     tokens: std::slice::from_ref(&s.last),
                     kv,
                     logits: true,
+                    lora: None,
                 });
             }
         }

@@ -189,6 +189,12 @@ impl Decoder for CandleLlama {
     }
 
     fn forward(&self, chunks: &mut [Chunk<'_, CandleKv>], _ws: &mut ()) -> Result<Vec<Vec<f32>>> {
+        if chunks.iter().any(|c| c.lora.is_some_and(|b| !b.is_empty())) {
+            return Err(crate::error::TierError::InvalidRequest {
+                field: "npc.traits",
+                message: "trait-LoRA adapters run on the nimmer backend".into(),
+            });
+        }
         let ids: Vec<u32> = chunks
             .iter()
             .flat_map(|c| c.tokens.iter().copied())

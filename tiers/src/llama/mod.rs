@@ -15,6 +15,8 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use nimmer_loras::{Adapter, BaseShape, Blend, Module};
+
 use crate::error::{Result, TierError};
 use crate::kernels::{self, QuantActs, TiledWeight};
 
@@ -52,6 +54,19 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
     }
+    /// The shape LoRA adapters must fit.
+    pub fn lora_base(&self) -> BaseShape {
+        BaseShape {
+            n_layer: self.n_layer,
+            dim: self.dim,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            ffn: self.ffn,
+            rope_interleaved: !self.rope_neox,
+        }
+    }
+
     /// KV-cache bytes one token takes (keys and values, every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.n_layer * 2 * self.kv_dim() * if self.kv_f16 { 2 } else { 4 }
@@ -223,6 +238,8 @@ pub struct Chunk<'a, C = KvCache> {
     pub kv: &'a mut C,
     /// Whether to compute logits for the chunk's last token.
     pub logits: bool,
+    /// The trait-LoRA blend this sequence runs with (our decoder only).
+    pub lora: Option<&'a Blend>,
 }
 
 /// What the engine batches: a model with its per-sequence cache and scratch types.
@@ -304,6 +321,42 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Adds each row's LoRA blend to the output of one (possibly fused) projection: `targets` maps a module to
+/// its columns of `out` (`[rows, out_w]`); `input` is the projection's input (`[rows, in_w]`). Rows without a
+/// blend are untouched, so the base matmul stays shared by every row of the batch.
+#[allow(clippy::too_many_arguments)]
+fn add_lora(
+    blends: &[Option<&Blend>],
+    layer: usize,
+    targets: &[(Module, std::ops::Range<usize>)],
+    input: &[f32],
+    in_w: usize,
+    out: &mut [f32],
+    out_w: usize,
+) {
+    let one = |((o, x), b): ((&mut [f32], &[f32]), &Option<&Blend>)| {
+        if let Some(b) = b {
+            let mut scratch = Vec::new();
+            for (m, cols) in targets {
+                b.apply_row(layer, *m, x, &mut o[cols.clone()], &mut scratch);
+            }
+        }
+    };
+    let rows = blends.len();
+    let (out, input) = (&mut out[..rows * out_w], &input[..rows * in_w]);
+    if blends.iter().filter(|b| b.is_some()).count() > 1 {
+        out.par_chunks_mut(out_w)
+            .zip(input.par_chunks(in_w))
+            .zip(blends.par_iter())
+            .for_each(one);
+    } else {
+        out.chunks_mut(out_w)
+            .zip(input.chunks(in_w))
+            .zip(blends.iter())
+            .for_each(one);
+    }
+}
+
 /// One row's attention over its sequence's first `n` positions: `out = softmax(q·Kᵀ/scale)·V` per head. Heads
 /// sharing a KV head (GQA) are processed together so each key and value row is loaded (and converted) once.
 fn attend_row<T: KvElem>(
@@ -366,6 +419,41 @@ impl Llama {
         l + self.lm_head.size_bytes() + self.embed.as_ref().map_or(0, Linear::size_bytes)
     }
 
+    /// Adds `weight · s·B·A` of `adapter` into the weights (f32 precision only): the merged model that
+    /// unmerged application is checked against, and a way to export a fixed voice.
+    pub fn merge_lora(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
+        let base = self.cfg.lora_base();
+        let (qd, kvd, ffn) = (self.cfg.q_dim(), self.cfg.kv_dim(), self.cfg.ffn);
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for &m in &adapter.modules {
+                let Some(delta) = adapter.delta(li, m, &base) else {
+                    continue;
+                };
+                let (linear, row0) = match m {
+                    Module::Q => (&mut layer.qkv, 0),
+                    Module::K => (&mut layer.qkv, qd),
+                    Module::V => (&mut layer.qkv, qd + kvd),
+                    Module::O => (&mut layer.o, 0),
+                    Module::Gate => (&mut layer.gate_up, 0),
+                    Module::Up => (&mut layer.gate_up, ffn),
+                    Module::Down => (&mut layer.down, 0),
+                };
+                let Linear::F32 { w, n, k } = linear else {
+                    return Err(TierError::InvalidRequest {
+                        field: "precision",
+                        message: "merging a LoRA needs f32 weights".into(),
+                    });
+                };
+                let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+                for (dst, d) in v[row0 * *k..].iter_mut().zip(&delta) {
+                    *dst += weight * d;
+                }
+                *w = Tensor::from_vec(v, (*n, *k), &Device::Cpu)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Longest position the RoPE table covers.
     pub fn max_positions(&self) -> usize {
         self.max_pos
@@ -417,6 +505,11 @@ impl Llama {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        let blends: Vec<Option<&Blend>> = row_of
+            .iter()
+            .map(|&(c, _)| chunks[c].lora.filter(|b| !b.is_empty()))
+            .collect();
+        let lora = blends.iter().any(Option::is_some);
         let Workspace {
             x,
             h,
@@ -451,6 +544,21 @@ impl Llama {
             rms_norm(x, &layer.attn_norm, cfg.eps, h);
             layer.qkv.forward(h, rows, qa, qkv)?;
             let w = qd + 2 * kvd;
+            if lora {
+                add_lora(
+                    &blends,
+                    li,
+                    &[
+                        (Module::Q, 0..qd),
+                        (Module::K, qd..qd + kvd),
+                        (Module::V, qd + kvd..w),
+                    ],
+                    h,
+                    dim,
+                    qkv,
+                    w,
+                );
+            }
             // RoPE on q and k, then append k and v to each sequence's cache.
             for (r, &(c, pos)) in row_of.iter().enumerate() {
                 let row = &mut qkv[r * w..(r + 1) * w];
@@ -478,11 +586,26 @@ impl Llama {
                 attn.chunks_mut(qd).enumerate().for_each(attend);
             }
             layer.o.forward(attn, rows, qa, proj)?;
+            if lora {
+                add_lora(&blends, li, &[(Module::O, 0..dim)], attn, qd, proj, dim);
+            }
             for (xi, pi) in x.iter_mut().zip(proj.iter()) {
                 *xi += pi;
             }
             rms_norm(x, &layer.ffn_norm, cfg.eps, h);
             layer.gate_up.forward(h, rows, qa, gu)?;
+            if lora {
+                let f = cfg.ffn;
+                add_lora(
+                    &blends,
+                    li,
+                    &[(Module::Gate, 0..f), (Module::Up, f..2 * f)],
+                    h,
+                    dim,
+                    gu,
+                    2 * f,
+                );
+            }
             act.resize(rows * cfg.ffn, 0.0);
             for (a, g) in act
                 .chunks_exact_mut(cfg.ffn)
@@ -494,6 +617,17 @@ impl Llama {
                 }
             }
             layer.down.forward(act, rows, qa, proj)?;
+            if lora {
+                add_lora(
+                    &blends,
+                    li,
+                    &[(Module::Down, 0..dim)],
+                    act,
+                    cfg.ffn,
+                    proj,
+                    dim,
+                );
+            }
             for (xi, pi) in x.iter_mut().zip(proj.iter()) {
                 *xi += pi;
             }

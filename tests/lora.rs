@@ -1,0 +1,176 @@
+//! Trait-LoRAs on the real Driver model: unmerged application (the base matmul shared by the batch, each row
+//! adding its own `Σ wᵢ·sᵢ·Bᵢ(Aᵢx)`) equals a model whose f32 weights were merged (`W + s·B·A`), for one adapter
+//! and for a blend; rows with different adapters in one batch get exactly the logits they get alone. The
+//! adapters go through the PEFT format on disk (written, then loaded and validated).
+
+use std::sync::Arc;
+
+use nimmer_config::Precision;
+use nimmer_loras::{Adapter, Blend, LoraPair, Module, load_peft, peft::save_peft};
+use nimmer_tiers::llama::{Chunk, KvCache, Llama, Workspace};
+
+const SYSTEM: &str = "You are a helpful assistant.";
+
+/// A random rank-`r` adapter over every projection, written as PEFT and loaded back.
+fn adapter(model: &Llama, r: usize, seed: u32, dir: &std::path::Path) -> Arc<Adapter> {
+    let base = model.cfg.lora_base();
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    let mut rnd = |amp: f32| {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 2.0 * amp
+    };
+    let layers = (0..base.n_layer)
+        .map(|_| {
+            Module::ALL
+                .iter()
+                .map(|m| {
+                    let (i, o) = m.dims(&base);
+                    Some(LoraPair {
+                        a: (0..r * i).map(|_| rnd(0.05)).collect(),
+                        b: (0..o * r).map(|_| rnd(0.05)).collect(),
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let a = Adapter {
+        name: format!("a{seed}"),
+        rank: r,
+        alpha: 2.0 * r as f32,
+        scale: 2.0,
+        modules: Module::ALL.to_vec(),
+        layers,
+        size_bytes: 0,
+    };
+    let d = dir.join(&a.name);
+    save_peft(&a, &base, &d).unwrap();
+    Arc::new(load_peft(&d, &a.name, &base).unwrap())
+}
+
+fn load(precision: Precision) -> Llama {
+    Llama::load(&nimmer_e2e::driver_gguf(), precision, 512)
+        .expect("driver loads")
+        .0
+}
+
+fn logits(model: &Llama, tokens: &[u32], blend: Option<&Blend>) -> Vec<f32> {
+    let mut kv = KvCache::new(&model.cfg, tokens.len());
+    let mut ws = Workspace::default();
+    let mut chunk = [Chunk {
+        tokens,
+        kv: &mut kv,
+        logits: true,
+        lora: blend,
+    }];
+    model.forward(&mut chunk, &mut ws).unwrap().remove(0)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Tolerance: f32 summation order differs between `(W + ΔW)x` and `Wx + B(Ax)`; logits are O(10).
+const TOL: f32 = 2e-3;
+
+#[test]
+fn unmerged_lora_equals_merged_weights_for_one_adapter_and_a_blend() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(Precision::F32);
+    let (_, tok) = Llama::load(&nimmer_e2e::driver_gguf(), Precision::F32, 16).unwrap();
+    let ids = nimmer_e2e::chat_ids(&tok, SYSTEM, "Tell me about the harbour.");
+    let (a1, a2) = (
+        adapter(&model, 8, 1, dir.path()),
+        adapter(&model, 16, 2, dir.path()),
+    );
+    let plain = logits(&model, &ids, None);
+
+    let one = Blend {
+        parts: vec![(a1.clone(), 1.0)],
+    };
+    let unmerged = logits(&model, &ids, Some(&one));
+    assert!(
+        max_diff(&unmerged, &plain) > 0.05,
+        "the adapter must change the logits"
+    );
+    let mut merged_model = load(Precision::F32);
+    merged_model.merge_lora(&a1, 1.0).unwrap();
+    let merged = logits(&merged_model, &ids, None);
+    let d = max_diff(&unmerged, &merged);
+    assert!(d < TOL, "one adapter: unmerged vs merged differ by {d}");
+
+    let blend = Blend {
+        parts: vec![(a1.clone(), 0.7), (a2.clone(), 0.3)],
+    };
+    let unmerged = logits(&model, &ids, Some(&blend));
+    let mut merged_model = load(Precision::F32);
+    merged_model.merge_lora(&a1, 0.7).unwrap();
+    merged_model.merge_lora(&a2, 0.3).unwrap();
+    let merged = logits(&merged_model, &ids, None);
+    let d = max_diff(&unmerged, &merged);
+    assert!(d < TOL, "blend: unmerged vs merged differ by {d}");
+}
+
+#[test]
+fn rows_with_different_adapters_in_one_batch_get_their_own_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(Precision::Native);
+    let (_, tok) = Llama::load(&nimmer_e2e::driver_gguf(), Precision::Native, 16).unwrap();
+    let adapters: Vec<Arc<Adapter>> = (0..8)
+        .map(|i| adapter(&model, 8, 10 + i, dir.path()))
+        .collect();
+    // Nine rows: seven distinct adapters, a blend of two, and one row without any adapter.
+    let mut blends: Vec<Option<Blend>> = adapters[..7]
+        .iter()
+        .map(|a| {
+            Some(Blend {
+                parts: vec![(a.clone(), 1.0)],
+            })
+        })
+        .collect();
+    blends.push(Some(Blend {
+        parts: vec![(adapters[7].clone(), 0.5), (adapters[0].clone(), 0.5)],
+    }));
+    blends.push(None);
+    let users = [
+        "Tell me about the harbour.",
+        "Where is the market?",
+        "Who guards the gate?",
+    ];
+    let prompts: Vec<Vec<u32>> = (0..blends.len())
+        .map(|i| nimmer_e2e::chat_ids(&tok, SYSTEM, users[i % users.len()]))
+        .collect();
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .zip(&blends)
+        .map(|(p, b)| logits(&model, p, b.as_ref()))
+        .collect();
+    let mut kvs: Vec<KvCache> = prompts
+        .iter()
+        .map(|p| KvCache::new(&model.cfg, p.len()))
+        .collect();
+    let mut chunks: Vec<Chunk<'_>> = prompts
+        .iter()
+        .zip(kvs.iter_mut())
+        .zip(&blends)
+        .map(|((p, kv), b)| Chunk {
+            tokens: p,
+            kv,
+            logits: true,
+            lora: b.as_ref(),
+        })
+        .collect();
+    let together = model
+        .forward(&mut chunks, &mut Workspace::default())
+        .unwrap();
+    for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(t, a, "row {i} differs in the batch");
+    }
+    // And the adapters do make the rows differ from the base model.
+    let base = logits(&model, &prompts[0], None);
+    assert!(max_diff(&alone[0], &base) > 0.05);
+}
