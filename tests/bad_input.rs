@@ -111,6 +111,7 @@ fn malformed_requests_name_the_field() {
             GenerateRequest {
                 prompt: Prompt::Chat(vec![]),
                 params: SamplingParams::greedy(4),
+                lora: None,
             },
             "messages",
         ),
@@ -118,6 +119,7 @@ fn malformed_requests_name_the_field() {
             GenerateRequest {
                 prompt: Prompt::Text(String::new()),
                 params: SamplingParams::greedy(4),
+                lora: None,
             },
             "prompt",
         ),
@@ -125,6 +127,7 @@ fn malformed_requests_name_the_field() {
             GenerateRequest {
                 prompt: Prompt::Tokens(vec![10_000_000]),
                 params: SamplingParams::greedy(4),
+                lora: None,
             },
             "prompt",
         ),
@@ -187,6 +190,7 @@ fn malformed_requests_name_the_field() {
             GenerateRequest {
                 prompt: Prompt::Chat(vec![nimmer_tiers::tokenizer::Message::new("wizard", "hi")]),
                 params: SamplingParams::greedy(4),
+                lora: None,
             },
             "messages",
         ),

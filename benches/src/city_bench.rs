@@ -432,6 +432,7 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
         let mut rx = driver.generate(GenerateRequest {
             prompt: Prompt::Chat(messages.clone()),
             params: SamplingParams::greedy(1),
+            lora: None,
         })?;
         while let Some(ev) = rx.recv().await {
             if matches!(ev, Event::Done(_) | Event::Error(_)) {

@@ -150,6 +150,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                     ignore_eos: true,
                     ..SamplingParams::greedy(1)
                 },
+                lora: None,
             }],
         )?;
         prefill.push(
@@ -181,6 +182,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                     ignore_eos: true,
                     ..SamplingParams::greedy(args.gen_tokens)
                 },
+                lora: None,
             })
             .collect();
         let r = run_concurrent(&h, reqs)?;

@@ -700,6 +700,7 @@ impl Gateway {
             GenerateRequest {
                 prompt: Prompt::Tokens(ids),
                 params,
+                lora: None,
             },
             deadline_left,
             slot_wait,

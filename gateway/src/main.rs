@@ -246,7 +246,11 @@ fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
         stop: a.stop,
         ignore_eos: false,
     };
-    let mut rx = handle.generate(GenerateRequest { prompt, params })?;
+    let mut rx = handle.generate(GenerateRequest {
+        prompt,
+        params,
+        lora: None,
+    })?;
     let mut out = std::io::stdout().lock();
     while let Some(ev) = rx.blocking_recv() {
         match ev {

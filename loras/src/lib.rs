@@ -4,9 +4,11 @@
 
 mod error;
 pub mod peft;
+pub mod registry;
 
 pub use error::LoraError;
 pub use peft::load_peft;
+pub use registry::{AdapterInfo, Registry, RegistryStats};
 
 use std::sync::Arc;
 

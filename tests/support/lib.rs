@@ -109,6 +109,7 @@ pub fn chat(system: &str, user: &str, params: SamplingParams) -> GenerateRequest
             Message::new("user", user),
         ]),
         params,
+        lora: None,
     }
 }
 

@@ -20,6 +20,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, TierError};
+use nimmer_loras::Blend;
+
 use crate::llama::{CandleLlama, Chunk, Decoder, Llama, LlamaConfig};
 use crate::sampling::{Sampler, SamplingParams, TextStream};
 use crate::tokenizer::{ChatTokenizer, Message};
@@ -41,6 +43,8 @@ pub enum Prompt {
 pub struct GenerateRequest {
     pub prompt: Prompt,
     pub params: SamplingParams,
+    /// The trait-LoRA blend to run with (the nimmer backend); `None` runs the base model.
+    pub lora: Option<Arc<Blend>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -123,6 +127,8 @@ pub struct TierInfo {
     pub weight_bytes: usize,
     /// Which kernels run the model.
     pub kernel: String,
+    /// Whether requests may carry trait-LoRA blends (the nimmer backend).
+    pub supports_lora: bool,
 }
 
 enum Command {
@@ -132,6 +138,7 @@ enum Command {
 struct NewSeq {
     prompt: Vec<u32>,
     params: SamplingParams,
+    lora: Option<Arc<Blend>>,
     events: mpsc::UnboundedSender<Event>,
     enqueued: Instant,
 }
@@ -283,6 +290,15 @@ impl LlmHandle {
         req.params.validate()?;
         let prompt = self.tokenize(&req.prompt)?;
         let info = &self.info;
+        if req.lora.as_ref().is_some_and(|b| !b.is_empty()) && !info.supports_lora {
+            return Err(TierError::InvalidRequest {
+                field: "npc.traits",
+                message: format!(
+                    "the {} tier runs on the candle backend, which has no trait-LoRA support",
+                    info.name
+                ),
+            });
+        }
         if prompt.len() + req.params.max_tokens > info.context {
             return Err(TierError::ContextExceeded {
                 tier: info.name.clone(),
@@ -304,6 +320,7 @@ impl LlmHandle {
         let seq = Box::new(NewSeq {
             prompt,
             params: req.params,
+            lora: req.lora.filter(|b| !b.is_empty()),
             events,
             enqueued: Instant::now(),
         });
@@ -347,6 +364,7 @@ fn serve<M: Decoder>(
         queue_capacity: spec.queue,
         weight_bytes: model.weight_bytes(),
         kernel: model.kernel(),
+        supports_lora: model.supports_lora(),
     });
     tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
     if ready_tx.send(Ok(info.clone())).is_err() {
@@ -498,14 +516,14 @@ impl<M: Decoder> Engine<M> {
                     tokens: &s.new.prompt[s.prefilled..end],
                     kv,
                     logits: end == s.new.prompt.len(),
-                    lora: None,
+                    lora: s.new.lora.as_deref(),
                 });
             } else {
                 chunks.push(Chunk {
                     tokens: std::slice::from_ref(&s.last),
                     kv,
                     logits: true,
-                    lora: None,
+                    lora: s.new.lora.as_deref(),
                 });
             }
         }
