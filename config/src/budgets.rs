@@ -15,6 +15,43 @@ pub struct BudgetsFile {
     pub classes: BTreeMap<String, ZoneClass>,
     pub routing: Routing,
     pub tiers: TierBudgets,
+    #[serde(default)]
+    pub loras: LorasSpec,
+    /// NPC trait → adapter name.
+    #[serde(default)]
+    pub traits: BTreeMap<String, String>,
+}
+
+/// Where the Driver's trait-LoRA adapters live and how much memory they may hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LorasSpec {
+    /// Adapters directory, relative to the config directory (or the working directory for the embedded config).
+    pub dir: String,
+    pub memory_mib: usize,
+    #[serde(default)]
+    pub unknown_trait: UnknownTrait,
+}
+
+impl Default for LorasSpec {
+    fn default() -> Self {
+        Self {
+            dir: "loras".into(),
+            memory_mib: 256,
+            unknown_trait: UnknownTrait::Reject,
+        }
+    }
+}
+
+/// What a request naming a trait that `[traits]` does not map gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownTrait {
+    /// 422 naming the trait.
+    #[default]
+    Reject,
+    /// The trait is skipped.
+    Ignore,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +217,17 @@ impl BudgetsFile {
 
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let bad = |key: String, rule: &str| Err(ConfigError::invalid(file, key, rule));
+        if self.loras.memory_mib == 0 {
+            return bad("loras.memory_mib".into(), "must be greater than 0");
+        }
+        for (t, a) in &self.traits {
+            if a.is_empty() || a.contains('/') || a.contains("..") {
+                return bad(
+                    format!("traits.{t}"),
+                    "must name an adapter folder (a plain name)",
+                );
+            }
+        }
         if self.zones.idle_ttl_s == 0 {
             return bad("zones.idle_ttl_s".into(), "must be greater than 0");
         }

@@ -12,8 +12,8 @@ mod error;
 mod tiers;
 
 pub use budgets::{
-    BudgetsFile, ClassOverride, RequestBudget, Routing, TierBudget, TierBudgets, TierName,
-    ZoneClass, ZonesSpec,
+    BudgetsFile, ClassOverride, LorasSpec, RequestBudget, Routing, TierBudget, TierBudgets,
+    TierName, UnknownTrait, ZoneClass, ZonesSpec,
 };
 pub use classifiers::{ClassifierSpec, ClassifiersFile, LabelSpec};
 pub use error::ConfigError;

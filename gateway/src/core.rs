@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use nimmer_config::{Config, RequestBudget};
+use nimmer_loras::{Blend, Registry};
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{EngineLimits, Event, GenerateRequest, LlmHandle, Prompt, SaturnHandle};
 use serde::Serialize;
@@ -214,6 +215,8 @@ impl Drop for Meter {
 pub struct Running {
     pub tier: Tier,
     pub degraded_reason: Option<String>,
+    /// Adapters it runs with, as `name@vN`.
+    pub adapters: Vec<String>,
     pub permit: SlotPermit,
     /// Time spent waiting for the slot.
     pub slot_wait: Duration,
@@ -257,6 +260,24 @@ pub enum Target {
     Tier(Tier),
 }
 
+/// One generation to run: what, for which zone, how urgent, with which NPC traits.
+pub struct Generation<'a> {
+    pub target: Target,
+    pub zone: &'a str,
+    pub priority: i32,
+    pub deadline_ms: Option<u64>,
+    pub prompt: Prompt,
+    pub params: nimmer_tiers::SamplingParams,
+    /// `npc.traits`: selects and weighs trait-LoRA adapters.
+    pub traits: Option<&'a BTreeMap<String, f32>>,
+}
+
+/// The adapters a request's traits select: the blend and the `name@vN` of each part.
+struct Voice {
+    blend: Arc<Blend>,
+    names: Vec<String>,
+}
+
 /// A slot and whether it is a degraded one.
 struct Routed {
     permit: SlotPermit,
@@ -273,6 +294,9 @@ pub struct Gateway {
     zones: Arc<Mutex<ZoneTable>>,
     /// Where finished dialogs go (set when NATS is configured).
     results: Mutex<Option<ResultsSink>>,
+    /// The Driver's trait-LoRA adapters.
+    loras: Registry,
+    loras_dir: Option<std::path::PathBuf>,
 }
 
 impl Gateway {
@@ -308,6 +332,25 @@ impl Gateway {
             .collect();
         let _ = metrics::handle();
         metrics::config_version(1);
+        let spec = &config.budgets.loras;
+        let loras = Registry::new(driver.info().model.lora_base(), spec.memory_mib << 20);
+        // The adapters directory is relative to the config directory (`config/` for the embedded config).
+        let dir = config_dir
+            .unwrap_or(std::path::Path::new("config"))
+            .join(&spec.dir);
+        let loras_dir = dir.is_dir().then_some(dir);
+        match &loras_dir {
+            Some(d) => {
+                for (name, e) in loras.scan(d) {
+                    tracing::error!(adapter = %name, error = %e, "adapter rejected");
+                }
+                tracing::info!(dir = %d.display(), adapters = loras.list().len(), "trait-LoRA adapters loaded");
+            }
+            None => {
+                tracing::info!(dir = %spec.dir, "no adapters directory: trait-LoRAs only by API")
+            }
+        }
+        metrics::loras(&loras.stats());
         Ok(Self {
             driver,
             theia,
@@ -320,6 +363,8 @@ impl Gateway {
             })),
             zones: Arc::new(Mutex::new(ZoneTable::default())),
             results: Mutex::new(None),
+            loras,
+            loras_dir,
         })
     }
 
@@ -384,6 +429,10 @@ impl Gateway {
         next.classifiers = old.classifiers.clone();
         next.sources.tiers = old.sources.tiers.clone();
         next.sources.classifiers = old.sources.classifiers.clone();
+        self.loras.set_budget(next.budgets.loras.memory_mib << 20);
+        if next.budgets.loras.dir != old.budgets.loras.dir {
+            tracing::warn!("[loras] dir changed: the adapters directory applies on restart");
+        }
         for tier in Tier::ALL {
             let tb = next.budgets.tier_budget(tier);
             self.slots[&tier].set_limits(tb.slots, tb.queue);
@@ -654,19 +703,25 @@ impl Gateway {
 
     /// Checks budgets, routes, waits for a slot and starts the generation; returns once its first event
     /// arrived (at most until the deadline).
-    pub async fn generate(
-        &self,
-        target: Target,
-        zone: &str,
-        priority: i32,
-        deadline_ms: Option<u64>,
-        prompt: Prompt,
-        params: nimmer_tiers::SamplingParams,
-    ) -> Result<Running, ApiError> {
+    pub async fn generate(&self, g: Generation<'_>) -> Result<Running, ApiError> {
+        let Generation {
+            target,
+            zone,
+            priority,
+            deadline_ms,
+            prompt,
+            params,
+            traits,
+        } = g;
         let started = Instant::now();
         let tier = self.tier_for(target);
         let (class, _, live) = self.touch(zone);
         let b = &live.config.budgets;
+        // Traits → adapters before waiting for a slot (an unknown trait is the caller's error).
+        let lora = match traits {
+            Some(t) if !t.is_empty() => self.blend(t, b)?,
+            _ => None,
+        };
         let rb = b.tier(tier, &class);
         let ids = match self.check_budget(tier, &class, &rb, &prompt, params.max_tokens) {
             Ok(ids) => ids,
@@ -695,19 +750,103 @@ impl Gateway {
         let deadline_left =
             deadline_ms.map(|ms| ms.saturating_sub(slot_wait.as_millis() as u64).max(1));
         let budget = live.config.budgets.tier(served_by, &class);
-        self.run(
-            routed,
-            GenerateRequest {
-                prompt: Prompt::Tokens(ids),
-                params,
-                lora: None,
-            },
-            deadline_left,
-            slot_wait,
-            budget,
-            prompt_len,
-        )
-        .await
+        // Trait-LoRAs voice the Driver; deep work on Theia runs its own weights.
+        let (lora, adapters) = match lora {
+            Some(v) if served_by == Tier::Driver => (Some(v.blend), v.names),
+            _ => (None, Vec::new()),
+        };
+        let mut running = self
+            .run(
+                routed,
+                GenerateRequest {
+                    prompt: Prompt::Tokens(ids),
+                    params,
+                    lora,
+                },
+                deadline_left,
+                slot_wait,
+                budget,
+                prompt_len,
+            )
+            .await?;
+        running.adapters = adapters;
+        Ok(running)
+    }
+
+    /// The blend of a request's traits: each trait's adapter (by `[traits]`) at the trait's weight, with the
+    /// names and versions used. Unknown traits get 422 (or are skipped, per `unknown_trait`).
+    fn blend(
+        &self,
+        traits: &BTreeMap<String, f32>,
+        b: &nimmer_config::BudgetsFile,
+    ) -> Result<Option<Voice>, ApiError> {
+        let mut parts = Vec::new();
+        let mut names = Vec::new();
+        for (t, &w) in traits {
+            if w == 0.0 {
+                continue;
+            }
+            let Some(adapter) = b.traits.get(t) else {
+                if b.loras.unknown_trait == nimmer_config::UnknownTrait::Ignore {
+                    continue;
+                }
+                return Err(ApiError::invalid(
+                    "npc.traits",
+                    format!(
+                        "unknown trait `{t}` (known: {})",
+                        b.traits.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            };
+            let a = self
+                .loras
+                .get(adapter)
+                .map_err(|e| {
+                    ApiError::Internal(format!("loading adapter `{adapter}` for trait `{t}`: {e}"))
+                })?
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "npc.traits",
+                        format!("trait `{t}` maps to adapter `{adapter}`, which is not loaded"),
+                    )
+                })?;
+            let version = self
+                .loras
+                .list()
+                .into_iter()
+                .find(|i| i.name == *adapter)
+                .map_or(0, |i| i.version);
+            names.push(format!("{adapter}@v{version}"));
+            parts.push((a, w));
+        }
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Voice {
+            blend: Arc::new(Blend { parts }),
+            names,
+        }))
+    }
+
+    /// The adapter registry.
+    pub fn loras(&self) -> &Registry {
+        &self.loras
+    }
+
+    /// The adapters directory, if it exists.
+    pub fn loras_dir(&self) -> Option<&std::path::Path> {
+        self.loras_dir.as_deref()
+    }
+
+    /// Rescans the adapters directory; logs (and returns) what failed to load.
+    pub fn rescan_loras(&self) -> usize {
+        let Some(dir) = &self.loras_dir else { return 0 };
+        let errors = self.loras.scan(dir);
+        for (name, e) in &errors {
+            tracing::error!(adapter = %name, error = %e, "adapter rejected; the previous version (if any) stays");
+        }
+        metrics::loras(&self.loras.stats());
+        errors.len()
     }
 
     async fn run(
@@ -748,6 +887,7 @@ impl Gateway {
         Ok(Running {
             tier,
             degraded_reason: routed.degraded,
+            adapters: Vec::new(),
             permit,
             slot_wait,
             events,
@@ -773,14 +913,15 @@ impl Gateway {
                 return Err(ApiError::invalid("messages", "give `messages` or `prompt`"));
             }
         };
-        self.generate(
-            Target::Kind(d.kind),
-            &d.zone,
-            d.priority,
-            d.deadline_ms,
+        self.generate(Generation {
+            target: Target::Kind(d.kind),
+            zone: &d.zone,
+            priority: d.priority,
+            deadline_ms: d.deadline_ms,
             prompt,
-            params.clone(),
-        )
+            params: params.clone(),
+            traits: d.npc.as_ref().map(|n| &n.traits),
+        })
         .await
     }
 

@@ -23,6 +23,7 @@ pub struct Served {
     tier: Tier,
     slot: SlotInfo,
     slot_wait_ms: f64,
+    adapters: Vec<String>,
     degraded_reason: Option<String>,
 }
 
@@ -35,6 +36,7 @@ impl Served {
                 id: r.permit.id,
             },
             slot_wait_ms: r.slot_wait.as_secs_f64() * 1e3,
+            adapters: r.adapters.clone(),
             degraded_reason: r.degraded_reason.clone(),
         }
     }
@@ -45,7 +47,7 @@ pub fn response(d: &Dialog, s: &Served, text: String, done: &Completion) -> Dial
         uid: d.uid.clone(),
         text,
         tier: s.tier.as_str().into(),
-        adapters: Vec::new(),
+        adapters: s.adapters.clone(),
         finish_reason: Some(done.finish_reason),
         usage: usage(done),
         timings: Timings {

@@ -17,12 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::Stream;
+use nimmer_loras::LoraError;
 use nimmer_tiers::{Event, Prompt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::api::{ChatRequest, ClassifyRequest, DialogRequest, Usage, Work};
-use crate::core::{Gateway, Running, Target, Tier};
+use crate::core::{Gateway, Generation, Running, Target, Tier};
 use crate::dialog::{self, Served, finish, response, usage};
 use crate::error::ApiError;
 
@@ -83,6 +84,9 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
         .route("/v1/zones", get(zones))
         .route("/v1/zones/{id}", put(put_zone))
         .route("/v1/config", get(config))
+        .route("/v1/adapters", get(list_adapters).post(load_adapter))
+        .route("/v1/adapters/prefetch", post(prefetch_adapters))
+        .route("/v1/adapters/{name}", axum::routing::delete(delete_adapter))
         .route("/metrics", get(prometheus));
     Router::new()
         .merge(guarded(npc, auth.npc))
@@ -248,14 +252,15 @@ async fn chat(
         ));
     }
     let mut running = gw
-        .generate(
-            Target::Tier(tier),
-            &zone,
-            0,
-            None,
-            Prompt::Chat(req.messages.clone()),
+        .generate(Generation {
+            target: Target::Tier(tier),
+            zone: &zone,
+            priority: 0,
+            deadline_ms: None,
+            prompt: Prompt::Chat(req.messages.clone()),
             params,
-        )
+            traits: None,
+        })
         .await?;
     let id = format!("chatcmpl-{}", running.permit.id);
     let created = SystemTime::now()
@@ -355,4 +360,111 @@ async fn prometheus() -> Response {
         crate::metrics::handle().render(),
     )
         .into_response()
+}
+
+fn adapters_body(gw: &Gateway) -> serde_json::Value {
+    let live = gw.live();
+    json!({
+        "adapters": gw.loras().list(),
+        "stats": gw.loras().stats(),
+        "traits": live.config.budgets.traits,
+        "dir": gw.loras_dir().map(|d| d.display().to_string()),
+    })
+}
+
+async fn list_adapters(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    Json(adapters_body(&gw))
+}
+
+/// `POST /v1/adapters` body: load (or replace) adapter `name` from the PEFT folder `path`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadAdapter {
+    name: String,
+    path: String,
+}
+
+fn lora_error(e: LoraError) -> ApiError {
+    match e {
+        LoraError::Io { .. } => ApiError::invalid("path", e.to_string()),
+        other => ApiError::invalid("adapter", other.to_string()),
+    }
+}
+
+async fn load_adapter(
+    State(gw): State<Arc<Gateway>>,
+    ValidJson(req): ValidJson<LoadAdapter>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    crate::api::check_token("name", &req.name)?;
+    let gw2 = gw.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        gw2.loras().load(&req.name, std::path::Path::new(&req.path))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(lora_error)?;
+    crate::metrics::lora_load(loaded.took.as_secs_f64());
+    crate::metrics::loras(&gw.loras().stats());
+    tracing::info!(adapter = %loaded.info.name, version = loaded.info.version, ms = loaded.took.as_millis() as u64, "adapter loaded");
+    Ok(Json(
+        json!({ "adapter": loaded.info, "load_ms": loaded.took.as_secs_f64() * 1e3 }),
+    ))
+}
+
+async fn delete_adapter(
+    State(gw): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !gw.loras().remove(&name) {
+        return Err(ApiError::NotFound {
+            what: format!("adapter `{name}`"),
+        });
+    }
+    crate::metrics::loras(&gw.loras().stats());
+    Ok(Json(json!({ "deleted": name })))
+}
+
+/// `POST /v1/adapters/prefetch` body: adapters to make resident, by name or by trait.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Prefetch {
+    #[serde(default)]
+    adapters: Vec<String>,
+    #[serde(default)]
+    traits: Vec<String>,
+}
+
+async fn prefetch_adapters(
+    State(gw): State<Arc<Gateway>>,
+    ValidJson(req): ValidJson<Prefetch>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let live = gw.live();
+    let mut names = req.adapters;
+    for t in &req.traits {
+        let a = live
+            .config
+            .budgets
+            .traits
+            .get(t)
+            .ok_or_else(|| ApiError::invalid("traits", format!("unknown trait `{t}`")))?;
+        names.push(a.clone());
+    }
+    let gw2 = gw.clone();
+    let warmed = tokio::task::spawn_blocking(move || {
+        names
+            .iter()
+            .map(|n| match gw2.loras().get(n) {
+                Ok(Some(_)) => Ok(n.clone()),
+                Ok(None) => Err(ApiError::invalid(
+                    "adapters",
+                    format!("unknown adapter `{n}`"),
+                )),
+                Err(e) => Err(lora_error(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    crate::metrics::loras(&gw.loras().stats());
+    Ok(Json(json!({ "resident": warmed })))
 }

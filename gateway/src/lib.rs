@@ -49,6 +49,10 @@ pub async fn run(
         Some(dir) => Some(reload::watch(dir, gw.clone())?),
         None => None,
     };
+    let _adapters_watcher = match gw.loras_dir() {
+        Some(dir) => Some(reload::watch_adapters(dir, gw.clone())?),
+        None => None,
+    };
     let pruner = {
         let gw = gw.clone();
         tokio::spawn(async move {

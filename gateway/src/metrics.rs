@@ -5,7 +5,9 @@
 //! `nimmer_tokens_total{kind=prompt|completion}` (tokens/s is its rate), `nimmer_slot_wait_seconds` and
 //! `nimmer_ttft_seconds` histograms, `nimmer_degraded_total`. Per tier: `nimmer_slots_in_use`,
 //! `nimmer_slots_capacity`, `nimmer_queue_depth`. Gateway-wide: `nimmer_zones_active`,
-//! `nimmer_config_version`, `nimmer_config_reloads_total{result}`, `nimmer_results_published_total{result}`.
+//! `nimmer_config_version`, `nimmer_config_reloads_total{result}`, `nimmer_results_published_total{result}`;
+//! trait-LoRAs: `nimmer_lora_resident`, `nimmer_lora_resident_bytes`, `nimmer_lora_loads_total`,
+//! `nimmer_lora_evictions_total`, `nimmer_lora_load_seconds`.
 
 use std::sync::OnceLock;
 
@@ -83,6 +85,17 @@ pub fn config_version(v: u64) {
 pub fn config_reload(ok: bool) {
     counter!("nimmer_config_reloads_total", "result" => if ok { "applied" } else { "rejected" })
         .increment(1);
+}
+
+pub fn loras(s: &nimmer_loras::RegistryStats) {
+    gauge!("nimmer_lora_resident").set(s.resident as f64);
+    gauge!("nimmer_lora_resident_bytes").set(s.resident_bytes as f64);
+    counter!("nimmer_lora_loads_total").absolute(s.loads);
+    counter!("nimmer_lora_evictions_total").absolute(s.evictions);
+}
+
+pub fn lora_load(secs: f64) {
+    histogram!("nimmer_lora_load_seconds").record(secs);
 }
 
 pub fn result_published(ok: bool) {

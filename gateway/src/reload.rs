@@ -3,7 +3,7 @@
 //! together. A valid change is applied to the gateway as a new config version; an invalid one is logged with
 //! its file, key and rule, counted, and the configuration in effect stays whole.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,31 +17,64 @@ use crate::core::Gateway;
 const DEBOUNCE: Duration = Duration::from_millis(150);
 const FILES: [&str; 3] = ["tiers.toml", "classifiers.toml", "budgets.toml"];
 
-/// Watches `dir` until the returned watcher is dropped.
+/// Watches the config directory until the returned watcher is dropped.
 pub fn watch(dir: &Path, gw: Arc<Gateway>) -> anyhow::Result<notify::RecommendedWatcher> {
+    let d = dir.to_path_buf();
+    let w = watch_dir(
+        dir,
+        RecursiveMode::NonRecursive,
+        |p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| FILES.contains(&n))
+        },
+        move || {
+            reload(&d, &gw);
+        },
+    )?;
+    tracing::info!(dir = %dir.display(), "watching config for changes");
+    Ok(w)
+}
+
+/// Watches the adapters directory (recursively): any change rescans it.
+pub fn watch_adapters(dir: &Path, gw: Arc<Gateway>) -> anyhow::Result<notify::RecommendedWatcher> {
+    let w = watch_dir(
+        dir,
+        RecursiveMode::Recursive,
+        |_| true,
+        move || {
+            gw.rescan_loras();
+        },
+    )?;
+    tracing::info!(dir = %dir.display(), "watching adapters for changes");
+    Ok(w)
+}
+
+/// Calls `on_change` (on a blocking thread) once a burst of events on paths `relevant` accepts has settled.
+fn watch_dir(
+    dir: &Path,
+    mode: RecursiveMode,
+    relevant: impl Fn(&Path) -> bool + Send + 'static,
+    on_change: impl Fn() + Send + Sync + 'static,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher =
         notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
             Ok(ev) => {
-                let ours = ev.paths.iter().any(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| FILES.contains(&n))
-                });
-                if ours && !ev.kind.is_access() {
+                if !ev.kind.is_access() && ev.paths.iter().any(|p| relevant(p)) {
                     let _ = tx.send(());
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "config watcher"),
+            Err(e) => tracing::warn!(error = %e, "file watcher"),
         })?;
-    watcher.watch(dir, RecursiveMode::NonRecursive)?;
-    tracing::info!(dir = %dir.display(), "watching config for changes");
-    let dir: PathBuf = dir.to_path_buf();
+    watcher.watch(dir, mode)?;
+    let on_change = Arc::new(on_change);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: wait until the directory is quiet.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-            reload(&dir, &gw);
+            let f = on_change.clone();
+            let _ = tokio::task::spawn_blocking(move || f()).await;
         }
     });
     Ok(watcher)

@@ -54,7 +54,7 @@ struct Inner {
 
 pub struct Registry {
     base: BaseShape,
-    budget_bytes: usize,
+    budget_bytes: std::sync::atomic::AtomicUsize,
     inner: Mutex<Inner>,
 }
 
@@ -69,13 +69,25 @@ impl Registry {
     pub fn new(base: BaseShape, budget_bytes: usize) -> Self {
         Self {
             base,
-            budget_bytes,
+            budget_bytes: budget_bytes.into(),
             inner: Mutex::new(Inner {
                 entries: BTreeMap::new(),
                 clock: 0,
                 stats: RegistryStats::default(),
             }),
         }
+    }
+
+    fn budget(&self) -> usize {
+        self.budget_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A new memory budget (a config reload); evicts unleased adapters now if they no longer fit.
+    pub fn set_budget(&self, bytes: usize) {
+        self.budget_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        let mut g = self.lock();
+        Self::evict(&mut g, bytes, None);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -105,7 +117,7 @@ impl Registry {
             },
         );
         g.stats.loads += 1;
-        Self::evict(&mut g, self.budget_bytes, Some(name));
+        Self::evict(&mut g, self.budget(), Some(name));
         let info = Self::info_of(name, &g.entries[name]);
         Ok(Loaded { info, took })
     }
@@ -138,7 +150,7 @@ impl Registry {
             // Still the same entry (not replaced or removed meanwhile): make it resident.
             Some(e) if e.path == path && e.resident.is_none() => {
                 e.resident = Some(adapter.clone());
-                Self::evict(&mut g, self.budget_bytes, Some(name));
+                Self::evict(&mut g, self.budget(), Some(name));
                 Ok(Some(adapter))
             }
             Some(e) => Ok(e.resident.clone().or(Some(adapter))),
