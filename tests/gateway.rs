@@ -24,7 +24,7 @@ fn client() -> reqwest::Client {
 fn dialog(kind: &str, user: &str) -> Value {
     json!({
         "uid": "ev7/harbour/pier/slot1", "zone": "harbour-3", "kind": kind,
-        "npc": { "id": "mira", "traits": { "gruff": 0.5 } },
+        "npc": { "id": "mira" },
         "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": user }],
         "max_tokens": 24, "participants": ["p1", "p2"], "faction": "guild",
     })
@@ -318,7 +318,14 @@ async fn bad_input_gets_a_precise_4xx_and_the_gateway_keeps_serving() {
         ),
         (
             "trait weight",
-            Some(with(&|v| v["npc"]["traits"]["gruff"] = json!(3.0))),
+            Some(with(&|v| v["npc"]["traits"] = json!({ "gruff": 3.0 }))),
+            None,
+            422,
+            Some("npc.traits"),
+        ),
+        (
+            "unknown trait",
+            Some(with(&|v| v["npc"]["traits"] = json!({ "jolly": 1.0 }))),
             None,
             422,
             Some("npc.traits"),
