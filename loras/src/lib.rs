@@ -172,7 +172,7 @@ impl Blend {
     }
 }
 
-/// A dot product the compiler vectorizes (16 independent accumulators).
+/// A dot product the compiler vectorizes (16 independent accumulators); also the decoder's attention dot.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];

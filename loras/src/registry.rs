@@ -245,10 +245,6 @@ impl Registry {
         self.lock().stats
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.lock().entries.contains_key(name)
-    }
-
     fn info_of(name: &str, e: &Entry) -> AdapterInfo {
         AdapterInfo {
             name: name.to_string(),

@@ -15,7 +15,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use nimmer_loras::{Adapter, BaseShape, Blend, Module};
+use nimmer_loras::{Adapter, BaseShape, Blend, Module, dot};
 
 use crate::error::{Result, TierError};
 use crate::kernels::{self, QuantActs, TiledWeight};
@@ -309,23 +309,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
             *o = v / m * a;
         }
     }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// Adds each row's LoRA blend to the output of one (possibly fused) projection: `targets` maps a module to
