@@ -26,6 +26,21 @@ fi
 export NATS_SERVER="$PWD/$NATS_DIR/bin/nats-server"
 "$NATS_SERVER" --version
 
+# PostgreSQL server binaries (Debian/Ubuntu package `postgresql`). The compositor tests run their own
+# throwaway cluster (initdb in a temp dir, loopback port), as the `postgres` user when run as root.
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+if [ -z "$(pg_bin)" ] || [ ! -x "$(pg_bin)/initdb" ]; then
+  echo "== installing PostgreSQL (apt package postgresql)"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  # Tests start their own clusters; the packaged one is not needed.
+  $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+fi
+export PG_BIN="$(pg_bin)"
+"$PG_BIN/postgres" --version
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -125,6 +125,8 @@ async fn traits_select_hot_swapped_adapters() {
     let budgets = src
         .budgets
         .replace("dir = \"../loras/adapters\"", "dir = \"adapters\"")
+        .replace("terse = \"terse\"\n", "")
+        .replace("sailor = \"sailor\"\n", "")
         .replace(
             "\n[traits]\n",
             "\n[traits]\ngruff = \"gruff\"\nterse = \"terse\"\nbroken = \"broken\"\n",

@@ -10,6 +10,7 @@ mod budgets;
 mod classifiers;
 mod error;
 mod tiers;
+mod transport;
 
 pub use budgets::{
     BudgetsFile, ClassOverride, LorasSpec, RequestBudget, Routing, TierBudget, TierBudgets,
@@ -20,6 +21,10 @@ pub use error::ConfigError;
 pub use tiers::{
     Backend, Device, FileSpec, LlmTierSpec, ModelFormat, ModelSpec, Precision, SaturnTierSpec,
     TiersFile, WheelSource,
+};
+pub use transport::{
+    CanonSpec, DEFAULT_TRANSPORT_TOML, PostgresSpec, RelaySpec, ResultsSpec, TransportFile,
+    valid_subject, valid_token,
 };
 
 use std::path::Path;

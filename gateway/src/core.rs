@@ -798,9 +798,9 @@ impl Gateway {
                     ),
                 ));
             };
-            let a = self
+            let (a, version) = self
                 .loras
-                .get(adapter)
+                .get_versioned(adapter)
                 .map_err(|e| {
                     ApiError::Internal(format!("loading adapter `{adapter}` for trait `{t}`: {e}"))
                 })?
@@ -810,12 +810,6 @@ impl Gateway {
                         format!("trait `{t}` maps to adapter `{adapter}`, which is not loaded"),
                     )
                 })?;
-            let version = self
-                .loras
-                .list()
-                .into_iter()
-                .find(|i| i.name == *adapter)
-                .map_or(0, |i| i.version);
             names.push(format!("{adapter}@v{version}"));
             parts.push((a, w));
         }

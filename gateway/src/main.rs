@@ -4,6 +4,10 @@
 //! - `nimmer generate`: one request through a tier's engine, streamed to stdout.
 //! - `nimmer classify`: Saturn classifiers over the given inputs, as JSON.
 //!
+//! - `nimmer loras train`: train a trait-LoRA for the Driver's model from a JSON Lines file of chat examples.
+//!
+//! - `nimmer compositor`: a compositor process (results -> canon in PostgreSQL -> JetStream CANON).
+//!
 //! - `nimmer serve`: the gateway over the three tiers (HTTP, optionally NATS), with config hot reload.
 
 use std::io::Write;
@@ -42,6 +46,11 @@ enum Cmd {
     },
     /// Generate text with a tier (driver or theia), streamed to stdout.
     Generate(GenerateArgs),
+    /// Trait-LoRA adapters.
+    Loras {
+        #[command(subcommand)]
+        cmd: LorasCmd,
+    },
     /// Serve the HTTP API (loads the three tiers, fetching models when missing).
     Serve {
         /// Address to listen on.
@@ -57,6 +66,16 @@ enum Cmd {
         /// Bearer tokens for ops endpoints: zones, config, metrics (comma-separated; none: open).
         #[arg(long, env = "NIMMER_OPS_TOKENS", value_delimiter = ',')]
         ops_token: Vec<String>,
+    },
+    /// Run a compositor: results from JetStream RESULTS become canon rows in PostgreSQL (with an outbox in
+    /// the same transaction), relayed to the JetStream stream CANON (settings in transport.toml).
+    Compositor {
+        /// NATS server URL.
+        #[arg(long, env = "NIMMER_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// PostgreSQL URL (default: `[postgres] url` of transport.toml).
+        #[arg(long, env = "NIMMER_POSTGRES")]
+        postgres: Option<String>,
     },
     /// Classify inputs with one of Saturn's classifiers; prints JSON.
     Classify {
@@ -78,6 +97,47 @@ enum ModelsCmd {
     },
     /// List configured models, where they live and whether they are present.
     List,
+}
+
+#[derive(Subcommand)]
+enum LorasCmd {
+    /// Train a LoRA for the Driver tier's model with candle's autograd over its dequantized weights and
+    /// write it as a PEFT adapter (adapter_config.json + adapter_model.safetensors).
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// JSON Lines file: one {"system"?, "user", "reply"} object per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory (created; an existing adapter there is replaced).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Target modules (PEFT names, comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    modules: Vec<String>,
+    #[arg(long, default_value_t = 120)]
+    steps: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Store f32 tensors instead of f16.
+    #[arg(long)]
+    f32: bool,
 }
 
 #[derive(clap::Args)]
@@ -110,6 +170,9 @@ struct GenerateArgs {
     /// Stop strings (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// A PEFT adapter directory to generate with (driver; repeatable: the adapters blend with weight 1).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
 }
 
 /// The config directory in effect: `--config`, else `./config` when it holds the three files.
@@ -190,6 +253,9 @@ fn run(mut cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(a) => generate(&cfg, a),
+        Cmd::Loras {
+            cmd: LorasCmd::Train(a),
+        } => train(&cfg, a),
         Cmd::Serve {
             listen,
             nats,
@@ -205,6 +271,27 @@ fn run(mut cli: Cli) -> Result<()> {
                 nats,
             };
             serve(cfg, opts, listen)
+        }
+        Cmd::Compositor { nats, postgres } => {
+            let transport = match &cli.config {
+                Some(d) if d.join("transport.toml").is_file() => {
+                    nimmer_config::TransportFile::load(d)?
+                }
+                _ => nimmer_config::TransportFile::embedded(),
+            };
+            let url = postgres.unwrap_or_else(|| transport.postgres.url.clone());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let client = async_nats::connect(&nats)
+                    .await
+                    .with_context(|| format!("connecting to NATS at {nats}"))?;
+                tracing::info!(%nats, "compositor started");
+                nimmer_compositor::serve(transport, &url, client, shutdown_signal()).await?;
+                tracing::info!("compositor stopped");
+                anyhow::Ok(())
+            })
         }
         Cmd::Classify { classifier, inputs } => {
             let spec = &cfg.tiers.tiers.saturn;
@@ -246,10 +333,20 @@ fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
         stop: a.stop,
         ignore_eos: false,
     };
+    let mut blend = nimmer_loras::Blend::default();
+    let base = handle.info().model.lora_base();
+    for dir in &a.adapter {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let adapter = nimmer_loras::load_peft(dir, &name, &base)?;
+        blend.parts.push((std::sync::Arc::new(adapter), 1.0));
+    }
     let mut rx = handle.generate(GenerateRequest {
         prompt,
         params,
-        lora: None,
+        lora: (!blend.is_empty()).then(|| std::sync::Arc::new(blend)),
     })?;
     let mut out = std::io::stdout().lock();
     while let Some(ev) = rx.blocking_recv() {
@@ -274,6 +371,84 @@ fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
         }
     }
     bail!("the engine stopped before finishing")
+}
+
+fn train(cfg: &Config, a: TrainArgs) -> Result<()> {
+    use nimmer_tiers::llama::train::{TrainOptions, Trainer, read_examples};
+    let modules = a
+        .modules
+        .iter()
+        .map(|m| {
+            nimmer_loras::Module::from_peft_name(m.trim()).with_context(|| {
+                format!("`{m}` is not a llama projection (q_proj, ..., down_proj)")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let examples = read_examples(&a.data)?;
+    let model_name = &cfg.tiers.tiers.driver.model;
+    let model = ensure_llm(&cfg.tiers, model_name, Verify::Cached)?;
+    eprintln!(
+        "training a rank-{} LoRA on {} ({} examples, {} steps of {})",
+        a.rank,
+        model_name,
+        examples.len(),
+        a.steps,
+        a.batch
+    );
+    let mut trainer = Trainer::new(
+        &model,
+        TrainOptions {
+            rank: a.rank,
+            alpha: a.alpha,
+            modules,
+            steps: a.steps,
+            batch: a.batch,
+            lr: a.lr,
+            seed: a.seed,
+        },
+    )?;
+    let bar = indicatif::ProgressBar::new(a.steps as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let mut first = None;
+    let mut last = 0f32;
+    trainer.train(&examples, |r| {
+        first.get_or_insert(r.loss);
+        last = r.loss;
+        bar.set_position(r.step as u64);
+        bar.set_message(format!("loss {:.3} ({} reply tokens)", r.loss, r.tokens));
+        if !bar.is_hidden() {
+            return;
+        }
+        if r.step % 10 == 0 || r.step == a.steps {
+            eprintln!("step {}/{}: loss {:.3}", r.step, a.steps, r.loss);
+        }
+    })?;
+    bar.finish();
+    let name = a
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let adapter = trainer.adapter(&name)?;
+    let store = if a.f32 {
+        nimmer_loras::StoreAs::F32
+    } else {
+        nimmer_loras::StoreAs::F16
+    };
+    nimmer_loras::save_peft_as(&adapter, &trainer.base(), &a.out, store)?;
+    eprintln!(
+        "wrote {} (loss {:.3} -> {:.3}, {:.0} s)",
+        a.out.display(),
+        first.unwrap_or(0.0),
+        last,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn serve(cfg: Config, opts: nimmer::Options, listen: std::net::SocketAddr) -> Result<()> {

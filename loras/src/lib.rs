@@ -7,7 +7,7 @@ pub mod peft;
 pub mod registry;
 
 pub use error::LoraError;
-pub use peft::load_peft;
+pub use peft::{StoreAs, load_peft, save_peft, save_peft_as};
 pub use registry::{AdapterInfo, Registry, RegistryStats};
 
 use std::sync::Arc;

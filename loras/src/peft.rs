@@ -314,8 +314,26 @@ fn from_interleaved_rows(b: &[f32], heads: usize, hd: usize, r: usize) -> Vec<f3
     out
 }
 
+/// The dtype [`save_peft_as`] stores tensors in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreAs {
+    F32,
+    /// Half the size; adapters are read back into f32.
+    F16,
+}
+
 /// Writes `adapter` as a PEFT adapter into `dir` (f32 tensors, Hugging Face row order).
 pub fn save_peft(adapter: &Adapter, base: &BaseShape, dir: &Path) -> Result<(), LoraError> {
+    save_peft_as(adapter, base, dir, StoreAs::F32)
+}
+
+/// Writes `adapter` as a PEFT adapter into `dir` with tensors stored as `dtype` (Hugging Face row order).
+pub fn save_peft_as(
+    adapter: &Adapter,
+    base: &BaseShape,
+    dir: &Path,
+    dtype: StoreAs,
+) -> Result<(), LoraError> {
     let io = |file: &Path| {
         let file = file.display().to_string();
         move |source| LoraError::Io { file, source }
@@ -353,7 +371,15 @@ pub fn save_peft(adapter: &Adapter, base: &BaseShape, dir: &Path) -> Result<(), 
                 (true, Module::K) => from_interleaved_rows(&p.b, base.n_kv_head, base.head_dim, r),
                 _ => p.b.clone(),
             };
-            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let bytes = |v: &[f32]| -> Vec<u8> {
+                match dtype {
+                    StoreAs::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    StoreAs::F16 => v
+                        .iter()
+                        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                }
+            };
             tensors.push((tensor_name(layer, module, true), vec![r, inp], bytes(&p.a)));
             tensors.push((tensor_name(layer, module, false), vec![out, r], bytes(&b)));
         }
@@ -361,7 +387,11 @@ pub fn save_peft(adapter: &Adapter, base: &BaseShape, dir: &Path) -> Result<(), 
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, shape, data)| {
-            let v = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+            let dt = match dtype {
+                StoreAs::F32 => Dtype::F32,
+                StoreAs::F16 => Dtype::F16,
+            };
+            let v = safetensors::tensor::TensorView::new(dt, shape.clone(), data)
                 .expect("shape matches data");
             (n.clone(), v)
         })

@@ -129,7 +129,12 @@ impl Registry {
 
     /// The current version of `name`, loading it again if it was evicted (a lease for the caller).
     pub fn get(&self, name: &str) -> Result<Option<Arc<Adapter>>, LoraError> {
-        let path = {
+        Ok(self.get_versioned(name)?.map(|(a, _)| a))
+    }
+
+    /// [`Registry::get`] with the version number of the adapter returned.
+    pub fn get_versioned(&self, name: &str) -> Result<Option<(Arc<Adapter>, u64)>, LoraError> {
+        let (path, version) = {
             let mut g = self.lock();
             g.clock += 1;
             let clock = g.clock;
@@ -138,9 +143,9 @@ impl Registry {
             };
             e.last_used = clock;
             if let Some(a) = &e.resident {
-                return Ok(Some(a.clone()));
+                return Ok(Some((a.clone(), e.version)));
             }
-            e.path.clone()
+            (e.path.clone(), e.version)
         };
         // Cold load outside the lock.
         let adapter = Arc::new(load_peft(&path, name, &self.base)?);
@@ -148,13 +153,16 @@ impl Registry {
         g.stats.loads += 1;
         match g.entries.get_mut(name) {
             // Still the same entry (not replaced or removed meanwhile): make it resident.
-            Some(e) if e.path == path && e.resident.is_none() => {
+            Some(e) if e.version == version && e.path == path && e.resident.is_none() => {
                 e.resident = Some(adapter.clone());
                 Self::evict(&mut g, self.budget(), Some(name));
-                Ok(Some(adapter))
+                Ok(Some((adapter, version)))
             }
-            Some(e) => Ok(e.resident.clone().or(Some(adapter))),
-            None => Ok(Some(adapter)),
+            Some(e) => Ok(Some(match &e.resident {
+                Some(a) => (a.clone(), e.version),
+                None => (adapter, version),
+            })),
+            None => Ok(Some((adapter, version))),
         }
     }
 

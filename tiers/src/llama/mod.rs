@@ -22,6 +22,7 @@ use crate::kernels::{self, QuantActs, TiledWeight};
 
 mod candle;
 mod load;
+pub mod train;
 
 pub use candle::{CandleKv, CandleLlama};
 

@@ -1,0 +1,84 @@
+//! Compositors and the canon transport.
+//!
+//! - [`canon`]: a dialog result → one canon row (its place in the scene from the register) + its outbox row.
+//! - [`worker`]: the compositor loop over the shared `RESULTS` consumer: one transaction per batch, ack after
+//!   commit, dead letters for bad input, the queue-depth gauge.
+//! - [`relay`]: outbox → JetStream `CANON`, one leader by advisory lock, woken by LISTEN/NOTIFY.
+//! - [`streams`]: the streams and consumer, from `transport.toml`.
+//!
+//! The schema is in `migrations/` and applied by [`connect`].
+
+pub mod canon;
+mod error;
+pub mod relay;
+pub mod streams;
+pub mod worker;
+
+pub use canon::{Canon, Composed, ResultIn};
+pub use error::{CompositorError, Result};
+pub use relay::Relay;
+pub use worker::{BatchStats, Compositor};
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+/// The canon schema's migrations, embedded.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects to PostgreSQL and brings the canon schema up to date (migrations take their own lock, so many
+/// compositors may start at once).
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect(url)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+/// Runs a compositor process until `shutdown`: the compositor loop, a relay candidate and the depth gauge.
+pub async fn serve(
+    transport: nimmer_config::TransportFile,
+    postgres_url: &str,
+    nats: async_nats::Client,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let pool = connect(postgres_url, transport.postgres.max_connections).await?;
+    let js = async_nats::jetstream::new(nats);
+    let consumer = streams::ensure(&js, &transport).await?;
+    let depth = tokio::spawn(worker::report_depth(
+        consumer.clone(),
+        std::time::Duration::from_secs(2),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let relay = Relay {
+        pool: pool.clone(),
+        url: postgres_url.to_string(),
+        js: js.clone(),
+        transport: transport.clone(),
+    };
+    let compositor = Compositor {
+        pool,
+        js,
+        transport,
+    };
+    let relay_task = {
+        let rx = stop_rx.clone();
+        tokio::spawn(async move { relay.run(stopped(rx)).await })
+    };
+    let work = compositor.run(consumer, stopped(stop_rx));
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => { let _ = stop_tx.send(true); r?; }
+        _ = shutdown => {
+            tracing::info!("compositor: shutting down after the batch in hand");
+            let _ = stop_tx.send(true);
+            work.await?;
+        }
+    }
+    depth.abort();
+    let _ = relay_task.await;
+    Ok(())
+}

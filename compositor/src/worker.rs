@@ -1,0 +1,184 @@
+//! A compositor: pulls results from the shared durable consumer, composes each batch in ONE PostgreSQL
+//! transaction (canon rows + outbox rows; each result in its own savepoint), and acks the results only after
+//! the commit. A crash before the commit leaves the results unacked (redelivered to any compositor after
+//! `ack_wait_s`); a crash after it makes the redelivery a no-op (the canon row exists). A malformed result, or
+//! one the schema rejects, is published to the dead-letter subject with its reason and acked.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message, consumer};
+use futures::StreamExt;
+use nimmer_config::TransportFile;
+use sqlx::PgPool;
+
+use crate::canon::{Composed, ResultIn, compose};
+use crate::error::{CompositorError, Result};
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStats {
+    pub composed: usize,
+    pub duplicates: usize,
+    pub dead: usize,
+}
+
+pub struct Compositor {
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub transport: TransportFile,
+}
+
+/// SQLSTATE classes that blame the data, not the database: data exceptions (22) and integrity violations (23).
+fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        _ => false,
+    }
+}
+
+impl Compositor {
+    /// Consumes until `shutdown` resolves (finishing the batch in hand).
+    pub async fn run(
+        &self,
+        consumer: consumer::Consumer<consumer::pull::Config>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let fetch = consumer
+                .fetch()
+                .max_messages(self.transport.results.batch)
+                .expires(Duration::from_millis(500))
+                .messages();
+            let mut batch = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                b = fetch => match b {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fetching results failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            };
+            let mut msgs = Vec::new();
+            while let Some(m) = batch.next().await {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "pull batch ended early");
+                        break;
+                    }
+                }
+            }
+            if msgs.is_empty() {
+                continue;
+            }
+            match self.process(msgs).await {
+                Ok(s) => {
+                    backoff = Duration::from_millis(100);
+                    metrics::counter!("nimmer_canon_rows_total", "result" => "composed")
+                        .increment(s.composed as u64);
+                    metrics::counter!("nimmer_canon_rows_total", "result" => "duplicate")
+                        .increment(s.duplicates as u64);
+                    metrics::counter!("nimmer_canon_rows_total", "result" => "dead_letter")
+                        .increment(s.dead as u64);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "composing a batch failed; its results will be redelivered");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Composes `msgs` in one transaction, then acks them (and dead-letters the bad ones). On error nothing is
+    /// acked: the results are redelivered.
+    pub async fn process(&self, msgs: Vec<Message>) -> Result<BatchStats> {
+        let mut stats = BatchStats::default();
+        let mut tx = self.pool.begin().await?;
+        let mut done = Vec::with_capacity(msgs.len());
+        let mut dead = Vec::new();
+        for m in msgs {
+            let r = match ResultIn::parse(&m.payload) {
+                Ok(r) => r,
+                Err(reason) => {
+                    dead.push((m, reason));
+                    continue;
+                }
+            };
+            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+            match compose(&mut sp, &r, &self.transport).await {
+                Ok(c) => {
+                    sp.commit().await?;
+                    match c {
+                        Composed::New(_) => stats.composed += 1,
+                        Composed::Duplicate => stats.duplicates += 1,
+                    }
+                    done.push(m);
+                }
+                Err(CompositorError::Db(e)) if is_data_error(&e) => {
+                    sp.rollback().await?;
+                    dead.push((m, format!("rejected by the canon schema: {e}")));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        for m in &done {
+            if let Err(e) = m.ack().await {
+                // The row is committed: a redelivery is a no-op.
+                tracing::warn!(error = %e, "ack after commit failed; the result will be redelivered and skipped");
+            }
+        }
+        stats.dead = dead.len();
+        for (m, reason) in dead {
+            self.dead_letter(&m, &reason).await?;
+        }
+        Ok(stats)
+    }
+
+    /// Stores `m` on the dead-letter subject with `reason`, then acks it (terminating its delivery).
+    async fn dead_letter(&self, m: &Message, reason: &str) -> Result<()> {
+        tracing::warn!(subject = %m.subject, reason, "result dead-lettered");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nimmer-Reason", reason.replace(['\r', '\n'], " ").as_str());
+        headers.insert("Nimmer-Subject", m.subject.as_str());
+        self.js
+            .publish_with_headers(
+                self.transport.results.dead_letter.clone(),
+                headers,
+                m.payload.clone(),
+            )
+            .await
+            .map_err(CompositorError::nats)?
+            .await
+            .map_err(CompositorError::nats)?;
+        m.ack_with(AckKind::Term)
+            .await
+            .map_err(CompositorError::nats)
+    }
+}
+
+/// Reports the results waiting for compositors (`nimmer_results_pending`, the autoscaling signal) every
+/// `every` until the task is dropped.
+pub async fn report_depth(
+    mut consumer: consumer::Consumer<consumer::pull::Config>,
+    every: Duration,
+) {
+    loop {
+        match consumer.info().await {
+            Ok(i) => {
+                metrics::gauge!("nimmer_results_pending")
+                    .set((i.num_pending as usize + i.num_ack_pending) as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "consumer info failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,204 @@
+//! `transport.toml`: where canon lives (PostgreSQL), how compositors consume results, the `CANON` stream and its
+//! subject template, and the relay's pacing. Read by `nimmer compositor` at start.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// Default `transport.toml`, compiled into the binary.
+pub const DEFAULT_TRANSPORT_TOML: &str = include_str!("../transport.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportFile {
+    pub postgres: PostgresSpec,
+    pub results: ResultsSpec,
+    pub canon: CanonSpec,
+    pub relay: RelaySpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSpec {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsSpec {
+    pub stream: String,
+    pub consumer: String,
+    pub batch: usize,
+    pub ack_wait_s: u64,
+    pub dead_letter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanonSpec {
+    pub stream: String,
+    pub subject: String,
+    pub duplicate_window_s: u64,
+    pub max_age_h: u64,
+    pub max_msgs_per_subject: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySpec {
+    pub batch: usize,
+    pub poll_ms: u64,
+}
+
+const PLACEHOLDERS: [&str; 3] = ["{gm_event}", "{district}", "{scene}"];
+
+impl TransportFile {
+    /// Reads `transport.toml` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join("transport.toml");
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// The defaults compiled into the binary.
+    pub fn embedded() -> Self {
+        Self::parse("<embedded>/transport.toml", DEFAULT_TRANSPORT_TOML)
+            .expect("embedded transport.toml is validated by its own unit test")
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let t: Self = toml::from_str(text).map_err(|e| ConfigError::parse(file, e))?;
+        let bad = |key: &str, rule: &str| Err(ConfigError::invalid(file, key, rule));
+        if t.postgres.max_connections == 0 {
+            return bad("postgres.max_connections", "must be at least 1");
+        }
+        for (key, v) in [
+            ("results.stream", &t.results.stream),
+            ("results.consumer", &t.results.consumer),
+            ("canon.stream", &t.canon.stream),
+        ] {
+            if v.is_empty()
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+            {
+                return bad(
+                    key,
+                    "must be a non-empty name of letters, digits, `_` or `-`",
+                );
+            }
+        }
+        if t.results.batch == 0 || t.relay.batch == 0 {
+            return bad("results.batch / relay.batch", "must be at least 1");
+        }
+        if t.results.ack_wait_s == 0 {
+            return bad("results.ack_wait_s", "must be at least 1");
+        }
+        if !valid_subject(&t.results.dead_letter) {
+            return bad(
+                "results.dead_letter",
+                "must be a NATS subject without wildcards",
+            );
+        }
+        let sample = t.canon_subject("e", "d", "s");
+        if PLACEHOLDERS.iter().any(|p| !t.canon.subject.contains(p)) || !valid_subject(&sample) {
+            return bad(
+                "canon.subject",
+                "must be a NATS subject without wildcards using {gm_event}, {district} and {scene}",
+            );
+        }
+        if t.canon.duplicate_window_s == 0 || t.canon.max_age_h == 0 {
+            return bad(
+                "canon.duplicate_window_s / canon.max_age_h",
+                "must be at least 1",
+            );
+        }
+        if t.canon.duplicate_window_s > t.canon.max_age_h * 3600 {
+            return bad(
+                "canon.duplicate_window_s",
+                "must not exceed max_age_h (JetStream rule)",
+            );
+        }
+        if t.relay.poll_ms == 0 {
+            return bad("relay.poll_ms", "must be at least 1");
+        }
+        Ok(t)
+    }
+
+    /// The `CANON` subject of a scene.
+    pub fn canon_subject(&self, gm_event: &str, district: &str, scene: &str) -> String {
+        self.canon
+            .subject
+            .replace("{gm_event}", gm_event)
+            .replace("{district}", district)
+            .replace("{scene}", scene)
+    }
+
+    /// The subjects `CANON` stores: the template with each placeholder as `*`.
+    pub fn canon_filter(&self) -> String {
+        PLACEHOLDERS
+            .iter()
+            .fold(self.canon.subject.clone(), |s, p| s.replace(p, "*"))
+    }
+}
+
+/// A subject a message may be published on: dot-separated non-empty tokens, no wildcards or whitespace.
+pub fn valid_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(|c| c.is_whitespace()))
+}
+
+/// Whether `s` may be one token of a subject (a UID part).
+pub fn valid_token(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || ".*>".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let t = TransportFile::embedded();
+        assert_eq!(
+            t.canon_subject("e1", "docks", "s9"),
+            "nimmerverse.events.e1.district.docks.scene.s9"
+        );
+        assert_eq!(t.canon_filter(), "nimmerverse.events.*.district.*.scene.*");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (from, to, key) in [
+            ("batch = 128", "batch = 0", "results.batch / relay.batch"),
+            ("scene.{scene}\"", "scene\"", "canon.subject"),
+            (
+                "dead_letter = \"nimmerverse.deadletter.results\"",
+                "dead_letter = \"a.>\"",
+                "results.dead_letter",
+            ),
+            (
+                "max_connections = 8",
+                "max_connections = 0",
+                "postgres.max_connections",
+            ),
+        ] {
+            let text = DEFAULT_TRANSPORT_TOML.replace(from, to);
+            assert_ne!(text, DEFAULT_TRANSPORT_TOML, "{from}");
+            match TransportFile::parse("t.toml", &text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{from}: {other:?}"),
+            }
+        }
+        let err = TransportFile::parse("t.toml", "[postgres]\nurl = 1\n").unwrap_err();
+        assert!(err.to_string().starts_with("t.toml:"), "{err}");
+    }
+}
