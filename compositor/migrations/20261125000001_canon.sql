@@ -44,11 +44,13 @@ CREATE TABLE canon (
     UNIQUE (gm_event, district, scene, seq)
 );
 
+-- One row per message to publish: the canon row on its scene subject, and a copy per participant on the
+-- player's subject. `msg_id` is the JetStream Nats-Msg-Id (canon UID, or `<canon UID>@<player>`).
 CREATE TABLE outbox (
-    id        bigserial PRIMARY KEY,
-    canon_uid text NOT NULL,
-    subject   text NOT NULL,
-    payload   bytea NOT NULL
+    id      bigserial PRIMARY KEY,
+    msg_id  text NOT NULL,
+    subject text NOT NULL,
+    payload bytea NOT NULL
 );
 
 -- Wakes the relay. NOTIFY is delivered at commit: a rolled-back transaction wakes (and publishes) nothing.

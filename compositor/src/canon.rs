@@ -58,7 +58,10 @@ impl ResultIn {
             ("uid.gm_event", &r.uid.gm_event),
             ("uid.district", &r.uid.district),
             ("uid.scene", &r.uid.scene),
-        ] {
+        ]
+        .into_iter()
+        .chain(r.participants.iter().map(|p| ("participants", p)))
+        {
             if !valid_token(v) {
                 return Err(format!(
                     "{field} {v:?} cannot be a subject token (empty, or has `.`, `*`, `>` or whitespace)"
@@ -183,13 +186,27 @@ pub async fn compose(
     if inserted.is_none() {
         return Ok(Composed::Duplicate);
     }
-    let subject = transport.canon_subject(&canon.gm_event, &canon.district, &canon.scene);
     let payload = serde_json::to_vec(&canon).expect("canon serializes");
-    sqlx::query("INSERT INTO outbox (canon_uid, subject, payload) VALUES ($1, $2, $3)")
-        .bind(&canon.canon_uid)
-        .bind(&subject)
-        .bind(&payload)
-        .execute(&mut **tx)
-        .await?;
+    let mut msg_ids = vec![canon.canon_uid.clone()];
+    let mut subjects =
+        vec![transport.canon_subject(&canon.gm_event, &canon.district, &canon.scene)];
+    let mut seen = std::collections::BTreeSet::new();
+    for p in canon
+        .participants
+        .iter()
+        .filter(|p| seen.insert(p.as_str()))
+    {
+        msg_ids.push(format!("{}@{p}", canon.canon_uid));
+        subjects.push(transport.player_subject(p));
+    }
+    sqlx::query(
+        "INSERT INTO outbox (msg_id, subject, payload)
+         SELECT m, s, $3 FROM unnest($1::text[], $2::text[]) AS t(m, s)",
+    )
+    .bind(&msg_ids)
+    .bind(&subjects)
+    .bind(&payload)
+    .execute(&mut **tx)
+    .await?;
     Ok(Composed::New(Box::new(canon)))
 }

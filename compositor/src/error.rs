@@ -10,6 +10,8 @@ pub enum CompositorError {
     Nats(String),
     #[error("{0}")]
     Config(String),
+    #[error("{0}")]
+    Store(String),
 }
 
 impl CompositorError {

@@ -4,18 +4,21 @@
 //! - [`worker`]: the compositor loop over the shared `RESULTS` consumer: one transaction per batch, ack after
 //!   commit, dead letters for bad input, the queue-depth gauge.
 //! - [`relay`]: outbox → JetStream `CANON`, one leader by advisory lock, woken by LISTEN/NOTIFY.
+//! - [`player`]: the player client: a player's feed from its checkpoint into its SQLite file, idempotently.
 //! - [`streams`]: the streams and consumer, from `transport.toml`.
 //!
 //! The schema is in `migrations/` and applied by [`connect`].
 
 pub mod canon;
 mod error;
+pub mod player;
 pub mod relay;
 pub mod streams;
 pub mod worker;
 
 pub use canon::{Canon, Composed, ResultIn};
 pub use error::{CompositorError, Result};
+pub use player::{PlayerStore, follow};
 pub use relay::Relay;
 pub use worker::{BatchStats, Compositor};
 
@@ -45,10 +48,6 @@ pub async fn serve(
     let pool = connect(postgres_url, transport.postgres.max_connections).await?;
     let js = async_nats::jetstream::new(nats);
     let consumer = streams::ensure(&js, &transport).await?;
-    let depth = tokio::spawn(worker::report_depth(
-        consumer.clone(),
-        std::time::Duration::from_secs(2),
-    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -64,21 +63,36 @@ pub async fn serve(
         js,
         transport,
     };
-    let relay_task = {
-        let rx = stop_rx.clone();
-        tokio::spawn(async move { relay.run(stopped(rx)).await })
+    // Everything runs inside this one future, so dropping it (a crash, in tests an abort) stops all of it.
+    let work = async {
+        let r = compositor
+            .run(consumer.clone(), stopped(stop_rx.clone()))
+            .await;
+        let _ = stop_tx.send(true);
+        r
     };
-    let work = compositor.run(consumer, stopped(stop_rx));
-    tokio::pin!(work);
-    tokio::select! {
-        r = &mut work => { let _ = stop_tx.send(true); r?; }
-        _ = shutdown => {
-            tracing::info!("compositor: shutting down after the batch in hand");
-            let _ = stop_tx.send(true);
-            work.await?;
+    let relay = async {
+        let r = relay.run(stopped(stop_rx.clone())).await;
+        let _ = stop_tx.send(true);
+        r
+    };
+    let depth = async {
+        tokio::select! {
+            _ = worker::report_depth(consumer.clone(), std::time::Duration::from_secs(2)) => {}
+            _ = stopped(stop_rx.clone()) => {}
         }
-    }
-    depth.abort();
-    let _ = relay_task.await;
+    };
+    let trigger = async {
+        tokio::select! {
+            _ = shutdown => {
+                tracing::info!("compositor: shutting down after the batch in hand");
+                let _ = stop_tx.send(true);
+            }
+            _ = stopped(stop_rx.clone()) => {}
+        }
+    };
+    let (w, r, (), ()) = tokio::join!(work, relay, depth, trigger);
+    w?;
+    r?;
     Ok(())
 }

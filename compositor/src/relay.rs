@@ -1,7 +1,7 @@
 //! The relay (the "pgnats path" done transactionally): drains the outbox into JetStream `CANON`. Every
 //! compositor process runs one; a session-level advisory lock makes exactly one the leader, and a standby takes
 //! over when the leader's connection goes away. The leader reads outbox rows in id (commit) order, publishes
-//! them all with `Nats-Msg-Id` = canon UID, awaits the acks together, and deletes the acked rows. It sleeps
+//! them all with their `Nats-Msg-Id` (the canon UID; `<canon UID>@<player>` for a player's copy), awaits the acks together, and deletes the acked rows. It sleeps
 //! until a NOTIFY from the outbox trigger (sent at commit, so a rolled-back transaction publishes nothing) or
 //! `poll_ms`. A failed publish leaves its rows for the next round; JetStream's duplicate window absorbs the
 //! republish of rows acked but not yet deleted.
@@ -80,12 +80,11 @@ impl Relay {
 
     /// Publishes one batch of outbox rows and deletes those acked; how many were published.
     pub async fn drain_once(&self, conn: &mut PgConnection) -> Result<usize> {
-        let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, canon_uid, subject, payload FROM outbox ORDER BY id LIMIT $1",
-        )
-        .bind(self.transport.relay.batch as i64)
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows: Vec<(i64, String, String, Vec<u8>)> =
+            sqlx::query_as("SELECT id, msg_id, subject, payload FROM outbox ORDER BY id LIMIT $1")
+                .bind(self.transport.relay.batch as i64)
+                .fetch_all(&mut *conn)
+                .await?;
         if rows.is_empty() {
             return Ok(0);
         }

@@ -1,6 +1,6 @@
 //! The JetStream objects the compositors use, created or brought up to date at start: the `RESULTS` stream
-//! (the gateway creates it too, with the same settings) and its shared durable pull consumer, the `CANON`
-//! stream (settings from `transport.toml`), and the stream that keeps dead letters.
+//! (the gateway creates it too, with the same settings) and its shared durable pull consumer, the `CANON` and
+//! `PLAYERS` streams (settings from `transport.toml`), and the stream that keeps dead letters.
 
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ pub async fn ensure(
     js.create_or_update_stream(canon_stream(t))
         .await
         .map_err(|e| CompositorError::Nats(format!("stream {}: {e}", t.canon.stream)))?;
+    js.create_or_update_stream(players_stream(t))
+        .await
+        .map_err(|e| CompositorError::Nats(format!("stream {}: {e}", t.players.stream)))?;
     js.create_or_update_stream(stream::Config {
         name: DEAD_LETTER_STREAM.into(),
         subjects: vec![t.results.dead_letter.clone()],
@@ -72,6 +75,19 @@ pub fn canon_stream(t: &TransportFile) -> stream::Config {
         } else {
             -1
         },
+        ..Default::default()
+    }
+}
+
+/// `PLAYERS`' settings from `transport.toml`.
+pub fn players_stream(t: &TransportFile) -> stream::Config {
+    stream::Config {
+        name: t.players.stream.clone(),
+        subjects: vec![t.players_filter()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(t.players.duplicate_window_s),
+        max_age: Duration::from_secs(t.players.max_age_h * 3600),
         ..Default::default()
     }
 }

@@ -3,103 +3,21 @@
 //! no-ops; malformed results are dead-lettered with their reason without blocking the others; a rolled-back
 //! outbox insert publishes nothing.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
+use common::{Stack, publish, read_all, result};
 use nimmer_compositor::Canon;
-use nimmer_config::TransportFile;
-use nimmer_services::{NatsServer, Postgres};
 use serde_json::json;
-
-fn transport() -> TransportFile {
-    let mut t = TransportFile::embedded();
-    t.results.ack_wait_s = 2;
-    t.relay.poll_ms = 100;
-    t
-}
-
-fn result(id: &str, scene: &str, slot: u32) -> serde_json::Value {
-    json!({
-        "result_id": id,
-        "uid": { "gm_event": "ev1", "district": "docks", "scene": scene, "slot": format!("s{slot}") },
-        "zone": "docks-3", "kind": "dialog",
-        "npc": { "id": "brannoch", "traits": {} },
-        "participants": ["p1", "p2"], "faction": "dockers",
-        "finished_at_ms": 1_764_000_000_000u64 + slot as u64,
-        "response": { "text": format!("line {slot}"), "tier": "driver", "adapters": ["sailor@v1"], "extra": 1 },
-    })
-}
-
-async fn publish(js: &jetstream::Context, scene: &str, v: &serde_json::Value, msg_id: &str) {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("Nats-Msg-Id", msg_id);
-    js.publish_with_headers(
-        format!("nimmerverse.results.ev1.docks.{scene}"),
-        h,
-        serde_json::to_vec(v).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-}
-
-/// Every message on `stream` (from its start), waiting until `n` arrived or `wait` passed.
-async fn read_all(
-    js: &jetstream::Context,
-    stream: &str,
-    n: usize,
-    wait: Duration,
-) -> Vec<jetstream::Message> {
-    let s = js.get_stream(stream).await.unwrap();
-    let c = s
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut msgs = c.messages().await.unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + wait;
-    while out.len() < n {
-        match tokio::time::timeout_at(deadline, msgs.next()).await {
-            Ok(Some(Ok(m))) => out.push(m),
-            Ok(Some(Err(e))) => panic!("{e}"),
-            _ => break,
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_become_canon_exactly_once() {
-    let pg = Postgres::start();
-    let nats = NatsServer::start();
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    let js = jetstream::new(client.clone());
-    let t = transport();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = tokio::spawn({
-        let (t, url, client) = (t.clone(), pg.url.clone(), client.clone());
-        async move {
-            nimmer_compositor::serve(t, &url, client, async {
-                let _ = stop_rx.await;
-            })
-            .await
-        }
-    });
-    // The compositor creates the streams; wait for RESULTS' consumer.
-    for _ in 0..100 {
-        if let Ok(s) = js.get_stream("RESULTS").await
-            && s.consumer_info("compositors").await.is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stack = Stack::start();
+    let js = jetstream::new(stack.client().await);
+    let compositor = stack.compositor().await;
     // 60 results over 3 scenes, one published twice under another message id (a gateway retry after its
     // dedup window), and two malformed ones.
     for i in 0..60u32 {
@@ -107,18 +25,24 @@ async fn results_become_canon_exactly_once() {
         publish(
             &js,
             &scene,
-            &result(&format!("r{i}"), &scene, i),
+            &result(&format!("r{i}"), &scene, i, &["p1", "p2"]),
             &format!("r{i}"),
         )
         .await;
     }
-    publish(&js, "sc0", &result("r0", "sc0", 0), "r0-again").await;
+    publish(
+        &js,
+        "sc0",
+        &result("r0", "sc0", 0, &["p1", "p2"]),
+        "r0-again",
+    )
+    .await;
     publish(&js, "sc1", &json!({ "result_id": "bad1" }), "bad1").await;
-    let mut bad_scene = result("bad2", "sc1", 99);
+    let mut bad_scene = result("bad2", "sc1", 99, &["p1"]);
     bad_scene["uid"]["scene"] = json!("a.b");
     publish(&js, "sc1", &bad_scene, "bad2").await;
 
-    let canon = read_all(&js, "CANON", 60, Duration::from_secs(30)).await;
+    let canon = read_all(&js, "CANON", "", 60, Duration::from_secs(30)).await;
     assert_eq!(canon.len(), 60, "each result exactly once");
     let rows: Vec<Canon> = canon
         .iter()
@@ -153,7 +77,7 @@ async fn results_become_canon_exactly_once() {
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "{sc}");
     }
 
-    let dead = read_all(&js, "DEADLETTER", 2, Duration::from_secs(10)).await;
+    let dead = read_all(&js, "DEADLETTER", "", 2, Duration::from_secs(10)).await;
     assert_eq!(dead.len(), 2);
     let reasons: Vec<String> = dead
         .iter()
@@ -169,7 +93,7 @@ async fn results_become_canon_exactly_once() {
     assert!(reasons[0].contains("not a dialog result"), "{reasons:?}");
     assert!(reasons[1].contains("uid.scene"), "{reasons:?}");
 
-    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let pool = sqlx::PgPool::connect(&stack.pg.url).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM canon")
         .fetch_one(&pool)
         .await
@@ -190,7 +114,7 @@ async fn results_become_canon_exactly_once() {
 
     // A rolled-back outbox insert publishes nothing.
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO outbox (canon_uid, subject, payload) VALUES ('x/y/z/1', 'nimmerverse.events.x.district.y.scene.z', '\\x7b7d')")
+    sqlx::query("INSERT INTO outbox (msg_id, subject, payload) VALUES ('x/y/z/1', 'nimmerverse.events.x.district.y.scene.z', '\\x7b7d')")
         .execute(&mut *tx)
         .await
         .unwrap();
@@ -207,6 +131,15 @@ async fn results_become_canon_exactly_once() {
         .messages;
     assert_eq!(info, 60);
 
-    let _ = stop_tx.send(());
-    serve.await.unwrap().unwrap();
+    // Each participant got each row once on its own subject.
+    let p1 = read_all(
+        &js,
+        "PLAYERS",
+        "nimmerverse.player.p1.canon",
+        60,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(p1.len(), 60);
+    compositor.stop().await;
 }

@@ -16,6 +16,7 @@ pub struct TransportFile {
     pub postgres: PostgresSpec,
     pub results: ResultsSpec,
     pub canon: CanonSpec,
+    pub players: PlayersSpec,
     pub relay: RelaySpec,
 }
 
@@ -44,6 +45,15 @@ pub struct CanonSpec {
     pub duplicate_window_s: u64,
     pub max_age_h: u64,
     pub max_msgs_per_subject: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlayersSpec {
+    pub stream: String,
+    pub subject: String,
+    pub max_age_h: u64,
+    pub duplicate_window_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +93,7 @@ impl TransportFile {
             ("results.stream", &t.results.stream),
             ("results.consumer", &t.results.consumer),
             ("canon.stream", &t.canon.stream),
+            ("players.stream", &t.players.stream),
         ] {
             if v.is_empty()
                 || !v
@@ -126,6 +137,20 @@ impl TransportFile {
                 "must not exceed max_age_h (JetStream rule)",
             );
         }
+        if !t.players.subject.contains("{player}") || !valid_subject(&t.player_subject("p")) {
+            return bad(
+                "players.subject",
+                "must be a NATS subject without wildcards using {player}",
+            );
+        }
+        if t.players.duplicate_window_s == 0
+            || t.players.duplicate_window_s > t.players.max_age_h * 3600
+        {
+            return bad(
+                "players.duplicate_window_s",
+                "must be at least 1 and not exceed max_age_h",
+            );
+        }
         if t.relay.poll_ms == 0 {
             return bad("relay.poll_ms", "must be at least 1");
         }
@@ -139,6 +164,16 @@ impl TransportFile {
             .replace("{gm_event}", gm_event)
             .replace("{district}", district)
             .replace("{scene}", scene)
+    }
+
+    /// The delivery subject of a player.
+    pub fn player_subject(&self, player: &str) -> String {
+        self.players.subject.replace("{player}", player)
+    }
+
+    /// The subjects `PLAYERS` stores.
+    pub fn players_filter(&self) -> String {
+        self.players.subject.replace("{player}", "*")
     }
 
     /// The subjects `CANON` stores: the template with each placeholder as `*`.

@@ -1,0 +1,260 @@
+//! The player client: follows a player's subject on `PLAYERS` from the checkpoint stored in the player's SQLite
+//! file and applies canon there idempotently (the canon UID is the key), storing the new checkpoint (the last
+//! applied stream sequence) in the same SQLite transaction. A crash between apply and checkpoint cannot happen;
+//! a redelivery is ignored by the key. A late joiner starts from sequence 1 and catches up on its whole feed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use nimmer_config::{TransportFile, valid_token};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+
+use crate::canon::Canon;
+use crate::error::{CompositorError, Result};
+
+/// A player's local canon store.
+pub struct PlayerStore {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS canon (
+        canon_uid TEXT PRIMARY KEY,
+        gm_event TEXT NOT NULL,
+        district TEXT NOT NULL,
+        scene TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        npc TEXT,
+        text TEXT NOT NULL,
+        faction TEXT,
+        finished_at_ms INTEGER NOT NULL,
+        applied_at_ms INTEGER NOT NULL,
+        row TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS canon_scene ON canon (gm_event, district, scene, seq)",
+    "CREATE TABLE IF NOT EXISTS checkpoint (feed TEXT PRIMARY KEY, stream_seq INTEGER NOT NULL)",
+];
+
+impl PlayerStore {
+    /// Opens (creating) the store at `path`. A file that is not a player store says so, naming the file.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let bad = |e: sqlx::Error| {
+            CompositorError::Store(format!(
+                "{}: not a usable player store (SQLite): {e}",
+                path.display()
+            ))
+        };
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .map_err(bad)?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&pool).await.map_err(bad)?;
+        }
+        let ok: String = sqlx::query_scalar("PRAGMA quick_check")
+            .fetch_one(&pool)
+            .await
+            .map_err(bad)?;
+        if ok != "ok" {
+            return Err(CompositorError::Store(format!(
+                "{}: the player store is corrupt: {ok}",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            pool,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last applied stream sequence of `feed` (0: none).
+    pub async fn checkpoint(&self, feed: &str) -> Result<u64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT stream_seq FROM checkpoint WHERE feed = ?")
+            .bind(feed)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    /// Applies `rows` (stream sequence, canon) and moves `feed`'s checkpoint to the last one, in one
+    /// transaction. Returns, per row, whether it was new.
+    pub async fn apply(&self, feed: &str, rows: &[(u64, Canon)]) -> Result<Vec<bool>> {
+        let Some((last, _)) = rows.last() else {
+            return Ok(Vec::new());
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut tx = self.pool.begin().await?;
+        let mut new = Vec::with_capacity(rows.len());
+        for (_, c) in rows {
+            let r = sqlx::query(
+                "INSERT INTO canon (canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
+                                    finished_at_ms, applied_at_ms, row)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (canon_uid) DO NOTHING",
+            )
+            .bind(&c.canon_uid)
+            .bind(&c.gm_event)
+            .bind(&c.district)
+            .bind(&c.scene)
+            .bind(c.seq)
+            .bind(&c.kind)
+            .bind(&c.npc)
+            .bind(&c.text)
+            .bind(&c.faction)
+            .bind(c.finished_at_ms)
+            .bind(now)
+            .bind(serde_json::to_string(c).expect("canon serializes"))
+            .execute(&mut *tx)
+            .await?;
+            new.push(r.rows_affected() == 1);
+        }
+        sqlx::query(
+            "INSERT INTO checkpoint (feed, stream_seq) VALUES (?, ?)
+             ON CONFLICT (feed) DO UPDATE SET stream_seq = excluded.stream_seq",
+        )
+        .bind(feed)
+        .bind(*last as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// Canon rows held.
+    pub async fn count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM canon")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// Every canon UID held, sorted.
+    pub async fn canon_uids(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT canon_uid FROM canon ORDER BY canon_uid")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+/// What [`follow`] reports after each applied batch.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub new: Vec<Canon>,
+    pub checkpoint: u64,
+}
+
+/// Follows `player`'s feed from its checkpoint, applying batches into `store`, until `stop` resolves.
+/// `on_batch` sees each batch's new rows.
+pub async fn follow(
+    js: &jetstream::Context,
+    t: &TransportFile,
+    player: &str,
+    store: &PlayerStore,
+    stop: impl std::future::Future<Output = ()>,
+    mut on_batch: impl FnMut(&Applied),
+) -> Result<()> {
+    if !valid_token(player) {
+        return Err(CompositorError::Config(format!(
+            "player id {player:?} cannot be a subject token"
+        )));
+    }
+    tokio::pin!(stop);
+    let feed = t.player_subject(player);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let from = store.checkpoint(&feed).await? + 1;
+        let run = follow_from(js, t, &feed, from, store, &mut on_batch);
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            r = run => {
+                // The stream ended or failed (e.g. the server went away): resume from the checkpoint.
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, player, "player feed interrupted; resuming from the checkpoint");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn follow_from(
+    js: &jetstream::Context,
+    t: &TransportFile,
+    feed: &str,
+    from: u64,
+    store: &PlayerStore,
+    on_batch: &mut impl FnMut(&Applied),
+) -> Result<()> {
+    let stream = js
+        .get_stream(&t.players.stream)
+        .await
+        .map_err(CompositorError::nats)?;
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: feed.to_string(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(CompositorError::nats)?;
+    let mut msgs = c.messages().await.map_err(CompositorError::nats)?;
+    loop {
+        // A batch: the first message (waiting), then whatever else is already here.
+        let Some(first) = msgs.next().await else {
+            return Err(CompositorError::Nats("the feed ended".into()));
+        };
+        let mut batch = vec![first.map_err(CompositorError::nats)?];
+        while batch.len() < 512 {
+            match tokio::time::timeout(Duration::from_millis(2), msgs.next()).await {
+                Ok(Some(m)) => batch.push(m.map_err(CompositorError::nats)?),
+                _ => break,
+            }
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let seq = m.info().map_err(CompositorError::nats)?.stream_sequence;
+            match serde_json::from_slice::<Canon>(&m.payload) {
+                Ok(c) => rows.push((seq, c)),
+                Err(e) => tracing::error!(seq, error = %e, "skipping a malformed canon message"),
+            }
+        }
+        let checkpoint = batch
+            .last()
+            .and_then(|m| m.info().ok())
+            .map_or(0, |i| i.stream_sequence);
+        let new = store.apply(feed, &rows).await?;
+        let fresh = rows
+            .into_iter()
+            .zip(new)
+            .filter_map(|((_, c), n)| n.then_some(c))
+            .collect();
+        on_batch(&Applied {
+            new: fresh,
+            checkpoint,
+        });
+    }
+}

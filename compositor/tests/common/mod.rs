@@ -1,0 +1,154 @@
+//! Shared by the compositor tests: a PostgreSQL + nats-server pair, compositor processes as tasks, result
+//! builders, stream readers.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use nimmer_config::TransportFile;
+use nimmer_services::{NatsServer, Postgres};
+use serde_json::json;
+
+pub fn transport() -> TransportFile {
+    let mut t = TransportFile::embedded();
+    t.results.ack_wait_s = 2;
+    t.relay.poll_ms = 100;
+    t
+}
+
+pub struct Stack {
+    pub pg: Postgres,
+    pub nats: NatsServer,
+    pub t: TransportFile,
+}
+
+/// A running compositor process (as a task); `stop` ends it gracefully, `kill` aborts it mid-work.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<nimmer_compositor::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+impl Stack {
+    pub fn start() -> Self {
+        Self {
+            pg: Postgres::start(),
+            nats: NatsServer::start(),
+            t: transport(),
+        }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(&self.nats.url)
+            .await
+            .unwrap()
+    }
+
+    /// Starts a compositor and waits until the shared consumer exists.
+    pub async fn compositor(&self) -> Running {
+        let client = self.client().await;
+        let js = jetstream::new(client.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (t, url) = (self.t.clone(), self.pg.url.clone());
+        let task = tokio::spawn(async move {
+            nimmer_compositor::serve(t, &url, client, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        for _ in 0..200 {
+            if let Ok(s) = js.get_stream("RESULTS").await
+                && s.consumer_info("compositors").await.is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Running {
+            stop: Some(tx),
+            task,
+        }
+    }
+}
+
+pub fn result(id: &str, scene: &str, slot: u32, participants: &[&str]) -> serde_json::Value {
+    json!({
+        "result_id": id,
+        "uid": { "gm_event": "ev1", "district": "docks", "scene": scene, "slot": format!("s{slot}") },
+        "zone": "docks-3", "kind": "dialog",
+        "npc": { "id": "brannoch", "traits": {} },
+        "participants": participants, "faction": "dockers",
+        "finished_at_ms": 1_764_000_000_000u64 + slot as u64,
+        "response": { "text": format!("line {slot}"), "tier": "driver", "adapters": ["sailor@v1"], "extra": 1 },
+    })
+}
+
+pub async fn publish(js: &jetstream::Context, scene: &str, v: &serde_json::Value, msg_id: &str) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(
+        format!("nimmerverse.results.ev1.docks.{scene}"),
+        h,
+        serde_json::to_vec(v).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// Messages on `stream` (optionally filtered) from its start, until `n` arrived or `wait` passed.
+pub async fn read_all(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    n: usize,
+    wait: Duration,
+) -> Vec<jetstream::Message> {
+    let s = js.get_stream(stream).await.unwrap();
+    let c = s
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            filter_subject: filter.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = c.messages().await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, msgs.next()).await {
+            Ok(Some(Ok(m))) => out.push(m),
+            Ok(Some(Err(e))) => panic!("{e}"),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Polls `f` every 50 ms until it holds or `secs` pass.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    secs: u64,
+    mut f: impl FnMut() -> F,
+) -> bool {
+    for _ in 0..secs * 20 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -1,0 +1,181 @@
+//! Player clients against a real PostgreSQL and nats-server: a player applies its feed into its SQLite file
+//! exactly once, an offline player replays exactly what it missed from its checkpoint, a late joiner catches up
+//! from the start of its feed, and a corrupt store file is reported naming the file.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::{Stack, eventually, publish, read_all, result};
+use nimmer_compositor::{PlayerStore, follow};
+
+/// A player following its feed in a task; the counter of newly applied rows is shared.
+struct Follower {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+async fn start_follower(stack: &Stack, player: &'static str, db: &Path) -> Follower {
+    let js = jetstream::new(stack.client().await);
+    let t = stack.t.clone();
+    let db = db.to_path_buf();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let store = PlayerStore::open(&db).await.unwrap();
+        let mut applied = 0;
+        follow(
+            &js,
+            &t,
+            player,
+            &store,
+            async {
+                let _ = rx.await;
+            },
+            |a| applied += a.new.len(),
+        )
+        .await
+        .unwrap();
+        store.close().await;
+        applied
+    });
+    Follower { stop, task }
+}
+
+impl Follower {
+    async fn stop(self) -> usize {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+async fn count(db: &Path) -> u64 {
+    let s = PlayerStore::open(db).await.unwrap();
+    let n = s.count().await.unwrap();
+    s.close().await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_player_replays_what_it_missed_and_late_joiner_catches_up() {
+    let stack = Stack::start();
+    let js = jetstream::new(stack.client().await);
+    let compositor = stack.compositor().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (p1_db, p2_db) = (dir.path().join("p1.sqlite"), dir.path().join("p2.sqlite"));
+
+    let p1 = start_follower(&stack, "p1", &p1_db).await;
+    for i in 0..20u32 {
+        publish(
+            &js,
+            "sc0",
+            &result(&format!("r{i}"), "sc0", i, &["p1", "p2"]),
+            &format!("r{i}"),
+        )
+        .await;
+    }
+    let js2 = js.clone();
+    assert!(
+        eventually(20, || {
+            let js = js2.clone();
+            async move {
+                read_all(
+                    &js,
+                    "PLAYERS",
+                    "nimmerverse.player.p1.canon",
+                    20,
+                    Duration::from_millis(200),
+                )
+                .await
+                .len()
+                    == 20
+            }
+        })
+        .await
+    );
+    // p1's follower applies them, then goes offline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let live = p1.stop().await;
+    assert_eq!(live, 20);
+    assert_eq!(count(&p1_db).await, 20);
+
+    // While p1 is offline: 20 more with p1, 5 without.
+    for i in 20..40u32 {
+        publish(
+            &js,
+            "sc1",
+            &result(&format!("r{i}"), "sc1", i, &["p2", "p1"]),
+            &format!("r{i}"),
+        )
+        .await;
+    }
+    for i in 40..45u32 {
+        publish(
+            &js,
+            "sc1",
+            &result(&format!("r{i}"), "sc1", i, &["p2"]),
+            &format!("r{i}"),
+        )
+        .await;
+    }
+    let all_p2 = read_all(
+        &js,
+        "PLAYERS",
+        "nimmerverse.player.p2.canon",
+        45,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(all_p2.len(), 45);
+
+    // p1 reconnects: exactly the 20 it missed.
+    let p1 = start_follower(&stack, "p1", &p1_db).await;
+    assert!(eventually(20, || async { count(&p1_db).await == 40 }).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        p1.stop().await,
+        20,
+        "only the missed rows are applied again"
+    );
+    assert_eq!(count(&p1_db).await, 40);
+
+    // p2 joins late: its whole feed.
+    let p2 = start_follower(&stack, "p2", &p2_db).await;
+    assert!(eventually(20, || async { count(&p2_db).await == 45 }).await);
+    assert_eq!(p2.stop().await, 45);
+
+    // The stores hold exactly the canon UIDs of their rows, and the checkpoint is the feed's last sequence.
+    let s = PlayerStore::open(&p2_db).await.unwrap();
+    let uids: BTreeSet<String> = s.canon_uids().await.unwrap().into_iter().collect();
+    let expected: BTreeSet<String> = all_p2
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<nimmer_compositor::Canon>(&m.payload)
+                .unwrap()
+                .canon_uid
+        })
+        .collect();
+    assert_eq!(uids, expected);
+    let last = all_p2.last().unwrap().info().unwrap().stream_sequence;
+    assert_eq!(
+        s.checkpoint("nimmerverse.player.p2.canon").await.unwrap(),
+        last
+    );
+    s.close().await;
+    compositor.stop().await;
+}
+
+#[tokio::test]
+async fn corrupt_player_store_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p9.sqlite");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = match PlayerStore::open(&path).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a corrupt file opened"),
+    };
+    assert!(err.contains("p9.sqlite"), "{err}");
+    assert!(err.contains("not a usable player store"), "{err}");
+}
