@@ -44,8 +44,9 @@ CREATE TABLE canon (
     UNIQUE (gm_event, district, scene, seq)
 );
 
--- One row per message to publish: the canon row on its scene subject, and a copy per participant on the
--- player's subject. `msg_id` is the JetStream Nats-Msg-Id (canon UID, or `<canon UID>@<player>`).
+-- One row per message to publish: the canon row on its scene subject, a copy per participant on the player's
+-- subject and one on its faction's subject. `msg_id` is the JetStream Nats-Msg-Id (the canon UID;
+-- `<canon UID>@<player>`, `<canon UID>#<faction>` for the copies).
 CREATE TABLE outbox (
     id      bigserial PRIMARY KEY,
     msg_id  text NOT NULL,

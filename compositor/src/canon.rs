@@ -61,6 +61,7 @@ impl ResultIn {
         ]
         .into_iter()
         .chain(r.participants.iter().map(|p| ("participants", p)))
+        .chain(r.faction.iter().map(|f| ("faction", f)))
         {
             if !valid_token(v) {
                 return Err(format!(
@@ -198,6 +199,10 @@ pub async fn compose(
     {
         msg_ids.push(format!("{}@{p}", canon.canon_uid));
         subjects.push(transport.player_subject(p));
+    }
+    if let Some(f) = &canon.faction {
+        msg_ids.push(format!("{}#{f}", canon.canon_uid));
+        subjects.push(transport.faction_subject(f));
     }
     sqlx::query(
         "INSERT INTO outbox (msg_id, subject, payload)

@@ -1,11 +1,12 @@
 //! The JetStream objects the compositors use, created or brought up to date at start: the `RESULTS` stream
 //! (the gateway creates it too, with the same settings) and its shared durable pull consumer, the `CANON` and
-//! `PLAYERS` streams (settings from `transport.toml`), and the stream that keeps dead letters.
+//! `PLAYERS` and `FACTIONS` streams (settings from `transport.toml`), the derived feeds, and the stream that
+//! keeps dead letters.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use nimmer_config::TransportFile;
+use nimmer_config::{FeedSpec, TransportFile};
 
 use crate::error::{CompositorError, Result};
 
@@ -33,9 +34,13 @@ pub async fn ensure(
     js.create_or_update_stream(canon_stream(t))
         .await
         .map_err(|e| CompositorError::Nats(format!("stream {}: {e}", t.canon.stream)))?;
-    js.create_or_update_stream(players_stream(t))
-        .await
-        .map_err(|e| CompositorError::Nats(format!("stream {}: {e}", t.players.stream)))?;
+    for cfg in [players_stream(t), factions_stream(t)] {
+        let name = cfg.name.clone();
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|e| CompositorError::Nats(format!("stream {name}: {e}")))?;
+    }
+    ensure_feeds(js, t).await?;
     js.create_or_update_stream(stream::Config {
         name: DEAD_LETTER_STREAM.into(),
         subjects: vec![t.results.dead_letter.clone()],
@@ -90,4 +95,71 @@ pub fn players_stream(t: &TransportFile) -> stream::Config {
         max_age: Duration::from_secs(t.players.max_age_h * 3600),
         ..Default::default()
     }
+}
+
+/// `FACTIONS`' settings from `transport.toml`.
+pub fn factions_stream(t: &TransportFile) -> stream::Config {
+    stream::Config {
+        name: t.factions.stream.clone(),
+        subjects: vec![t.factions_filter()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(t.canon.duplicate_window_s),
+        max_age: Duration::from_secs(t.factions.max_age_h * 3600),
+        ..Default::default()
+    }
+}
+
+/// The stream of a derived feed: sourced from `CANON` (a district, subjects rewritten to
+/// `nimmerverse.district.<district>.canon.<gm_event>.<scene>`) or from `FACTIONS` (a faction).
+pub fn feed_stream(t: &TransportFile, f: &FeedSpec) -> stream::Config {
+    let source = match (&f.district, &f.faction) {
+        (Some(d), _) => {
+            // The template's placeholders in order: the wildcards of the source pattern.
+            let mut order: Vec<(usize, &str)> = ["{gm_event}", "{scene}"]
+                .iter()
+                .filter_map(|p| t.canon.subject.find(p).map(|i| (i, *p)))
+                .collect();
+            order.sort();
+            let wildcard = |p: &str| order.iter().position(|(_, q)| *q == p).map_or(0, |i| i + 1);
+            stream::Source {
+                name: t.canon.stream.clone(),
+                subject_transforms: vec![stream::SubjectTransform {
+                    source: t.canon_subject("*", d, "*"),
+                    destination: format!(
+                        "nimmerverse.district.{d}.canon.{{{{wildcard({})}}}}.{{{{wildcard({})}}}}",
+                        wildcard("{gm_event}"),
+                        wildcard("{scene}")
+                    ),
+                }],
+                ..Default::default()
+            }
+        }
+        (None, faction) => stream::Source {
+            name: t.factions.stream.clone(),
+            filter_subject: Some(t.faction_subject(faction.as_deref().unwrap_or_default())),
+            ..Default::default()
+        },
+    };
+    stream::Config {
+        name: f.name.clone(),
+        sources: Some(vec![source]),
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(t.canon.max_age_h * 3600),
+        ..Default::default()
+    }
+}
+
+/// Creates or updates every feed of `transport.toml` (existing consumers keep running); feeds no longer listed
+/// are left alone. Returns the names applied.
+pub async fn ensure_feeds(js: &jetstream::Context, t: &TransportFile) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for f in &t.feeds {
+        js.create_or_update_stream(feed_stream(t, f))
+            .await
+            .map_err(|e| CompositorError::Nats(format!("feed {}: {e}", f.name)))?;
+        names.push(f.name.clone());
+    }
+    Ok(names)
 }

@@ -23,8 +23,8 @@ pub use tiers::{
     TiersFile, WheelSource,
 };
 pub use transport::{
-    CanonSpec, DEFAULT_TRANSPORT_TOML, PlayersSpec, PostgresSpec, RelaySpec, ResultsSpec,
-    TransportFile, valid_subject, valid_token,
+    CanonSpec, DEFAULT_TRANSPORT_TOML, FactionsSpec, FeedSpec, PlayersSpec, PostgresSpec,
+    RelaySpec, ResultsSpec, TransportFile, valid_subject, valid_token,
 };
 
 use std::path::Path;

@@ -17,7 +17,29 @@ pub struct TransportFile {
     pub results: ResultsSpec,
     pub canon: CanonSpec,
     pub players: PlayersSpec,
+    pub factions: FactionsSpec,
     pub relay: RelaySpec,
+    #[serde(default)]
+    pub feeds: Vec<FeedSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FactionsSpec {
+    pub stream: String,
+    pub subject: String,
+    pub max_age_h: u64,
+}
+
+/// A derived feed: a stream sourced from `CANON` (one district) or `FACTIONS` (one faction).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FeedSpec {
+    pub name: String,
+    #[serde(default)]
+    pub district: Option<String>,
+    #[serde(default)]
+    pub faction: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,7 +116,11 @@ impl TransportFile {
             ("results.consumer", &t.results.consumer),
             ("canon.stream", &t.canon.stream),
             ("players.stream", &t.players.stream),
-        ] {
+            ("factions.stream", &t.factions.stream),
+        ]
+        .into_iter()
+        .chain(t.feeds.iter().map(|f| ("feeds.name", &f.name)))
+        {
             if v.is_empty()
                 || !v
                     .chars()
@@ -151,6 +177,48 @@ impl TransportFile {
                 "must be at least 1 and not exceed max_age_h",
             );
         }
+        if !t.factions.subject.contains("{faction}")
+            || !valid_subject(&t.faction_subject("f"))
+            || t.factions.max_age_h == 0
+        {
+            return bad(
+                "factions.subject",
+                "must be a NATS subject without wildcards using {faction} (and max_age_h at least 1)",
+            );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for s in [
+            &t.results.stream,
+            &t.canon.stream,
+            &t.players.stream,
+            &t.factions.stream,
+        ] {
+            if !names.insert(s.as_str()) {
+                return bad(
+                    "stream names",
+                    "results, canon, players and factions streams must differ",
+                );
+            }
+        }
+        for f in &t.feeds {
+            if !names.insert(f.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("feeds.{}", f.name),
+                    "the name is used by another stream or feed",
+                ));
+            }
+            match (&f.district, &f.faction) {
+                (Some(v), None) | (None, Some(v)) if valid_token(v) => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("feeds.{}", f.name),
+                        "needs exactly one of `district` or `faction`, a subject token (no `.`, `*`, `>`, spaces)",
+                    ));
+                }
+            }
+        }
         if t.relay.poll_ms == 0 {
             return bad("relay.poll_ms", "must be at least 1");
         }
@@ -169,6 +237,16 @@ impl TransportFile {
     /// The delivery subject of a player.
     pub fn player_subject(&self, player: &str) -> String {
         self.players.subject.replace("{player}", player)
+    }
+
+    /// The subject a faction's copy of a canon row goes to.
+    pub fn faction_subject(&self, faction: &str) -> String {
+        self.factions.subject.replace("{faction}", faction)
+    }
+
+    /// The subjects `FACTIONS` stores.
+    pub fn factions_filter(&self) -> String {
+        self.factions.subject.replace("{faction}", "*")
     }
 
     /// The subjects `PLAYERS` stores.
@@ -208,6 +286,35 @@ mod tests {
             "nimmerverse.events.e1.district.docks.scene.s9"
         );
         assert_eq!(t.canon_filter(), "nimmerverse.events.*.district.*.scene.*");
+    }
+
+    #[test]
+    fn feeds_need_one_valid_selector_and_a_unique_name() {
+        for (feed, key) in [
+            ("name = \"F1\"\n", "feeds.F1"),
+            ("name = \"F1\"\ndistrict = \"a.b\"\n", "feeds.F1"),
+            (
+                "name = \"F1\"\ndistrict = \"a\"\nfaction = \"b\"\n",
+                "feeds.F1",
+            ),
+            ("name = \"CANON\"\ndistrict = \"a\"\n", "feeds.CANON"),
+            (
+                "name = \"DISTRICT_DOCKS\"\nfaction = \"a\"\n",
+                "feeds.DISTRICT_DOCKS",
+            ),
+        ] {
+            let text = format!("{DEFAULT_TRANSPORT_TOML}\n[[feeds]]\n{feed}");
+            match TransportFile::parse("t.toml", &text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{feed}"),
+                other => panic!("{feed}: {other:?}"),
+            }
+        }
+        let t = TransportFile::embedded();
+        assert_eq!(t.feeds.len(), 2);
+        assert_eq!(
+            t.faction_subject("dockers"),
+            "nimmerverse.faction.dockers.canon"
+        );
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - `nimmer loras train`: train a trait-LoRA for the Driver's model from a JSON Lines file of chat examples.
 //!
 //! - `nimmer compositor`: a compositor process (results -> canon in PostgreSQL -> JetStream CANON).
+//! - `nimmer feeds apply`: create or update the derived feeds of transport.toml.
+//! - `nimmer player --id P`: a player client (its feed, from its checkpoint, into its SQLite file).
 //!
 //! - `nimmer serve`: the gateway over the three tiers (HTTP, optionally NATS), with config hot reload.
 
@@ -77,6 +79,23 @@ enum Cmd {
         #[arg(long, env = "NIMMER_POSTGRES")]
         postgres: Option<String>,
     },
+    /// Derived canon feeds.
+    Feeds {
+        #[command(subcommand)]
+        cmd: FeedsCmd,
+    },
+    /// Run a player client: replay the player's feed from its checkpoint into its SQLite file, then follow it
+    /// live (prints each new canon row).
+    Player {
+        /// Player id (a participant id in dialog requests).
+        #[arg(long)]
+        id: String,
+        /// The player's SQLite file (default: players/<id>.sqlite).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        #[arg(long, env = "NIMMER_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+    },
     /// Classify inputs with one of Saturn's classifiers; prints JSON.
     Classify {
         /// Classifier name from classifiers.toml.
@@ -97,6 +116,15 @@ enum ModelsCmd {
     },
     /// List configured models, where they live and whether they are present.
     List,
+}
+
+#[derive(Subcommand)]
+enum FeedsCmd {
+    /// Create or update the streams of every `[[feeds]]` entry in transport.toml (running consumers continue).
+    Apply {
+        #[arg(long, env = "NIMMER_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -193,6 +221,14 @@ fn load_config(dir: &Option<PathBuf>) -> Result<Config> {
     })
 }
 
+/// transport.toml from the config directory, else the embedded default.
+fn transport_config(dir: &Option<PathBuf>) -> Result<nimmer_config::TransportFile> {
+    Ok(match dir {
+        Some(d) if d.join("transport.toml").is_file() => nimmer_config::TransportFile::load(d)?,
+        _ => nimmer_config::TransportFile::embedded(),
+    })
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -272,13 +308,62 @@ fn run(mut cli: Cli) -> Result<()> {
             };
             serve(cfg, opts, listen)
         }
-        Cmd::Compositor { nats, postgres } => {
-            let transport = match &cli.config {
-                Some(d) if d.join("transport.toml").is_file() => {
-                    nimmer_config::TransportFile::load(d)?
+        Cmd::Feeds {
+            cmd: FeedsCmd::Apply { nats },
+        } => {
+            let transport = transport_config(&cli.config)?;
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let client = async_nats::connect(&nats)
+                    .await
+                    .with_context(|| format!("connecting to NATS at {nats}"))?;
+                let js = async_nats::jetstream::new(client);
+                for name in nimmer_compositor::streams::ensure_feeds(&js, &transport).await? {
+                    println!("{name}: applied");
                 }
-                _ => nimmer_config::TransportFile::embedded(),
-            };
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Player { id, db, nats } => {
+            let transport = transport_config(&cli.config)?;
+            let db = db.unwrap_or_else(|| PathBuf::from("players").join(format!("{id}.sqlite")));
+            if let Some(parent) = db.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let store = nimmer_compositor::PlayerStore::open(&db).await?;
+                let feed = transport.player_subject(&id);
+                let from = store.checkpoint(&feed).await?;
+                eprintln!(
+                    "player {id}: {} canon rows in {}, replaying {feed} from sequence {}",
+                    store.count().await?,
+                    db.display(),
+                    from + 1
+                );
+                let client = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .connect(&nats)
+                    .await
+                    .with_context(|| format!("connecting to NATS at {nats}"))?;
+                let js = async_nats::jetstream::new(client);
+                nimmer_compositor::follow(&js, &transport, &id, &store, shutdown_signal(), |a| {
+                    for c in &a.new {
+                        println!(
+                            "[{} #{}] {}: {}",
+                            c.canon_uid,
+                            a.checkpoint,
+                            c.npc.as_deref().unwrap_or("-"),
+                            c.text
+                        );
+                    }
+                })
+                .await?;
+                store.close().await;
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Compositor { nats, postgres } => {
+            let transport = transport_config(&cli.config)?;
             let url = postgres.unwrap_or_else(|| transport.postgres.url.clone());
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
