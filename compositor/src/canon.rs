@@ -135,27 +135,7 @@ pub async fn compose(
     .bind(&r.uid.scene)
     .fetch_one(&mut **tx)
     .await?;
-    let canon = Canon {
-        canon_uid: format!(
-            "{}/{}/{}/{seq}",
-            r.uid.gm_event, r.uid.district, r.uid.scene
-        ),
-        result_id: r.result_id.clone(),
-        gm_event: r.uid.gm_event.clone(),
-        district: r.uid.district.clone(),
-        scene: r.uid.scene.clone(),
-        slot: r.uid.slot.clone(),
-        seq,
-        zone: r.zone.clone(),
-        kind: r.kind.clone(),
-        tier: r.response.tier.clone(),
-        npc: r.npc.as_ref().map(|n| n.id.clone()),
-        text: r.response.text.clone(),
-        participants: r.participants.clone(),
-        faction: r.faction.clone(),
-        adapters: r.response.adapters.clone(),
-        finished_at_ms: r.finished_at_ms,
-    };
+    let canon = canon_of(r, seq);
     // A concurrent compositor may have inserted the same result since the check: the unique key turns
     // that into a no-op here, and the caller's commit keeps the register consistent.
     let inserted: Option<i64> = sqlx::query_scalar(
@@ -188,6 +168,46 @@ pub async fn compose(
         return Ok(Composed::Duplicate);
     }
     let payload = serde_json::to_vec(&canon).expect("canon serializes");
+    let (msg_ids, subjects) = outbox_rows(&canon, transport);
+    sqlx::query(
+        "INSERT INTO outbox (msg_id, subject, payload)
+         SELECT m, s, $3 FROM unnest($1::text[], $2::text[]) AS t(m, s)",
+    )
+    .bind(&msg_ids)
+    .bind(&subjects)
+    .bind(&payload)
+    .execute(&mut **tx)
+    .await?;
+    Ok(Composed::New(Box::new(canon)))
+}
+
+fn canon_of(r: &ResultIn, seq: i64) -> Canon {
+    Canon {
+        canon_uid: format!(
+            "{}/{}/{}/{seq}",
+            r.uid.gm_event, r.uid.district, r.uid.scene
+        ),
+        result_id: r.result_id.clone(),
+        gm_event: r.uid.gm_event.clone(),
+        district: r.uid.district.clone(),
+        scene: r.uid.scene.clone(),
+        slot: r.uid.slot.clone(),
+        seq,
+        zone: r.zone.clone(),
+        kind: r.kind.clone(),
+        tier: r.response.tier.clone(),
+        npc: r.npc.as_ref().map(|n| n.id.clone()),
+        text: r.response.text.clone(),
+        participants: r.participants.clone(),
+        faction: r.faction.clone(),
+        adapters: r.response.adapters.clone(),
+        finished_at_ms: r.finished_at_ms,
+    }
+}
+
+/// The messages a canon row goes out as: `(msg ids, subjects)` — the scene subject, one per distinct
+/// participant, one for its faction.
+fn outbox_rows(canon: &Canon, transport: &TransportFile) -> (Vec<String>, Vec<String>) {
     let mut msg_ids = vec![canon.canon_uid.clone()];
     let mut subjects =
         vec![transport.canon_subject(&canon.gm_event, &canon.district, &canon.scene)];
@@ -204,14 +224,146 @@ pub async fn compose(
         msg_ids.push(format!("{}#{f}", canon.canon_uid));
         subjects.push(transport.faction_subject(f));
     }
+    (msg_ids, subjects)
+}
+
+/// Separates list items inside one text value (it cannot occur in subject tokens or adapter names).
+const SEP: &str = "\u{1f}";
+
+/// [`compose`] for many results with a fixed number of statements: known results are skipped, each scene's
+/// sequence numbers are reserved with one upsert (scenes locked in a fixed order), and canon and outbox rows
+/// are inserted from arrays. One result per entry of the returned list, in order. A value the schema rejects
+/// fails the whole call: the caller then composes the results one by one to find it.
+pub async fn compose_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    results: &[ResultIn],
+    transport: &TransportFile,
+) -> Result<Vec<Composed>> {
+    let ids: Vec<&str> = results.iter().map(|r| r.result_id.as_str()).collect();
+    let known: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT result_id FROM canon WHERE result_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut taken = std::collections::HashSet::new();
+    let fresh: Vec<usize> = (0..results.len())
+        .filter(|&i| !known.contains(&results[i].result_id) && taken.insert(&results[i].result_id))
+        .collect();
+    let mut out = vec![Composed::Duplicate; results.len()];
+    if fresh.is_empty() {
+        return Ok(out);
+    }
+    let events: std::collections::BTreeSet<&str> = fresh
+        .iter()
+        .map(|&i| results[i].uid.gm_event.as_str())
+        .collect();
+    sqlx::query("INSERT INTO events (gm_event) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING")
+        .bind(events.into_iter().collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    // Rows per scene, in a fixed (sorted) order so concurrent compositors lock scenes alike.
+    let mut scenes: std::collections::BTreeMap<(&str, &str, &str), i64> = Default::default();
+    for &i in &fresh {
+        let u = &results[i].uid;
+        *scenes
+            .entry((u.gm_event.as_str(), u.district.as_str(), u.scene.as_str()))
+            .or_default() += 1;
+    }
+    let (mut se, mut sd, mut ss, mut sk) = (vec![], vec![], vec![], vec![]);
+    for ((e, d, s), k) in &scenes {
+        se.push(*e);
+        sd.push(*d);
+        ss.push(*s);
+        sk.push(*k);
+    }
+    let last: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "INSERT INTO scenes (gm_event, district, scene, last_seq)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+         ON CONFLICT (gm_event, district, scene)
+         DO UPDATE SET last_seq = scenes.last_seq + excluded.last_seq, last_at = now()
+         RETURNING gm_event, district, scene, last_seq",
+    )
+    .bind(&se)
+    .bind(&sd)
+    .bind(&ss)
+    .bind(&sk)
+    .fetch_all(&mut **tx)
+    .await?;
+    // Next sequence number per scene: the first of the reserved range.
+    let mut next: std::collections::HashMap<(String, String, String), i64> = last
+        .into_iter()
+        .map(|(e, d, s, l)| {
+            let k = scenes[&(e.as_str(), d.as_str(), s.as_str())];
+            ((e, d, s), l - k + 1)
+        })
+        .collect();
+    let mut canons = Vec::with_capacity(fresh.len());
+    for &i in &fresh {
+        let u = &results[i].uid;
+        let key = (u.gm_event.clone(), u.district.clone(), u.scene.clone());
+        let seq = next.get_mut(&key).expect("scene reserved");
+        canons.push((i, canon_of(&results[i], *seq)));
+        *seq += 1;
+    }
+    let col = |f: &dyn Fn(&Canon) -> String| canons.iter().map(|(_, c)| f(c)).collect::<Vec<_>>();
+    let opt =
+        |f: &dyn Fn(&Canon) -> Option<String>| canons.iter().map(|(_, c)| f(c)).collect::<Vec<_>>();
+    let inserted: std::collections::HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO canon (canon_uid, result_id, gm_event, district, scene, slot, seq, zone, kind, tier,
+                            npc, text, participants, faction, adapters, finished_at)
+         SELECT u, r, e, d, s, sl, q, z, k, t, n, x, string_to_array(p, E'\\x1f'), f,
+                string_to_array(a, E'\\x1f'), to_timestamp(ms::double precision / 1000)
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                     $15::text[], $16::bigint[])
+              AS v(u, r, e, d, s, sl, q, z, k, t, n, x, p, f, a, ms)
+         ON CONFLICT (result_id) DO NOTHING
+         RETURNING result_id",
+    )
+    .bind(col(&|c| c.canon_uid.clone()))
+    .bind(col(&|c| c.result_id.clone()))
+    .bind(col(&|c| c.gm_event.clone()))
+    .bind(col(&|c| c.district.clone()))
+    .bind(col(&|c| c.scene.clone()))
+    .bind(col(&|c| c.slot.clone()))
+    .bind(canons.iter().map(|(_, c)| c.seq).collect::<Vec<_>>())
+    .bind(col(&|c| c.zone.clone()))
+    .bind(col(&|c| c.kind.clone()))
+    .bind(col(&|c| c.tier.clone()))
+    .bind(opt(&|c| c.npc.clone()))
+    .bind(col(&|c| c.text.clone()))
+    .bind(col(&|c| c.participants.join(SEP)))
+    .bind(opt(&|c| c.faction.clone()))
+    .bind(col(&|c| c.adapters.join(SEP)))
+    .bind(canons.iter().map(|(_, c)| c.finished_at_ms).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    let (mut mids, mut subs, mut pays) = (vec![], vec![], vec![]);
+    for (i, c) in canons {
+        if !inserted.contains(&c.result_id) {
+            continue; // a concurrent compositor composed it first
+        }
+        let payload = serde_json::to_vec(&c).expect("canon serializes");
+        let (m, s) = outbox_rows(&c, transport);
+        for (m, s) in m.into_iter().zip(s) {
+            mids.push(m);
+            subs.push(s);
+            pays.push(payload.clone());
+        }
+        out[i] = Composed::New(Box::new(c));
+    }
     sqlx::query(
         "INSERT INTO outbox (msg_id, subject, payload)
-         SELECT m, s, $3 FROM unnest($1::text[], $2::text[]) AS t(m, s)",
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])",
     )
-    .bind(&msg_ids)
-    .bind(&subjects)
-    .bind(&payload)
+    .bind(&mids)
+    .bind(&subs)
+    .bind(&pays)
     .execute(&mut **tx)
     .await?;
-    Ok(Composed::New(Box::new(canon)))
+    Ok(out)
 }

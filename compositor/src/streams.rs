@@ -90,6 +90,9 @@ pub fn players_stream(t: &TransportFile) -> stream::Config {
         name: t.players.stream.clone(),
         subjects: vec![t.players_filter()],
         retention: stream::RetentionPolicy::Limits,
+        // nats-server 2.15 caps a stream at 1,000 consumers unless it sets its own limit (and reads -1 as
+        // "the default"): one durable consumer per player needs an explicit one.
+        max_consumers: t.players.max_consumers,
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(t.players.duplicate_window_s),
         max_age: Duration::from_secs(t.players.max_age_h * 3600),

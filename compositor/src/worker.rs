@@ -11,7 +11,7 @@ use futures::StreamExt;
 use nimmer_config::TransportFile;
 use sqlx::PgPool;
 
-use crate::canon::{Composed, ResultIn, compose};
+use crate::canon::{Composed, ResultIn, compose, compose_batch};
 use crate::error::{CompositorError, Result};
 
 /// What one batch did.
@@ -47,34 +47,61 @@ impl Compositor {
     ) -> Result<()> {
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
+        let mut stream = None;
         loop {
-            let fetch = consumer
-                .fetch()
-                .max_messages(self.transport.results.batch)
-                .expires(Duration::from_millis(500))
-                .messages();
-            let mut batch = tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                b = fetch => match b {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "fetching results failed; retrying");
+            // One continuous pull (results arrive as they are published); a batch is the first result
+            // waited for plus whatever else arrives within 2 ms, up to `batch`.
+            let msgs = match stream.as_mut() {
+                None => {
+                    let s = consumer
+                        .stream()
+                        .max_messages_per_batch(self.transport.results.batch)
+                        .heartbeat(Duration::from_secs(5))
+                        .expires(Duration::from_secs(30))
+                        .messages();
+                    match tokio::select! { _ = &mut shutdown => return Ok(()), s = s => s } {
+                        Ok(s) => stream = Some(s),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pulling results failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                    continue;
+                }
+                Some(s) => {
+                    let first = tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        m = s.next() => m,
+                    };
+                    let mut msgs = Vec::new();
+                    let mut failed = None;
+                    match first {
+                        Some(Ok(m)) => msgs.push(m),
+                        Some(Err(e)) => failed = Some(e.to_string()),
+                        None => failed = Some("the pull ended".into()),
+                    }
+                    while failed.is_none()
+                        && !msgs.is_empty()
+                        && msgs.len() < self.transport.results.batch
+                    {
+                        match tokio::time::timeout(Duration::from_millis(2), s.next()).await {
+                            Ok(Some(Ok(m))) => msgs.push(m),
+                            Ok(Some(Err(e))) => failed = Some(e.to_string()),
+                            Ok(None) => failed = Some("the pull ended".into()),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(e) = failed {
+                        // E.g. missed heartbeats while the server restarts: pull again.
+                        tracing::warn!(error = %e, "results pull interrupted; pulling again");
+                        stream = None;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
                     }
-                },
-            };
-            let mut msgs = Vec::new();
-            while let Some(m) = batch.next().await {
-                match m {
-                    Ok(m) => msgs.push(m),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "pull batch ended early");
-                        break;
-                    }
+                    msgs
                 }
-            }
+            };
             if msgs.is_empty() {
                 continue;
             }
@@ -101,35 +128,48 @@ impl Compositor {
     /// acked: the results are redelivered.
     pub async fn process(&self, msgs: Vec<Message>) -> Result<BatchStats> {
         let mut stats = BatchStats::default();
-        let mut tx = self.pool.begin().await?;
-        let mut done = Vec::with_capacity(msgs.len());
+        let mut good = Vec::with_capacity(msgs.len());
         let mut dead = Vec::new();
         for m in msgs {
-            let r = match ResultIn::parse(&m.payload) {
-                Ok(r) => r,
-                Err(reason) => {
-                    dead.push((m, reason));
-                    continue;
-                }
-            };
-            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
-            match compose(&mut sp, &r, &self.transport).await {
-                Ok(c) => {
-                    sp.commit().await?;
-                    match c {
-                        Composed::New(_) => stats.composed += 1,
-                        Composed::Duplicate => stats.duplicates += 1,
-                    }
-                    done.push(m);
-                }
-                Err(CompositorError::Db(e)) if is_data_error(&e) => {
-                    sp.rollback().await?;
-                    dead.push((m, format!("rejected by the canon schema: {e}")));
-                }
-                Err(e) => return Err(e),
+            match ResultIn::parse(&m.payload) {
+                Ok(r) => good.push((m, r)),
+                Err(reason) => dead.push((m, reason)),
             }
         }
-        tx.commit().await?;
+        let results: Vec<ResultIn> = good.iter().map(|(_, r)| r.clone()).collect();
+        let mut tx = self.pool.begin().await?;
+        let composed: Vec<std::result::Result<Composed, String>> = match compose_batch(
+            &mut tx,
+            &results,
+            &self.transport,
+        )
+        .await
+        {
+            Ok(c) => {
+                tx.commit().await?;
+                c.into_iter().map(Ok).collect()
+            }
+            Err(CompositorError::Db(e)) if is_data_error(&e) => {
+                drop(tx);
+                tracing::info!(error = %e, "a result in the batch was rejected; composing one by one");
+                self.one_by_one(&results).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut done = Vec::with_capacity(good.len());
+        for ((m, _), c) in good.into_iter().zip(composed) {
+            match c {
+                Ok(Composed::New(_)) => {
+                    stats.composed += 1;
+                    done.push(m);
+                }
+                Ok(Composed::Duplicate) => {
+                    stats.duplicates += 1;
+                    done.push(m);
+                }
+                Err(reason) => dead.push((m, reason)),
+            }
+        }
         for m in &done {
             if let Err(e) = m.ack().await {
                 // The row is committed: a redelivery is a no-op.
@@ -141,6 +181,31 @@ impl Compositor {
             self.dead_letter(&m, &reason).await?;
         }
         Ok(stats)
+    }
+
+    /// Composes `results` one savepoint each in one transaction; a result the schema rejects gets its reason.
+    async fn one_by_one(
+        &self,
+        results: &[ResultIn],
+    ) -> Result<Vec<std::result::Result<Composed, String>>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+            match compose(&mut sp, r, &self.transport).await {
+                Ok(c) => {
+                    sp.commit().await?;
+                    out.push(Ok(c));
+                }
+                Err(CompositorError::Db(e)) if is_data_error(&e) => {
+                    sp.rollback().await?;
+                    out.push(Err(format!("rejected by the canon schema: {e}")));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Stores `m` on the dead-letter subject with `reason`, then acks it (terminating its delivery).

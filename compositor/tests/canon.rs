@@ -41,6 +41,10 @@ async fn results_become_canon_exactly_once() {
     let mut bad_scene = result("bad2", "sc1", 99, &["p1"]);
     bad_scene["uid"]["scene"] = json!("a.b");
     publish(&js, "sc1", &bad_scene, "bad2").await;
+    // Valid JSON the schema rejects (PostgreSQL text cannot hold NUL): dead-lettered, the batch still lands.
+    let mut nul = result("bad3", "sc2", 98, &["p1"]);
+    nul["response"]["text"] = json!("bad\u{0}text");
+    publish(&js, "sc2", &nul, "bad3").await;
 
     let canon = read_all(&js, "CANON", "", 60, Duration::from_secs(30)).await;
     assert_eq!(canon.len(), 60, "each result exactly once");
@@ -77,8 +81,8 @@ async fn results_become_canon_exactly_once() {
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "{sc}");
     }
 
-    let dead = read_all(&js, "DEADLETTER", "", 2, Duration::from_secs(10)).await;
-    assert_eq!(dead.len(), 2);
+    let dead = read_all(&js, "DEADLETTER", "", 3, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), 3);
     let reasons: Vec<String> = dead
         .iter()
         .map(|m| {
@@ -92,6 +96,10 @@ async fn results_become_canon_exactly_once() {
         .collect();
     assert!(reasons[0].contains("not a dialog result"), "{reasons:?}");
     assert!(reasons[1].contains("uid.scene"), "{reasons:?}");
+    assert!(
+        reasons[2].contains("rejected by the canon schema"),
+        "{reasons:?}"
+    );
 
     let pool = sqlx::PgPool::connect(&stack.pg.url).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM canon")

@@ -76,6 +76,7 @@ pub struct PlayersSpec {
     pub subject: String,
     pub max_age_h: u64,
     pub duplicate_window_s: u64,
+    pub max_consumers: i32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +177,9 @@ impl TransportFile {
                 "players.duplicate_window_s",
                 "must be at least 1 and not exceed max_age_h",
             );
+        }
+        if t.players.max_consumers < 1 {
+            return bad("players.max_consumers", "must be at least 1");
         }
         if !t.factions.subject.contains("{faction}")
             || !valid_subject(&t.faction_subject("f"))

@@ -84,6 +84,16 @@ impl NatsServer {
         wait_listening(self.port, "nats-server");
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where JetStream keeps its files.
+    pub fn store_path(&self) -> &Path {
+        self.store.path()
+    }
+
     /// Kills the server (SIGKILL: no graceful shutdown).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
