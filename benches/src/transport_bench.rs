@@ -38,13 +38,19 @@ struct Args {
     write: Option<std::path::PathBuf>,
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn result(i: usize, participants: &[&str]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "result_id": format!("r{i}"),
         "uid": { "gm_event": "ev1", "district": format!("d{}", i % 8), "scene": format!("sc{}", i % 64), "slot": format!("s{i}") },
         "zone": "z1", "kind": "dialog", "npc": { "id": "npc1" },
         "participants": participants, "faction": "f1",
-        "finished_at_ms": 1_764_000_000_000u64 + i as u64,
+        "finished_at_ms": now_ms() + i as u64,
         "response": { "text": "Arr, the ferry leaves every hour on the bell, matey.", "tier": "driver", "adapters": [] },
     }))
     .unwrap()
@@ -273,7 +279,7 @@ async fn main() -> Result<()> {
         participants: vec!["offline".into()],
         faction: None,
         adapters: vec![],
-        finished_at_ms: 1_764_000_000_000,
+        finished_at_ms: now_ms() as i64,
     })?;
     let mut acks = Vec::new();
     for i in 0..args.replay {

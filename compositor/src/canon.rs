@@ -104,6 +104,44 @@ pub enum Composed {
     New(Box<Canon>),
     /// The result was composed before.
     Duplicate,
+    /// Not composable (its event is completed): dead-lettered with this reason.
+    Rejected(String),
+}
+
+/// Marks `gm_event` completed and prunes its register entries (its scenes); later results for it are rejected.
+/// Returns whether the event was known and how many scene entries were pruned.
+pub async fn complete_event(pool: &sqlx::PgPool, gm_event: &str) -> Result<(bool, u64)> {
+    let mut tx = pool.begin().await?;
+    let known = sqlx::query(
+        "UPDATE events SET status = 'completed', completed_at = coalesce(completed_at, now())
+         WHERE gm_event = $1",
+    )
+    .bind(gm_event)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    let pruned = sqlx::query("DELETE FROM scenes WHERE gm_event = $1")
+        .bind(gm_event)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok((known, pruned))
+}
+
+async fn completed_events(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[&str],
+) -> Result<std::collections::HashSet<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT gm_event FROM events WHERE status = 'completed' AND gm_event = ANY($1)",
+    )
+    .bind(events)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect())
 }
 
 /// Writes the canon row and outbox row of `r` in `tx`. The scene's sequence number comes from the register
@@ -119,6 +157,15 @@ pub async fn compose(
         .await?;
     if seen.is_some() {
         return Ok(Composed::Duplicate);
+    }
+    if !completed_events(tx, &[r.uid.gm_event.as_str()])
+        .await?
+        .is_empty()
+    {
+        return Ok(Composed::Rejected(format!(
+            "event {} is completed",
+            r.uid.gm_event
+        )));
     }
     sqlx::query("INSERT INTO events (gm_event) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(&r.uid.gm_event)
@@ -247,11 +294,21 @@ pub async fn compose_batch(
             .await?
             .into_iter()
             .collect();
-    let mut taken = std::collections::HashSet::new();
-    let fresh: Vec<usize> = (0..results.len())
-        .filter(|&i| !known.contains(&results[i].result_id) && taken.insert(&results[i].result_id))
-        .collect();
+    let evs: Vec<&str> = results.iter().map(|r| r.uid.gm_event.as_str()).collect();
+    let completed = completed_events(tx, &evs).await?;
     let mut out = vec![Composed::Duplicate; results.len()];
+    let mut taken = std::collections::HashSet::new();
+    let mut fresh = Vec::with_capacity(results.len());
+    for (i, r) in results.iter().enumerate() {
+        if known.contains(&r.result_id) || !taken.insert(&r.result_id) {
+            continue;
+        }
+        if completed.contains(&r.uid.gm_event) {
+            out[i] = Composed::Rejected(format!("event {} is completed", r.uid.gm_event));
+            continue;
+        }
+        fresh.push(i);
+    }
     if fresh.is_empty() {
         return Ok(out);
     }

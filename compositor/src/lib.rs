@@ -16,7 +16,7 @@ pub mod relay;
 pub mod streams;
 pub mod worker;
 
-pub use canon::{Canon, Composed, ResultIn};
+pub use canon::{Canon, Composed, ResultIn, complete_event};
 pub use error::{CompositorError, Result};
 pub use player::{PlayerStore, follow};
 pub use relay::Relay;

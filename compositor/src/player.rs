@@ -135,6 +135,35 @@ impl PlayerStore {
         Ok(new)
     }
 
+    /// Deletes rows older than their kind's rule (`now_ms` - `max_age_h`); how many were deleted.
+    pub async fn prune(&self, rules: &[nimmer_config::PruneRule], now_ms: i64) -> Result<u64> {
+        let named: Vec<&str> = rules
+            .iter()
+            .filter(|r| r.kind != "*")
+            .map(|r| r.kind.as_str())
+            .collect();
+        let mut deleted = 0;
+        for r in rules {
+            let cutoff = now_ms - (r.max_age_h as i64) * 3_600_000;
+            let q = if r.kind == "*" {
+                // Kinds without their own rule.
+                let list = serde_json::to_string(&named).expect("names serialize");
+                sqlx::query(
+                    "DELETE FROM canon WHERE finished_at_ms < ?
+                     AND kind NOT IN (SELECT value FROM json_each(?))",
+                )
+                .bind(cutoff)
+                .bind(list)
+            } else {
+                sqlx::query("DELETE FROM canon WHERE finished_at_ms < ? AND kind = ?")
+                    .bind(cutoff)
+                    .bind(r.kind.clone())
+            };
+            deleted += q.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(deleted)
+    }
+
     /// Canon rows held.
     pub async fn count(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM canon")
@@ -181,8 +210,14 @@ pub async fn follow(
     }
     tokio::pin!(stop);
     let feed = t.player_subject(player);
+    prune_now(store, &t.players.prune).await;
+    let mut last_prune = std::time::Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
+        if last_prune.elapsed() > Duration::from_secs(600) {
+            prune_now(store, &t.players.prune).await;
+            last_prune = std::time::Instant::now();
+        }
         let from = store.checkpoint(&feed).await? + 1;
         let run = follow_from(js, t, &feed, from, store, &mut on_batch);
         tokio::select! {
@@ -256,5 +291,16 @@ async fn follow_from(
             new: fresh,
             checkpoint,
         });
+    }
+}
+
+async fn prune_now(store: &PlayerStore, rules: &[nimmer_config::PruneRule]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    match store.prune(rules, now).await {
+        Ok(n) if n > 0 => tracing::info!(deleted = n, "player store pruned"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "pruning the player store failed"),
     }
 }

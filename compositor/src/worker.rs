@@ -167,7 +167,7 @@ impl Compositor {
                     stats.duplicates += 1;
                     done.push(m);
                 }
-                Err(reason) => dead.push((m, reason)),
+                Ok(Composed::Rejected(reason)) | Err(reason) => dead.push((m, reason)),
             }
         }
         for m in &done {

@@ -149,5 +149,32 @@ async fn results_become_canon_exactly_once() {
     )
     .await;
     assert_eq!(p1.len(), 60);
+
+    // Completing the event prunes its register entries; a late result for it is dead-lettered.
+    let scenes: i64 = sqlx::query_scalar("SELECT count(*) FROM scenes WHERE gm_event = 'ev1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(scenes, 3);
+    let (known, pruned) = nimmer_compositor::complete_event(&pool, "ev1")
+        .await
+        .unwrap();
+    assert_eq!((known, pruned), (true, 3));
+    publish(&js, "sc0", &result("late", "sc0", 77, &["p1"]), "late").await;
+    let dead = read_all(&js, "DEADLETTER", "", 4, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), 4);
+    let reason = dead[3]
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Nimmer-Reason")
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("event ev1 is completed"), "{reason}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM canon")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 60);
     compositor.stop().await;
 }

@@ -179,3 +179,44 @@ async fn corrupt_player_store_is_reported() {
     assert!(err.contains("p9.sqlite"), "{err}");
     assert!(err.contains("not a usable player store"), "{err}");
 }
+
+#[tokio::test]
+async fn player_store_prunes_by_kind_and_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PlayerStore::open(&dir.path().join("p.sqlite"))
+        .await
+        .unwrap();
+    let hour = 3_600_000i64;
+    let now = 1_800_000_000_000i64;
+    let row = |i: i64, kind: &str, age_h: i64| nimmer_compositor::Canon {
+        canon_uid: format!("e/d/s/{i}"),
+        result_id: format!("r{i}"),
+        gm_event: "e".into(),
+        district: "d".into(),
+        scene: "s".into(),
+        slot: "s1".into(),
+        seq: i,
+        zone: "z".into(),
+        kind: kind.into(),
+        tier: "driver".into(),
+        npc: None,
+        text: "hi".into(),
+        participants: vec!["p".into()],
+        faction: None,
+        adapters: vec![],
+        finished_at_ms: now - age_h * hour,
+    };
+    let rows = vec![
+        (1, row(1, "classify", 2)),
+        (2, row(2, "classify", 30)),
+        (3, row(3, "dialog", 30)),
+        (4, row(4, "dialog", 3000)),
+        (5, row(5, "moment", 3000)),
+    ];
+    store.apply("feed", &rows).await.unwrap();
+    let rules = nimmer_config::TransportFile::embedded().players.prune;
+    // classify: 24 h; everything else: 2160 h.
+    assert_eq!(store.prune(&rules, now).await.unwrap(), 3);
+    assert_eq!(store.canon_uids().await.unwrap(), ["e/d/s/1", "e/d/s/3"]);
+    assert_eq!(store.checkpoint("feed").await.unwrap(), 5);
+}

@@ -24,7 +24,7 @@ pub use tiers::{
 };
 pub use transport::{
     CanonSpec, DEFAULT_TRANSPORT_TOML, FactionsSpec, FeedSpec, PlayersSpec, PostgresSpec,
-    RelaySpec, ResultsSpec, TransportFile, valid_subject, valid_token,
+    PruneRule, RelaySpec, ResultsSpec, TransportFile, valid_subject, valid_token,
 };
 
 use std::path::Path;

@@ -77,6 +77,16 @@ pub struct PlayersSpec {
     pub max_age_h: u64,
     pub duplicate_window_s: u64,
     pub max_consumers: i32,
+    #[serde(default)]
+    pub prune: Vec<PruneRule>,
+}
+
+/// Player store pruning: rows of `kind` ("*": any kind without its own rule) older than `max_age_h`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRule {
+    pub kind: String,
+    pub max_age_h: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +187,19 @@ impl TransportFile {
                 "players.duplicate_window_s",
                 "must be at least 1 and not exceed max_age_h",
             );
+        }
+        let mut kinds = std::collections::BTreeSet::new();
+        for r in &t.players.prune {
+            if !["dialog", "deep", "moment", "classify", "*"].contains(&r.kind.as_str())
+                || !kinds.insert(r.kind.as_str())
+                || r.max_age_h == 0
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("players.prune.{}", r.kind),
+                    "kind must be dialog, deep, moment, classify or \"*\", once each, with max_age_h at least 1",
+                ));
+            }
         }
         if t.players.max_consumers < 1 {
             return bad("players.max_consumers", "must be at least 1");

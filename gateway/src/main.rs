@@ -7,6 +7,7 @@
 //! - `nimmer loras train`: train a trait-LoRA for the Driver's model from a JSON Lines file of chat examples.
 //!
 //! - `nimmer compositor`: a compositor process (results -> canon in PostgreSQL -> JetStream CANON).
+//! - `nimmer events complete E`: mark a game-master event completed (prunes its register entries).
 //! - `nimmer feeds apply`: create or update the derived feeds of transport.toml.
 //! - `nimmer player --id P`: a player client (its feed, from its checkpoint, into its SQLite file).
 //!
@@ -79,6 +80,11 @@ enum Cmd {
         #[arg(long, env = "NIMMER_POSTGRES")]
         postgres: Option<String>,
     },
+    /// Game-master events in the canon register.
+    Events {
+        #[command(subcommand)]
+        cmd: EventsCmd,
+    },
     /// Derived canon feeds.
     Feeds {
         #[command(subcommand)]
@@ -116,6 +122,18 @@ enum ModelsCmd {
     },
     /// List configured models, where they live and whether they are present.
     List,
+}
+
+#[derive(Subcommand)]
+enum EventsCmd {
+    /// Mark an event completed: its register entries (scenes) are pruned and later results for it are
+    /// dead-lettered.
+    Complete {
+        gm_event: String,
+        /// PostgreSQL URL (default: `[postgres] url` of transport.toml).
+        #[arg(long, env = "NIMMER_POSTGRES")]
+        postgres: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -307,6 +325,21 @@ fn run(mut cli: Cli) -> Result<()> {
                 nats,
             };
             serve(cfg, opts, listen)
+        }
+        Cmd::Events {
+            cmd: EventsCmd::Complete { gm_event, postgres },
+        } => {
+            let transport = transport_config(&cli.config)?;
+            let url = postgres.unwrap_or_else(|| transport.postgres.url.clone());
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let pool = nimmer_compositor::connect(&url, 1).await?;
+                let (known, pruned) = nimmer_compositor::complete_event(&pool, &gm_event).await?;
+                if !known {
+                    bail!("no event `{gm_event}` in the register");
+                }
+                println!("{gm_event}: completed ({pruned} scene entries pruned)");
+                anyhow::Ok(())
+            })
         }
         Cmd::Feeds {
             cmd: FeedsCmd::Apply { nats },

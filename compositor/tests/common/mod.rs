@@ -90,9 +90,17 @@ pub fn result(id: &str, scene: &str, slot: u32, participants: &[&str]) -> serde_
         "zone": "docks-3", "kind": "dialog",
         "npc": { "id": "brannoch", "traits": {} },
         "participants": participants, "faction": "dockers",
-        "finished_at_ms": 1_764_000_000_000u64 + slot as u64,
+        "finished_at_ms": now_ms() + slot as u64,
         "response": { "text": format!("line {slot}"), "tier": "driver", "adapters": ["sailor@v1"], "extra": 1 },
     })
+}
+
+/// Now, in Unix milliseconds (results must be recent: player stores prune old rows).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 pub async fn publish(js: &jetstream::Context, scene: &str, v: &serde_json::Value, msg_id: &str) {
