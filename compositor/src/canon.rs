@@ -2,7 +2,7 @@
 //! canon needs) becomes one canon row with its place in the scene, plus the outbox row the relay publishes, in
 //! the caller's transaction. A result already composed (same `result_id`) is a no-op.
 
-use nimmer_config::{TransportFile, valid_token};
+use nimmer_config::{DeliveryMode, TransportFile, valid_token};
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, Transaction};
 
@@ -211,10 +211,13 @@ pub async fn compose(
     .bind(canon.finished_at_ms as f64)
     .fetch_optional(&mut **tx)
     .await?;
-    if inserted.is_none() {
+    let Some(canon_id) = inserted else {
         return Ok(Composed::Duplicate);
-    }
+    };
     let payload = serde_json::to_vec(&canon).expect("canon serializes");
+    let mut deliveries = Deliveries::default();
+    deliveries.add(canon_id, &canon, &payload, transport);
+    deliveries.insert(tx).await?;
     let (msg_ids, subjects) = outbox_rows(&canon, transport);
     sqlx::query(
         "INSERT INTO outbox (msg_id, subject, payload)
@@ -258,14 +261,11 @@ fn outbox_rows(canon: &Canon, transport: &TransportFile) -> (Vec<String>, Vec<St
     let mut msg_ids = vec![canon.canon_uid.clone()];
     let mut subjects =
         vec![transport.canon_subject(&canon.gm_event, &canon.district, &canon.scene)];
-    let mut seen = std::collections::BTreeSet::new();
-    for p in canon
-        .participants
-        .iter()
-        .filter(|p| seen.insert(p.as_str()))
-    {
-        msg_ids.push(format!("{}@{p}", canon.canon_uid));
-        subjects.push(transport.player_subject(p));
+    if transport.delivery.mode == DeliveryMode::Jetstream {
+        for p in distinct(&canon.participants) {
+            msg_ids.push(format!("{}@{p}", canon.canon_uid));
+            subjects.push(transport.player_subject(p));
+        }
     }
     if let Some(f) = &canon.faction {
         msg_ids.push(format!("{}#{f}", canon.canon_uid));
@@ -367,7 +367,7 @@ pub async fn compose_batch(
     let col = |f: &dyn Fn(&Canon) -> String| canons.iter().map(|(_, c)| f(c)).collect::<Vec<_>>();
     let opt =
         |f: &dyn Fn(&Canon) -> Option<String>| canons.iter().map(|(_, c)| f(c)).collect::<Vec<_>>();
-    let inserted: std::collections::HashSet<String> = sqlx::query_scalar(
+    let inserted: std::collections::HashMap<String, i64> = sqlx::query_as(
         "INSERT INTO canon (canon_uid, result_id, gm_event, district, scene, slot, seq, zone, kind, tier,
                             npc, text, participants, faction, adapters, finished_at)
          SELECT u, r, e, d, s, sl, q, z, k, t, n, x, string_to_array(p, E'\\x1f'), f,
@@ -377,7 +377,7 @@ pub async fn compose_batch(
                      $15::text[], $16::bigint[])
               AS v(u, r, e, d, s, sl, q, z, k, t, n, x, p, f, a, ms)
          ON CONFLICT (result_id) DO NOTHING
-         RETURNING result_id",
+         RETURNING result_id, id",
     )
     .bind(col(&|c| c.canon_uid.clone()))
     .bind(col(&|c| c.result_id.clone()))
@@ -400,11 +400,13 @@ pub async fn compose_batch(
     .into_iter()
     .collect();
     let (mut mids, mut subs, mut pays) = (vec![], vec![], vec![]);
+    let mut deliveries = Deliveries::default();
     for (i, c) in canons {
-        if !inserted.contains(&c.result_id) {
+        let Some(&canon_id) = inserted.get(&c.result_id) else {
             continue; // a concurrent compositor composed it first
-        }
+        };
         let payload = serde_json::to_vec(&c).expect("canon serializes");
+        deliveries.add(canon_id, &c, &payload, transport);
         let (m, s) = outbox_rows(&c, transport);
         for (m, s) in m.into_iter().zip(s) {
             mids.push(m);
@@ -422,5 +424,54 @@ pub async fn compose_batch(
     .bind(&pays)
     .execute(&mut **tx)
     .await?;
+    deliveries.insert(tx).await?;
     Ok(out)
+}
+
+/// Delivery rows of the district fallback (none in JetStream mode): one per distinct participant.
+#[derive(Default)]
+struct Deliveries {
+    players: Vec<String>,
+    districts: Vec<String>,
+    canon_ids: Vec<i64>,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl Deliveries {
+    fn add(&mut self, canon_id: i64, c: &Canon, payload: &[u8], t: &TransportFile) {
+        if t.delivery.mode != DeliveryMode::District {
+            return;
+        }
+        for p in distinct(&c.participants) {
+            self.players.push(p.to_string());
+            self.districts.push(c.district.clone());
+            self.canon_ids.push(canon_id);
+            self.payloads.push(payload.to_vec());
+        }
+    }
+
+    async fn insert(self, tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+        if self.players.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO deliveries (player, district, canon_id, payload)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])",
+        )
+        .bind(&self.players)
+        .bind(&self.districts)
+        .bind(&self.canon_ids)
+        .bind(&self.payloads)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+fn distinct(v: &[String]) -> Vec<&str> {
+    let mut seen = std::collections::BTreeSet::new();
+    v.iter()
+        .map(String::as_str)
+        .filter(|p| seen.insert(*p))
+        .collect()
 }

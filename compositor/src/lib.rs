@@ -4,12 +4,14 @@
 //! - [`worker`]: the compositor loop over the shared `RESULTS` consumer: one transaction per batch, ack after
 //!   commit, dead letters for bad input, the queue-depth gauge.
 //! - [`relay`]: outbox → JetStream `CANON`, one leader by advisory lock, woken by LISTEN/NOTIFY.
+//! - [`district`]: the district-distribution fallback: per-district distributors push queued deliveries.
 //! - [`player`]: the player client: a player's feed from its checkpoint into its SQLite file, idempotently.
 //! - [`streams`]: the streams and consumer, from `transport.toml`.
 //!
 //! The schema is in `migrations/` and applied by [`connect`].
 
 pub mod canon;
+pub mod district;
 mod error;
 pub mod player;
 pub mod relay;
@@ -18,7 +20,7 @@ pub mod worker;
 
 pub use canon::{Canon, Composed, ResultIn, complete_event};
 pub use error::{CompositorError, Result};
-pub use player::{PlayerStore, follow};
+pub use player::{PlayerStore, follow, follow_district};
 pub use relay::Relay;
 pub use worker::{BatchStats, Compositor};
 
@@ -46,11 +48,17 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     let pool = connect(postgres_url, transport.postgres.max_connections).await?;
-    let js = async_nats::jetstream::new(nats);
+    let js = async_nats::jetstream::new(nats.clone());
     let consumer = streams::ensure(&js, &transport).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
+    };
+    let distributor = district::Distributor {
+        pool: pool.clone(),
+        url: postgres_url.to_string(),
+        client: nats.clone(),
+        transport: transport.clone(),
     };
     let relay = Relay {
         pool: pool.clone(),
@@ -76,6 +84,14 @@ pub async fn serve(
         let _ = stop_tx.send(true);
         r
     };
+    let distribute = async {
+        if distributor.transport.delivery.mode != nimmer_config::DeliveryMode::District {
+            return Ok(());
+        }
+        let r = distributor.run(stopped(stop_rx.clone())).await;
+        let _ = stop_tx.send(true);
+        r
+    };
     let depth = async {
         tokio::select! {
             _ = worker::report_depth(consumer.clone(), std::time::Duration::from_secs(2)) => {}
@@ -91,8 +107,9 @@ pub async fn serve(
             _ = stopped(stop_rx.clone()) => {}
         }
     };
-    let (w, r, (), ()) = tokio::join!(work, relay, depth, trigger);
+    let (w, r, d, (), ()) = tokio::join!(work, relay, distribute, depth, trigger);
     w?;
     r?;
+    d?;
     Ok(())
 }

@@ -304,3 +304,68 @@ async fn prune_now(store: &PlayerStore, rules: &[nimmer_config::PruneRule]) {
         Err(e) => tracing::warn!(error = %e, "pruning the player store failed"),
     }
 }
+
+/// The checkpoint name of district pushes in the player store.
+pub const DISTRICT_FEED: &str = "district";
+
+/// The player client in district-fallback mode: subscribes to the player's push subject, announces itself on
+/// its presence subject (so distributors push what was queued while it was offline), and applies each push
+/// into `store` before acknowledging it, until `stop` resolves.
+pub async fn follow_district(
+    client: &async_nats::Client,
+    t: &TransportFile,
+    player: &str,
+    store: &PlayerStore,
+    stop: impl std::future::Future<Output = ()>,
+    mut on_batch: impl FnMut(&Applied),
+) -> Result<()> {
+    if !valid_token(player) {
+        return Err(CompositorError::Config(format!(
+            "player id {player:?} cannot be a subject token"
+        )));
+    }
+    tokio::pin!(stop);
+    let mut pushes = client
+        .subscribe(t.push_subject(player))
+        .await
+        .map_err(CompositorError::nats)?;
+    client.flush().await.map_err(CompositorError::nats)?;
+    client
+        .publish(t.presence_subject(player), player.to_string().into())
+        .await
+        .map_err(CompositorError::nats)?;
+    loop {
+        let m = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            m = pushes.next() => match m {
+                Some(m) => m,
+                None => return Err(CompositorError::Nats("push subscription ended".into())),
+            },
+        };
+        let Some(reply) = m.reply.clone() else {
+            continue;
+        };
+        let answer = match serde_json::from_slice::<crate::district::Push>(&m.payload) {
+            Ok(push) => {
+                let new = store.apply(DISTRICT_FEED, &push.rows).await?;
+                let checkpoint = push.rows.last().map_or(0, |(s, _)| *s);
+                let fresh = push
+                    .rows
+                    .into_iter()
+                    .zip(new)
+                    .filter_map(|((_, c), n)| n.then_some(c))
+                    .collect();
+                on_batch(&Applied {
+                    new: fresh,
+                    checkpoint,
+                });
+                "ok".to_string()
+            }
+            Err(e) => format!("malformed push: {e}"),
+        };
+        client
+            .publish(reply, answer.into())
+            .await
+            .map_err(CompositorError::nats)?;
+    }
+}

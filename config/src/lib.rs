@@ -23,8 +23,9 @@ pub use tiers::{
     TiersFile, WheelSource,
 };
 pub use transport::{
-    CanonSpec, DEFAULT_TRANSPORT_TOML, FactionsSpec, FeedSpec, PlayersSpec, PostgresSpec,
-    PruneRule, RelaySpec, ResultsSpec, TransportFile, valid_subject, valid_token,
+    CanonSpec, DEFAULT_TRANSPORT_TOML, DeliveryMode, DeliverySpec, FactionsSpec, FeedSpec,
+    PlayersSpec, PostgresSpec, PruneRule, RelaySpec, ResultsSpec, TransportFile, valid_subject,
+    valid_token,
 };
 
 use std::path::Path;

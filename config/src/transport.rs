@@ -18,9 +18,29 @@ pub struct TransportFile {
     pub canon: CanonSpec,
     pub players: PlayersSpec,
     pub factions: FactionsSpec,
+    pub delivery: DeliverySpec,
     pub relay: RelaySpec,
     #[serde(default)]
     pub feeds: Vec<FeedSpec>,
+}
+
+/// How canon reaches players.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// Players replay their JetStream subject from their checkpoint.
+    Jetstream,
+    /// District distributors push from PostgreSQL (the fallback).
+    District,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySpec {
+    pub mode: DeliveryMode,
+    pub push_subject: String,
+    pub presence_subject: String,
+    pub sweep_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +233,20 @@ impl TransportFile {
                 "must be a NATS subject without wildcards using {faction} (and max_age_h at least 1)",
             );
         }
+        for (key, v) in [
+            ("delivery.push_subject", &t.delivery.push_subject),
+            ("delivery.presence_subject", &t.delivery.presence_subject),
+        ] {
+            if !v.contains("{player}") || !valid_subject(&v.replace("{player}", "p")) {
+                return bad(
+                    key,
+                    "must be a NATS subject without wildcards using {player}",
+                );
+            }
+        }
+        if t.delivery.sweep_s == 0 {
+            return bad("delivery.sweep_s", "must be at least 1");
+        }
         let mut names = std::collections::BTreeSet::new();
         for s in [
             &t.results.stream,
@@ -274,6 +308,16 @@ impl TransportFile {
     /// The subjects `FACTIONS` stores.
     pub fn factions_filter(&self) -> String {
         self.factions.subject.replace("{faction}", "*")
+    }
+
+    /// Where a district distributor pushes a player's canon (fallback mode).
+    pub fn push_subject(&self, player: &str) -> String {
+        self.delivery.push_subject.replace("{player}", player)
+    }
+
+    /// Where a player announces it is online (fallback mode).
+    pub fn presence_subject(&self, player: &str) -> String {
+        self.delivery.presence_subject.replace("{player}", player)
     }
 
     /// The subjects `PLAYERS` stores.

@@ -1,0 +1,130 @@
+//! The district-distribution fallback (`[delivery] mode = "district"`) against real PostgreSQL and nats-server:
+//! an online player gets its rows pushed, an offline one gets them when it comes online, each applied once into
+//! the same SQLite store, and the rows are the canon rows the JetStream path publishes on `CANON`.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::{Stack, eventually, publish, read_all, result};
+use nimmer_compositor::{Canon, PlayerStore, follow_district};
+use nimmer_config::DeliveryMode;
+
+struct Online {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+async fn online(stack: &Stack, player: &'static str, db: &Path) -> Online {
+    let client = stack.client().await;
+    let t = stack.t.clone();
+    let db = db.to_path_buf();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let store = PlayerStore::open(&db).await.unwrap();
+        let mut applied = 0;
+        follow_district(
+            &client,
+            &t,
+            player,
+            &store,
+            async {
+                let _ = rx.await;
+            },
+            |a| applied += a.new.len(),
+        )
+        .await
+        .unwrap();
+        store.close().await;
+        applied
+    });
+    Online { stop, task }
+}
+
+async fn rows(db: &Path) -> Vec<(String, String)> {
+    let s = PlayerStore::open(db).await.unwrap();
+    let uids = s.canon_uids().await.unwrap();
+    s.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let mut out: Vec<(String, String)> = sqlx::query_as("SELECT canon_uid, text FROM canon")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    out.sort();
+    assert_eq!(out.len(), uids.len());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn district_fallback_delivers_the_same_rows() {
+    let mut stack = Stack::start();
+    stack.t.delivery.mode = DeliveryMode::District;
+    stack.t.delivery.sweep_s = 1;
+    let js = jetstream::new(stack.client().await);
+    let compositor = stack.compositor().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (p1_db, p2_db) = (dir.path().join("p1.sqlite"), dir.path().join("p2.sqlite"));
+
+    let p1 = online(&stack, "p1", &p1_db).await;
+    for i in 0..30u32 {
+        let scene = format!("sc{}", i % 2);
+        publish(
+            &js,
+            &scene,
+            &result(&format!("r{i}"), &scene, i, &["p1", "p2"]),
+            &format!("r{i}"),
+        )
+        .await;
+    }
+    assert!(eventually(30, || async { rows(&p1_db).await.len() == 30 }).await);
+
+    // p2 was offline: its rows wait in PostgreSQL until it comes online.
+    let pool = sqlx::PgPool::connect(&stack.pg.url).await.unwrap();
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE player = 'p2'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 30);
+    let p2 = online(&stack, "p2", &p2_db).await;
+    assert!(eventually(30, || async { rows(&p2_db).await.len() == 30 }).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(p1.stop.send(()), Ok(()));
+    assert_eq!(p1.task.await.unwrap(), 30, "each row applied once");
+    let _ = p2.stop.send(());
+    assert_eq!(p2.task.await.unwrap(), 30);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "acknowledged deliveries are deleted");
+
+    // The same rows as the canon the JetStream path carries.
+    let canon = read_all(&js, "CANON", "", 30, Duration::from_secs(10)).await;
+    let mut expected: Vec<(String, String)> = canon
+        .iter()
+        .map(|m| {
+            let c: Canon = serde_json::from_slice(&m.payload).unwrap();
+            (c.canon_uid, c.text)
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(rows(&p1_db).await, expected);
+    assert_eq!(rows(&p2_db).await, expected);
+    // No per-player JetStream copies in this mode.
+    let players = js
+        .get_stream("PLAYERS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(players, 0);
+    compositor.stop().await;
+}
