@@ -79,6 +79,10 @@ enum Cmd {
         /// PostgreSQL URL (default: `[postgres] url` of transport.toml).
         #[arg(long, env = "NIMMER_POSTGRES")]
         postgres: Option<String>,
+        /// Serve Prometheus metrics (`/metrics`; `nimmer_results_pending` is the autoscaling signal) and
+        /// `/healthz` on this address.
+        #[arg(long, env = "NIMMER_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Game-master events in the canon register.
     Events {
@@ -395,7 +399,11 @@ fn run(mut cli: Cli) -> Result<()> {
                 anyhow::Ok(())
             })
         }
-        Cmd::Compositor { nats, postgres } => {
+        Cmd::Compositor {
+            nats,
+            postgres,
+            metrics_listen,
+        } => {
             let transport = transport_config(&cli.config)?;
             let url = postgres.unwrap_or_else(|| transport.postgres.url.clone());
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -405,6 +413,20 @@ fn run(mut cli: Cli) -> Result<()> {
                 let client = async_nats::connect(&nats)
                     .await
                     .with_context(|| format!("connecting to NATS at {nats}"))?;
+                if let Some(addr) = metrics_listen {
+                    let handle = nimmer::metrics::handle();
+                    let app = axum::Router::new()
+                        .route(
+                            "/metrics",
+                            axum::routing::get(move || async move { handle.render() }),
+                        )
+                        .route("/healthz", axum::routing::get(|| async { "ok" }));
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding {addr}"))?;
+                    tracing::info!(%addr, "compositor metrics listening");
+                    tokio::spawn(async move { axum::serve(listener, app).await });
+                }
                 tracing::info!(%nats, "compositor started");
                 nimmer_compositor::serve(transport, &url, client, shutdown_signal()).await?;
                 tracing::info!("compositor stopped");
