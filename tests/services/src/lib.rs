@@ -1,6 +1,7 @@
 //! The real services tests run against, started on free loopback ports with their data in temporary
 //! directories and stopped on drop: [`NatsServer`] (JetStream, >= 2.10) and [`Postgres`]. `scripts/test.sh`
-//! installs both; `NATS_SERVER` and `PG_BIN` point at them, else they are looked up on the usual paths.
+//! installs both; `NATS_SERVER` and `PG_BIN` point at them, else they are looked up where `scripts/test.sh`
+//! puts them (`.tools/`, `/usr/lib/postgresql/*/bin`) and then on the PATH.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,19 @@ fn wait_listening(port: u16, what: &str) {
     panic!("{what} did not listen on {port}");
 }
 
+/// The nats-server `scripts/test.sh` installs into the workspace's `.tools/` (so `cargo test` alone finds it).
+fn tools_nats_server() -> Option<String> {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(tools)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin/nats-server"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop().map(|p| p.display().to_string())
+}
+
 /// A nats-server with JetStream on a free loopback port, its store in a temp dir; killed on drop.
 /// [`NatsServer::restart`] kills it and starts it again on the same port and store.
 pub struct NatsServer {
@@ -36,7 +50,10 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Self {
-        let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let bin = std::env::var("NATS_SERVER")
+            .ok()
+            .or_else(tools_nats_server)
+            .unwrap_or_else(|| "nats-server".into());
         let version = Command::new(&bin).arg("--version").output().unwrap_or_else(|e| {
             panic!(
                 "cannot run `{bin}` ({e}): run scripts/test.sh, or set NATS_SERVER to a nats-server >= 2.10"
