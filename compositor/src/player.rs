@@ -100,29 +100,36 @@ impl PlayerStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let mut tx = self.pool.begin().await?;
-        let mut new = Vec::with_capacity(rows.len());
-        for (_, c) in rows {
-            let r = sqlx::query(
+        let mut inserted = std::collections::HashSet::new();
+        // Multi-row inserts (64 rows, 768 parameters each): one statement per chunk, not per row.
+        for chunk in rows.chunks(64) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO canon (canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
-                                    finished_at_ms, applied_at_ms, row)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (canon_uid) DO NOTHING",
-            )
-            .bind(&c.canon_uid)
-            .bind(&c.gm_event)
-            .bind(&c.district)
-            .bind(&c.scene)
-            .bind(c.seq)
-            .bind(&c.kind)
-            .bind(&c.npc)
-            .bind(&c.text)
-            .bind(&c.faction)
-            .bind(c.finished_at_ms)
-            .bind(now)
-            .bind(serde_json::to_string(c).expect("canon serializes"))
-            .execute(&mut *tx)
-            .await?;
-            new.push(r.rows_affected() == 1);
+                                    finished_at_ms, applied_at_ms, row) ",
+            );
+            q.push_values(chunk, |mut b, (_, c)| {
+                b.push_bind(&c.canon_uid)
+                    .push_bind(&c.gm_event)
+                    .push_bind(&c.district)
+                    .push_bind(&c.scene)
+                    .push_bind(c.seq)
+                    .push_bind(&c.kind)
+                    .push_bind(&c.npc)
+                    .push_bind(&c.text)
+                    .push_bind(&c.faction)
+                    .push_bind(c.finished_at_ms)
+                    .push_bind(now)
+                    .push_bind(serde_json::to_string(c).expect("canon serializes"));
+            });
+            q.push(" ON CONFLICT (canon_uid) DO NOTHING RETURNING canon_uid");
+            let uids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+            inserted.extend(uids);
         }
+        // New: inserted now, and the first of its UID in this batch.
+        let new = rows
+            .iter()
+            .map(|(_, c)| inserted.remove(&c.canon_uid))
+            .collect();
         sqlx::query(
             "INSERT INTO checkpoint (feed, stream_seq) VALUES (?, ?)
              ON CONFLICT (feed) DO UPDATE SET stream_seq = excluded.stream_seq",

@@ -44,9 +44,8 @@ async fn online(stack: &Stack, player: &'static str, db: &Path) -> Online {
 }
 
 async fn rows(db: &Path) -> Vec<(String, String)> {
-    let s = PlayerStore::open(db).await.unwrap();
-    let uids = s.canon_uids().await.unwrap();
-    s.close().await;
+    // Opening the store first also creates it when the player never ran.
+    PlayerStore::open(db).await.unwrap().close().await;
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
         .await
         .unwrap();
@@ -56,7 +55,6 @@ async fn rows(db: &Path) -> Vec<(String, String)> {
         .unwrap();
     pool.close().await;
     out.sort();
-    assert_eq!(out.len(), uids.len());
     out
 }
 
