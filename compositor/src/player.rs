@@ -41,40 +41,55 @@ const SCHEMA: &[&str] = &[
 
 impl PlayerStore {
     /// Opens (creating) the store at `path`. A file that is not a player store says so, naming the file.
+    /// Another process holding the file busy (e.g. mid-open) is waited for, up to 10 s.
     pub async fn open(path: &Path) -> Result<Self> {
-        let bad = |e: sqlx::Error| {
-            CompositorError::Store(format!(
-                "{}: not a usable player store (SQLite): {e}",
-                path.display()
-            ))
-        };
+        let mut tries = 0;
+        loop {
+            match Self::try_open(path).await {
+                Err(e) if is_busy(&e) && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(CompositorError::Store(format!(
+                        "{}: not a usable player store (SQLite): {e}",
+                        path.display()
+                    )));
+                }
+                Ok(Err(corrupt)) => {
+                    return Err(CompositorError::Store(format!(
+                        "{}: the player store is corrupt: {corrupt}",
+                        path.display()
+                    )));
+                }
+                Ok(Ok(pool)) => {
+                    return Ok(Self {
+                        pool,
+                        path: path.to_path_buf(),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn try_open(path: &Path) -> Result<Result<SqlitePool, String>, sqlx::Error> {
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
+            .busy_timeout(Duration::from_secs(10))
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
             .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts)
-            .await
-            .map_err(bad)?;
+            .await?;
         for stmt in SCHEMA {
-            sqlx::query(stmt).execute(&pool).await.map_err(bad)?;
+            sqlx::query(stmt).execute(&pool).await?;
         }
         let ok: String = sqlx::query_scalar("PRAGMA quick_check")
             .fetch_one(&pool)
-            .await
-            .map_err(bad)?;
-        if ok != "ok" {
-            return Err(CompositorError::Store(format!(
-                "{}: the player store is corrupt: {ok}",
-                path.display()
-            )));
-        }
-        Ok(Self {
-            pool,
-            path: path.to_path_buf(),
-        })
+            .await?;
+        Ok(if ok == "ok" { Ok(pool) } else { Err(ok) })
     }
 
     pub fn path(&self) -> &Path {
@@ -191,6 +206,11 @@ impl PlayerStore {
     pub async fn close(self) {
         self.pool.close().await;
     }
+}
+
+/// SQLITE_BUSY / SQLITE_LOCKED: another connection holds the file for a moment.
+fn is_busy(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517")))
 }
 
 /// What [`follow`] reports after each applied batch.

@@ -96,7 +96,8 @@ async fn offline_player_replays_what_it_missed_and_late_joiner_catches_up() {
         .await
     );
     // p1's follower applies them, then goes offline.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(eventually(20, || async { count(&p1_db).await == 20 }).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let live = p1.stop().await;
     assert_eq!(live, 20);
     assert_eq!(count(&p1_db).await, 20);
