@@ -144,93 +144,6 @@ async fn completed_events(
     .collect())
 }
 
-/// Writes the canon row and outbox row of `r` in `tx`. The scene's sequence number comes from the register
-/// (`scenes`), whose row lock orders concurrent compositors within a scene.
-pub async fn compose(
-    tx: &mut Transaction<'_, Postgres>,
-    r: &ResultIn,
-    transport: &TransportFile,
-) -> Result<Composed> {
-    let seen: Option<i64> = sqlx::query_scalar("SELECT id FROM canon WHERE result_id = $1")
-        .bind(&r.result_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    if seen.is_some() {
-        return Ok(Composed::Duplicate);
-    }
-    if !completed_events(tx, &[r.uid.gm_event.as_str()])
-        .await?
-        .is_empty()
-    {
-        return Ok(Composed::Rejected(format!(
-            "event {} is completed",
-            r.uid.gm_event
-        )));
-    }
-    sqlx::query("INSERT INTO events (gm_event) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(&r.uid.gm_event)
-        .execute(&mut **tx)
-        .await?;
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO scenes (gm_event, district, scene, last_seq) VALUES ($1, $2, $3, 1)
-         ON CONFLICT (gm_event, district, scene)
-         DO UPDATE SET last_seq = scenes.last_seq + 1, last_at = now()
-         RETURNING last_seq",
-    )
-    .bind(&r.uid.gm_event)
-    .bind(&r.uid.district)
-    .bind(&r.uid.scene)
-    .fetch_one(&mut **tx)
-    .await?;
-    let canon = canon_of(r, seq);
-    // A concurrent compositor may have inserted the same result since the check: the unique key turns
-    // that into a no-op here, and the caller's commit keeps the register consistent.
-    let inserted: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO canon (canon_uid, result_id, gm_event, district, scene, slot, seq, zone, kind, tier,
-                            npc, text, participants, faction, adapters, finished_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                 to_timestamp($16::double precision / 1000))
-         ON CONFLICT (result_id) DO NOTHING
-         RETURNING id",
-    )
-    .bind(&canon.canon_uid)
-    .bind(&canon.result_id)
-    .bind(&canon.gm_event)
-    .bind(&canon.district)
-    .bind(&canon.scene)
-    .bind(&canon.slot)
-    .bind(canon.seq)
-    .bind(&canon.zone)
-    .bind(&canon.kind)
-    .bind(&canon.tier)
-    .bind(&canon.npc)
-    .bind(&canon.text)
-    .bind(&canon.participants)
-    .bind(&canon.faction)
-    .bind(&canon.adapters)
-    .bind(canon.finished_at_ms as f64)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(canon_id) = inserted else {
-        return Ok(Composed::Duplicate);
-    };
-    let payload = serde_json::to_vec(&canon).expect("canon serializes");
-    let mut deliveries = Deliveries::default();
-    deliveries.add(canon_id, &canon, &payload, transport);
-    deliveries.insert(tx).await?;
-    let (msg_ids, subjects) = outbox_rows(&canon, transport);
-    sqlx::query(
-        "INSERT INTO outbox (msg_id, subject, payload)
-         SELECT m, s, $3 FROM unnest($1::text[], $2::text[]) AS t(m, s)",
-    )
-    .bind(&msg_ids)
-    .bind(&subjects)
-    .bind(&payload)
-    .execute(&mut **tx)
-    .await?;
-    Ok(Composed::New(Box::new(canon)))
-}
-
 fn canon_of(r: &ResultIn, seq: i64) -> Canon {
     Canon {
         canon_uid: format!(
@@ -277,7 +190,8 @@ fn outbox_rows(canon: &Canon, transport: &TransportFile) -> (Vec<String>, Vec<St
 /// Separates list items inside one text value (it cannot occur in subject tokens or adapter names).
 const SEP: &str = "\u{1f}";
 
-/// [`compose`] for many results with a fixed number of statements: known results are skipped, each scene's
+/// Composes `results` in `tx` (canon rows, outbox rows and, in district mode, delivery rows) with a fixed
+/// number of statements: known results are skipped, each scene's
 /// sequence numbers are reserved with one upsert (scenes locked in a fixed order), and canon and outbox rows
 /// are inserted from arrays. One result per entry of the returned list, in order. A value the schema rejects
 /// fails the whole call: the caller then composes the results one by one to find it.

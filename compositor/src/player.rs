@@ -213,6 +213,25 @@ fn is_busy(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517")))
 }
 
+/// A player id must be one subject token.
+fn check_player(player: &str) -> Result<()> {
+    if valid_token(player) {
+        Ok(())
+    } else {
+        Err(CompositorError::Config(format!(
+            "player id {player:?} cannot be a subject token"
+        )))
+    }
+}
+
+/// The rows [`PlayerStore::apply`] found new.
+fn only_new(rows: Vec<(u64, Canon)>, new: Vec<bool>) -> Vec<Canon> {
+    rows.into_iter()
+        .zip(new)
+        .filter_map(|((_, c), n)| n.then_some(c))
+        .collect()
+}
+
 /// What [`follow`] reports after each applied batch.
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -230,11 +249,7 @@ pub async fn follow(
     stop: impl std::future::Future<Output = ()>,
     mut on_batch: impl FnMut(&Applied),
 ) -> Result<()> {
-    if !valid_token(player) {
-        return Err(CompositorError::Config(format!(
-            "player id {player:?} cannot be a subject token"
-        )));
-    }
+    check_player(player)?;
     tokio::pin!(stop);
     let feed = t.player_subject(player);
     prune_now(store, &t.players.prune).await;
@@ -309,13 +324,8 @@ async fn follow_from(
             .and_then(|m| m.info().ok())
             .map_or(0, |i| i.stream_sequence);
         let new = store.apply(feed, &rows).await?;
-        let fresh = rows
-            .into_iter()
-            .zip(new)
-            .filter_map(|((_, c), n)| n.then_some(c))
-            .collect();
         on_batch(&Applied {
-            new: fresh,
+            new: only_new(rows, new),
             checkpoint,
         });
     }
@@ -346,11 +356,7 @@ pub async fn follow_district(
     stop: impl std::future::Future<Output = ()>,
     mut on_batch: impl FnMut(&Applied),
 ) -> Result<()> {
-    if !valid_token(player) {
-        return Err(CompositorError::Config(format!(
-            "player id {player:?} cannot be a subject token"
-        )));
-    }
+    check_player(player)?;
     tokio::pin!(stop);
     let mut pushes = client
         .subscribe(t.push_subject(player))
@@ -376,14 +382,8 @@ pub async fn follow_district(
             Ok(push) => {
                 let new = store.apply(DISTRICT_FEED, &push.rows).await?;
                 let checkpoint = push.rows.last().map_or(0, |(s, _)| *s);
-                let fresh = push
-                    .rows
-                    .into_iter()
-                    .zip(new)
-                    .filter_map(|((_, c), n)| n.then_some(c))
-                    .collect();
                 on_batch(&Applied {
-                    new: fresh,
+                    new: only_new(push.rows, new),
                     checkpoint,
                 });
                 "ok".to_string()

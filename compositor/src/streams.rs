@@ -21,14 +21,7 @@ pub async fn ensure(
     t: &TransportFile,
 ) -> Result<consumer::Consumer<consumer::pull::Config>> {
     let results = js
-        .get_or_create_stream(stream::Config {
-            name: t.results.stream.clone(),
-            subjects: vec![RESULTS_SUBJECTS.into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            duplicate_window: Duration::from_secs(600),
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            ..Default::default()
-        })
+        .get_or_create_stream(results_stream(&t.results.stream))
         .await
         .map_err(|e| CompositorError::Nats(format!("stream {}: {e}", t.results.stream)))?;
     js.create_or_update_stream(canon_stream(t))
@@ -64,6 +57,18 @@ pub async fn ensure(
         )
         .await
         .map_err(|e| CompositorError::Nats(format!("consumer {}: {e}", t.results.consumer)))
+}
+
+/// The results stream's settings (the gateway creates it with these too, whichever starts first).
+pub fn results_stream(name: &str) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: vec![RESULTS_SUBJECTS.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        duplicate_window: Duration::from_secs(600),
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..Default::default()
+    }
 }
 
 /// `CANON`'s settings from `transport.toml`.

@@ -1,6 +1,6 @@
 //! A compositor: pulls results from the shared durable consumer, composes each batch in ONE PostgreSQL
-//! transaction (canon rows + outbox rows; each result in its own savepoint), and acks the results only after
-//! the commit. A crash before the commit leaves the results unacked (redelivered to any compositor after
+//! transaction (canon rows + outbox rows; a batch with a value the schema rejects is redone one savepoint per
+//! result to find it), and acks the results only after the commit. A crash before the commit leaves the results unacked (redelivered to any compositor after
 //! `ack_wait_s`); a crash after it makes the redelivery a no-op (the canon row exists). A malformed result, or
 //! one the schema rejects, is published to the dead-letter subject with its reason and acked.
 
@@ -11,7 +11,7 @@ use futures::StreamExt;
 use nimmer_config::TransportFile;
 use sqlx::PgPool;
 
-use crate::canon::{Composed, ResultIn, compose, compose_batch};
+use crate::canon::{Composed, ResultIn, compose_batch};
 use crate::error::{CompositorError, Result};
 
 /// What one batch did.
@@ -192,10 +192,10 @@ impl Compositor {
         let mut out = Vec::with_capacity(results.len());
         for r in results {
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
-            match compose(&mut sp, r, &self.transport).await {
-                Ok(c) => {
+            match compose_batch(&mut sp, std::slice::from_ref(r), &self.transport).await {
+                Ok(mut c) => {
                     sp.commit().await?;
-                    out.push(Ok(c));
+                    out.push(Ok(c.pop().expect("one result in, one out")));
                 }
                 Err(CompositorError::Db(e)) if is_data_error(&e) => {
                     sp.rollback().await?;

@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::http::BODY_LIMIT;
 
 pub const RESULTS_STREAM: &str = "RESULTS";
-pub const RESULTS_SUBJECTS: &str = "nimmerverse.results.>";
+pub use nimmer_compositor::streams::RESULTS_SUBJECTS;
 pub const REQUEST_SUBJECTS: &str = "nimmerverse.gateway.>";
 pub const QUEUE_GROUP: &str = "nimmer-gateway";
 
@@ -71,16 +71,9 @@ pub async fn start_results(
     client: async_nats::Client,
 ) -> anyhow::Result<(ResultsSink, tokio::task::JoinHandle<()>)> {
     let js = jetstream::new(client);
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: RESULTS_STREAM.into(),
-        subjects: vec![RESULTS_SUBJECTS.into()],
-        retention: jetstream::stream::RetentionPolicy::WorkQueue,
-        duplicate_window: Duration::from_secs(600),
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("creating the {RESULTS_STREAM} stream: {e}"))?;
+    js.get_or_create_stream(nimmer_compositor::streams::results_stream(RESULTS_STREAM))
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the {RESULTS_STREAM} stream: {e}"))?;
     let (tx, mut rx) = mpsc::channel::<Outgoing>(4096);
     let task = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {

@@ -103,19 +103,10 @@ impl CandleLlama {
             false => mm(embd)?,
         };
         let norm = qt("output_norm.weight")?.dequantize(device)?;
-        let half = cfg.head_dim / 2;
-        let theta: Vec<f32> = (0..cfg.head_dim)
-            .step_by(2)
-            .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / cfg.head_dim as f32))
-            .collect();
-        let theta = Tensor::new(theta.as_slice(), device)?;
-        let idx = Tensor::arange(0, max_pos as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_pos, 1))?
-            .matmul(&theta.reshape((1, half))?)?;
+        let (cos, sin) = rope_tables(&cfg, max_pos, device)?;
         let model = Self {
-            cos: idx.cos()?,
-            sin: idx.sin()?,
+            cos,
+            sin,
             cfg,
             layers,
             embed,
@@ -171,6 +162,25 @@ impl CandleLlama {
         let y = att.matmul(&v.contiguous()?)?;
         Ok(y.transpose(1, 2)?.reshape((t, cfg.q_dim()))?)
     }
+}
+
+/// RoPE `cos` and `sin` tables `[max_pos, head_dim / 2]` of `cfg` on `device`.
+pub(super) fn rope_tables(
+    cfg: &LlamaConfig,
+    max_pos: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let theta: Vec<f32> = (0..cfg.head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / cfg.head_dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx = Tensor::arange(0, max_pos as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_pos, 1))?
+        .matmul(&theta.reshape((1, half))?)?;
+    Ok((idx.cos()?, idx.sin()?))
 }
 
 impl Decoder for CandleLlama {

@@ -143,17 +143,7 @@ impl Trainer {
         }
         let embed = t("token_embd.weight")?;
         let norm = t("output_norm.weight")?;
-        let max_pos = 1024;
-        let half = cfg.head_dim / 2;
-        let theta: Vec<f32> = (0..cfg.head_dim)
-            .step_by(2)
-            .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / cfg.head_dim as f32))
-            .collect();
-        let theta = Tensor::new(theta.as_slice(), &dev)?;
-        let idx = Tensor::arange(0, max_pos as u32, &dev)?
-            .to_dtype(DType::F32)?
-            .reshape((max_pos, 1))?
-            .matmul(&theta.reshape((1, half))?)?;
+        let (cos, sin) = super::candle::rope_tables(&cfg, 1024, &dev)?;
         let base = cfg.lora_base();
         let mut rng = StdRng::seed_from_u64(opts.seed);
         let mut pairs = Vec::with_capacity(cfg.n_layer);
@@ -182,8 +172,8 @@ impl Trainer {
             _ => return Err(bad("the model has no end-of-turn token".into())),
         };
         Ok(Self {
-            cos: idx.cos()?,
-            sin: idx.sin()?,
+            cos,
+            sin,
             cfg,
             tok,
             embed,
