@@ -174,3 +174,151 @@ fn rows_with_different_adapters_in_one_batch_get_their_own_logits() {
     let base = logits(&model, &prompts[0], None);
     assert!(max_diff(&alone[0], &base) > 0.05);
 }
+
+/// The candle decoder (how the Driver runs on CUDA; here on the CPU) with one workspace for every call, as
+/// the engine holds it: blends go through its device slot tables, reused and grown across calls.
+mod candle_decoder {
+    use super::*;
+    use candle_core::Device;
+    use nimmer_tiers::llama::{CandleKv, CandleLlama, Decoder, LoraTables};
+
+    fn load() -> CandleLlama {
+        CandleLlama::load(
+            &nimmer_e2e::driver_gguf(),
+            Precision::F32,
+            512,
+            &Device::Cpu,
+        )
+        .expect("driver loads on candle")
+        .0
+    }
+
+    fn logits(
+        m: &CandleLlama,
+        ws: &mut LoraTables,
+        tokens: &[u32],
+        blend: Option<&Blend>,
+    ) -> Vec<f32> {
+        let mut kv = m.new_cache(tokens.len());
+        let mut chunk = [Chunk {
+            tokens,
+            kv: &mut kv,
+            logits: true,
+            lora: blend,
+        }];
+        m.forward(&mut chunk, ws).unwrap().remove(0)
+    }
+
+    /// Our decoder and candle's differ in f32 summation order (measured below 1e-3 on these logits).
+    const CROSS_TOL: f32 = 5e-3;
+
+    #[test]
+    fn candle_decoder_applies_one_adapter_and_a_blend_like_merged_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = super::load(Precision::F32);
+        let (_, tok) = Llama::load(&nimmer_e2e::driver_gguf(), Precision::F32, 16).unwrap();
+        let ids = nimmer_e2e::chat_ids(&tok, SYSTEM, "Tell me about the harbour.");
+        let (a1, a2) = (
+            adapter(&ours, 8, 1, dir.path()),
+            adapter(&ours, 16, 2, dir.path()),
+        );
+        let m = load();
+        let mut ws = LoraTables::default();
+        let plain = logits(&m, &mut ws, &ids, None);
+        let d = max_diff(&plain, &super::logits(&ours, &ids, None));
+        assert!(d < CROSS_TOL, "base model: candle vs ours differ by {d}");
+
+        for parts in [
+            vec![(a1.clone(), 1.0)],
+            vec![(a1.clone(), 0.7), (a2.clone(), 0.3)],
+        ] {
+            let blend = Blend { parts };
+            let unmerged = logits(&m, &mut ws, &ids, Some(&blend));
+            assert!(
+                max_diff(&unmerged, &plain) > 0.05,
+                "the blend must change the logits"
+            );
+            let mut merged = super::load(Precision::F32);
+            for (a, w) in &blend.parts {
+                merged.merge_lora(a, *w).unwrap();
+            }
+            let d = max_diff(&unmerged, &super::logits(&merged, &ids, None));
+            println!(
+                "{} part(s): candle unmerged vs merged: max |dlogit| {d}",
+                blend.parts.len()
+            );
+            assert!(
+                d < CROSS_TOL,
+                "{} part(s): candle unmerged vs merged differ by {d}",
+                blend.parts.len()
+            );
+        }
+    }
+
+    #[test]
+    fn candle_decoder_rows_with_different_adapters_in_one_batch_get_their_own_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = super::load(Precision::F32);
+        let (_, tok) = Llama::load(&nimmer_e2e::driver_gguf(), Precision::F32, 16).unwrap();
+        let adapters: Vec<Arc<Adapter>> = (0..8)
+            .map(|i| adapter(&ours, if i % 2 == 0 { 8 } else { 4 }, 30 + i, dir.path()))
+            .collect();
+        drop(ours);
+        let mut blends: Vec<Option<Blend>> = adapters[..7]
+            .iter()
+            .map(|a| {
+                Some(Blend {
+                    parts: vec![(a.clone(), 1.0)],
+                })
+            })
+            .collect();
+        blends.push(Some(Blend {
+            parts: vec![(adapters[7].clone(), 0.5), (adapters[0].clone(), 0.5)],
+        }));
+        blends.push(None);
+        let users = [
+            "Tell me about the harbour.",
+            "Where is the market?",
+            "Who guards the gate?",
+        ];
+        let prompts: Vec<Vec<u32>> = (0..blends.len())
+            .map(|i| nimmer_e2e::chat_ids(&tok, SYSTEM, users[i % users.len()]))
+            .collect();
+        let m = load();
+        let mut ws = LoraTables::default();
+        // Alone, one after the other: each call reuses or fills a slot.
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .zip(&blends)
+            .map(|(p, b)| logits(&m, &mut ws, p, b.as_ref()))
+            .collect();
+        // Together, twice (the second time every blend already has its slot), and in reverse order.
+        for order in [false, true, true] {
+            let mut idx: Vec<usize> = (0..prompts.len()).collect();
+            if order {
+                idx.reverse();
+            }
+            let mut kvs: Vec<CandleKv> =
+                idx.iter().map(|&i| m.new_cache(prompts[i].len())).collect();
+            let mut chunks: Vec<Chunk<'_, CandleKv>> = idx
+                .iter()
+                .zip(kvs.iter_mut())
+                .map(|(&i, kv)| Chunk {
+                    tokens: &prompts[i],
+                    kv,
+                    logits: true,
+                    lora: blends[i].as_ref(),
+                })
+                .collect();
+            let together = m.forward(&mut chunks, &mut ws).unwrap();
+            for (t, &i) in together.iter().zip(&idx) {
+                let d = max_diff(t, &alone[i]);
+                assert!(d < 1e-3, "row {i} differs in the batch by {d}");
+            }
+        }
+        // The adapters make rows differ from the base model, and from each other.
+        let base = logits(&m, &mut ws, &prompts[0], None);
+        assert!(max_diff(&alone[0], &base) > 0.05);
+        assert!(max_diff(&alone[0], &alone[3]) > 0.05);
+    }
+}

@@ -38,6 +38,26 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
+/// The GPU's name as `nvidia-smi` reports it (best effort: the figures say which card they came from).
+pub fn gpu_name() -> String {
+    std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,driver_version",
+            "--format=csv,noheader",
+            "-i",
+            "0",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .replace(", ", ", driver ")
+        })
+        .unwrap_or_else(|| "(nvidia-smi not found)".into())
+}
+
 /// Writes `table` into `path` between `<!-- {name}:begin -->` and `<!-- {name}:end -->`.
 pub fn write_block(path: &std::path::Path, name: &str, table: &str) -> Result<()> {
     let (begin, end) = (

@@ -33,6 +33,9 @@ struct Args {
     /// Rounds (interleaved); medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Run the Driver on this device (cpu, or cuda: needs a `--features cuda` build and a GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[arg(long)]
     write: Option<std::path::PathBuf>,
 }
@@ -134,7 +137,13 @@ fn decode(h: &LlmHandle, blends: &[Option<Arc<Blend>>], tokens: usize) -> Result
 fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = Config::embedded();
-    let spec = cfg.tiers.tiers.driver.clone();
+    let mut spec = cfg.tiers.tiers.driver.clone();
+    spec.device = match args.device.as_str() {
+        "cpu" => nimmer_config::Device::Cpu,
+        "cuda" => nimmer_config::Device::Cuda,
+        other => anyhow::bail!("unknown device `{other}` (cpu, cuda)"),
+    };
+    let on_cuda = spec.device == nimmer_config::Device::Cuda;
     let mut limits = EngineLimits::of(&cfg.budgets.tiers.driver);
     limits.batch_token_budget = limits.batch_token_budget.max(args.concurrency);
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
@@ -208,12 +217,24 @@ fn main() -> Result<()> {
         registry.scan(dir.path());
     }
 
+    let (title, machine, command) = if on_cuda {
+        (
+            " on CUDA",
+            format!("{} + GPU {}", machine(), nimmer_benches::gpu_name()),
+            "scripts/cuda-build.sh && target/cuda/release/lora-bench --device cuda",
+        )
+    } else {
+        (
+            "",
+            machine(),
+            "cargo run --release -p nimmer-benches --bin lora-bench -- --write benches/RESULTS.md",
+        )
+    };
     let mut t = format!(
-        "### trait-LoRAs (Driver)\n\nMachine: {}, kernel `{}`. Command: `cargo run --release -p nimmer-benches --bin lora-bench -- --write benches/RESULTS.md`. \
+        "### trait-LoRAs (Driver){title}\n\nMachine: {machine}, kernel `{}`. Command: `{command}`. \
          {} concurrent sequences × {} tokens, each sequence on one adapter (sequence i uses adapter i mod N), adapters on q_proj and v_proj \
          (PEFT's default for llama), steady-state aggregate decode tok/s, median of {} interleaved rounds (each round in brackets).\n\n\
          | rank | distinct adapters | decode tok/s | vs no adapter |\n|---|---|---|---|\n",
-        machine(),
         h.info().kernel,
         args.concurrency,
         args.gen_tokens,
@@ -248,7 +269,15 @@ fn main() -> Result<()> {
     );
     println!("{t}");
     if let Some(path) = &args.write {
-        write_block(path, "lora-bench", &t)?;
+        write_block(
+            path,
+            if on_cuda {
+                "lora-bench-cuda"
+            } else {
+                "lora-bench"
+            },
+            &t,
+        )?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use nimmer_benches::{machine, pct, peak_rss_mib, write_block};
+use nimmer_benches::{gpu_name, machine, pct, peak_rss_mib, write_block};
 use nimmer_config::Config;
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
@@ -36,6 +36,9 @@ struct Args {
     /// Override the tier's backend (nimmer or candle).
     #[arg(long)]
     backend: Option<String>,
+    /// Override the tier's device (cpu, or cuda: needs a `--features cuda` build and a GPU).
+    #[arg(long)]
+    device: Option<String>,
     /// Write the table into this file (between markers for the tier).
     #[arg(long)]
     write: Option<std::path::PathBuf>,
@@ -105,7 +108,11 @@ fn main() -> Result<()> {
     };
     println!("{table}");
     if let Some(path) = &args.write {
-        write_block(path, &format!("tier-bench:{}", args.tier), &table)?;
+        let key = match args.device.as_deref() {
+            Some("cuda") => format!("tier-bench:{}-cuda", args.tier),
+            _ => format!("tier-bench:{}", args.tier),
+        };
+        write_block(path, &key, &table)?;
     }
     Ok(())
 }
@@ -125,6 +132,12 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         Some("candle") => Some(nimmer_config::Backend::Candle),
         Some(other) => anyhow::bail!("unknown backend `{other}` (nimmer, candle)"),
     };
+    match args.device.as_deref() {
+        None => {}
+        Some("cpu") => spec.device = nimmer_config::Device::Cpu,
+        Some("cuda") => spec.device = nimmer_config::Device::Cuda,
+        Some(other) => anyhow::bail!("unknown device `{other}` (cpu, cuda)"),
+    }
     spec.max_batch = spec
         .max_batch
         .max(*args.concurrency.iter().max().unwrap_or(&1));
@@ -264,25 +277,31 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         ));
     }
     let info = h.info();
+    let mut flags = format!("--tier {}", args.tier);
+    if args.concurrency != [1, 4, 8, 16, 32] {
+        let levels: Vec<String> = args.concurrency.iter().map(|c| c.to_string()).collect();
+        flags.push_str(&format!(" --concurrency {}", levels.join(",")));
+    }
+    let (title, machine, command) = match spec.device {
+        nimmer_config::Device::Cuda => (
+            " on CUDA",
+            format!("{} + GPU {}", machine(), gpu_name()),
+            format!(
+                "scripts/cuda-build.sh && target/cuda/release/tier-bench {flags} --device cuda"
+            ),
+        ),
+        nimmer_config::Device::Cpu => (
+            "",
+            machine(),
+            format!("cargo run --release -p nimmer-benches --bin tier-bench -- {flags}"),
+        ),
+    };
     let mut table = format!(
-        "### {tier} tier\n\nMachine: {}, kernel `{}`. Model `{}` ({:?}, {} MiB of weights). Command: `cargo run --release -p nimmer-benches --bin tier-bench -- --tier {tier}{}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n{} interleaved rounds. Decode tok/s is the steady-state aggregate (tokens generated between the moment all sequences have their first token and the moment the first one finishes, over that time: every step in it decodes all of them); the median (each round's figure in brackets), the ratio to batch 1 the median of per-round ratios.\n\n| concurrency | decode tok/s (aggregate) | vs batch 1 | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|---|\n",
-        machine(),
-        h.info().kernel,
+        "### {tier} tier{title}\n\nMachine: {machine}, kernel `{}`. Model `{}` ({:?}, {} MiB of weights). Command: `{command}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n{} interleaved rounds. Decode tok/s is the steady-state aggregate (tokens generated between the moment all sequences have their first token and the moment the first one finishes, over that time: every step in it decodes all of them); the median (each round's figure in brackets), the ratio to batch 1 the median of per-round ratios.\n\n| concurrency | decode tok/s (aggregate) | vs batch 1 | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|---|\n",
+        info.kernel,
         spec.model,
         spec.precision,
         info.weight_bytes >> 20,
-        if args.concurrency == [1, 4, 8, 16, 32] {
-            String::new()
-        } else {
-            format!(
-                " --concurrency {}",
-                args.concurrency
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
-        },
         args.prefill_tokens,
         peak_rss_mib(),
         args.rounds,

@@ -43,7 +43,7 @@ pub enum Prompt {
 pub struct GenerateRequest {
     pub prompt: Prompt,
     pub params: SamplingParams,
-    /// The trait-LoRA blend to run with (the nimmer backend); `None` runs the base model.
+    /// The trait-LoRA blend to run with; `None` runs the base model.
     pub lora: Option<Arc<Blend>>,
 }
 
@@ -127,7 +127,7 @@ pub struct TierInfo {
     pub weight_bytes: usize,
     /// Which kernels run the model.
     pub kernel: String,
-    /// Whether requests may carry trait-LoRA blends (the nimmer backend).
+    /// Whether requests may carry trait-LoRA blends (both decoders do).
     pub supports_lora: bool,
 }
 
@@ -293,10 +293,7 @@ impl LlmHandle {
         if req.lora.as_ref().is_some_and(|b| !b.is_empty()) && !info.supports_lora {
             return Err(TierError::InvalidRequest {
                 field: "npc.traits",
-                message: format!(
-                    "the {} tier runs on the candle backend, which has no trait-LoRA support",
-                    info.name
-                ),
+                message: format!("the {} tier's decoder has no trait-LoRA support", info.name),
             });
         }
         if prompt.len() + req.params.max_tokens > info.context {

@@ -1,7 +1,8 @@
 //! The same llama decoder written with candle ops, device-generic: it is how LLM tiers run on CUDA, and on
 //! the CPU it performs exactly the operations of `candle_transformers::models::quantized_llama` (quantized
 //! matmuls, `rope_i`, repeat-kv attention, softmax), so its tokens match the library's model bit for bit.
-//! Rows of all sequences share each matmul; attention runs per sequence on its own cache.
+//! Rows of all sequences share each matmul; attention runs per sequence on its own cache. Trait-LoRA blends
+//! are gathered per row from device tables ([`super::candle_lora`]).
 
 use std::path::Path;
 
@@ -9,6 +10,9 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use nimmer_config::Precision;
 
+use nimmer_loras::Module as Proj;
+
+use super::candle_lora::LoraTables;
 use super::{Chunk, Decoder, LlamaConfig};
 use crate::error::{Result, TierError};
 use crate::tokenizer::ChatTokenizer;
@@ -185,7 +189,7 @@ pub(super) fn rope_tables(
 
 impl Decoder for CandleLlama {
     type Cache = CandleKv;
-    type Workspace = ();
+    type Workspace = LoraTables;
 
     fn config(&self) -> &LlamaConfig {
         &self.cfg
@@ -198,13 +202,11 @@ impl Decoder for CandleLlama {
         }
     }
 
-    fn forward(&self, chunks: &mut [Chunk<'_, CandleKv>], _ws: &mut ()) -> Result<Vec<Vec<f32>>> {
-        if chunks.iter().any(|c| c.lora.is_some_and(|b| !b.is_empty())) {
-            return Err(crate::error::TierError::InvalidRequest {
-                field: "npc.traits",
-                message: "trait-LoRA adapters run on the nimmer backend".into(),
-            });
-        }
+    fn forward(
+        &self,
+        chunks: &mut [Chunk<'_, CandleKv>],
+        lora: &mut LoraTables,
+    ) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<u32> = chunks
             .iter()
             .flat_map(|c| c.tokens.iter().copied())
@@ -233,13 +235,19 @@ impl Decoder for CandleLlama {
                 ),
             });
         }
+        lora.prepare(chunks, &self.cfg.lora_base(), &self.device)?;
         let eps = self.cfg.eps;
         let mut x = self
             .embed
             .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let (q, k, v) = (l.wq.forward(&h)?, l.wk.forward(&h)?, l.wv.forward(&h)?);
+            let proj = |w: &QMatMul, m: Proj, x: &Tensor| lora.apply(li, m, x, w.forward(x)?);
+            let (q, k, v) = (
+                proj(&l.wq, Proj::Q, &h)?,
+                proj(&l.wk, Proj::K, &h)?,
+                proj(&l.wv, Proj::V, &h)?,
+            );
             let mut ys = Vec::with_capacity(chunks.len());
             let mut r0 = 0;
             for c in chunks.iter_mut() {
@@ -257,12 +265,11 @@ impl Decoder for CandleLlama {
                 r0 += t;
             }
             let y = Tensor::cat(&ys, 0)?;
-            x = (l.wo.forward(&y)? + &x)?;
+            x = (proj(&l.wo, Proj::O, &y)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let m = l
-                .w_down
-                .forward(&(candle_nn::ops::silu(&l.w_gate.forward(&h)?)? * l.w_up.forward(&h)?)?)?;
-            x = (m + &x)?;
+            let gated = (candle_nn::ops::silu(&proj(&l.w_gate, Proj::Gate, &h)?)?
+                * proj(&l.w_up, Proj::Up, &h)?)?;
+            x = (proj(&l.w_down, Proj::Down, &gated)? + &x)?;
         }
         let mut last = Vec::new();
         let mut r = 0;
@@ -293,5 +300,9 @@ impl Decoder for CandleLlama {
 
     fn kernel(&self) -> String {
         format!("candle on {:?}", self.device)
+    }
+
+    fn supports_lora(&self) -> bool {
+        true
     }
 }

@@ -21,10 +21,12 @@ use crate::error::{Result, TierError};
 use crate::kernels::{self, QuantActs, TiledWeight};
 
 mod candle;
+mod candle_lora;
 mod load;
 pub mod train;
 
 pub use candle::{CandleKv, CandleLlama};
+pub use candle_lora::LoraTables;
 
 pub use load::hf_name;
 
@@ -239,7 +241,7 @@ pub struct Chunk<'a, C = KvCache> {
     pub kv: &'a mut C,
     /// Whether to compute logits for the chunk's last token.
     pub logits: bool,
-    /// The trait-LoRA blend this sequence runs with (our decoder only).
+    /// The trait-LoRA blend this sequence runs with.
     pub lora: Option<&'a Blend>,
 }
 
