@@ -10,7 +10,6 @@
 //! A [`Running`] generation charges its tokens to its zone's bucket when it ends, however it ends.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,13 +18,14 @@ use nimmer_loras::{Blend, Registry};
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{EngineLimits, Event, GenerateRequest, LlmHandle, Prompt, SaturnHandle};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::api::{Dialog, DialogResponse, DialogResult, Kind, Work};
 use crate::error::ApiError;
-use crate::fair::FairQueue;
 use crate::metrics;
 use crate::nats::ResultsSink;
+pub use crate::slots::SlotPermit;
+use crate::slots::{NoSlot, TierSlots};
 use crate::zones::{ZoneInfo, ZoneTable};
 
 /// A model tier (the names config files use).
@@ -45,148 +45,6 @@ pub struct Live {
     pub config: Config,
     pub version: u64,
     pub applied_at: SystemTime,
-}
-
-/// One tier's slots: a fair queue of waiters, each waiting for its permit on a oneshot channel.
-pub struct TierSlots {
-    tier: Tier,
-    queue: Mutex<FairQueue<oneshot::Sender<SlotPermit>>>,
-    next_id: AtomicU64,
-}
-
-/// Why no slot could be had.
-enum NoSlot {
-    Full,
-    Timeout,
-}
-
-impl TierSlots {
-    fn new(tier: Tier, capacity: usize, queue: usize) -> Arc<Self> {
-        Arc::new(Self {
-            tier,
-            queue: Mutex::new(FairQueue::new(capacity, queue)),
-            next_id: AtomicU64::new(1),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, FairQueue<oneshot::Sender<SlotPermit>>> {
-        self.queue.lock().expect("slots lock")
-    }
-
-    fn permit(self: &Arc<Self>, zone: &str, class: &str) -> SlotPermit {
-        SlotPermit {
-            tier: self.tier,
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            zone: zone.to_string(),
-            class: class.to_string(),
-            granted: Instant::now(),
-            slots: Some(self.clone()),
-        }
-    }
-
-    fn gauges(&self, q: &FairQueue<oneshot::Sender<SlotPermit>>) {
-        metrics::slots(self.tier, q.in_use(), q.capacity(), q.waiting());
-    }
-
-    /// A slot now, if one is free and nobody is waiting.
-    fn try_take(self: &Arc<Self>, zone: &str, class: &str, weight: f64) -> Option<SlotPermit> {
-        let mut q = self.lock();
-        let ok = q.try_take(zone, weight);
-        self.gauges(&q);
-        ok.then(|| self.permit(zone, class))
-    }
-
-    /// A slot now or after waiting in the fair queue for at most `wait`.
-    async fn acquire(
-        self: &Arc<Self>,
-        zone: &str,
-        class: &str,
-        weight: f64,
-        priority: i32,
-        wait: Duration,
-    ) -> Result<SlotPermit, NoSlot> {
-        let rx = {
-            let mut q = self.lock();
-            if q.try_take(zone, weight) {
-                self.gauges(&q);
-                return Ok(self.permit(zone, class));
-            }
-            let (tx, rx) = oneshot::channel();
-            q.push(zone, weight, priority, tx)
-                .map_err(|_| NoSlot::Full)?;
-            self.gauges(&q);
-            rx
-        };
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(mut p)) => {
-                p.class = class.to_string();
-                Ok(p)
-            }
-            _ => {
-                // Our sender (if still queued) is closed now; drop it so it takes no slot.
-                let mut q = self.lock();
-                q.retain(|tx| !tx.is_closed());
-                self.gauges(&q);
-                Err(NoSlot::Timeout)
-            }
-        }
-    }
-
-    /// Hands free slots to waiters until none is free or nobody waits.
-    fn dispatch(self: &Arc<Self>) {
-        loop {
-            let next = {
-                let mut q = self.lock();
-                let n = q.pop_next();
-                self.gauges(&q);
-                n
-            };
-            let Some((zone, tx)) = next else { return };
-            if let Err(mut p) = tx.send(self.permit(&zone, "")) {
-                // The waiter left: give the slot back without re-entering dispatch from Drop.
-                p.slots = None;
-                self.lock().release(&zone);
-            }
-        }
-    }
-
-    fn set_limits(self: &Arc<Self>, capacity: usize, queue: usize) {
-        self.lock().set_limits(capacity, queue);
-        self.dispatch();
-    }
-
-    fn view(&self, zones: &mut BTreeMap<String, ZoneView>) {
-        let q = self.lock();
-        for (name, (in_use, queued)) in q.zones() {
-            let z = zones.entry(name).or_insert_with(|| ZoneView {
-                info: None,
-                slots_in_use: BTreeMap::new(),
-                queued: BTreeMap::new(),
-            });
-            z.slots_in_use.insert(self.tier, in_use);
-            z.queued.insert(self.tier, queued);
-        }
-    }
-}
-
-/// A slot of a tier, held by one request; returned (and handed to the next waiter) on drop.
-pub struct SlotPermit {
-    pub tier: Tier,
-    pub id: u64,
-    pub zone: String,
-    /// The zone's class when the slot was granted.
-    pub class: String,
-    pub granted: Instant,
-    slots: Option<Arc<TierSlots>>,
-}
-
-impl Drop for SlotPermit {
-    fn drop(&mut self) {
-        if let Some(slots) = self.slots.take() {
-            slots.lock().release(&self.zone);
-            slots.dispatch();
-        }
-    }
 }
 
 /// Charges a generation's tokens to its zone's bucket when dropped, and records its metrics once done.
@@ -487,7 +345,7 @@ impl Gateway {
     /// Prunes zones idle past the TTL that hold and wait for nothing; returns how many went.
     pub fn prune_zones(&self) -> usize {
         let ttl = Duration::from_secs(self.live().config.budgets.zones.idle_ttl_s);
-        let busy = |z: &str| self.slots.values().any(|s| s.lock().zone(z) != (0, 0));
+        let busy = |z: &str| self.slots.values().any(|s| s.holds(z));
         let mut zones = self.zones.lock().expect("zones lock");
         let n = zones.prune(ttl, Instant::now(), busy).len();
         metrics::zones_active(zones.len());
@@ -562,7 +420,7 @@ impl Gateway {
                 );
                 Err(ApiError::Saturated {
                     tier: tier.as_str().into(),
-                    capacity: slots.lock().capacity(),
+                    capacity: slots.capacity(),
                     retry_after_s: 1,
                 })
             }

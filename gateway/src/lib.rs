@@ -19,6 +19,7 @@ pub mod http;
 pub mod metrics;
 pub mod nats;
 pub mod reload;
+pub mod slots;
 pub mod zones;
 
 use std::path::PathBuf;
