@@ -1,10 +1,18 @@
-//! The same llama decoder written with candle ops, device-generic: it is how LLM tiers run on CUDA, and on
-//! the CPU it performs exactly the operations of `candle_transformers::models::quantized_llama` (quantized
-//! matmuls, `rope_i`, repeat-kv attention, softmax), so its tokens match the library's model bit for bit.
-//! Rows of all sequences share each matmul; attention runs per sequence on its own cache. Trait-LoRA blends
-//! are gathered per row from device tables ([`super::candle_lora`]).
+//! The same llama decoder written with candle ops, device-generic: it is how LLM tiers run on CUDA. Its
+//! arithmetic is `candle_transformers::models::quantized_llama`'s (quantized matmuls, interleaved `rope_i`,
+//! softmax attention), batched for serving:
+//! - rows of all sequences share each matmul, and RoPE runs over all rows at once (each at its position);
+//! - keys and values live in one pool per layer, `[rows, kv_dim]`, of which each sequence owns rows in
+//!   position order (pages of one token; row 0 stays zero for padding), written for a whole step with one
+//!   scatter;
+//! - every decoding sequence of a step attends in ONE batched attention (keys gathered from the pool and
+//!   padded to the longest, padding masked), grouped-query heads without copying keys per head; prefill
+//!   chunks attend one chunk at a time (causal mask).
+//! So a decode step costs the same few kernels per layer however many sequences it holds, which is what a
+//! GPU needs. Trait-LoRA blends are gathered per row from device tables ([`super::candle_lora`]).
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
@@ -40,12 +48,63 @@ pub struct CandleLlama {
     sin: Tensor,
     device: Device,
     weight_bytes: usize,
+    pool: Arc<Mutex<KvPool>>,
 }
 
-/// Per-sequence cache: keys and values `[1, kv_heads, len, head_dim]` per layer.
+/// Keys and values of every sequence: per layer `[rows, kv_dim]` tensors on the device, grown on demand
+/// (doubling); row 0 is never handed out and stays zero (the padding row of batched attention).
+struct KvPool {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    rows: usize,
+    free: Vec<u32>,
+}
+
+impl KvPool {
+    /// Makes at least `n` rows free, growing the tensors if needed.
+    fn reserve(&mut self, n: usize, cfg: &LlamaConfig, device: &Device) -> Result<()> {
+        if self.free.len() >= n {
+            return Ok(());
+        }
+        let old = self.rows;
+        let rows = (old * 2).max(old + n - self.free.len()).max(1024);
+        let extra = rows - old;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let z = Tensor::zeros((extra, cfg.kv_dim()), DType::F32, device)?;
+            *t = if old == 0 {
+                z
+            } else {
+                Tensor::cat(&[&*t, &z], 0)?
+            };
+        }
+        if self.k.is_empty() {
+            for _ in 0..cfg.n_layer {
+                self.k
+                    .push(Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device)?);
+                self.v
+                    .push(Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device)?);
+            }
+        }
+        // Highest rows first out, so low rows (and row 0, never free) fill first.
+        self.free.extend((old.max(1)..rows).rev().map(|r| r as u32));
+        self.rows = rows;
+        Ok(())
+    }
+}
+
+/// One sequence's cache: the pool rows holding its keys and values, in position order (returned on drop).
 pub struct CandleKv {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    rows: Vec<u32>,
     len: usize,
+    pool: Arc<Mutex<KvPool>>,
+}
+
+impl Drop for CandleKv {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.free.append(&mut self.rows);
+        }
+    }
 }
 
 impl CandleLlama {
@@ -118,53 +177,83 @@ impl CandleLlama {
             lm_head,
             device: device.clone(),
             weight_bytes,
+            pool: Arc::new(Mutex::new(KvPool {
+                k: Vec::new(),
+                v: Vec::new(),
+                rows: 0,
+                free: Vec::new(),
+            })),
         };
         Ok((model, tokenizer))
     }
 
-    fn attend(
+    /// Attention of one prefill chunk: `q` `[t, q_dim]` (after RoPE) over the sequence's `total` keys and
+    /// values (`rows` of the pool), causal from position `total - t`.
+    fn attend_chunk(&self, q: &Tensor, k: &Tensor, v: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (t, total) = (q.dim(0)?, rows.len());
+        let (nkv, hd) = (cfg.n_kv_head, cfg.head_dim);
+        let group = cfg.n_head / nkv;
+        let idx = Tensor::new(rows, &self.device)?;
+        let kv_heads = |pool: &Tensor| -> Result<Tensor> {
+            Ok(pool
+                .index_select(&idx, 0)?
+                .reshape((total, nkv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let (k, v) = (kv_heads(k)?, kv_heads(v)?);
+        // Query heads grouped by their key head: [nkv, group * t, hd].
+        let q = q
+            .reshape((t, nkv, group, hd))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((nkv, group * t, hd))?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let pos = total - t;
+        let mask: Vec<f32> = (0..group * t)
+            .flat_map(|gi| {
+                let i = gi % t;
+                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, group * t, total), &self.device)?;
+        let att = candle_nn::ops::softmax_last_dim(&att.broadcast_add(&mask)?)?;
+        Ok(att
+            .matmul(&v)?
+            .reshape((nkv, group, t, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((t, cfg.q_dim()))?)
+    }
+
+    /// One batched attention for `b` decoding sequences: `q` `[b, q_dim]`, keys and values gathered by
+    /// `idx` (`b × longest` pool rows, padded with row 0) and masked by `mask` (`[b, 1, 1, longest]`).
+    fn attend_decode(
         &self,
-        li: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        kv: &mut CandleKv,
+        idx: &Tensor,
+        mask: &Tensor,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (t, pos) = (q.dim(0)?, kv.len);
-        let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(x.reshape((1, t, n, cfg.head_dim))?
+        let (nkv, hd) = (cfg.n_kv_head, cfg.head_dim);
+        let group = cfg.n_head / nkv;
+        let b = q.dim(0)?;
+        let longest = idx.dim(0)? / b;
+        let kv_heads = |pool: &Tensor| -> Result<Tensor> {
+            Ok(pool
+                .index_select(idx, 0)?
+                .reshape((b, longest, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (cos, sin) = (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?);
-        let q = candle_nn::rotary_emb::rope_i(&heads(q, cfg.n_head)?, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&heads(k, cfg.n_kv_head)?, &cos, &sin)?;
-        let v = heads(v, cfg.n_kv_head)?;
-        let (k, v) = match kv.layers[li].take() {
-            Some((kp, vp)) if pos > 0 => (Tensor::cat(&[&kp, &k], 2)?, Tensor::cat(&[&vp, &v], 2)?),
-            _ => (k, v),
-        };
-        kv.layers[li] = Some((k.clone(), v.clone()));
-        let group = cfg.n_head / cfg.n_kv_head;
-        let k = candle_transformers::utils::repeat_kv(k, group)?;
-        let v = candle_transformers::utils::repeat_kv(v, group)?;
-        let att = (q.matmul(&k.t()?)? / (cfg.head_dim as f64).sqrt())?;
-        let att = if t > 1 {
-            let mask: Vec<u8> = (0..t)
-                .flat_map(|i| (0..pos + t).map(move |j| u8::from(j > i + pos)))
-                .collect();
-            let mask =
-                Tensor::from_slice(&mask, (t, pos + t), &self.device)?.broadcast_as(att.shape())?;
-            let neg =
-                Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(att.shape().dims())?;
-            mask.where_cond(&neg, &att)?
-        } else {
-            att
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        Ok(y.transpose(1, 2)?.reshape((t, cfg.q_dim()))?)
+        let (k, v) = (kv_heads(k)?, kv_heads(v)?);
+        let q = q.reshape((b, nkv, group, hd))?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = candle_nn::ops::softmax_last_dim(&att.broadcast_add(mask)?)?;
+        Ok(att.matmul(&v)?.reshape((b, cfg.q_dim()))?)
     }
 }
 
@@ -195,10 +284,11 @@ impl Decoder for CandleLlama {
         &self.cfg
     }
 
-    fn new_cache(&self, _capacity: usize) -> CandleKv {
+    fn new_cache(&self, capacity: usize) -> CandleKv {
         CandleKv {
-            layers: (0..self.cfg.n_layer).map(|_| None).collect(),
+            rows: Vec::with_capacity(capacity),
             len: 0,
+            pool: self.pool.clone(),
         }
     }
 
@@ -236,35 +326,129 @@ impl Decoder for CandleLlama {
             });
         }
         lora.prepare(chunks, &self.cfg.lora_base(), &self.device)?;
-        let eps = self.cfg.eps;
+        let dev = &self.device;
+        let cfg = &self.cfg;
+
+        // Pool rows for this step's tokens (a failed earlier step may have left rows past `len`).
+        let (mut positions, mut written) = (Vec::with_capacity(ids.len()), Vec::new());
+        {
+            let mut pool = self.pool.lock().expect("kv pool lock");
+            for c in chunks.iter_mut() {
+                let extra = c.kv.rows.split_off(c.kv.len.min(c.kv.rows.len()));
+                pool.free.extend(extra);
+            }
+            pool.reserve(ids.len(), cfg, dev)?;
+            for c in chunks.iter_mut() {
+                for i in 0..c.tokens.len() {
+                    let r = pool.free.pop().expect("rows reserved above");
+                    c.kv.rows.push(r);
+                    written.push(r);
+                    positions.push((c.kv.len + i) as u32);
+                }
+            }
+        }
+        let n = ids.len();
+        let write_idx = Tensor::from_vec(written, (n, 1), dev)?
+            .broadcast_as((n, cfg.kv_dim()))?
+            .contiguous()?;
+        let pos = Tensor::from_vec(positions, n, dev)?;
+        let hd = cfg.head_dim;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((n, 1, hd / 2))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((n, 1, hd / 2))?;
+        // Each row is its own batch entry of `rope_i`, at its own position.
+        let rope = |x: &Tensor, heads: usize| -> Result<Tensor> {
+            Ok(
+                candle_nn::rotary_emb::rope_i(&x.reshape((n, heads, 1, hd))?, &cos, &sin)?
+                    .reshape((n, heads * hd))?,
+            )
+        };
+
+        // The step's attention plan: decoding sequences batched, prefill chunks one by one; `order` puts
+        // the outputs (decode rows first, then each chunk's) back into row order.
+        let (mut dec_rows, mut dec_seqs, mut chunks_at) = (Vec::new(), Vec::new(), Vec::new());
+        let mut r0 = 0usize;
+        for (ci, c) in chunks.iter().enumerate() {
+            match c.tokens.len() {
+                0 => {}
+                1 => {
+                    dec_rows.push(r0 as u32);
+                    dec_seqs.push(ci);
+                }
+                t => chunks_at.push((ci, r0, t)),
+            }
+            r0 += c.tokens.len();
+        }
+        let mut out_pos = vec![0u32; n];
+        for (i, &r) in dec_rows.iter().enumerate() {
+            out_pos[r as usize] = i as u32;
+        }
+        let mut at = dec_rows.len();
+        for &(_, r0, t) in &chunks_at {
+            for i in 0..t {
+                out_pos[r0 + i] = (at + i) as u32;
+            }
+            at += t;
+        }
+        let order = Tensor::from_vec(out_pos, n, dev)?;
+        let decode = if dec_rows.is_empty() {
+            None
+        } else {
+            let longest = dec_seqs
+                .iter()
+                .map(|&ci| chunks[ci].kv.rows.len())
+                .max()
+                .unwrap_or(1);
+            let (mut idx, mut mask) = (Vec::new(), Vec::new());
+            for &ci in &dec_seqs {
+                let rows = &chunks[ci].kv.rows;
+                idx.extend(
+                    rows.iter()
+                        .copied()
+                        .chain(std::iter::repeat_n(0, longest - rows.len())),
+                );
+                mask.extend((0..longest).map(|j| {
+                    if j < rows.len() {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+            let b = dec_rows.len();
+            Some((
+                Tensor::from_vec(dec_rows, b, dev)?,
+                Tensor::from_vec(idx, b * longest, dev)?,
+                Tensor::from_vec(mask, (b, 1, 1, longest), dev)?,
+            ))
+        };
+
+        let eps = cfg.eps;
         let mut x = self
             .embed
-            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+            .index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let proj = |w: &QMatMul, m: Proj, x: &Tensor| lora.apply(li, m, x, w.forward(x)?);
-            let (q, k, v) = (
-                proj(&l.wq, Proj::Q, &h)?,
-                proj(&l.wk, Proj::K, &h)?,
-                proj(&l.wv, Proj::V, &h)?,
-            );
-            let mut ys = Vec::with_capacity(chunks.len());
-            let mut r0 = 0;
-            for c in chunks.iter_mut() {
-                let t = c.tokens.len();
-                if t == 0 {
-                    continue;
-                }
-                ys.push(self.attend(
-                    li,
-                    &q.narrow(0, r0, t)?,
-                    &k.narrow(0, r0, t)?,
-                    &v.narrow(0, r0, t)?,
-                    c.kv,
-                )?);
-                r0 += t;
+            let q = rope(&proj(&l.wq, Proj::Q, &h)?, cfg.n_head)?;
+            let k = rope(&proj(&l.wk, Proj::K, &h)?, cfg.n_kv_head)?;
+            let v = proj(&l.wv, Proj::V, &h)?;
+            let (pk, pv) = {
+                let pool = self.pool.lock().expect("kv pool lock");
+                (pool.k[li].clone(), pool.v[li].clone())
+            };
+            pk.scatter_set(&write_idx, &k, 0)?;
+            pv.scatter_set(&write_idx, &v.contiguous()?, 0)?;
+            let mut ys = Vec::with_capacity(chunks_at.len() + 1);
+            if let Some((rows, idx, mask)) = &decode {
+                ys.push(self.attend_decode(&q.index_select(rows, 0)?, &pk, &pv, idx, mask)?);
             }
-            let y = Tensor::cat(&ys, 0)?;
+            for &(ci, r0, t) in &chunks_at {
+                ys.push(self.attend_chunk(&q.narrow(0, r0, t)?, &pk, &pv, &chunks[ci].kv.rows)?);
+            }
+            let y = match ys.len() {
+                1 if chunks_at.is_empty() || dec_seqs.is_empty() => ys.remove(0),
+                _ => Tensor::cat(&ys, 0)?.index_select(&order, 0)?,
+            };
             x = (proj(&l.wo, Proj::O, &y)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
             let gated = (candle_nn::ops::silu(&proj(&l.w_gate, Proj::Gate, &h)?)?
