@@ -8,6 +8,7 @@
 //! - every decoding sequence of a step attends in ONE batched attention (keys gathered from the pool and
 //!   padded to the longest, padding masked), grouped-query heads without copying keys per head; prefill
 //!   chunks attend one chunk at a time (causal mask).
+//!
 //! So a decode step costs the same few kernels per layer however many sequences it holds, which is what a
 //! GPU needs. Trait-LoRA blends are gathered per row from device tables ([`super::candle_lora`]).
 
