@@ -144,6 +144,22 @@ async fn traits_select_hot_swapped_adapters() {
     );
     let list = adapters(&base).await;
     assert_eq!(list["adapters"].as_array().unwrap().len(), 2, "{list}");
+    let gruff = list["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "gruff")
+        .expect("gruff listed");
+    assert_eq!(
+        (
+            &gruff["version"],
+            &gruff["rank"],
+            &gruff["traits"],
+            &gruff["resident"]
+        ),
+        (&json!(1), &json!(8), &json!(["gruff"]), &json!(true)),
+        "{list}"
+    );
 
     // Traits select adapters; the response names them; the adapter changes the reply.
     let (s, plain) = post(&base, "/v1/dialog", &body(json!({}), 12, false)).await;

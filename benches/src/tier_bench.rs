@@ -138,9 +138,9 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         Some("cuda") => spec.device = nimmer_config::Device::Cuda,
         Some(other) => anyhow::bail!("unknown device `{other}` (cpu, cuda)"),
     }
-    spec.max_batch = spec
-        .max_batch
-        .max(*args.concurrency.iter().max().unwrap_or(&1));
+    let most = *args.concurrency.iter().max().unwrap_or(&1);
+    spec.max_batch = spec.max_batch.max(most);
+    spec.queue = spec.queue.max(most);
     limits.batch_token_budget = limits.batch_token_budget.max(spec.max_batch);
     let h = LlmHandle::start(&args.tier, &spec, limits, &model).context("starting the engine")?;
     let mut rows = Vec::new();

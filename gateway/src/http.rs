@@ -362,10 +362,27 @@ async fn prometheus() -> Response {
         .into_response()
 }
 
+/// The registry's adapters, each with the traits that select it (from `[traits]`), and the whole map.
 fn adapters_body(gw: &Gateway) -> serde_json::Value {
     let live = gw.live();
+    let traits = &live.config.budgets.traits;
+    let adapters: Vec<serde_json::Value> = gw
+        .loras()
+        .list()
+        .into_iter()
+        .map(|a| {
+            let serves: Vec<&String> = traits
+                .iter()
+                .filter(|(_, adapter)| **adapter == a.name)
+                .map(|(t, _)| t)
+                .collect();
+            let mut v = json!(a);
+            v["traits"] = json!(serves);
+            v
+        })
+        .collect();
     json!({
-        "adapters": gw.loras().list(),
+        "adapters": adapters,
         "stats": gw.loras().stats(),
         "traits": live.config.budgets.traits,
         "dir": gw.loras_dir().map(|d| d.display().to_string()),

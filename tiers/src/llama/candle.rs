@@ -19,9 +19,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use nimmer_config::Precision;
 
-use nimmer_loras::Module as Proj;
-
-use super::candle_lora::LoraTables;
+use super::candle_lora::{Group, LoraTables};
 use super::{Chunk, Decoder, LlamaConfig};
 use crate::error::{Result, TierError};
 use crate::tokenizer::ChatTokenizer;
@@ -429,10 +427,16 @@ impl Decoder for CandleLlama {
             .index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let proj = |w: &QMatMul, m: Proj, x: &Tensor| lora.apply(li, m, x, w.forward(x)?);
-            let q = rope(&proj(&l.wq, Proj::Q, &h)?, cfg.n_head)?;
-            let k = rope(&proj(&l.wk, Proj::K, &h)?, cfg.n_kv_head)?;
-            let v = proj(&l.wv, Proj::V, &h)?;
+            let [q, k, v]: [Tensor; 3] = lora
+                .apply(
+                    li,
+                    Group::Qkv,
+                    &h,
+                    vec![l.wq.forward(&h)?, l.wk.forward(&h)?, l.wv.forward(&h)?],
+                )?
+                .try_into()
+                .expect("three outputs");
+            let (q, k) = (rope(&q, cfg.n_head)?, rope(&k, cfg.n_kv_head)?);
             let (pk, pv) = {
                 let pool = self.pool.lock().expect("kv pool lock");
                 (pool.k[li].clone(), pool.v[li].clone())
@@ -450,11 +454,22 @@ impl Decoder for CandleLlama {
                 1 if chunks_at.is_empty() || dec_seqs.is_empty() => ys.remove(0),
                 _ => Tensor::cat(&ys, 0)?.index_select(&order, 0)?,
             };
-            x = (proj(&l.wo, Proj::O, &y)? + &x)?;
+            let one = |g: Group, w: &QMatMul, x: &Tensor| -> Result<Tensor> {
+                Ok(lora.apply(li, g, x, vec![w.forward(x)?])?.remove(0))
+            };
+            x = (one(Group::O, &l.wo, &y)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&proj(&l.w_gate, Proj::Gate, &h)?)?
-                * proj(&l.w_up, Proj::Up, &h)?)?;
-            x = (proj(&l.w_down, Proj::Down, &gated)? + &x)?;
+            let [gate, up]: [Tensor; 2] = lora
+                .apply(
+                    li,
+                    Group::GateUp,
+                    &h,
+                    vec![l.w_gate.forward(&h)?, l.w_up.forward(&h)?],
+                )?
+                .try_into()
+                .expect("two outputs");
+            let gated = (candle_nn::ops::silu(&gate)? * up)?;
+            x = (one(Group::Down, &l.w_down, &gated)? + &x)?;
         }
         let mut last = Vec::new();
         let mut r = 0;
