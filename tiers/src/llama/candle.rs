@@ -186,6 +186,22 @@ impl CandleLlama {
         Ok((model, tokenizer))
     }
 
+    /// Makes the device's CUDA context current on this thread before the step touches any device memory.
+    /// Steps run on whichever worker of the engine's pool is free, and cudarc binds the context in its
+    /// operations but not when it frees memory: a tensor of an earlier step dropped first thing on a worker
+    /// that never bound it fails the free (`CUDA_ERROR_INVALID_CONTEXT`), and cudarc reports that error at
+    /// the next operation (seen once on an H200, in `lora-bench`).
+    fn bind_thread(&self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.device {
+            d.cuda_stream()
+                .context()
+                .bind_to_thread()
+                .map_err(|e| TierError::Device(format!("binding the CUDA context: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Attention of one prefill chunk: `q` `[t, q_dim]` (after RoPE) over the sequence's `total` keys and
     /// values (`rows` of the pool), causal from position `total - t`.
     fn attend_chunk(&self, q: &Tensor, k: &Tensor, v: &Tensor, rows: &[u32]) -> Result<Tensor> {
@@ -324,6 +340,7 @@ impl Decoder for CandleLlama {
                 ),
             });
         }
+        self.bind_thread()?;
         lora.prepare(chunks, &self.cfg.lora_base(), &self.device)?;
         let dev = &self.device;
         let cfg = &self.cfg;
