@@ -1,6 +1,7 @@
 //! The NATS front against a real nats-server (>= 2.10) the test starts: request/reply on
 //! `nimmerverse.gateway.<kind>.<zone>` (queue group), errors as JSON replies, and every finished dialog
-//! (NATS or HTTP) in the JetStream stream `RESULTS` on `nimmerverse.results.<gm_event>.<district>.<scene>`.
+//! (NATS or HTTP) in the JetStream stream `RESULTS` on `nimmerverse.results.<gm_event>.<district>.<scene>`,
+//! also when the broker was down while it finished.
 
 use std::time::Duration;
 
@@ -169,4 +170,92 @@ async fn requests_over_nats_and_results_in_jetstream() {
     assert_eq!(s1["participants"], json!(["p7"]));
     assert_eq!(s1["faction"], "guild");
     assert_eq!(s1["response"]["text"], reply["text"]);
+}
+
+/// The results publisher across a broker outage: dialogs finished while nats-server is down (SIGKILL) are
+/// published once it is back (same port and store), each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_finished_while_the_broker_is_down_are_published_once_it_is_back() {
+    let mut server = nimmer_e2e::NatsServer::start();
+    let base = nimmer_e2e::start_gateway_with(
+        nimmer_e2e::config(),
+        nimmer::Options {
+            nats: Some(server.url.clone()),
+            ..Default::default()
+        },
+    );
+    // The gateway creates RESULTS once connected.
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let js = jetstream::new(client);
+    let mut ready = false;
+    for _ in 0..300 {
+        if js.get_stream("RESULTS").await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the gateway created RESULTS");
+
+    server.kill();
+    let http = reqwest::Client::new();
+    let slots = ["s1", "s2", "s3", "s4"];
+    for slot in slots {
+        let r = http
+            .post(format!("{base}/v1/dialog"))
+            .json(&json!({
+                "uid": format!("ev3/docks/quay/{slot}"), "zone": "docks-2", "kind": "dialog", "max_tokens": 4,
+                "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Hello!" }],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            200,
+            "dialogs run while the broker is down"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.start_again();
+
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream("RESULTS").await.unwrap();
+    let mut held = 0;
+    for _ in 0..600 {
+        held = stream.info().await.unwrap().state.messages;
+        if held >= slots.len() as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(held, slots.len() as u64, "every result reached RESULTS");
+    // Retries carry the same Nats-Msg-Id: nothing arrives twice, even after the publisher settles.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        slots.len() as u64
+    );
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("test-outage".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < slots.len() {
+        let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
+            .await
+            .expect("a result within 30 s")
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        got.push(v["uid"]["slot"].as_str().unwrap().to_string());
+        m.ack().await.unwrap();
+    }
+    got.sort();
+    assert_eq!(got, slots);
 }
