@@ -74,6 +74,35 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Nine rows: seven distinct adapters (the first seven of `adapters`), a blend of the eighth and the first,
+/// and one row without any adapter; each with its prompt.
+fn nine_rows(
+    adapters: &[Arc<Adapter>],
+    tok: &nimmer_tiers::tokenizer::ChatTokenizer,
+) -> (Vec<Option<Blend>>, Vec<Vec<u32>>) {
+    let mut blends: Vec<Option<Blend>> = adapters[..7]
+        .iter()
+        .map(|a| {
+            Some(Blend {
+                parts: vec![(a.clone(), 1.0)],
+            })
+        })
+        .collect();
+    blends.push(Some(Blend {
+        parts: vec![(adapters[7].clone(), 0.5), (adapters[0].clone(), 0.5)],
+    }));
+    blends.push(None);
+    let users = [
+        "Tell me about the harbour.",
+        "Where is the market?",
+        "Who guards the gate?",
+    ];
+    let prompts = (0..blends.len())
+        .map(|i| nimmer_e2e::chat_ids(tok, SYSTEM, users[i % users.len()]))
+        .collect();
+    (blends, prompts)
+}
+
 /// Tolerance: f32 summation order differs between `(W + ΔW)x` and `Wx + B(Ax)`; logits are O(10).
 const TOL: f32 = 2e-3;
 
@@ -123,27 +152,7 @@ fn rows_with_different_adapters_in_one_batch_get_their_own_logits() {
     let adapters: Vec<Arc<Adapter>> = (0..8)
         .map(|i| adapter(&model, 8, 10 + i, dir.path()))
         .collect();
-    // Nine rows: seven distinct adapters, a blend of two, and one row without any adapter.
-    let mut blends: Vec<Option<Blend>> = adapters[..7]
-        .iter()
-        .map(|a| {
-            Some(Blend {
-                parts: vec![(a.clone(), 1.0)],
-            })
-        })
-        .collect();
-    blends.push(Some(Blend {
-        parts: vec![(adapters[7].clone(), 0.5), (adapters[0].clone(), 0.5)],
-    }));
-    blends.push(None);
-    let users = [
-        "Tell me about the harbour.",
-        "Where is the market?",
-        "Who guards the gate?",
-    ];
-    let prompts: Vec<Vec<u32>> = (0..blends.len())
-        .map(|i| nimmer_e2e::chat_ids(&tok, SYSTEM, users[i % users.len()]))
-        .collect();
+    let (blends, prompts) = nine_rows(&adapters, &tok);
     let alone: Vec<Vec<f32>> = prompts
         .iter()
         .zip(&blends)
@@ -264,26 +273,7 @@ mod candle_decoder {
             .map(|i| adapter(&ours, if i % 2 == 0 { 8 } else { 4 }, 30 + i, dir.path()))
             .collect();
         drop(ours);
-        let mut blends: Vec<Option<Blend>> = adapters[..7]
-            .iter()
-            .map(|a| {
-                Some(Blend {
-                    parts: vec![(a.clone(), 1.0)],
-                })
-            })
-            .collect();
-        blends.push(Some(Blend {
-            parts: vec![(adapters[7].clone(), 0.5), (adapters[0].clone(), 0.5)],
-        }));
-        blends.push(None);
-        let users = [
-            "Tell me about the harbour.",
-            "Where is the market?",
-            "Who guards the gate?",
-        ];
-        let prompts: Vec<Vec<u32>> = (0..blends.len())
-            .map(|i| nimmer_e2e::chat_ids(&tok, SYSTEM, users[i % users.len()]))
-            .collect();
+        let (blends, prompts) = nine_rows(&adapters, &tok);
         let m = load();
         let mut ws = LoraTables::default();
         // Alone, one after the other: each call reuses or fills a slot.
