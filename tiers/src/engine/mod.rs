@@ -364,7 +364,8 @@ fn serve<M: Decoder>(
         supports_lora: model.supports_lora(),
     });
     tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
-    if spec.device == nimmer_config::Device::Cuda && spec.precision != nimmer_config::Precision::F32 {
+    if spec.device == nimmer_config::Device::Cuda && spec.precision != nimmer_config::Precision::F32
+    {
         tracing::warn!(tier = %tier, precision = ?spec.precision, "quantized weights on CUDA run candle's quantized kernels, whose greedy text differed from the CPU's (measured on the Driver's Q4_1 file); precision = \"f32\" matches the CPU");
     }
     if ready_tx.send(Ok(info.clone())).is_err() {

@@ -66,7 +66,8 @@ impl KvPool {
             return Ok(());
         }
         let old = self.rows;
-        let rows = (old * 2).max(old + n - self.free.len()).max(1024);
+        // Row 0 is never free: the new rows start at `old.max(1)`.
+        let rows = (old * 2).max(old.max(1) + n - self.free.len()).max(1024);
         let extra = rows - old;
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
             let z = Tensor::zeros((extra, cfg.kv_dim()), DType::F32, device)?;
@@ -356,7 +357,9 @@ impl Decoder for CandleLlama {
             pool.reserve(ids.len(), cfg, dev)?;
             for c in chunks.iter_mut() {
                 for i in 0..c.tokens.len() {
-                    let r = pool.free.pop().expect("rows reserved above");
+                    let r = pool.free.pop().ok_or_else(|| {
+                        TierError::Device("the KV pool has fewer free rows than it reserved".into())
+                    })?;
                     c.kv.rows.push(r);
                     written.push(r);
                     positions.push((c.kv.len + i) as u32);
@@ -521,5 +524,49 @@ impl Decoder for CandleLlama {
 
     fn supports_lora(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LlamaConfig {
+        LlamaConfig {
+            n_layer: 2,
+            dim: 8,
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 4,
+            ffn: 16,
+            vocab: 10,
+            eps: 1e-5,
+            rope_base: 10000.0,
+            train_context: 4096,
+            rope_neox: false,
+            kv_f16: false,
+        }
+    }
+
+    #[test]
+    fn the_kv_pool_reserves_what_it_is_asked_for_and_never_hands_out_row_0() {
+        let (cfg, dev) = (cfg(), Device::Cpu);
+        let mut pool = KvPool {
+            k: Vec::new(),
+            v: Vec::new(),
+            rows: 0,
+            free: Vec::new(),
+        };
+        // A first step larger than the minimum growth.
+        pool.reserve(1024, &cfg, &dev).unwrap();
+        assert!(pool.free.len() >= 1024);
+        assert!(!pool.free.contains(&0));
+        assert_eq!(pool.k[0].dims(), &[pool.rows, cfg.kv_dim()]);
+        let taken: Vec<u32> = (0..1024).map(|_| pool.free.pop().unwrap()).collect();
+        pool.reserve(3000, &cfg, &dev).unwrap();
+        assert!(pool.free.len() >= 3000);
+        assert!(!pool.free.contains(&0));
+        assert!(taken.iter().all(|r| !pool.free.contains(r)));
+        assert_eq!(pool.v[1].dims(), &[pool.rows, cfg.kv_dim()]);
     }
 }
