@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::StreamExt;
+use nimmer_e2e::http::client;
 use serde_json::{Value, json};
 
 const SYSTEM: &str = "You are a helpful assistant.";
@@ -12,13 +13,6 @@ const SYSTEM: &str = "You are a helpful assistant.";
 fn base() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| nimmer_e2e::start_gateway(nimmer_e2e::config()))
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
 }
 
 fn dialog(kind: &str, user: &str) -> Value {
@@ -31,14 +25,7 @@ fn dialog(kind: &str, user: &str) -> Value {
 }
 
 async fn post(path: &str, body: &Value) -> (u16, Value) {
-    let r = client()
-        .post(format!("{}{path}", base()))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    nimmer_e2e::http::post(base(), path, body).await
 }
 
 #[tokio::test]

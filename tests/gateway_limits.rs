@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use nimmer_e2e::http::client;
 use serde_json::{Value, json};
 
 fn small(driver_queue: usize) -> String {
@@ -17,13 +18,6 @@ fn small(driver_queue: usize) -> String {
         },
     );
     nimmer_e2e::start_gateway(cfg)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
 }
 
 /// A request that generates exactly `max_tokens` tokens (`ignore_eos`), so slot holders never finish early.

@@ -5,20 +5,13 @@
 //! with a precise error while the registry keeps serving.
 
 use std::path::Path;
-use std::time::Duration;
 
 use futures::StreamExt;
+use nimmer_e2e::http::{client, eventually, get, post};
 use nimmer_loras::{Adapter, LoraPair, Module, peft::save_peft};
 use serde_json::{Value, json};
 
 const SYSTEM: &str = "You are a helpful assistant.";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
-}
 
 /// Writes a random rank-8 adapter for the Driver's shape (read from its GGUF) into `dir`.
 fn write_adapter(dir: &Path, seed: u32) {
@@ -79,41 +72,6 @@ fn body(traits: Value, max_tokens: usize, stream: bool) -> Value {
     })
 }
 
-async fn post(base: &str, path: &str, b: &Value) -> (u16, Value) {
-    let r = client()
-        .post(format!("{base}{path}"))
-        .json(b)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn adapters(base: &str) -> Value {
-    client()
-        .get(format!("{base}/v1/adapters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn eventually<F: std::future::Future<Output = bool>>(
-    secs: u64,
-    mut f: impl FnMut() -> F,
-) -> bool {
-    for _ in 0..secs * 10 {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traits_select_hot_swapped_adapters() {
     let cfg_dir = tempfile::tempdir().unwrap();
@@ -142,7 +100,7 @@ async fn traits_select_hot_swapped_adapters() {
             ..Default::default()
         },
     );
-    let list = adapters(&base).await;
+    let list = get(&base, "/v1/adapters").await;
     assert_eq!(list["adapters"].as_array().unwrap().len(), 2, "{list}");
     let gruff = list["adapters"]
         .as_array()
@@ -209,7 +167,7 @@ async fn traits_select_hot_swapped_adapters() {
     write_adapter(&adapters_dir.join("gruff"), 3);
     assert!(
         eventually(20, || async {
-            adapters(&base).await["adapters"]
+            get(&base, "/v1/adapters").await["adapters"]
                 .as_array()
                 .unwrap()
                 .iter()

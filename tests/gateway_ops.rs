@@ -4,16 +4,10 @@
 
 use std::time::Duration;
 
+use nimmer_e2e::http::{client, eventually, get, get_text, post};
 use serde_json::{Value, json};
 
 const SYSTEM: &str = "You are a helpful assistant.";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
-}
 
 fn dialog(zone: &str, max_tokens: usize) -> Value {
     json!({
@@ -21,53 +15,6 @@ fn dialog(zone: &str, max_tokens: usize) -> Value {
         "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Say hello to a traveller." }],
         "sampling": { "temperature": 0.7, "seed": 3, "ignore_eos": true },
     })
-}
-
-async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
-    let r = client()
-        .post(format!("{base}{path}"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get(base: &str, path: &str) -> Value {
-    client()
-        .get(format!("{base}{path}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn metrics(base: &str) -> String {
-    client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// Polls `check` every 100 ms until it holds (at most `secs`); returns whether it did.
-async fn eventually<F: std::future::Future<Output = bool>>(
-    secs: u64,
-    mut check: impl FnMut() -> F,
-) -> bool {
-    for _ in 0..secs * 10 {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +89,7 @@ async fn budgets_edited_under_load_apply_without_failing_a_request_and_invalid_e
     .unwrap();
     assert!(
         eventually(10, || async {
-            metrics(&base)
+            get_text(&base, "/metrics")
                 .await
                 .contains("nimmer_config_reloads_total{result=\"rejected\"} 1")
         })
@@ -156,7 +103,7 @@ async fn budgets_edited_under_load_apply_without_failing_a_request_and_invalid_e
     std::fs::write(dir.path().join("budgets.toml"), "[tiers.driver\nslots = ").unwrap();
     assert!(
         eventually(10, || async {
-            metrics(&base)
+            get_text(&base, "/metrics")
                 .await
                 .contains("nimmer_config_reloads_total{result=\"rejected\"} 2")
         })
@@ -237,7 +184,7 @@ async fn zone_classes_token_rates_pruning_and_metrics() {
     );
 
     // Metrics.
-    let m = metrics(&base).await;
+    let m = get_text(&base, "/metrics").await;
     for needle in [
         "nimmer_requests_total{tier=\"driver\",class=\"street\",outcome=\"admitted\"}",
         "nimmer_requests_total{tier=\"driver\",class=\"plaza\",outcome=\"token_rate\"} 1",
