@@ -38,8 +38,25 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
+/// A `--device` argument: `cpu`, or `cuda` (needs a `--features cuda` build and a GPU).
+pub fn parse_device(s: &str) -> Result<nimmer_config::Device> {
+    match s {
+        "cpu" => Ok(nimmer_config::Device::Cpu),
+        "cuda" => Ok(nimmer_config::Device::Cuda),
+        other => anyhow::bail!("unknown device `{other}` (cpu, cuda)"),
+    }
+}
+
+/// What a benchmark's figures say about where they ran: the CPU, and the GPU when on CUDA.
+pub fn machine_on(device: nimmer_config::Device) -> String {
+    match device {
+        nimmer_config::Device::Cuda => format!("{} + GPU {}", machine(), gpu_name()),
+        nimmer_config::Device::Cpu => machine(),
+    }
+}
+
 /// The GPU's name as `nvidia-smi` reports it (best effort: the figures say which card they came from).
-pub fn gpu_name() -> String {
+fn gpu_name() -> String {
     std::process::Command::new("nvidia-smi")
         .args([
             "--query-gpu=name,driver_version",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
-use nimmer_benches::{machine, pct, write_block};
+use nimmer_benches::{pct, write_block};
 use nimmer_config::Config;
 use nimmer_loras::{Adapter, Blend, LoraPair, Module, Registry, peft::save_peft};
 use nimmer_tiers::fetch::{Verify, ensure_llm};
@@ -138,11 +138,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = Config::embedded();
     let mut spec = cfg.tiers.tiers.driver.clone();
-    spec.device = match args.device.as_str() {
-        "cpu" => nimmer_config::Device::Cpu,
-        "cuda" => nimmer_config::Device::Cuda,
-        other => anyhow::bail!("unknown device `{other}` (cpu, cuda)"),
-    };
+    spec.device = nimmer_benches::parse_device(&args.device)?;
     let on_cuda = spec.device == nimmer_config::Device::Cuda;
     let mut limits = EngineLimits::of(&cfg.budgets.tiers.driver);
     limits.batch_token_budget = limits.batch_token_budget.max(args.concurrency);
@@ -217,16 +213,15 @@ fn main() -> Result<()> {
         registry.scan(dir.path());
     }
 
-    let (title, machine, command) = if on_cuda {
+    let machine = nimmer_benches::machine_on(spec.device);
+    let (title, command) = if on_cuda {
         (
             " on CUDA",
-            format!("{} + GPU {}", machine(), nimmer_benches::gpu_name()),
             "scripts/cuda-build.sh && target/cuda/release/lora-bench --device cuda",
         )
     } else {
         (
             "",
-            machine(),
             "cargo run --release -p nimmer-benches --bin lora-bench -- --write benches/RESULTS.md",
         )
     };

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use nimmer_benches::{gpu_name, machine, pct, peak_rss_mib, write_block};
+use nimmer_benches::{machine, machine_on, pct, peak_rss_mib, write_block};
 use nimmer_config::Config;
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
@@ -132,11 +132,8 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         Some("candle") => Some(nimmer_config::Backend::Candle),
         Some(other) => anyhow::bail!("unknown backend `{other}` (nimmer, candle)"),
     };
-    match args.device.as_deref() {
-        None => {}
-        Some("cpu") => spec.device = nimmer_config::Device::Cpu,
-        Some("cuda") => spec.device = nimmer_config::Device::Cuda,
-        Some(other) => anyhow::bail!("unknown device `{other}` (cpu, cuda)"),
+    if let Some(d) = &args.device {
+        spec.device = nimmer_benches::parse_device(d)?;
     }
     let most = *args.concurrency.iter().max().unwrap_or(&1);
     spec.max_batch = spec.max_batch.max(most);
@@ -282,17 +279,16 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         let levels: Vec<String> = args.concurrency.iter().map(|c| c.to_string()).collect();
         flags.push_str(&format!(" --concurrency {}", levels.join(",")));
     }
-    let (title, machine, command) = match spec.device {
+    let machine = machine_on(spec.device);
+    let (title, command) = match spec.device {
         nimmer_config::Device::Cuda => (
             " on CUDA",
-            format!("{} + GPU {}", machine(), gpu_name()),
             format!(
                 "scripts/cuda-build.sh && target/cuda/release/tier-bench {flags} --device cuda"
             ),
         ),
         nimmer_config::Device::Cpu => (
             "",
-            machine(),
             format!("cargo run --release -p nimmer-benches --bin tier-bench -- {flags}"),
         ),
     };

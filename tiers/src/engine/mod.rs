@@ -127,8 +127,6 @@ pub struct TierInfo {
     pub weight_bytes: usize,
     /// Which kernels run the model.
     pub kernel: String,
-    /// Whether requests may carry trait-LoRA blends (both decoders do).
-    pub supports_lora: bool,
 }
 
 enum Command {
@@ -290,12 +288,6 @@ impl LlmHandle {
         req.params.validate()?;
         let prompt = self.tokenize(&req.prompt)?;
         let info = &self.info;
-        if req.lora.as_ref().is_some_and(|b| !b.is_empty()) && !info.supports_lora {
-            return Err(TierError::InvalidRequest {
-                field: "npc.traits",
-                message: format!("the {} tier's decoder has no trait-LoRA support", info.name),
-            });
-        }
         if prompt.len() + req.params.max_tokens > info.context {
             return Err(TierError::ContextExceeded {
                 tier: info.name.clone(),
@@ -361,7 +353,6 @@ fn serve<M: Decoder>(
         queue_capacity: spec.queue,
         weight_bytes: model.weight_bytes(),
         kernel: model.kernel(),
-        supports_lora: model.supports_lora(),
     });
     tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
     if spec.device == nimmer_config::Device::Cuda && spec.precision != nimmer_config::Precision::F32

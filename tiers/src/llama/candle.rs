@@ -69,20 +69,19 @@ impl KvPool {
         // Row 0 is never free: the new rows start at `old.max(1)`.
         let rows = (old * 2).max(old.max(1) + n - self.free.len()).max(1024);
         let extra = rows - old;
-        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let z = Tensor::zeros((extra, cfg.kv_dim()), DType::F32, device)?;
-            *t = if old == 0 {
-                z
-            } else {
-                Tensor::cat(&[&*t, &z], 0)?
-            };
-        }
         if self.k.is_empty() {
-            for _ in 0..cfg.n_layer {
-                self.k
-                    .push(Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device)?);
-                self.v
-                    .push(Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device)?);
+            self.k = (0..cfg.n_layer)
+                .map(|_| Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device))
+                .collect::<candle_core::Result<_>>()?;
+            self.v = self
+                .k
+                .iter()
+                .map(Tensor::zeros_like)
+                .collect::<candle_core::Result<_>>()?;
+        } else {
+            for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+                let z = Tensor::zeros((extra, cfg.kv_dim()), DType::F32, device)?;
+                *t = Tensor::cat(&[&*t, &z], 0)?;
             }
         }
         // Highest rows first out, so low rows (and row 0, never free) fill first.
@@ -203,17 +202,40 @@ impl CandleLlama {
         Ok(())
     }
 
-    /// Attention of one prefill chunk: `q` `[t, q_dim]` (after RoPE) over the sequence's `total` keys and
-    /// values (`rows` of the pool), causal from position `total - t`.
-    fn attend_chunk(&self, q: &Tensor, k: &Tensor, v: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    /// The gather index and causal mask of one prefill chunk of `t` tokens over its sequence's pool `rows`
+    /// (the same for every layer, so built once per step).
+    fn chunk_plan(&self, t: usize, rows: &[u32]) -> Result<(Tensor, Tensor)> {
+        let (total, group) = (rows.len(), self.cfg.n_head / self.cfg.n_kv_head);
+        let pos = total - t;
+        let mask: Vec<f32> = (0..group * t)
+            .flat_map(|gi| {
+                let i = gi % t;
+                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        Ok((
+            Tensor::new(rows, &self.device)?,
+            Tensor::from_vec(mask, (1, group * t, total), &self.device)?,
+        ))
+    }
+
+    /// Attention of one prefill chunk: `q` `[t, q_dim]` (after RoPE) over the sequence's keys and values
+    /// (the pool rows `idx`), causal by `mask` (from [`Self::chunk_plan`]).
+    fn attend_chunk(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        idx: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (t, total) = (q.dim(0)?, rows.len());
+        let (t, total) = (q.dim(0)?, idx.dim(0)?);
         let (nkv, hd) = (cfg.n_kv_head, cfg.head_dim);
         let group = cfg.n_head / nkv;
-        let idx = Tensor::new(rows, &self.device)?;
         let kv_heads = |pool: &Tensor| -> Result<Tensor> {
             Ok(pool
-                .index_select(&idx, 0)?
+                .index_select(idx, 0)?
                 .reshape((total, nkv, hd))?
                 .transpose(0, 1)?
                 .contiguous()?)
@@ -226,15 +248,7 @@ impl CandleLlama {
             .contiguous()?
             .reshape((nkv, group * t, hd))?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let pos = total - t;
-        let mask: Vec<f32> = (0..group * t)
-            .flat_map(|gi| {
-                let i = gi % t;
-                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, group * t, total), &self.device)?;
-        let att = candle_nn::ops::softmax_last_dim(&att.broadcast_add(&mask)?)?;
+        let att = candle_nn::ops::softmax_last_dim(&att.broadcast_add(mask)?)?;
         Ok(att
             .matmul(&v)?
             .reshape((nkv, group, t, hd))?
@@ -409,6 +423,13 @@ impl Decoder for CandleLlama {
             at += t;
         }
         let order = Tensor::from_vec(out_pos, n, dev)?;
+        let prefill: Vec<(usize, usize, Tensor, Tensor)> = chunks_at
+            .iter()
+            .map(|&(ci, r0, t)| {
+                let (idx, mask) = self.chunk_plan(t, &chunks[ci].kv.rows)?;
+                Ok((r0, t, idx, mask))
+            })
+            .collect::<Result<_>>()?;
         let decode = if dec_rows.is_empty() {
             None
         } else {
@@ -467,11 +488,11 @@ impl Decoder for CandleLlama {
             if let Some((rows, idx, mask)) = &decode {
                 ys.push(self.attend_decode(&q.index_select(rows, 0)?, &pk, &pv, idx, mask)?);
             }
-            for &(ci, r0, t) in &chunks_at {
-                ys.push(self.attend_chunk(&q.narrow(0, r0, t)?, &pk, &pv, &chunks[ci].kv.rows)?);
+            for (r0, t, idx, mask) in &prefill {
+                ys.push(self.attend_chunk(&q.narrow(0, *r0, *t)?, &pk, &pv, idx, mask)?);
             }
             let y = match ys.len() {
-                1 if chunks_at.is_empty() || dec_seqs.is_empty() => ys.remove(0),
+                1 => ys.remove(0),
                 _ => Tensor::cat(&ys, 0)?.index_select(&order, 0)?,
             };
             let one = |g: Group, w: &QMatMul, x: &Tensor| -> Result<Tensor> {
@@ -520,10 +541,6 @@ impl Decoder for CandleLlama {
 
     fn kernel(&self) -> String {
         format!("candle on {:?}", self.device)
-    }
-
-    fn supports_lora(&self) -> bool {
-        true
     }
 }
 

@@ -42,6 +42,16 @@ impl Group {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// The group a projection belongs to.
+    fn of(m: Module) -> Group {
+        match m {
+            Module::Q | Module::K | Module::V => Group::Qkv,
+            Module::O => Group::O,
+            Module::Gate | Module::Up => Group::GateUp,
+            Module::Down => Group::Down,
+        }
+    }
 }
 
 /// One blend's identity: its adapters (by allocation) and weights.
@@ -112,10 +122,7 @@ impl LoraTables {
         // projection, more distinct blends than slots); slots refill on demand.
         let mut distinct: Vec<&Blend> = Vec::new();
         for b in blends.iter().flatten() {
-            if !distinct
-                .iter()
-                .any(|d| std::ptr::eq(*d, *b) || same_blend(d, b))
-            {
+            if !distinct.iter().any(|d| same_blend(d, b)) {
                 distinct.push(b);
             }
         }
@@ -127,14 +134,11 @@ impl LoraTables {
         let new_mods = distinct
             .iter()
             .flat_map(|b| blend_modules(b))
-            .any(|m| !self.mods.iter().any(|g| g.contains(&m)));
+            .any(|m| !self.mods[Group::of(m).index()].contains(&m));
         if rank > self.rank || new_mods || distinct.len() > self.cap {
             let mut mods = std::mem::take(&mut self.mods);
             for m in distinct.iter().flat_map(|b| blend_modules(b)) {
-                let g = Group::ALL
-                    .iter()
-                    .position(|g| g.modules().contains(&m))
-                    .expect("every module is in a group");
+                let g = Group::of(m).index();
                 if !mods[g].contains(&m) {
                     mods[g].push(m);
                     mods[g].sort_by_key(|x| Module::ALL.iter().position(|y| y == x));

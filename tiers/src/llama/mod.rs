@@ -261,10 +261,6 @@ pub trait Decoder: Send + Sync + 'static {
     fn weight_bytes(&self) -> usize;
     /// Which kernels run it, for logs and benchmarks.
     fn kernel(&self) -> String;
-    /// Whether chunks may carry LoRA blends.
-    fn supports_lora(&self) -> bool {
-        false
-    }
 }
 
 impl Decoder for Llama {
@@ -281,9 +277,6 @@ impl Decoder for Llama {
     }
     fn weight_bytes(&self) -> usize {
         Llama::weight_bytes(self)
-    }
-    fn supports_lora(&self) -> bool {
-        true
     }
     fn kernel(&self) -> String {
         format!("nimmer {:?}", kernels::level())
