@@ -14,7 +14,7 @@ async fn dialogs_reach_the_players_sqlite_as_canon() {
     let pg = nimmer_services::Postgres::start();
     let base = nimmer_e2e::start_gateway_with(
         nimmer_e2e::config(),
-        nimmer::Options {
+        nimmer_gateway::Options {
             nats: Some(nats.url.clone()),
             ..Default::default()
         },

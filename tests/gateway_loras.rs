@@ -95,7 +95,7 @@ async fn traits_select_hot_swapped_adapters() {
     let config = nimmer_config::Config::load(cfg_dir.path()).unwrap();
     let base = nimmer_e2e::start_gateway_with(
         config,
-        nimmer::Options {
+        nimmer_gateway::Options {
             config_dir: Some(cfg_dir.path().to_path_buf()),
             ..Default::default()
         },

@@ -28,7 +28,7 @@ async fn budgets_edited_under_load_apply_without_failing_a_request_and_invalid_e
     let config = nimmer_config::Config::load(dir.path()).unwrap();
     let base = nimmer_e2e::start_gateway_with(
         config,
-        nimmer::Options {
+        nimmer_gateway::Options {
             config_dir: Some(dir.path().to_path_buf()),
             ..Default::default()
         },
@@ -216,8 +216,8 @@ async fn zone_classes_token_rates_pruning_and_metrics() {
 async fn bearer_tokens_guard_npc_and_ops_routes_separately() {
     let base = nimmer_e2e::start_gateway_with(
         nimmer_e2e::config(),
-        nimmer::Options {
-            auth: nimmer::Auth {
+        nimmer_gateway::Options {
+            auth: nimmer_gateway::Auth {
                 npc: vec!["npc-secret".into()],
                 ops: vec!["ops-secret".into()],
             },

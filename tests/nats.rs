@@ -16,7 +16,7 @@ async fn requests_over_nats_and_results_in_jetstream() {
     let server = nimmer_e2e::NatsServer::start();
     let base = nimmer_e2e::start_gateway_with(
         nimmer_e2e::config(),
-        nimmer::Options {
+        nimmer_gateway::Options {
             nats: Some(server.url.clone()),
             ..Default::default()
         },
@@ -179,7 +179,7 @@ async fn results_finished_while_the_broker_is_down_are_published_once_it_is_back
     let mut server = nimmer_e2e::NatsServer::start();
     let base = nimmer_e2e::start_gateway_with(
         nimmer_e2e::config(),
-        nimmer::Options {
+        nimmer_gateway::Options {
             nats: Some(server.url.clone()),
             ..Default::default()
         },

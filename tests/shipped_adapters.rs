@@ -116,7 +116,7 @@ async fn default_config_maps_traits_to_shipped_adapters() {
     assert_eq!(config.budgets.traits.get("sailor").unwrap(), "sailor");
     let base = nimmer_e2e::start_gateway_with(
         config,
-        nimmer::Options {
+        nimmer_gateway::Options {
             config_dir: Some(dir),
             ..Default::default()
         },

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use futures::StreamExt;
-use nimmer::core::{Gateway, Tier};
 use nimmer_benches::{machine, pct, write_block};
 use nimmer_config::Config;
+use nimmer_gateway::{Gateway, Tier};
 use nimmer_tiers::tokenizer::Message;
 use nimmer_tiers::{Event, GenerateRequest, Prompt, SamplingParams};
 use rand::{Rng, SeedableRng};
@@ -360,7 +360,8 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
     // Saturn: one classification.
     let direct = |gw: Arc<Gateway>| async move {
         let t = Instant::now();
-        gw.saturn()
+        gw.tiers()
+            .saturn
             .classify("ternary-gate", vec![CLASSIFY_TEXT.to_string()])
             .await
             .map(|_| t.elapsed().as_secs_f64() * 1e3)
@@ -420,7 +421,7 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
         h_rps
     );
     // Driver: a one-token generation.
-    let driver = gw.llm(Tier::Driver).context("driver")?.clone();
+    let driver = gw.tiers().llm(Tier::Driver).context("driver")?.clone();
     let messages = vec![
         Message::new("system", SYSTEM),
         Message::new("user", "Hello!"),
@@ -429,13 +430,14 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
     let mut h = Vec::new();
     for i in 0..n.min(100) {
         let t = Instant::now();
-        let mut rx = driver.generate(GenerateRequest {
+        let mut rx = driver.submit(GenerateRequest {
             prompt: Prompt::Chat(messages.clone()),
             params: SamplingParams::greedy(1),
             lora: None,
+            deadline: None,
         })?;
         while let Some(ev) = rx.recv().await {
-            if matches!(ev, Event::Done(_) | Event::Error(_)) {
+            if matches!(ev, Event::Done(_) | Event::Error(_) | Event::Expired) {
                 break;
             }
         }
@@ -485,10 +487,10 @@ fn main() -> Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(nimmer::run(
+        let server = tokio::spawn(nimmer_gateway::run(
             listener,
             gw.clone(),
-            nimmer::Options::default(),
+            nimmer_gateway::Options::default(),
             async move {
                 let _ = stop_rx.await;
             },

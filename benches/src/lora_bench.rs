@@ -98,6 +98,7 @@ fn decode(h: &LlmHandle, blends: &[Option<Arc<Blend>>], tokens: usize) -> Result
                     ..SamplingParams::greedy(tokens)
                 },
                 lora: b.clone(),
+                deadline: None,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -111,6 +112,7 @@ fn decode(h: &LlmHandle, blends: &[Option<Arc<Blend>>], tokens: usize) -> Result
                         Event::Token { .. } => t.push(Instant::now()),
                         Event::Done(_) => break,
                         Event::Error(e) => panic!("{e}"),
+                        Event::Expired => panic!("expired without a deadline"),
                     }
                 }
                 t

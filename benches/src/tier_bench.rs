@@ -76,6 +76,7 @@ fn run_concurrent(h: &LlmHandle, reqs: Vec<GenerateRequest>) -> Result<Run> {
                         Event::Token { .. } => times.push(Instant::now()),
                         Event::Done(_) => break,
                         Event::Error(e) => panic!("{e}"),
+                        Event::Expired => panic!("expired without a deadline"),
                     }
                 }
                 times
@@ -161,6 +162,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                     ..SamplingParams::greedy(1)
                 },
                 lora: None,
+                deadline: None,
             }],
         )?;
         prefill.push(
@@ -193,6 +195,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                     ..SamplingParams::greedy(args.gen_tokens)
                 },
                 lora: None,
+                deadline: None,
             })
             .collect();
         let r = run_concurrent(&h, reqs)?;

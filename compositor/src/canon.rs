@@ -1,79 +1,39 @@
-//! Composing canon: a finished dialog result (the gateway's `DialogResult` JSON, read leniently: only the fields
-//! canon needs) becomes one canon row with its place in the scene, plus the outbox row the relay publishes, in
+//! Composing canon: a finished dialog result (the wire crate's `DialogResult`, whose fields canon does not need
+//! have defaults) becomes one canon row with its place in the scene, plus the outbox row the relay publishes, in
 //! the caller's transaction. A result already composed (same `result_id`) is a no-op.
 
-use nimmer_config::{DeliveryMode, TransportFile, valid_token};
+use nimmer_config::{DeliveryMode, TransportFile};
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, Transaction};
 
 use crate::error::Result;
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct UidIn {
-    pub gm_event: String,
-    pub district: String,
-    pub scene: String,
-    pub slot: String,
-}
+pub use nimmer_wire::DialogResult;
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct NpcIn {
-    pub id: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ResponseIn {
-    pub text: String,
-    pub tier: String,
-    #[serde(default)]
-    pub adapters: Vec<String>,
-}
-
-/// A dialog result as published to `RESULTS`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ResultIn {
-    pub result_id: String,
-    pub uid: UidIn,
-    pub zone: String,
-    pub kind: String,
-    #[serde(default)]
-    pub npc: Option<NpcIn>,
-    #[serde(default)]
-    pub participants: Vec<String>,
-    #[serde(default)]
-    pub faction: Option<String>,
-    pub finished_at_ms: i64,
-    pub response: ResponseIn,
-}
-
-impl ResultIn {
-    /// Parses and checks a result; the error is the dead-letter reason.
-    pub fn parse(payload: &[u8]) -> Result<Self, String> {
-        let r: Self =
-            serde_json::from_slice(payload).map_err(|e| format!("not a dialog result: {e}"))?;
-        if r.result_id.is_empty() {
-            return Err("result_id is empty".into());
-        }
-        for (field, v) in [
-            ("uid.gm_event", &r.uid.gm_event),
-            ("uid.district", &r.uid.district),
-            ("uid.scene", &r.uid.scene),
-        ]
-        .into_iter()
-        .chain(r.participants.iter().map(|p| ("participants", p)))
-        .chain(r.faction.iter().map(|f| ("faction", f)))
-        {
-            if !valid_token(v) {
-                return Err(format!(
-                    "{field} {v:?} cannot be a subject token (empty, or has `.`, `*`, `>` or whitespace)"
-                ));
-            }
-        }
-        if r.finished_at_ms <= 0 {
-            return Err("finished_at_ms must be a positive Unix time in milliseconds".into());
-        }
-        Ok(r)
+/// Parses and checks a result; the error is the dead-letter reason.
+pub fn parse_result(payload: &[u8]) -> Result<DialogResult, String> {
+    let r: DialogResult =
+        serde_json::from_slice(payload).map_err(|e| format!("not a dialog result: {e}"))?;
+    if r.result_id.is_empty() {
+        return Err("result_id is empty".into());
     }
+    for (field, v) in [
+        ("uid.gm_event", &r.uid.gm_event),
+        ("uid.district", &r.uid.district),
+        ("uid.scene", &r.uid.scene),
+    ]
+    .into_iter()
+    .chain(r.participants.iter().map(|p| ("participants", p)))
+    .chain(r.faction.iter().map(|f| ("faction", f)))
+    {
+        if let Err(e) = nimmer_wire::check_token(v) {
+            return Err(format!("{field} {v:?} cannot be a subject token: {e}"));
+        }
+    }
+    if r.finished_at_ms == 0 || r.finished_at_ms > i64::MAX as u64 {
+        return Err("finished_at_ms must be a positive Unix time in milliseconds".into());
+    }
+    Ok(r)
 }
 
 /// A canon row as published on `CANON` and applied by players.
@@ -144,7 +104,7 @@ async fn completed_events(
     .collect())
 }
 
-fn canon_of(r: &ResultIn, seq: i64) -> Canon {
+fn canon_of(r: &DialogResult, seq: i64) -> Canon {
     Canon {
         canon_uid: format!(
             "{}/{}/{}/{seq}",
@@ -157,14 +117,14 @@ fn canon_of(r: &ResultIn, seq: i64) -> Canon {
         slot: r.uid.slot.clone(),
         seq,
         zone: r.zone.clone(),
-        kind: r.kind.clone(),
+        kind: r.kind.as_str().to_string(),
         tier: r.response.tier.clone(),
         npc: r.npc.as_ref().map(|n| n.id.clone()),
         text: r.response.text.clone(),
         participants: r.participants.clone(),
         faction: r.faction.clone(),
         adapters: r.response.adapters.clone(),
-        finished_at_ms: r.finished_at_ms,
+        finished_at_ms: r.finished_at_ms as i64,
     }
 }
 
@@ -197,7 +157,7 @@ const SEP: &str = "\u{1f}";
 /// fails the whole call: the caller then composes the results one by one to find it.
 pub async fn compose_batch(
     tx: &mut Transaction<'_, Postgres>,
-    results: &[ResultIn],
+    results: &[DialogResult],
     transport: &TransportFile,
 ) -> Result<Vec<Composed>> {
     let ids: Vec<&str> = results.iter().map(|r| r.result_id.as_str()).collect();

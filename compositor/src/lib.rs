@@ -18,7 +18,7 @@ pub mod relay;
 pub mod streams;
 pub mod worker;
 
-pub use canon::{Canon, Composed, ResultIn, complete_event};
+pub use canon::{Canon, Composed, DialogResult, complete_event};
 pub use error::{CompositorError, Result};
 pub use player::{PlayerStore, follow, follow_district};
 pub use relay::Relay;

@@ -10,8 +10,7 @@ use nimmer_config::{FeedSpec, TransportFile};
 
 use crate::error::{CompositorError, Result};
 
-/// The subjects `RESULTS` holds (as the gateway publishes them).
-pub const RESULTS_SUBJECTS: &str = "nimmerverse.results.>";
+pub use nimmer_wire::RESULTS_SUBJECTS;
 /// The stream that stores dead letters.
 pub const DEAD_LETTER_STREAM: &str = "DEADLETTER";
 
@@ -59,17 +58,7 @@ pub async fn ensure(
         .map_err(|e| CompositorError::Nats(format!("consumer {}: {e}", t.results.consumer)))
 }
 
-/// The results stream's settings (the gateway creates it with these too, whichever starts first).
-pub fn results_stream(name: &str) -> stream::Config {
-    stream::Config {
-        name: name.to_string(),
-        subjects: vec![RESULTS_SUBJECTS.into()],
-        retention: stream::RetentionPolicy::WorkQueue,
-        duplicate_window: Duration::from_secs(600),
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        ..Default::default()
-    }
-}
+pub use nimmer_wire::subjects::results_stream;
 
 /// `CANON`'s settings from `transport.toml`.
 pub fn canon_stream(t: &TransportFile) -> stream::Config {

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use nimmer_config::TransportFile;
 use sqlx::PgPool;
 
-use crate::canon::{Composed, ResultIn, compose_batch};
+use crate::canon::{Composed, DialogResult, compose_batch, parse_result};
 use crate::error::{CompositorError, Result};
 
 /// What one batch did.
@@ -131,12 +131,12 @@ impl Compositor {
         let mut good = Vec::with_capacity(msgs.len());
         let mut dead = Vec::new();
         for m in msgs {
-            match ResultIn::parse(&m.payload) {
+            match parse_result(&m.payload) {
                 Ok(r) => good.push((m, r)),
                 Err(reason) => dead.push((m, reason)),
             }
         }
-        let results: Vec<ResultIn> = good.iter().map(|(_, r)| r.clone()).collect();
+        let results: Vec<DialogResult> = good.iter().map(|(_, r)| r.clone()).collect();
         let mut tx = self.pool.begin().await?;
         let composed: Vec<std::result::Result<Composed, String>> = match compose_batch(
             &mut tx,
@@ -186,7 +186,7 @@ impl Compositor {
     /// Composes `results` one savepoint each in one transaction; a result the schema rejects gets its reason.
     async fn one_by_one(
         &self,
-        results: &[ResultIn],
+        results: &[DialogResult],
     ) -> Result<Vec<std::result::Result<Composed, String>>> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::with_capacity(results.len());

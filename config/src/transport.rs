@@ -340,10 +340,8 @@ pub fn valid_subject(s: &str) -> bool {
             .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(|c| c.is_whitespace()))
 }
 
-/// Whether `s` may be one token of a subject (a UID part).
-pub fn valid_token(s: &str) -> bool {
-    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || ".*>".contains(c))
-}
+/// Whether `s` may be one token of a subject: the one rule, [`nimmer_wire::check_token`].
+pub use nimmer_wire::valid_token;
 
 #[cfg(test)]
 mod tests {

@@ -1,40 +1,19 @@
-//! Request and response types of the HTTP API. Incoming JSON is parsed into `*Request` types (unknown fields
+//! Requests as the fronts receive them. Incoming JSON is parsed into `*Request` types (unknown fields
 //! rejected), then turned into a validated [`Dialog`] ("parse, don't validate"): UID segments and zone ids are
-//! checked against NATS subject-token rules because they become subject tokens.
+//! checked against the wire crate's token rule because they become subject tokens, and a generation holds
+//! exactly one prompt. What goes back out (responses, results) is the wire crate's.
 
-use std::collections::BTreeMap;
-
-use nimmer_tiers::SamplingParams;
 use nimmer_tiers::tokenizer::Message;
-use serde::{Deserialize, Serialize};
+use nimmer_tiers::{Prompt, SamplingParams};
+use serde::Deserialize;
+
+pub use nimmer_wire::{DialogResponse, DialogResult, Kind, Npc, SlotInfo, Timings, Uid, Usage};
 
 use crate::error::ApiError;
 
-/// A NATS-safe token: 1..=64 of `[A-Za-z0-9_-]` (no `.`, `*`, `>`, whitespace).
+/// A NATS-safe token (the wire crate's one rule), or a 422 naming `field`.
 pub fn check_token(field: &'static str, value: &str) -> Result<(), ApiError> {
-    if value.is_empty() || value.len() > 64 {
-        return Err(ApiError::invalid(field, "must be 1 to 64 characters"));
-    }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-    {
-        return Err(ApiError::invalid(
-            field,
-            format!("character {c:?} is not allowed (letters, digits, '-', '_')"),
-        ));
-    }
-    Ok(())
-}
-
-/// The hierarchical routing key `gm_event/district/scene/slot`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Uid {
-    pub gm_event: String,
-    pub district: String,
-    pub scene: String,
-    pub slot: String,
+    nimmer_wire::check_token(value).map_err(|e| ApiError::invalid(field, e.to_string()))
 }
 
 /// A UID as sent: `"ev/district/scene/slot"` or an object.
@@ -71,23 +50,6 @@ impl UidInput {
         check_token("uid.slot", &uid.slot)?;
         Ok(uid)
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Dialog,
-    Deep,
-    Moment,
-    Classify,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Npc {
-    pub id: String,
-    #[serde(default)]
-    pub traits: BTreeMap<String, f32>,
 }
 
 /// Sampling options of a request (all optional).
@@ -142,8 +104,7 @@ pub struct DialogRequest {
 #[derive(Debug, Clone)]
 pub enum Work {
     Generate {
-        messages: Option<Vec<Message>>,
-        prompt: Option<String>,
+        prompt: Prompt,
         params: SamplingParams,
     },
     Classify {
@@ -255,16 +216,19 @@ impl DialogRequest {
                         "only for kind \"classify\"",
                     ));
                 }
-                if self.messages.is_some() == self.prompt.is_some() {
-                    return Err(ApiError::invalid(
-                        "messages",
-                        "give exactly one of `messages` or `prompt`",
-                    ));
-                }
+                let prompt = match (self.messages, self.prompt) {
+                    (Some(m), None) => Prompt::Chat(m),
+                    (None, Some(p)) => Prompt::Text(p),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "messages",
+                            "give exactly one of `messages` or `prompt`",
+                        ));
+                    }
+                };
                 Work::Generate {
                     params: self.sampling.params(self.max_tokens)?,
-                    messages: self.messages,
-                    prompt: self.prompt,
+                    prompt,
                 }
             }
         };
@@ -280,75 +244,6 @@ impl DialogRequest {
             participants: self.participants,
             faction: self.faction,
         })
-    }
-}
-
-/// Token counts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub total_tokens: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Timings {
-    /// Waiting for a slot in the gateway's fair queue.
-    #[serde(default)]
-    pub slot_wait_ms: f64,
-    /// Waiting for admission into the engine's running batch.
-    pub queue_ms: f64,
-    pub ttft_ms: f64,
-    pub total_ms: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SlotInfo {
-    pub zone: String,
-    pub id: u64,
-}
-
-/// `POST /v1/dialog` response (and the final SSE event).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DialogResponse {
-    pub uid: Uid,
-    pub text: String,
-    pub tier: String,
-    pub adapters: Vec<String>,
-    pub finish_reason: Option<nimmer_tiers::FinishReason>,
-    pub usage: Usage,
-    pub timings: Timings,
-    pub slot: SlotInfo,
-    pub degraded: bool,
-    pub degraded_reason: Option<String>,
-    /// For `kind = "classify"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub classification: Option<nimmer_tiers::Classification>,
-}
-
-/// A finished dialog as published to JetStream (`RESULTS`) for the compositors: the request's routing facts
-/// and the response. `result_id` is unique per result (the JetStream message id, for deduplication).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DialogResult {
-    pub result_id: String,
-    pub uid: Uid,
-    pub zone: String,
-    pub kind: Kind,
-    pub npc: Option<Npc>,
-    pub participants: Vec<String>,
-    pub faction: Option<String>,
-    /// Unix time in milliseconds when the gateway finished the dialog.
-    pub finished_at_ms: u64,
-    pub response: DialogResponse,
-}
-
-impl Uid {
-    /// The JetStream subject of this dialog's result.
-    pub fn results_subject(&self) -> String {
-        format!(
-            "nimmerverse.results.{}.{}.{}",
-            self.gm_event, self.district, self.scene
-        )
     }
 }
 

@@ -1,21 +1,197 @@
-//! Running a validated dialog to its response, shared by the HTTP and NATS fronts: generation kinds run to
-//! the end on their tier, classify kinds go through Saturn; every finished dialog is handed to the results
-//! publisher (when NATS is configured) for the compositors.
+//! The dialog use case, shared by the HTTP and NATS fronts: a validated request is admitted
+//! ([`crate::admission`]), submitted to its tier (never after its deadline passed), and run to a response or a
+//! stream. [`end`] is the one place a dialog ends: it builds the response and publishes the result for the
+//! compositors, whether the dialog was answered whole, streamed, or classified.
 
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use nimmer_tiers::{Completion, Event};
+use futures::Stream;
+use nimmer_config::RequestBudget;
+use nimmer_tiers::{Completion, Event, GenerateRequest, Prompt, SamplingParams};
 
-use crate::api::{Dialog, DialogResponse, SlotInfo, Timings, Usage, Work};
-use crate::core::{Gateway, Running, Tier};
+use crate::Tier;
+use crate::admission::{self, Admitted, Ask, Deadline, Target};
+use crate::api::{Dialog, DialogResponse, DialogResult, SlotInfo, Timings, Usage, Work};
 use crate::error::ApiError;
+use crate::metrics;
+use crate::slots::SlotPermit;
+use crate::state::Gateway;
+use crate::tier::Events;
+use crate::zones::ZoneTable;
 
-pub fn usage(c: &Completion) -> Usage {
-    Usage {
-        prompt_tokens: c.prompt_tokens,
-        completion_tokens: c.completion_tokens,
-        total_tokens: c.prompt_tokens + c.completion_tokens,
+/// One generation to run: what, for which zone, how urgent, with which NPC traits.
+pub struct Generation<'a> {
+    pub target: Target,
+    pub zone: &'a str,
+    pub priority: i32,
+    pub deadline_ms: Option<u64>,
+    pub prompt: &'a Prompt,
+    pub params: SamplingParams,
+    /// `npc.traits`: selects and weighs trait-LoRA adapters.
+    pub traits: Option<&'a BTreeMap<String, f32>>,
+}
+
+/// Charges a generation's tokens to its zone's bucket when dropped, however the generation ends.
+struct Meter {
+    zones: Arc<Mutex<ZoneTable>>,
+    zone: String,
+    tier: Tier,
+    budget: RequestBudget,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.zones.lock().expect("zones lock").charge(
+            &self.zone,
+            self.tier,
+            self.prompt_tokens + self.completion_tokens,
+            &self.budget,
+            Instant::now(),
+        );
     }
+}
+
+/// A generation in flight: its slot, its event stream and its token meter. Dropping it cancels the
+/// generation and frees the slot.
+pub struct Running {
+    pub tier: Tier,
+    pub degraded_reason: Option<String>,
+    /// Adapters it runs with, as `name@vN`.
+    pub adapters: Vec<String>,
+    pub permit: SlotPermit,
+    /// Time spent waiting for the slot.
+    pub slot_wait: Duration,
+    events: Events,
+    /// The first event, already received (so a failure before it could still become the status code).
+    first: Option<Event>,
+    meter: Meter,
+}
+
+impl Running {
+    /// The next event; `None` when the tier went away without finishing.
+    pub async fn next(&mut self) -> Option<Event> {
+        let ev = match self.first.take() {
+            Some(e) => Some(e),
+            None => self.events.recv().await,
+        };
+        match &ev {
+            Some(Event::Token { .. }) => self.meter.completion_tokens += 1,
+            Some(Event::Done(c)) => {
+                self.meter.prompt_tokens = c.prompt_tokens;
+                self.meter.completion_tokens = c.completion_tokens;
+                metrics::finished(
+                    self.tier,
+                    &self.permit.class,
+                    c.prompt_tokens,
+                    c.completion_tokens,
+                    c.ttft_ms / 1e3,
+                );
+            }
+            _ => {}
+        }
+        ev
+    }
+
+    /// Runs the generation to its end: the text and the completion.
+    pub async fn collect(&mut self) -> Result<(String, Completion), ApiError> {
+        let mut text = String::new();
+        loop {
+            match self.next().await {
+                Some(Event::Token { text: t, .. }) => text.push_str(&t),
+                Some(Event::Done(c)) => return Ok((text, c)),
+                Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
+                Some(Event::Expired) | None => {
+                    return Err(ApiError::Unavailable {
+                        tier: self.tier.as_str().into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Admits a generation, submits it and waits for its first event.
+pub async fn start(gw: &Gateway, g: Generation<'_>) -> Result<Running, ApiError> {
+    let deadline = Deadline::after(g.deadline_ms, Instant::now());
+    let admitted = admission::admit(
+        gw,
+        Ask {
+            target: g.target,
+            zone: g.zone,
+            priority: g.priority,
+            deadline,
+            prompt: g.prompt,
+            max_tokens: g.params.max_tokens,
+            traits: g.traits,
+        },
+    )
+    .await?;
+    submit(gw, admitted, g.params).await
+}
+
+async fn submit(
+    gw: &Gateway,
+    admitted: Admitted,
+    params: SamplingParams,
+) -> Result<Running, ApiError> {
+    let tier = admitted.tier();
+    let class = admitted.snapshot.class.clone();
+    let deadline = admitted.deadline;
+    // A request that cannot start before its deadline never reaches the tier.
+    if let Some(d) = deadline.filter(|d| d.passed(Instant::now())) {
+        metrics::rejected(tier, &class, "deadline");
+        return Err(d.error());
+    }
+    let llm = gw
+        .tiers()
+        .llm(tier)
+        .ok_or_else(|| ApiError::Internal("generation admitted on saturn".into()))?;
+    let meter = Meter {
+        zones: gw.zone_table().clone(),
+        zone: admitted.permit.zone.clone(),
+        tier,
+        budget: admitted.budget(),
+        prompt_tokens: admitted.prompt.len(),
+        completion_tokens: 0,
+    };
+    let slot_wait = admitted.started.elapsed();
+    let (lora, adapters) = match admitted.voice {
+        Some(v) => (Some(v.blend), v.names),
+        None => (None, Vec::new()),
+    };
+    let mut events = llm.submit(GenerateRequest {
+        prompt: Prompt::Tokens(admitted.prompt),
+        params,
+        lora,
+        deadline: deadline.map(|d| d.at),
+    })?;
+    let first = match events.recv().await {
+        None => {
+            return Err(ApiError::Unavailable {
+                tier: tier.as_str().into(),
+            });
+        }
+        Some(Event::Expired) => {
+            metrics::rejected(tier, &class, "deadline");
+            return Err(deadline.map_or(ApiError::Deadline { deadline_ms: 0 }, |d| d.error()));
+        }
+        Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
+        Some(ev) => ev,
+    };
+    Ok(Running {
+        tier,
+        degraded_reason: admitted.degraded,
+        adapters,
+        permit: admitted.permit,
+        slot_wait,
+        events,
+        first: Some(first),
+        meter,
+    })
 }
 
 /// Where a generation ran: what a response reports besides the text and the completion.
@@ -42,14 +218,138 @@ impl Served {
     }
 }
 
-pub fn response(d: &Dialog, s: &Served, text: String, done: &Completion) -> DialogResponse {
-    DialogResponse {
+/// How a dialog is answered.
+pub enum Reply {
+    /// Whole (already ended and published).
+    Whole(Box<DialogResponse>),
+    /// As a stream of [`Streamed`] items; it ends (and publishes) when its generation does.
+    Stream(std::pin::Pin<Box<dyn Stream<Item = Streamed> + Send>>),
+}
+
+/// One item of a streamed dialog.
+pub enum Streamed {
+    Token {
+        id: u32,
+        text: String,
+    },
+    Done(Box<DialogResponse>),
+    /// The generation failed mid-stream (logged).
+    Failed,
+}
+
+/// Runs a validated dialog: classify on Saturn, generate whole, or generate as a stream (`d.stream`).
+pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
+    let Work::Generate { prompt, params } = &d.work else {
+        return Ok(Reply::Whole(Box::new(classify(gw, &d).await?)));
+    };
+    let mut running = start(
+        gw,
+        Generation {
+            target: Target::Kind(d.kind),
+            zone: &d.zone,
+            priority: d.priority,
+            deadline_ms: d.deadline_ms,
+            prompt,
+            params: params.clone(),
+            traits: d.npc.as_ref().map(|n| &n.traits),
+        },
+    )
+    .await?;
+    if !d.stream {
+        let (text, done) = running.collect().await?;
+        let served = Served::of(&running);
+        drop(running);
+        return Ok(Reply::Whole(Box::new(
+            end(gw, &d, &served, text, &done).await,
+        )));
+    }
+    let gw = gw.clone();
+    Ok(Reply::Stream(Box::pin(async_stream::stream! {
+        let served = Served::of(&running);
+        let mut text = String::new();
+        while let Some(ev) = running.next().await {
+            match ev {
+                Event::Token { id, text: t } => {
+                    text.push_str(&t);
+                    yield Streamed::Token { id, text: t };
+                }
+                Event::Done(c) => {
+                    drop(running);
+                    yield Streamed::Done(Box::new(end(&gw, &d, &served, text, &c).await));
+                    return;
+                }
+                Event::Error(e) => {
+                    tracing::error!(error = %e, "generation failed mid-stream");
+                    yield Streamed::Failed;
+                    return;
+                }
+                Event::Expired => break,
+            }
+        }
+        tracing::error!("the tier went away mid-stream");
+        yield Streamed::Failed;
+    })))
+}
+
+/// A classification on Saturn, in a Saturn slot.
+async fn classify(gw: &Gateway, d: &Dialog) -> Result<DialogResponse, ApiError> {
+    let Work::Classify { classifier, input } = &d.work else {
+        return Err(ApiError::Internal("generation routed to classify".into()));
+    };
+    let deadline = Deadline::after(d.deadline_ms, Instant::now());
+    let permit = admission::slot(gw, Tier::Saturn, &d.zone, d.priority, deadline).await?;
+    let wait_ms = permit.granted.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let mut out = gw
+        .tiers()
+        .saturn
+        .classify(classifier, vec![input.clone()])
+        .await?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let classification = out
+        .pop()
+        .ok_or_else(|| ApiError::Internal("saturn returned no result".into()))?;
+    let resp = DialogResponse {
+        uid: d.uid.clone(),
+        text: classification.label.clone(),
+        tier: Tier::Saturn.as_str().into(),
+        adapters: Vec::new(),
+        finish_reason: None,
+        usage: Usage::default(),
+        timings: Timings {
+            slot_wait_ms: wait_ms,
+            queue_ms: 0.0,
+            ttft_ms: ms,
+            total_ms: ms,
+        },
+        slot: SlotInfo {
+            zone: permit.zone.clone(),
+            id: permit.id,
+        },
+        degraded: false,
+        degraded_reason: None,
+        classification: Some(classification),
+    };
+    drop(permit);
+    publish(gw, d, &resp).await;
+    Ok(resp)
+}
+
+/// Ends a generated dialog: its response, published as a result.
+async fn end(
+    gw: &Gateway,
+    d: &Dialog,
+    s: &Served,
+    text: String,
+    done: &Completion,
+) -> DialogResponse {
+    let resp = DialogResponse {
         uid: d.uid.clone(),
         text,
         tier: s.tier.as_str().into(),
         adapters: s.adapters.clone(),
         finish_reason: Some(done.finish_reason),
-        usage: usage(done),
+        usage: Usage::of(done.prompt_tokens, done.completion_tokens),
         timings: Timings {
             slot_wait_ms: s.slot_wait_ms,
             queue_ms: done.queue_ms,
@@ -60,75 +360,29 @@ pub fn response(d: &Dialog, s: &Served, text: String, done: &Completion) -> Dial
         degraded: s.degraded_reason.is_some(),
         degraded_reason: s.degraded_reason.clone(),
         classification: None,
-    }
-}
-
-/// Runs a generation to its end, returning the text and the completion.
-pub async fn finish(r: &mut Running) -> Result<(String, Completion), ApiError> {
-    let mut text = String::new();
-    loop {
-        match r.next().await {
-            Some(Event::Token { text: t, .. }) => text.push_str(&t),
-            Some(Event::Done(c)) => return Ok((text, c)),
-            Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
-            None => {
-                return Err(ApiError::Unavailable {
-                    tier: r.tier.as_str().into(),
-                });
-            }
-        }
-    }
-}
-
-/// Runs a dialog to its end (no streaming) and publishes its result.
-pub async fn complete(gw: &Gateway, d: &Dialog) -> Result<DialogResponse, ApiError> {
-    let resp = match &d.work {
-        Work::Classify { classifier, input } => {
-            let permit = gw
-                .slot(Tier::Saturn, &d.zone, d.priority, d.deadline_ms)
-                .await?;
-            let wait_ms = permit.granted.elapsed().as_secs_f64() * 1e3;
-            let t = Instant::now();
-            let mut out = gw
-                .saturn()
-                .classify(classifier, vec![input.clone()])
-                .await?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            let classification = out
-                .pop()
-                .ok_or_else(|| ApiError::Internal("saturn returned no result".into()))?;
-            DialogResponse {
-                uid: d.uid.clone(),
-                text: classification.label.clone(),
-                tier: Tier::Saturn.as_str().into(),
-                adapters: Vec::new(),
-                finish_reason: None,
-                usage: Usage {
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    total_tokens: 0,
-                },
-                timings: Timings {
-                    slot_wait_ms: wait_ms,
-                    queue_ms: 0.0,
-                    ttft_ms: ms,
-                    total_ms: ms,
-                },
-                slot: SlotInfo {
-                    zone: permit.zone.clone(),
-                    id: permit.id,
-                },
-                degraded: false,
-                degraded_reason: None,
-                classification: Some(classification),
-            }
-        }
-        Work::Generate { .. } => {
-            let mut running = gw.dialog(d).await?;
-            let (text, done) = finish(&mut running).await?;
-            response(d, &Served::of(&running), text, &done)
-        }
     };
-    gw.publish_result(d, &resp);
-    Ok(resp)
+    publish(gw, d, &resp).await;
+    resp
+}
+
+/// Hands a finished dialog to the results publisher, if there is one (waiting while its queue is full).
+async fn publish(gw: &Gateway, d: &Dialog, resp: &DialogResponse) {
+    let Some(sink) = gw.results() else { return };
+    let finished_at_ms = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_millis() as u64);
+    let result = DialogResult {
+        result_id: format!("{:032x}", rand::random::<u128>()),
+        uid: d.uid.clone(),
+        zone: d.zone.clone(),
+        kind: d.kind,
+        npc: d.npc.clone(),
+        participants: d.participants.clone(),
+        faction: d.faction.clone(),
+        finished_at_ms,
+        response: resp.clone(),
+    };
+    if let Err(e) = sink.send(&result).await {
+        tracing::error!(error = %e, uid = %d.uid, result_id = %result.result_id, "a finished dialog was not published");
+    }
 }

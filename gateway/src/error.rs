@@ -1,5 +1,6 @@
-//! `ApiError`: the gateway's one error type. Each kind maps to a status code and a JSON body
+//! The gateway's errors. [`ApiError`] is what a request gets: each kind maps to a status code and a JSON body
 //! `{"error": message, "kind": kind, "field": field?}`; internal details are logged, never sent.
+//! [`GatewayError`] is what starting or serving a gateway can fail with.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -141,4 +142,25 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// Starting or serving a gateway failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("starting the tiers: {0}")]
+    Tiers(#[from] TierError),
+    #[error("connecting to NATS at {url}: {message}")]
+    NatsConnect { url: String, message: String },
+    #[error("creating the JetStream stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("subscribing to {subject}: {message}")]
+    Subscribe { subject: String, message: String },
+    #[error("watching {dir}: {source}")]
+    Watch {
+        dir: String,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("serving HTTP: {0}")]
+    Http(#[from] std::io::Error),
 }

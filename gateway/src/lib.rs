@@ -1,17 +1,22 @@
-//! The nimmer gateway: the front door NPC services talk to.
+//! The nimmer gateway: the front door NPC services talk to. Its layers run one way, each a module with
+//! one job (a module only uses the ones listed before it):
 //!
-//! - [`api`]: request/response types; parsing into validated requests (UIDs and zones are NATS-safe tokens).
-//! - [`core`]: the three tiers, the live configuration, zones, slots, budgets, routing and degradation.
-//! - [`dialog`]: a validated dialog run to its response (shared by both fronts).
-//! - [`http`]: axum handlers (JSON and SSE), OpenAI-compatible chat completions, ops endpoints, bearer tokens.
-//! - [`nats`]: the NATS request/reply front and the JetStream results publisher.
-//! - [`fair`], [`zones`]: fair slot allocation and the zone table (pure, unit-tested).
-//! - [`reload`]: config hot reload. [`metrics`]: Prometheus names. [`error`]: the error type.
+//! 1. Wire types and limits: the `nimmer-wire` crate (UIDs, kinds, responses, results, subjects, the token
+//!    rule, `BODY_LIMIT`); [`api`]: requests parsed into validated ones; [`error`]; [`metrics`].
+//! 2. [`tier`]: the LLM-tier and classifier-tier interface; in-process engines, fakes for tests.
+//! 3. [`fair`], [`zones`], [`slots`]: the fair queue, the zone table, each tier's slots (pure or RAII).
+//! 4. [`results`]: the bounded JetStream results publisher. [`state`]: the [`Gateway`] (tiers, slots, the
+//!    configuration in effect, zones, adapters, where results go).
+//! 5. [`voice`], [`admission`]: traits → adapters; one config snapshot per request → routing, budgets,
+//!    degradation, a slot.
+//! 6. [`dialog`]: the use case: run a dialog to a response or a stream; the one place a dialog ends.
+//! 7. The fronts, type conversion only: [`http`] (JSON, SSE, OpenAI, ops) and [`nats`] (request/reply);
+//!    [`reload`] (config and adapter watchers); [`run`] serves them all.
 //!
-//! The `nimmer` binary (`src/main.rs`) parses arguments and calls [`run`].
+//! The `nimmer` binary (the `cli/` package) parses arguments and calls [`run`].
 
+pub mod admission;
 pub mod api;
-pub mod core;
 pub mod dialog;
 pub mod error;
 pub mod fair;
@@ -19,33 +24,54 @@ pub mod http;
 pub mod metrics;
 pub mod nats;
 pub mod reload;
+pub mod results;
 pub mod slots;
+pub mod state;
+pub mod tier;
+pub mod voice;
 pub mod zones;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use error::{ApiError, GatewayError};
 pub use http::Auth;
+/// A model tier (the names config files use).
+pub use nimmer_config::TierName as Tier;
+pub use state::Gateway;
 
 /// How a gateway is served besides its HTTP listener.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// The config directory to watch for edits (none: the embedded config, no reload).
     pub config_dir: Option<PathBuf>,
     pub auth: Auth,
     /// NATS server URL: enables the NATS front and the results publisher.
     pub nats: Option<String>,
+    /// `transport.toml`: the results stream's name.
+    pub transport: nimmer_config::TransportFile,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            config_dir: None,
+            auth: Auth::default(),
+            nats: None,
+            transport: nimmer_config::TransportFile::embedded(),
+        }
+    }
 }
 
 /// Serves `gw` on `listener` (and NATS, when configured) until `shutdown` resolves; in-flight requests
 /// finish and queued results are published before it returns.
 pub async fn run(
     listener: tokio::net::TcpListener,
-    gw: Arc<core::Gateway>,
+    gw: Arc<Gateway>,
     opts: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), GatewayError> {
     let _watcher = match &opts.config_dir {
         Some(dir) => Some(reload::watch(dir, gw.clone())?),
         None => None,
@@ -72,8 +98,12 @@ pub async fn run(
             .retry_on_initial_connect()
             .connect(url.as_str())
             .await
-            .map_err(|e| anyhow::anyhow!("connecting to NATS at {url}: {e}"))?;
-        let (sink, publisher) = nats::start_results(client.clone()).await?;
+            .map_err(|e| GatewayError::NatsConnect {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        let (sink, publisher) =
+            results::start(client.clone(), &opts.transport.results.stream).await?;
         gw.set_results(Some(sink));
         nats_tasks.push(publisher);
         let (gw2, mut rx) = (gw.clone(), stop_rx.clone());
@@ -95,7 +125,10 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
-    server.await??;
+    match server.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "the HTTP server task failed"),
+    }
     pruner.abort();
     // Stop taking results, let the publisher drain what is queued.
     drop(gw.set_results(None));

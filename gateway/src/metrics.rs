@@ -102,3 +102,8 @@ pub fn result_published(ok: bool) {
     counter!("nimmer_results_published_total", "result" => if ok { "acked" } else { "failed" })
         .increment(1);
 }
+
+/// A finished dialog waited for room in the results queue.
+pub fn results_backpressure() {
+    counter!("nimmer_results_backpressure_total").increment(1);
+}

@@ -1,121 +1,33 @@
-//! The NATS front and the results publisher.
-//!
-//! - Requests: request/reply on `nimmerverse.gateway.<kind>.<zone>` in the queue group `nimmer-gateway`, so
-//!   several gateways share the load. The body is a `POST /v1/dialog` body whose `kind` and `zone` may be left
-//!   out (the subject gives them; when given they must match). The reply is the dialog response, or
-//!   `{"error", "kind", "field"?, "status"}` with the HTTP status the same request would get.
-//! - Results: every finished dialog (HTTP or NATS) goes to JetStream on
-//!   `nimmerverse.results.<gm_event>.<district>.<scene>` (stream `RESULTS`, work-queue retention) with
-//!   `Nats-Msg-Id` = its result id. One publisher task owns the ordering: it retries with backoff until the
-//!   server acknowledges, so a broker restart delays results but loses none while the gateway runs.
+//! The NATS front: request/reply on `nimmerverse.gateway.<kind>.<zone>` in the queue group `nimmer-gateway`,
+//! so several gateways share the load. The body is a `POST /v1/dialog` body whose `kind` and `zone` may be
+//! left out (the subject gives them; when given they must match). The reply is the dialog response, or
+//! `{"error", "kind", "field"?, "status"}` with the HTTP status the same request would get. Type conversion
+//! only: the dialog runs in [`crate::dialog`], which also publishes its result.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream;
-use bytes::Bytes;
 use futures::StreamExt;
+use nimmer_wire::{BODY_LIMIT, QUEUE_GROUP, REQUEST_SUBJECTS};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
-use crate::api::{DialogRequest, DialogResponse, DialogResult};
-use crate::core::Gateway;
-use crate::error::ApiError;
-use crate::http::BODY_LIMIT;
-
-pub const RESULTS_STREAM: &str = "RESULTS";
-pub use nimmer_compositor::streams::RESULTS_SUBJECTS;
-pub const REQUEST_SUBJECTS: &str = "nimmerverse.gateway.>";
-pub const QUEUE_GROUP: &str = "nimmer-gateway";
-
-/// A result waiting to be published.
-struct Outgoing {
-    subject: String,
-    msg_id: String,
-    payload: Bytes,
-}
-
-/// The sending side of the results publisher; cheap to clone.
-#[derive(Clone)]
-pub struct ResultsSink {
-    tx: mpsc::Sender<Outgoing>,
-}
-
-impl ResultsSink {
-    /// Queues a result. When the publisher is behind, waits in a task instead of dropping it.
-    pub fn send(&self, r: &DialogResult) {
-        let payload = match serde_json::to_vec(r) {
-            Ok(p) => Bytes::from(p),
-            Err(e) => {
-                tracing::error!(error = %e, result_id = %r.result_id, "cannot serialize a result");
-                return;
-            }
-        };
-        let out = Outgoing {
-            subject: r.uid.results_subject(),
-            msg_id: r.result_id.clone(),
-            payload,
-        };
-        if let Err(mpsc::error::TrySendError::Full(out)) = self.tx.try_send(out) {
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(out).await;
-            });
-        }
-    }
-}
-
-/// Creates (or finds) the `RESULTS` stream and starts the publisher; the returned handle ends when every
-/// sink is dropped and the queue is drained.
-pub async fn start_results(
-    client: async_nats::Client,
-) -> anyhow::Result<(ResultsSink, tokio::task::JoinHandle<()>)> {
-    let js = jetstream::new(client);
-    js.get_or_create_stream(nimmer_compositor::streams::results_stream(RESULTS_STREAM))
-        .await
-        .map_err(|e| anyhow::anyhow!("creating the {RESULTS_STREAM} stream: {e}"))?;
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(4096);
-    let task = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", out.msg_id.as_str());
-                let acked = match js
-                    .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
-                    .await
-                {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                match acked {
-                    Ok(()) => {
-                        crate::metrics::result_published(true);
-                        break;
-                    }
-                    Err(e) => {
-                        crate::metrics::result_published(false);
-                        tracing::warn!(error = %e, result_id = %out.msg_id, retry_in_ms = backoff.as_millis() as u64, "publishing a result failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-        }
-    });
-    Ok((ResultsSink { tx }, task))
-}
+use crate::api::{DialogRequest, DialogResponse};
+use crate::dialog::{self, Reply};
+use crate::error::{ApiError, GatewayError};
+use crate::state::Gateway;
 
 /// Serves NATS requests until `shutdown` resolves; then unsubscribes (requests in flight still reply).
 pub async fn serve_requests(
     client: async_nats::Client,
     gw: Arc<Gateway>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), GatewayError> {
     let mut sub = client
         .queue_subscribe(REQUEST_SUBJECTS, QUEUE_GROUP.into())
         .await
-        .map_err(|e| anyhow::anyhow!("subscribing to {REQUEST_SUBJECTS}: {e}"))?;
+        .map_err(|e| GatewayError::Subscribe {
+            subject: REQUEST_SUBJECTS.into(),
+            message: e.to_string(),
+        })?;
     tracing::info!(
         subject = REQUEST_SUBJECTS,
         queue = QUEUE_GROUP,
@@ -159,7 +71,11 @@ fn error_body(e: &ApiError) -> Vec<u8> {
 }
 
 /// Parses a request from its subject and body and runs it to its response.
-async fn handle(gw: &Gateway, subject: &str, payload: &[u8]) -> Result<DialogResponse, ApiError> {
+async fn handle(
+    gw: &Arc<Gateway>,
+    subject: &str,
+    payload: &[u8],
+) -> Result<DialogResponse, ApiError> {
     let d = parse(subject, payload)?.validate()?;
     if d.stream {
         return Err(ApiError::invalid(
@@ -167,13 +83,12 @@ async fn handle(gw: &Gateway, subject: &str, payload: &[u8]) -> Result<DialogRes
             "streaming is served over HTTP (SSE); NATS replies once",
         ));
     }
-    let uid = format!(
-        "{}/{}/{}/{}",
-        d.uid.gm_event, d.uid.district, d.uid.scene, d.uid.slot
-    );
     let span =
-        tracing::info_span!("dialog", uid = %uid, zone = %d.zone, kind = ?d.kind, front = "nats");
-    tracing::Instrument::instrument(crate::dialog::complete(gw, &d), span).await
+        tracing::info_span!("dialog", uid = %d.uid, zone = %d.zone, kind = ?d.kind, front = "nats");
+    match tracing::Instrument::instrument(dialog::run(gw, d), span).await? {
+        Reply::Whole(resp) => Ok(*resp),
+        Reply::Stream(_) => Err(ApiError::Internal("a NATS dialog was streamed".into())),
+    }
 }
 
 /// `nimmerverse.gateway.<kind>.<zone>` + JSON body → request; the subject's kind and zone fill the body's.
@@ -181,8 +96,7 @@ fn parse(subject: &str, payload: &[u8]) -> Result<DialogRequest, ApiError> {
     if payload.len() > BODY_LIMIT {
         return Err(ApiError::TooLarge { limit: BODY_LIMIT });
     }
-    let parts: Vec<&str> = subject.split('.').collect();
-    let [_, _, kind, zone] = parts[..] else {
+    let Some((kind, zone)) = nimmer_wire::subjects::parse_request(subject) else {
         return Err(ApiError::invalid(
             "subject",
             "must be nimmerverse.gateway.<kind>.<zone>",

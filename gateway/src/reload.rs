@@ -1,24 +1,25 @@
 //! Hot reload: watches the config directory (inotify through `notify`) and applies edits within a second.
-//! Events are debounced (editors write in several steps); the three files are then read and validated
-//! together. A valid change is applied to the gateway as a new config version; an invalid one is logged with
-//! its file, key and rule, counted, and the configuration in effect stays whole.
+//! Events are debounced (editors write in several steps); then `budgets.toml` is parsed and checked against
+//! the tiers in effect. A valid change is applied to the gateway as a new config version; an invalid one is
+//! logged with its file, key and rule, counted, and the configuration in effect stays whole.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nimmer_config::{Config, Sources};
+use nimmer_config::Sources;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::core::Gateway;
+use crate::error::GatewayError;
+use crate::state::Gateway;
 
 /// How long to wait for an editor's burst of writes to end before reading.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 const FILES: [&str; 3] = ["tiers.toml", "classifiers.toml", "budgets.toml"];
 
 /// Watches the config directory until the returned watcher is dropped.
-pub fn watch(dir: &Path, gw: Arc<Gateway>) -> anyhow::Result<notify::RecommendedWatcher> {
+pub fn watch(dir: &Path, gw: Arc<Gateway>) -> Result<notify::RecommendedWatcher, GatewayError> {
     let d = dir.to_path_buf();
     let w = watch_dir(
         dir,
@@ -37,7 +38,10 @@ pub fn watch(dir: &Path, gw: Arc<Gateway>) -> anyhow::Result<notify::Recommended
 }
 
 /// Watches the adapters directory (recursively): any change rescans it.
-pub fn watch_adapters(dir: &Path, gw: Arc<Gateway>) -> anyhow::Result<notify::RecommendedWatcher> {
+pub fn watch_adapters(
+    dir: &Path,
+    gw: Arc<Gateway>,
+) -> Result<notify::RecommendedWatcher, GatewayError> {
     let w = watch_dir(
         dir,
         RecursiveMode::Recursive,
@@ -56,8 +60,12 @@ fn watch_dir(
     mode: RecursiveMode,
     relevant: impl Fn(&Path) -> bool + Send + 'static,
     on_change: impl Fn() + Send + Sync + 'static,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+) -> Result<notify::RecommendedWatcher, GatewayError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let watch_error = |source| GatewayError::Watch {
+        dir: dir.display().to_string(),
+        source,
+    };
     let mut watcher =
         notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
             Ok(ev) => {
@@ -66,8 +74,9 @@ fn watch_dir(
                 }
             }
             Err(e) => tracing::warn!(error = %e, "file watcher"),
-        })?;
-    watcher.watch(dir, mode)?;
+        })
+        .map_err(watch_error)?;
+    watcher.watch(dir, mode).map_err(watch_error)?;
     let on_change = Arc::new(on_change);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
@@ -80,7 +89,9 @@ fn watch_dir(
     Ok(watcher)
 }
 
-/// Reads, validates and applies the configuration in `dir`; returns the new version if one was applied.
+/// Reads the configuration in `dir` and applies its budgets; returns the new version if one was applied.
+/// `tiers.toml` and `classifiers.toml` (models, devices, classifiers) apply on restart: an edit to them is
+/// logged, and the budgets must still fit the tiers in effect.
 pub fn reload(dir: &Path, gw: &Gateway) -> Option<u64> {
     let sources = match Sources::read(dir) {
         Ok(s) => s,
@@ -91,12 +102,17 @@ pub fn reload(dir: &Path, gw: &Gateway) -> Option<u64> {
         }
     };
     let live = gw.live();
-    if sources == live.config.sources {
+    let old = &live.config.sources;
+    if sources.tiers != old.tiers || sources.classifiers != old.classifiers {
+        tracing::warn!(
+            "tiers.toml or classifiers.toml changed: models and classifiers apply on restart; only budgets.toml is applied"
+        );
+    }
+    if sources.budgets == old.budgets {
         return None;
     }
-    match Config::parse(sources, &dir.display().to_string()) {
-        Ok(next) => {
-            let version = gw.apply(next);
+    match gw.apply_budgets(&sources.budgets) {
+        Ok(version) => {
             crate::metrics::config_reload(true);
             tracing::info!(version, "config applied");
             Some(version)

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::core::{Tier, ZoneView};
+use crate::Tier;
 use crate::fair::FairQueue;
 use crate::metrics;
+use crate::zones::ZoneView;
 
 /// One tier's slots: a fair queue of waiters, each waiting for its permit on a oneshot channel.
 pub struct TierSlots {
@@ -21,7 +22,7 @@ pub struct TierSlots {
 }
 
 /// Why no slot could be had.
-pub(crate) enum NoSlot {
+pub enum NoSlot {
     Full,
     Timeout,
 }
@@ -139,11 +140,7 @@ impl TierSlots {
     pub(crate) fn view(&self, zones: &mut BTreeMap<String, ZoneView>) {
         let q = self.lock();
         for (name, (in_use, queued)) in q.zones() {
-            let z = zones.entry(name).or_insert_with(|| ZoneView {
-                info: None,
-                slots_in_use: BTreeMap::new(),
-                queued: BTreeMap::new(),
-            });
+            let z = zones.entry(name).or_default();
             z.slots_in_use.insert(self.tier, in_use);
             z.queued.insert(self.tier, queued);
         }

@@ -8,6 +8,16 @@ use std::time::{Duration, Instant};
 use nimmer_config::{BudgetsFile, RequestBudget, TierName};
 use serde::Serialize;
 
+/// What `GET /v1/zones` shows about one zone: its table entry (once activated) and, per tier, the slots it
+/// holds and the requests it has waiting.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ZoneView {
+    #[serde(flatten)]
+    pub info: Option<ZoneInfo>,
+    pub slots_in_use: BTreeMap<TierName, usize>,
+    pub queued: BTreeMap<TierName, usize>,
+}
+
 /// A token bucket in debt form: a request may start while the level is above zero; its tokens are charged
 /// when known (after it ran), so the level may go negative and refills at `rate` up to `burst`.
 #[derive(Debug, Clone)]

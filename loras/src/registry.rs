@@ -132,6 +132,17 @@ impl Registry {
         Ok(self.get_versioned(name)?.map(|(a, _)| a))
     }
 
+    /// The current version of `name` if it is resident (never reads files: safe on an async runtime).
+    pub fn get_resident(&self, name: &str) -> Option<(Arc<Adapter>, u64)> {
+        let mut g = self.lock();
+        g.clock += 1;
+        let clock = g.clock;
+        let e = g.entries.get_mut(name)?;
+        let a = e.resident.clone()?;
+        e.last_used = clock;
+        Some((a, e.version))
+    }
+
     /// [`Registry::get`] with the version number of the adapter returned.
     pub fn get_versioned(&self, name: &str) -> Result<Option<(Arc<Adapter>, u64)>, LoraError> {
         let (path, version) = {

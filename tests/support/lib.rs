@@ -97,6 +97,7 @@ pub fn collect(mut rx: UnboundedReceiver<Event>) -> Output {
             }
             Event::Done(done) => return Output { tokens, text, done },
             Event::Error(e) => panic!("engine error: {e}"),
+            Event::Expired => panic!("expired without a deadline"),
         }
     }
     panic!("stream ended without Done");
@@ -112,6 +113,7 @@ pub fn chat(system: &str, user: &str, params: SamplingParams) -> GenerateRequest
         ]),
         params,
         lora: None,
+        deadline: None,
     }
 }
 
@@ -182,11 +184,11 @@ pub fn chat_ids(
 /// Starts a gateway on `127.0.0.1:0` on its own runtime thread; returns its base URL. The server lives as long
 /// as the test process.
 pub fn start_gateway(config: Config) -> String {
-    start_gateway_with(config, nimmer::Options::default())
+    start_gateway_with(config, nimmer_gateway::Options::default())
 }
 
 /// Starts a gateway with serving options (config directory to watch, bearer tokens, NATS).
-pub fn start_gateway_with(config: Config, opts: nimmer::Options) -> String {
+pub fn start_gateway_with(config: Config, opts: nimmer_gateway::Options) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -197,7 +199,7 @@ pub fn start_gateway_with(config: Config, opts: nimmer::Options) -> String {
         rt.block_on(async move {
             let dir = opts.config_dir.clone();
             let gw = tokio::task::spawn_blocking(move || {
-                nimmer::core::Gateway::start(config, dir.as_deref())
+                nimmer_gateway::Gateway::start(config, dir.as_deref())
             })
             .await
             .expect("join")
@@ -207,7 +209,7 @@ pub fn start_gateway_with(config: Config, opts: nimmer::Options) -> String {
                 .expect("bind");
             tx.send(format!("http://{}", listener.local_addr().expect("addr")))
                 .expect("send addr");
-            nimmer::run(
+            nimmer_gateway::run(
                 listener,
                 std::sync::Arc::new(gw),
                 opts,

@@ -59,6 +59,12 @@ pub enum TierError {
     Tokenizer(String),
     #[error("device: {0}")]
     Device(String),
+    #[error("spawning {what}: {message}")]
+    Spawn { what: String, message: String },
+    #[error("merging a LoRA into the weights: {0}")]
+    LoraMerge(String),
+    #[error("the {tier} forward pass failed: {message}")]
+    Forward { tier: String, message: String },
     #[error(transparent)]
     Config(#[from] nimmer_config::ConfigError),
     #[error("candle: {0}")]

@@ -9,26 +9,20 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use nimmer_config::{ClassifiersFile, SaturnTierSpec};
-use serde::{Deserialize, Serialize};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::error::{Result, TierError};
 
-/// One classification.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Classification {
-    pub label: String,
-    /// Probability per label, in the classifier's label order.
-    pub scores: BTreeMap<String, f32>,
-    pub latency_ms: f64,
-}
+pub use nimmer_wire::Classification;
 
 struct Job {
     texts: Vec<String>,
@@ -51,10 +45,21 @@ struct Classifier {
     scorer: Scorer,
 }
 
+/// Clears its flag when dropped: the engine thread holds one, so the flag says whether it still runs.
+struct Alive(Arc<AtomicBool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Handle to the Saturn engine; cheap to clone.
 #[derive(Clone)]
 pub struct SaturnHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
+    /// Cleared when the engine thread ends, however it ends.
+    alive: Arc<AtomicBool>,
     classifiers: Arc<BTreeMap<String, Classifier>>,
     queue: usize,
 }
@@ -68,22 +73,30 @@ impl SaturnHandle {
         classifiers: &ClassifiersFile,
         config_dir: Option<&Path>,
     ) -> Result<Self> {
-        let (tx, rx) = mpsc::channel(spec.queue);
+        let (tx, rx) = mpsc::sync_channel(spec.queue);
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = Alive(alive.clone());
         let (ready_tx, ready_rx) = oneshot::channel();
         let spec2 = spec.clone();
         let dir = model_dir.to_path_buf();
         std::thread::Builder::new()
             .name("nimmer-saturn".into())
-            .spawn(move || match Encoder::load(&dir, &spec2) {
-                Ok(enc) => {
-                    let _ = ready_tx.send(Ok(()));
-                    enc.run(rx, &spec2);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+            .spawn(move || {
+                let _guard = guard;
+                match Encoder::load(&dir, &spec2) {
+                    Ok(enc) => {
+                        let _ = ready_tx.send(Ok(()));
+                        enc.run(rx, &spec2);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
             })
-            .map_err(|e| TierError::Device(format!("spawning saturn thread: {e}")))?;
+            .map_err(|e| TierError::Spawn {
+                what: "the saturn engine thread".into(),
+                message: e.to_string(),
+            })?;
         ready_rx
             .blocking_recv()
             .map_err(|_| TierError::EngineDown {
@@ -91,6 +104,7 @@ impl SaturnHandle {
             })??;
         let mut handle = Self {
             tx,
+            alive,
             classifiers: Arc::new(BTreeMap::new()),
             queue: spec.queue,
         };
@@ -130,6 +144,11 @@ impl SaturnHandle {
         Ok(handle)
     }
 
+    /// Whether the engine thread still runs.
+    pub fn is_running(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
     /// Names of the configured classifiers.
     pub fn classifier_names(&self) -> Vec<String> {
         self.classifiers.keys().cloned().collect()
@@ -152,11 +171,11 @@ impl SaturnHandle {
         self.tx
             .try_send(Job { texts, respond_to })
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => TierError::QueueFull {
+                mpsc::TrySendError::Full(_) => TierError::QueueFull {
                     tier: "saturn".into(),
                     capacity: self.queue,
                 },
-                mpsc::error::TrySendError::Closed(_) => TierError::EngineDown {
+                mpsc::TrySendError::Disconnected(_) => TierError::EngineDown {
                     tier: "saturn".into(),
                 },
             })?;
@@ -322,20 +341,19 @@ impl Encoder {
         })
     }
 
-    fn run(self, mut rx: mpsc::Receiver<Job>, spec: &SaturnTierSpec) {
+    fn run(self, rx: mpsc::Receiver<Job>, spec: &SaturnTierSpec) {
         let delay = Duration::from_millis(spec.max_delay_ms);
-        while let Some(first) = rx.blocking_recv() {
+        while let Ok(first) = rx.recv() {
             let mut jobs = vec![first];
             let mut n = jobs[0].texts.len();
             let deadline = Instant::now() + delay;
+            // Fill the batch: sleep on the channel until a job arrives or the delay is spent.
             while n < spec.max_batch {
-                match rx.try_recv() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
                     Ok(j) => {
                         n += j.texts.len();
                         jobs.push(j);
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_micros(200))
                     }
                     Err(_) => break,
                 }
@@ -360,7 +378,10 @@ impl Encoder {
             let mut it = all.into_iter();
             for j in jobs {
                 let reply = match &failed {
-                    Some(e) => Err(TierError::Device(e.clone())),
+                    Some(e) => Err(TierError::Forward {
+                        tier: "saturn".into(),
+                        message: e.clone(),
+                    }),
                     None => Ok(it.by_ref().take(j.texts.len()).collect()),
                 };
                 let _ = j.respond_to.send(reply);

@@ -2,14 +2,16 @@
 //!
 //! [`LlmHandle`] is a cheap `Clone` handle over a bounded channel; [`LlmHandle::generate`] validates and tokenizes
 //! a request on the caller's side (errors come back at once), then queues it. The engine runs on its own OS
-//! thread and owns the model, the waiting queue and the running sequences with their KV caches. Between two
-//! steps it takes new requests, drops sequences whose receiver is gone (freeing their KV), admits waiting ones
-//! within `max_batch` and the KV memory budget, and runs one batched forward pass: one token for every
-//! decoding sequence plus prefill chunks under the per-step token budget. Tokens stream back per request.
+//! thread ([`worker`]) and owns the model and the [`queue`] state (waiting and running sequences, their KV
+//! caches and leases). Between two steps it takes new requests, drops sequences whose receiver is gone or whose
+//! deadline passed before admission, admits waiting ones within `max_batch` and the KV memory budget, and runs
+//! one batched forward pass: one token for every decoding sequence plus prefill chunks under the per-step token
+//! budget. Tokens stream back per request.
 
+mod queue;
 mod sched;
+mod worker;
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,9 +24,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Result, TierError};
 use nimmer_loras::Blend;
 
-use crate::llama::{CandleLlama, Chunk, Decoder, Llama, LlamaConfig};
-use crate::sampling::{Sampler, SamplingParams, TextStream};
+use crate::llama::{CandleLlama, Llama, LlamaConfig};
+use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatTokenizer, Message};
+use queue::NewSeq;
+use worker::serve;
 
 pub use sched::{SeqState, admit_count, plan_step};
 
@@ -45,16 +49,12 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// The trait-LoRA blend to run with; `None` runs the base model.
     pub lora: Option<Arc<Blend>>,
+    /// Not admitted into the running batch by then: dropped from the queue with [`Event::Expired`] before
+    /// any model work.
+    pub deadline: Option<Instant>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// End-of-sequence token or a stop string.
-    Stop,
-    /// `max_tokens` or the context was reached.
-    Length,
-}
+pub use nimmer_wire::FinishReason;
 
 /// Summary sent when a sequence ends.
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +78,8 @@ pub enum Event {
         text: String,
     },
     Done(Completion),
+    /// The request's deadline passed while it waited for admission; it never ran.
+    Expired,
     /// The engine failed this request (logged on the engine side).
     Error(String),
 }
@@ -133,14 +135,6 @@ enum Command {
     Generate { seq: Box<NewSeq> },
 }
 
-struct NewSeq {
-    prompt: Vec<u32>,
-    params: SamplingParams,
-    lora: Option<Arc<Blend>>,
-    events: mpsc::UnboundedSender<Event>,
-    enqueued: Instant,
-}
-
 /// Handle to a tier's engine thread. The engine stops when every handle is dropped.
 #[derive(Clone)]
 pub struct LlmHandle {
@@ -179,8 +173,10 @@ impl LlmHandle {
                 {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = ready_tx
-                            .send(Err(TierError::Device(format!("kernel thread pool: {e}"))));
+                        let _ = ready_tx.send(Err(TierError::Spawn {
+                            what: "the kernel thread pool".into(),
+                            message: e.to_string(),
+                        }));
                         return;
                     }
                 };
@@ -212,7 +208,10 @@ impl LlmHandle {
                     }
                 }
             })
-            .map_err(|e| TierError::Device(format!("spawning engine thread: {e}")))?;
+            .map_err(|e| TierError::Spawn {
+                what: format!("the {name} engine thread"),
+                message: e.to_string(),
+            })?;
         let info = ready_rx
             .blocking_recv()
             .map_err(|_| TierError::EngineDown { tier: name.into() })??;
@@ -221,6 +220,11 @@ impl LlmHandle {
 
     pub fn info(&self) -> &TierInfo {
         &self.info
+    }
+
+    /// Whether the engine thread still runs (it ends when it panics or its model fails for good).
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     /// The engine limits in effect.
@@ -312,6 +316,7 @@ impl LlmHandle {
             lora: req.lora.filter(|b| !b.is_empty()),
             events,
             enqueued: Instant::now(),
+            deadline: req.deadline,
         });
         self.tx
             .try_send(Command::Generate { seq })
@@ -325,299 +330,5 @@ impl LlmHandle {
                 },
             })?;
         Ok(rx)
-    }
-}
-
-/// Runs the engine loop of a loaded model on this thread after reporting readiness.
-fn serve<M: Decoder>(
-    model: M,
-    tokenizer: ChatTokenizer,
-    (tier, spec, limits): (String, LlmTierSpec, EngineLimits),
-    pool: rayon::ThreadPool,
-    ready_tx: oneshot::Sender<Result<Arc<TierInfo>>>,
-    rx: mpsc::Receiver<Command>,
-) {
-    let cfg = model.config();
-    if spec.context > cfg.train_context {
-        tracing::warn!(tier = %tier, context = spec.context, trained = cfg.train_context, "configured context exceeds the model's training context");
-    }
-    let info = Arc::new(TierInfo {
-        name: tier.clone(),
-        tokenizer,
-        model: cfg.clone(),
-        context: spec.context,
-        limits: LiveLimits {
-            batch_token_budget: AtomicUsize::new(limits.batch_token_budget.max(1)),
-            kv_memory_bytes: AtomicUsize::new(limits.kv_memory_bytes),
-        },
-        queue_capacity: spec.queue,
-        weight_bytes: model.weight_bytes(),
-        kernel: model.kernel(),
-    });
-    tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
-    if spec.device == nimmer_config::Device::Cuda && spec.precision != nimmer_config::Precision::F32
-    {
-        tracing::warn!(tier = %tier, precision = ?spec.precision, "quantized weights on CUDA run candle's quantized kernels, whose greedy text differed from the CPU's (measured on the Driver's Q4_1 file); precision = \"f32\" matches the CPU");
-    }
-    if ready_tx.send(Ok(info.clone())).is_err() {
-        return;
-    }
-    Engine {
-        model,
-        info,
-        spec,
-        pool,
-        waiting: VecDeque::new(),
-        running: Vec::new(),
-        kv_used: 0,
-        ws: M::Workspace::default(),
-    }
-    .run(rx);
-}
-
-/// A sequence owned by the engine.
-struct Seq<C> {
-    new: NewSeq,
-    /// Prompt tokens already in the KV cache.
-    prefilled: usize,
-    generated: Vec<u32>,
-    /// Last sampled token, fed on the next decode step.
-    last: u32,
-    kv: Option<C>,
-    kv_bytes: usize,
-    sampler: Sampler,
-    text: TextStream,
-    admitted: Option<Instant>,
-    first_token: Option<Instant>,
-}
-
-struct Engine<M: Decoder> {
-    model: M,
-    info: Arc<TierInfo>,
-    spec: LlmTierSpec,
-    pool: rayon::ThreadPool,
-    waiting: VecDeque<Seq<M::Cache>>,
-    running: Vec<Seq<M::Cache>>,
-    kv_used: usize,
-    ws: M::Workspace,
-}
-
-impl<M: Decoder> Engine<M> {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        loop {
-            if self.waiting.is_empty() && self.running.is_empty() {
-                match rx.blocking_recv() {
-                    Some(c) => self.accept(c),
-                    None => return,
-                }
-            }
-            while let Ok(c) = rx.try_recv() {
-                self.accept(c);
-            }
-            self.drop_cancelled();
-            self.admit();
-            if !self.running.is_empty() {
-                self.step();
-            }
-        }
-    }
-
-    fn accept(&mut self, c: Command) {
-        let Command::Generate { seq } = c;
-        let kv_bytes =
-            (seq.prompt.len() + seq.params.max_tokens) * self.info.model.kv_bytes_per_token();
-        let sampler = Sampler::new(seq.params.clone());
-        let text = TextStream::new(seq.params.stop.clone());
-        self.waiting.push_back(Seq {
-            new: *seq,
-            prefilled: 0,
-            generated: Vec::new(),
-            last: 0,
-            kv: None,
-            kv_bytes,
-            sampler,
-            text,
-            admitted: None,
-            first_token: None,
-        });
-    }
-
-    fn drop_cancelled(&mut self) {
-        self.waiting.retain(|s| !s.new.events.is_closed());
-        let before = self.running.len();
-        let mut freed = 0;
-        self.running.retain(|s| {
-            let keep = !s.new.events.is_closed();
-            if !keep {
-                freed += s.kv_bytes;
-            }
-            keep
-        });
-        self.kv_used -= freed;
-        if self.running.len() != before {
-            tracing::debug!(tier = %self.info.name, cancelled = before - self.running.len(), "dropped cancelled sequences");
-        }
-    }
-
-    fn admit(&mut self) {
-        let needs: Vec<usize> = self.waiting.iter().map(|s| s.kv_bytes).collect();
-        let free_slots = self.spec.max_batch.saturating_sub(self.running.len());
-        let budget = self.info.limits.get().kv_memory_bytes;
-        let n = admit_count(&needs, free_slots, budget.saturating_sub(self.kv_used));
-        for mut s in self.waiting.drain(..n) {
-            s.kv = Some(
-                self.model
-                    .new_cache(s.new.prompt.len() + s.new.params.max_tokens),
-            );
-            s.admitted = Some(Instant::now());
-            self.kv_used += s.kv_bytes;
-            self.running.push(s);
-        }
-    }
-
-    fn step(&mut self) {
-        let states: Vec<SeqState> = self
-            .running
-            .iter()
-            .map(|s| SeqState {
-                prefill_left: s.new.prompt.len() - s.prefilled,
-            })
-            .collect();
-        // Every running sequence decodes each step, whatever the (possibly just lowered) budget.
-        let budget = self
-            .info
-            .limits
-            .get()
-            .batch_token_budget
-            .max(self.running.len());
-        let plan = plan_step(&states, budget);
-        let tier = self.info.name.clone();
-        metrics::histogram!("nimmer_batch_size", "tier" => tier.clone())
-            .record(plan.iter().filter(|&&n| n > 0).count() as f64);
-        metrics::histogram!("nimmer_batch_tokens", "tier" => tier)
-            .record(plan.iter().sum::<usize>() as f64);
-        let mut chunks = Vec::with_capacity(self.running.len());
-        for (s, &n) in self.running.iter_mut().zip(&plan) {
-            if n == 0 {
-                continue;
-            }
-            let kv = s.kv.as_mut().expect("running sequences hold a KV cache");
-            if s.prefilled < s.new.prompt.len() {
-                let end = s.prefilled + n;
-                chunks.push(Chunk {
-                    tokens: &s.new.prompt[s.prefilled..end],
-                    kv,
-                    logits: end == s.new.prompt.len(),
-                    lora: s.new.lora.as_deref(),
-                });
-            } else {
-                chunks.push(Chunk {
-                    tokens: std::slice::from_ref(&s.last),
-                    kv,
-                    logits: true,
-                    lora: s.new.lora.as_deref(),
-                });
-            }
-        }
-        let (model, ws) = (&self.model, &mut self.ws);
-        let result = self
-            .pool
-            .install(|| Decoder::forward(model, &mut chunks, ws));
-        drop(chunks);
-        let mut logits = match result {
-            Ok(l) => l.into_iter(),
-            Err(e) => {
-                tracing::error!(tier = %self.info.name, error = %e, "forward pass failed; failing the running batch");
-                for s in self.running.drain(..) {
-                    let _ = s.new.events.send(Event::Error(e.to_string()));
-                }
-                self.kv_used = 0;
-                return;
-            }
-        };
-        let mut finished = vec![false; self.running.len()];
-        for ((i, s), &n) in self.running.iter_mut().enumerate().zip(&plan) {
-            if n == 0 {
-                continue;
-            }
-            if s.prefilled < s.new.prompt.len() {
-                s.prefilled += n;
-                if s.prefilled < s.new.prompt.len() {
-                    continue;
-                }
-            }
-            let mut l = logits
-                .next()
-                .expect("one logits row per sequence that asked");
-            finished[i] = deliver(&self.info, s, &mut l);
-        }
-        let mut freed = 0;
-        let mut i = 0;
-        self.running.retain(|s| {
-            let done = finished[i];
-            i += 1;
-            if done {
-                freed += s.kv_bytes;
-            }
-            !done
-        });
-        self.kv_used -= freed;
-    }
-}
-
-/// Samples and streams one token; returns whether the sequence is finished.
-fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, logits: &mut [f32]) -> bool {
-    let history: Vec<u32> = if s.new.params.repetition_penalty != 1.0 {
-        s.new.prompt.iter().chain(&s.generated).copied().collect()
-    } else {
-        Vec::new()
-    };
-    let tok = s.sampler.sample(logits, &history);
-    let now = Instant::now();
-    s.first_token.get_or_insert(now);
-    let tokenizer = &info.tokenizer;
-    let eos = !s.new.params.ignore_eos && tokenizer.eos_ids.contains(&tok);
-    let mut text = String::new();
-    if !eos {
-        s.generated.push(tok);
-        s.last = tok;
-        match tokenizer.decode(&s.generated) {
-            Ok(full) => text = s.text.push(&full),
-            Err(e) => tracing::warn!(error = %e, "detokenizing"),
-        }
-    }
-    let at_limit = s.generated.len() >= s.new.params.max_tokens
-        || s.new.prompt.len() + s.generated.len() >= info.context;
-    let reason = if eos || s.text.stopped {
-        Some(FinishReason::Stop)
-    } else if at_limit {
-        Some(FinishReason::Length)
-    } else {
-        None
-    };
-    if reason.is_some()
-        && !s.text.stopped
-        && let Ok(full) = tokenizer.decode(&s.generated)
-    {
-        text.push_str(&s.text.finish(&full));
-    }
-    if !eos && s.new.events.send(Event::Token { id: tok, text }).is_err() {
-        return true;
-    }
-    match reason {
-        None => false,
-        Some(finish_reason) => {
-            let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
-            let q = s.new.enqueued;
-            let _ = s.new.events.send(Event::Done(Completion {
-                finish_reason,
-                prompt_tokens: s.new.prompt.len(),
-                completion_tokens: s.generated.len(),
-                queue_ms: ms(q, s.admitted.unwrap_or(q)),
-                ttft_ms: ms(q, s.first_token.unwrap_or(now)),
-                total_ms: ms(q, now),
-            }));
-            true
-        }
     }
 }

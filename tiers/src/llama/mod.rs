@@ -425,10 +425,9 @@ impl Llama {
                     Module::Down => (&mut layer.down, 0),
                 };
                 let Linear::F32 { w, n, k } = linear else {
-                    return Err(TierError::InvalidRequest {
-                        field: "precision",
-                        message: "merging a LoRA needs f32 weights".into(),
-                    });
+                    return Err(TierError::LoraMerge(
+                        "the model must be loaded with precision = \"f32\"".into(),
+                    ));
                 };
                 let mut v = w.flatten_all()?.to_vec1::<f32>()?;
                 for (dst, d) in v[row0 * *k..].iter_mut().zip(&delta) {

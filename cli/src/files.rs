@@ -1,0 +1,34 @@
+//! Which configuration a command reads: `--config DIR`, else `./config` when it holds the three files, else
+//! the configuration embedded in the binary. The canon commands read only `transport.toml`, so a broken
+//! `budgets.toml` never stops a compositor or a player.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use nimmer_config::Config;
+
+/// The config directory in effect: `--config`, else `./config` when it holds the three files.
+pub fn config_dir(given: Option<PathBuf>) -> Option<PathBuf> {
+    given.or_else(|| {
+        let d = PathBuf::from("config");
+        ["tiers.toml", "classifiers.toml", "budgets.toml"]
+            .iter()
+            .all(|f| d.join(f).is_file())
+            .then_some(d)
+    })
+}
+
+pub fn load_config(dir: &Option<PathBuf>) -> Result<Config> {
+    Ok(match dir {
+        Some(d) => Config::load(d)?,
+        None => Config::embedded(),
+    })
+}
+
+/// transport.toml from the config directory, else the embedded default.
+pub fn transport_config(dir: &Option<PathBuf>) -> Result<nimmer_config::TransportFile> {
+    Ok(match dir {
+        Some(d) if d.join("transport.toml").is_file() => nimmer_config::TransportFile::load(d)?,
+        _ => nimmer_config::TransportFile::embedded(),
+    })
+}

@@ -1,0 +1,82 @@
+//! `nimmer serve`: the gateway over the three tiers (HTTP, optionally NATS), with config hot reload; and the
+//! shutdown signal every long-running command waits for.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use nimmer_config::Config;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "NIMMER_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// NATS server URL (e.g. nats://127.0.0.1:4222): serve requests on nimmerverse.gateway.<kind>.<zone>
+    /// and publish finished dialogs to the JetStream results stream (named in transport.toml).
+    #[arg(long, env = "NIMMER_NATS")]
+    nats: Option<String>,
+    /// Bearer tokens NPC services must send (comma-separated; none: open).
+    #[arg(long, env = "NIMMER_API_TOKENS", value_delimiter = ',')]
+    api_token: Vec<String>,
+    /// Bearer tokens for ops endpoints: zones, config, metrics (comma-separated; none: open).
+    #[arg(long, env = "NIMMER_OPS_TOKENS", value_delimiter = ',')]
+    ops_token: Vec<String>,
+}
+
+/// Loads the configuration and serves until Ctrl-C or SIGTERM.
+pub fn run(config_dir: Option<PathBuf>, a: ServeArgs) -> Result<()> {
+    let cfg = crate::files::load_config(&config_dir)?;
+    let transport = crate::files::transport_config(&config_dir)?;
+    let opts = nimmer_gateway::Options {
+        config_dir,
+        auth: nimmer_gateway::Auth {
+            npc: a.api_token.into_iter().filter(|t| !t.is_empty()).collect(),
+            ops: a.ops_token.into_iter().filter(|t| !t.is_empty()).collect(),
+        },
+        nats: a.nats,
+        transport,
+    };
+    serve(cfg, opts, a.listen)
+}
+
+fn serve(cfg: Config, opts: nimmer_gateway::Options, listen: std::net::SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        tracing::info!(config = %cfg.origin, "loading tiers");
+        let dir = opts.config_dir.clone();
+        let gw =
+            tokio::task::spawn_blocking(move || nimmer_gateway::Gateway::start(cfg, dir.as_deref()))
+                .await??;
+        tracing::info!(addr = %listener.local_addr()?, nats = ?opts.nats, "nimmer gateway listening");
+        nimmer_gateway::run(listener, std::sync::Arc::new(gw), opts, shutdown_signal()).await?;
+        tracing::info!("shut down");
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

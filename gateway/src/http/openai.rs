@@ -1,0 +1,103 @@
+//! `POST /v1/chat/completions`: the OpenAI-compatible chat endpoint (`model` = `driver` or `theia`; the
+//! `user` field, when given, is the zone), whole or streamed as `chat.completion.chunk`s ending in `[DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use nimmer_tiers::{Event, Prompt};
+use serde_json::json;
+
+use super::ValidJson;
+use crate::Tier;
+use crate::admission::Target;
+use crate::api::{ChatRequest, Usage};
+use crate::dialog::{self, Generation};
+use crate::error::ApiError;
+use crate::state::Gateway;
+
+pub(super) async fn chat(
+    State(gw): State<Arc<Gateway>>,
+    ValidJson(req): ValidJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let tier = match req.model.as_str() {
+        "driver" => Tier::Driver,
+        "theia" => Tier::Theia,
+        other => {
+            return Err(ApiError::invalid(
+                "model",
+                format!("unknown model `{other}` (driver, theia)"),
+            ));
+        }
+    };
+    let params = req.params()?;
+    let zone = req.user.clone().unwrap_or_else(|| "_openai".into());
+    crate::api::check_token("user", &zone)?;
+    let prompt = Prompt::Chat(req.messages.clone());
+    let mut running = dialog::start(
+        &gw,
+        Generation {
+            target: Target::Tier(tier),
+            zone: &zone,
+            priority: 0,
+            deadline_ms: None,
+            prompt: &prompt,
+            params,
+            traits: None,
+        },
+    )
+    .await?;
+    let id = format!("chatcmpl-{}", running.permit.id);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let model = req.model.clone();
+    if !req.stream {
+        let (text, done) = running.collect().await?;
+        return Ok(Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": done.finish_reason }],
+            "usage": Usage::of(done.prompt_tokens, done.completion_tokens),
+        }))
+        .into_response());
+    }
+    let chunk = move |delta: serde_json::Value,
+                      finish: Option<serde_json::Value>,
+                      usage: Option<Usage>| {
+        let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] });
+        if let Some(u) = usage {
+            c["usage"] = json!(u);
+        }
+        SseEvent::default().data(c.to_string())
+    };
+    let head = chunk(json!({ "role": "assistant", "content": "" }), None, None);
+    let events = async_stream::stream! {
+        yield head;
+        while let Some(ev) = running.next().await {
+            match ev {
+                Event::Token { text, .. } => yield chunk(json!({ "content": text }), None, None),
+                Event::Done(c) => {
+                    let usage = Usage::of(c.prompt_tokens, c.completion_tokens);
+                    yield chunk(json!({}), Some(json!(c.finish_reason)), Some(usage));
+                    yield SseEvent::default().data("[DONE]");
+                    return;
+                }
+                Event::Error(e) => {
+                    tracing::error!(error = %e, "generation failed mid-stream");
+                    break;
+                }
+                Event::Expired => break,
+            }
+        }
+        yield SseEvent::default()
+            .event("error")
+            .data(json!({ "error": "internal error" }).to_string());
+    };
+    Ok(Sse::new(events.map(Ok::<_, Infallible>)).into_response())
+}

@@ -1,0 +1,118 @@
+//! The results publisher: every finished dialog goes to JetStream on its results subject
+//! (`nimmerverse.results.<gm_event>.<district>.<scene>`, stream named by `transport.toml`, work-queue
+//! retention) with `Nats-Msg-Id` = its result id. One publisher task owns the order and retries each result
+//! with backoff until the server acknowledges it, so a broker restart delays results but loses none while
+//! the gateway runs. The queue in front of it is bounded: when it is full, [`ResultsSink::send`] waits, so a
+//! slow broker slows the requests that produce results instead of growing memory without bound.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use nimmer_wire::DialogResult;
+use tokio::sync::mpsc;
+
+use crate::error::GatewayError;
+use crate::metrics;
+
+/// Results queued for the publisher at most (then senders wait).
+pub const QUEUE: usize = 4096;
+
+/// A result waiting to be published.
+struct Outgoing {
+    subject: String,
+    msg_id: String,
+    payload: Bytes,
+}
+
+/// The sending side of the results publisher; cheap to clone.
+#[derive(Clone)]
+pub struct ResultsSink {
+    tx: mpsc::Sender<Outgoing>,
+}
+
+/// The publisher has stopped (the gateway is shutting down): the result was not queued.
+#[derive(Debug, thiserror::Error)]
+#[error("the results publisher has stopped")]
+pub struct PublisherStopped;
+
+impl ResultsSink {
+    /// Queues a result for publishing, waiting while the queue is full.
+    pub async fn send(&self, r: &DialogResult) -> Result<(), PublisherStopped> {
+        let payload = match serde_json::to_vec(r) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => {
+                // Every field of a result serializes; this is a bug, not a runtime condition.
+                tracing::error!(error = %e, result_id = %r.result_id, "cannot serialize a result");
+                return Ok(());
+            }
+        };
+        let out = Outgoing {
+            subject: r.uid.results_subject(),
+            msg_id: r.result_id.clone(),
+            payload,
+        };
+        match self.tx.try_send(out) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(out)) => {
+                metrics::results_backpressure();
+                tracing::warn!(
+                    queued = QUEUE,
+                    "results queue full: waiting for the publisher"
+                );
+                self.tx.send(out).await.map_err(|_| PublisherStopped)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PublisherStopped),
+        }
+    }
+}
+
+/// Creates (or finds) the results stream `stream` and starts the publisher; the returned task ends when
+/// every sink is dropped and the queue is drained.
+pub async fn start(
+    client: async_nats::Client,
+    stream: &str,
+) -> Result<(ResultsSink, tokio::task::JoinHandle<()>), GatewayError> {
+    let js = jetstream::new(client);
+    js.get_or_create_stream(nimmer_wire::subjects::results_stream(stream))
+        .await
+        .map_err(|e| GatewayError::Stream {
+            stream: stream.into(),
+            message: e.to_string(),
+        })?;
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(QUEUE);
+    let task = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            publish(&js, out).await;
+        }
+    });
+    Ok((ResultsSink { tx }, task))
+}
+
+/// Publishes one result, retrying with backoff (50 ms doubling to 5 s) until it is acknowledged.
+async fn publish(js: &jetstream::Context, out: Outgoing) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", out.msg_id.as_str());
+        let acked = match js
+            .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match acked {
+            Ok(()) => {
+                metrics::result_published(true);
+                return;
+            }
+            Err(e) => {
+                metrics::result_published(false);
+                tracing::warn!(error = %e, result_id = %out.msg_id, retry_in_ms = backoff.as_millis() as u64, "publishing a result failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The gateway's state, independent of HTTP and NATS: the tiers (behind [`crate::tier`]), their slots, the
+//! configuration in effect (replaced as a whole by a budgets reload), the zone table, the trait-LoRA
+//! registry and where finished dialogs go. Admission and the dialog use case read it; the fronts and the
+//! watchers call into it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use nimmer_config::{Config, ConfigError};
+use nimmer_loras::Registry;
+use nimmer_tiers::EngineLimits;
+
+use crate::Tier;
+use crate::error::{ApiError, GatewayError};
+use crate::metrics;
+use crate::results::ResultsSink;
+use crate::slots::TierSlots;
+use crate::tier::{Health, Tiers};
+use crate::zones::{ZoneTable, ZoneView};
+
+/// The configuration in effect and its version (1 at start, +1 per applied reload).
+pub struct Live {
+    pub config: Config,
+    pub version: u64,
+    pub applied_at: SystemTime,
+}
+
+/// What one request is admitted under, read once: the configuration in effect and its zone's class and
+/// weight. Carried as a value, so a reload in the middle of a request cannot mix two budget versions.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub live: Arc<Live>,
+    pub class: String,
+    pub weight: f64,
+}
+
+/// The tiers, their slots, the zones and the configuration in effect.
+pub struct Gateway {
+    tiers: Tiers,
+    /// One fair queue of slots per tier; sized by `budgets.toml`.
+    slots: BTreeMap<Tier, Arc<TierSlots>>,
+    /// Replaced whole by [`Gateway::apply_budgets`].
+    live: RwLock<Arc<Live>>,
+    /// Shared with running generations' meters, which charge tokens when they end.
+    zones: Arc<Mutex<ZoneTable>>,
+    /// Where finished dialogs go (set while NATS is configured).
+    results: Mutex<Option<ResultsSink>>,
+    /// The Driver's trait-LoRA adapters.
+    loras: Arc<Registry>,
+    loras_dir: Option<PathBuf>,
+}
+
+impl Gateway {
+    /// Fetches what is missing and loads the three tiers in this process (blocking; minutes on a first run).
+    pub fn start(config: Config, config_dir: Option<&Path>) -> Result<Self, GatewayError> {
+        // The recorder must exist before the engines take their metric handles.
+        let _ = metrics::handle();
+        let tiers = crate::tier::local::start(&config, config_dir)?;
+        Ok(Self::with_tiers(config, config_dir, tiers))
+    }
+
+    /// A gateway over `tiers` (in process, remote or fake). The adapters directory is `[loras] dir`,
+    /// relative to `config_dir` (`config/` for the embedded config).
+    pub fn with_tiers(config: Config, config_dir: Option<&Path>, tiers: Tiers) -> Self {
+        let _ = metrics::handle();
+        let slots = Tier::ALL
+            .into_iter()
+            .map(|tier| {
+                let tb = config.budgets.tier_budget(tier);
+                (tier, TierSlots::new(tier, tb.slots, tb.queue))
+            })
+            .collect();
+        metrics::config_version(1);
+        let spec = &config.budgets.loras;
+        let loras = Arc::new(Registry::new(
+            tiers.driver.lora_base(),
+            spec.memory_mib << 20,
+        ));
+        let dir = config_dir.unwrap_or(Path::new("config")).join(&spec.dir);
+        let loras_dir = dir.is_dir().then_some(dir);
+        match &loras_dir {
+            Some(d) => {
+                for (name, e) in loras.scan(d) {
+                    tracing::error!(adapter = %name, error = %e, "adapter rejected");
+                }
+                tracing::info!(dir = %d.display(), adapters = loras.list().len(), "trait-LoRA adapters loaded");
+            }
+            None => {
+                tracing::info!(dir = %spec.dir, "no adapters directory: trait-LoRAs only by API")
+            }
+        }
+        metrics::loras(&loras.stats());
+        Self {
+            tiers,
+            slots,
+            live: RwLock::new(Arc::new(Live {
+                config,
+                version: 1,
+                applied_at: SystemTime::now(),
+            })),
+            zones: Arc::new(Mutex::new(ZoneTable::default())),
+            results: Mutex::new(None),
+            loras,
+            loras_dir,
+        }
+    }
+
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
+    }
+
+    pub(crate) fn slots(&self, tier: Tier) -> &Arc<TierSlots> {
+        &self.slots[&tier]
+    }
+
+    pub(crate) fn zone_table(&self) -> &Arc<Mutex<ZoneTable>> {
+        &self.zones
+    }
+
+    /// Each tier's health.
+    pub fn health(&self) -> BTreeMap<Tier, Health> {
+        Tier::ALL
+            .into_iter()
+            .map(|t| (t, self.tiers.health(t)))
+            .collect()
+    }
+
+    /// Sends finished dialogs to `sink` from now on (`None` stops and returns the old sink).
+    pub fn set_results(&self, sink: Option<ResultsSink>) -> Option<ResultsSink> {
+        std::mem::replace(&mut *self.results.lock().expect("results lock"), sink)
+    }
+
+    /// Where finished dialogs go, if anywhere.
+    pub fn results(&self) -> Option<ResultsSink> {
+        self.results.lock().expect("results lock").clone()
+    }
+
+    /// The configuration in effect.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().expect("config lock").clone()
+    }
+
+    /// Applies an edited `budgets.toml` (the one way budgets change while running) and returns the new
+    /// version; an invalid text changes nothing. Requests in flight keep their slots; new capacity is handed
+    /// to waiters at once.
+    pub fn apply_budgets(&self, text: &str) -> Result<u64, ConfigError> {
+        let mut live = self.live.write().expect("config lock");
+        let next = live.config.with_budgets(text)?;
+        let old = &live.config.budgets;
+        if next.budgets.loras.dir != old.loras.dir {
+            tracing::warn!("[loras] dir changed: the adapters directory applies on restart");
+        }
+        self.loras.set_budget(next.budgets.loras.memory_mib << 20);
+        for tier in Tier::ALL {
+            let tb = next.budgets.tier_budget(tier);
+            self.slots[&tier].set_limits(tb.slots, tb.queue);
+            if let Some(h) = self.tiers.llm(tier) {
+                h.set_limits(EngineLimits::of(tb));
+            }
+        }
+        let version = live.version + 1;
+        *live = Arc::new(Live {
+            config: next,
+            version,
+            applied_at: SystemTime::now(),
+        });
+        metrics::config_version(version);
+        Ok(version)
+    }
+
+    /// Activates `zone` (or marks it seen) and takes the request's [`Snapshot`].
+    pub(crate) fn touch(&self, zone: &str) -> Snapshot {
+        let live = self.live();
+        let b = &live.config.budgets;
+        let class = self
+            .zones
+            .lock()
+            .expect("zones lock")
+            .touch(zone, b, Instant::now());
+        let weight = b.weight(&class);
+        Snapshot {
+            live,
+            class,
+            weight,
+        }
+    }
+
+    /// `PUT /v1/zones/{id}`: activates a zone, optionally setting its class.
+    pub fn put_zone(&self, zone: &str, class: Option<&str>) -> Result<String, ApiError> {
+        crate::api::check_token("zone", zone)?;
+        let live = self.live();
+        let b = &live.config.budgets;
+        if let Some(c) = class
+            && !b.classes.contains_key(c)
+        {
+            return Err(ApiError::invalid(
+                "class",
+                format!(
+                    "unknown zone class `{c}` ({})",
+                    b.classes.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        let mut zones = self.zones.lock().expect("zones lock");
+        zones.put(zone, class, b, Instant::now());
+        metrics::zones_active(zones.len());
+        Ok(zones.class(zone).unwrap_or_default().to_string())
+    }
+
+    /// Prunes zones idle past the TTL that hold and wait for nothing; returns how many went.
+    pub fn prune_zones(&self) -> usize {
+        let ttl = Duration::from_secs(self.live().config.budgets.zones.idle_ttl_s);
+        let busy = |z: &str| self.slots.values().any(|s| s.holds(z));
+        let mut zones = self.zones.lock().expect("zones lock");
+        let n = zones.prune(ttl, Instant::now(), busy).len();
+        metrics::zones_active(zones.len());
+        n
+    }
+
+    /// Zones with their class, activity, token buckets, slots in use and queue lengths per tier.
+    pub fn zones(&self) -> BTreeMap<String, ZoneView> {
+        let mut zones = BTreeMap::new();
+        for slots in self.slots.values() {
+            slots.view(&mut zones);
+        }
+        let live = self.live();
+        let infos = self
+            .zones
+            .lock()
+            .expect("zones lock")
+            .info(&live.config.budgets, Instant::now());
+        for (name, info) in infos {
+            zones.entry(name).or_default().info = Some(info);
+        }
+        zones
+    }
+
+    /// The adapter registry.
+    pub fn loras(&self) -> &Arc<Registry> {
+        &self.loras
+    }
+
+    /// The adapters directory, if it exists.
+    pub fn loras_dir(&self) -> Option<&Path> {
+        self.loras_dir.as_deref()
+    }
+
+    /// Rescans the adapters directory; logs (and returns how many) failed to load.
+    pub fn rescan_loras(&self) -> usize {
+        let Some(dir) = &self.loras_dir else { return 0 };
+        let errors = self.loras.scan(dir);
+        for (name, e) in &errors {
+            tracing::error!(adapter = %name, error = %e, "adapter rejected; the previous version (if any) stays");
+        }
+        metrics::loras(&self.loras.stats());
+        errors.len()
+    }
+}

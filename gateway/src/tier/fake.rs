@@ -1,0 +1,281 @@
+//! Scripted fake tiers for fast tests of the gateway (no model): a generation streams `words` tokens
+//! (`"w0 "`, `"w1 "`, …) one per `token_delay`, honours cancellation (a dropped receiver) and deadlines (a
+//! request whose deadline passed before it started gets `Expired`), and counts what it saw, so a test can
+//! assert that a request never reached the tier. [`FakeLlm::hold`] makes generations wait until
+//! [`FakeLlm::release`], to keep slots busy for as long as a test needs. Not for serving.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use nimmer_loras::BaseShape;
+use nimmer_tiers::{
+    Classification, Completion, EngineLimits, Event, FinishReason, GenerateRequest, Prompt,
+    TierError,
+};
+use tokio::sync::{Notify, mpsc};
+
+use super::{ClassifierTier, Events, Health, LlmTier, Tiers};
+
+/// What a fake LLM tier does and what it saw.
+pub struct FakeLlm {
+    name: String,
+    /// Tokens each generation streams (fewer when `max_tokens` is lower).
+    pub words: usize,
+    pub token_delay: Duration,
+    limits: Mutex<EngineLimits>,
+    alive: AtomicBool,
+    held: AtomicBool,
+    release: Notify,
+    /// Requests submitted.
+    pub submitted: AtomicUsize,
+    /// Generations whose receiver was dropped before they finished.
+    pub cancelled: AtomicUsize,
+    /// Generations running now.
+    pub running: AtomicUsize,
+    /// Prompt lengths (tokens) in submission order: tests tell requests apart by them.
+    pub prompts: Mutex<Vec<usize>>,
+}
+
+impl FakeLlm {
+    pub fn new(name: &str, words: usize, token_delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.into(),
+            words,
+            token_delay,
+            limits: Mutex::new(EngineLimits {
+                batch_token_budget: 256,
+                kv_memory_bytes: 1 << 30,
+            }),
+            alive: AtomicBool::new(true),
+            held: AtomicBool::new(false),
+            release: Notify::new(),
+            submitted: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            prompts: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// From now on the tier is down: submissions fail, running generations end without `Done`.
+    pub fn kill(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
+
+    /// Generations started from now on wait (before their first token) until [`FakeLlm::release`].
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets held generations (and later ones) run.
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
+
+    pub fn submitted(&self) -> usize {
+        self.submitted.load(Ordering::SeqCst)
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        req: GenerateRequest,
+        prompt: usize,
+        tx: mpsc::UnboundedSender<Event>,
+    ) {
+        let started = Instant::now();
+        if req.deadline.is_some_and(|d| d <= started) {
+            let _ = tx.send(Event::Expired);
+            return;
+        }
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let _running = Running(&self.running);
+        loop {
+            let wait = self.release.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if !self.held.load(Ordering::SeqCst) || !self.alive.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::select! {
+                _ = wait => {}
+                _ = tx.closed() => {
+                    self.cancelled.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+        let n = self.words.min(req.params.max_tokens);
+        for i in 0..n {
+            if !self.alive.load(Ordering::SeqCst) {
+                return;
+            }
+            if i > 0 && !self.token_delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.token_delay) => {}
+                    _ = tx.closed() => {}
+                }
+            }
+            if tx
+                .send(Event::Token {
+                    id: i as u32,
+                    text: format!("w{i} "),
+                })
+                .is_err()
+            {
+                self.cancelled.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        }
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let _ = tx.send(Event::Done(Completion {
+            finish_reason: FinishReason::Length,
+            prompt_tokens: prompt,
+            completion_tokens: n,
+            queue_ms: 0.0,
+            ttft_ms: ms,
+            total_ms: ms,
+        }));
+    }
+}
+
+/// Counts a generation as running while it lives.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Holds the fake tier's `Arc` so [`LlmTier::submit`] can spawn its generations.
+pub struct FakeLlmTier(pub Arc<FakeLlm>);
+
+impl LlmTier for FakeLlmTier {
+    fn lora_base(&self) -> BaseShape {
+        BaseShape {
+            n_layer: 1,
+            dim: 8,
+            n_head: 1,
+            n_kv_head: 1,
+            head_dim: 8,
+            ffn: 16,
+            rope_interleaved: false,
+        }
+    }
+
+    /// One token per whitespace-separated word (plus one per chat message).
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
+        let n = match prompt {
+            Prompt::Chat(m) => m
+                .iter()
+                .map(|m| 1 + m.content.split_whitespace().count())
+                .sum(),
+            Prompt::Text(t) => t.split_whitespace().count(),
+            Prompt::Tokens(t) => t.len(),
+        };
+        if n == 0 {
+            return Err(TierError::InvalidRequest {
+                field: "prompt",
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(vec![1; n])
+    }
+
+    fn submit(&self, req: GenerateRequest) -> Result<Events, TierError> {
+        let fake = &self.0;
+        if !fake.alive.load(Ordering::SeqCst) {
+            return Err(TierError::EngineDown {
+                tier: fake.name.clone(),
+            });
+        }
+        let prompt = self.tokenize(&req.prompt)?.len();
+        fake.submitted.fetch_add(1, Ordering::SeqCst);
+        fake.prompts.lock().expect("prompts lock").push(prompt);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(fake.clone().run(req, prompt, tx));
+        Ok(rx)
+    }
+
+    fn limits(&self) -> EngineLimits {
+        *self.0.limits.lock().expect("limits lock")
+    }
+
+    fn set_limits(&self, limits: EngineLimits) {
+        *self.0.limits.lock().expect("limits lock") = limits;
+    }
+
+    fn health(&self) -> Health {
+        if self.0.alive.load(Ordering::SeqCst) {
+            Health::Ready
+        } else {
+            Health::Down {
+                reason: format!("the {} fake was killed", self.0.name),
+            }
+        }
+    }
+}
+
+/// A classifier that labels every input `"calm"`.
+pub struct FakeClassifier {
+    pub alive: AtomicBool,
+}
+
+impl ClassifierTier for FakeClassifier {
+    fn classify(
+        &self,
+        _classifier: &str,
+        inputs: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Classification>, TierError>> {
+        Box::pin(async move {
+            Ok(inputs
+                .iter()
+                .map(|_| Classification {
+                    label: "calm".into(),
+                    scores: [("calm".to_string(), 1.0)].into_iter().collect(),
+                    latency_ms: 0.0,
+                })
+                .collect())
+        })
+    }
+
+    fn health(&self) -> Health {
+        if self.alive.load(Ordering::SeqCst) {
+            Health::Ready
+        } else {
+            Health::Down {
+                reason: "the saturn fake was killed".into(),
+            }
+        }
+    }
+}
+
+/// Fake Driver and Theia (both `words` tokens, `token_delay` apart) and a fake Saturn.
+pub struct Fakes {
+    pub driver: Arc<FakeLlm>,
+    pub theia: Arc<FakeLlm>,
+    pub saturn: Arc<FakeClassifier>,
+}
+
+impl Fakes {
+    pub fn new(words: usize, token_delay: Duration) -> Self {
+        Self {
+            driver: FakeLlm::new("driver", words, token_delay),
+            theia: FakeLlm::new("theia", words, token_delay),
+            saturn: Arc::new(FakeClassifier {
+                alive: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    pub fn tiers(&self) -> Tiers {
+        Tiers {
+            driver: Arc::new(FakeLlmTier(self.driver.clone())),
+            theia: Arc::new(FakeLlmTier(self.theia.clone())),
+            saturn: self.saturn.clone(),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The in-process tiers: the engine threads of `nimmer-tiers` ([`LlmHandle`], [`SaturnHandle`]) behind the
+//! tier interface, and starting all three from the configuration (fetching missing models first).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use nimmer_config::Config;
+use nimmer_loras::BaseShape;
+use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
+use nimmer_tiers::{
+    Classification, EngineLimits, GenerateRequest, LlmHandle, Prompt, SaturnHandle, TierError,
+};
+
+use super::{ClassifierTier, Events, Health, LlmTier, Tiers};
+
+impl LlmTier for LlmHandle {
+    fn lora_base(&self) -> BaseShape {
+        self.info().model.lora_base()
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
+        LlmHandle::tokenize(self, prompt)
+    }
+
+    fn submit(&self, req: GenerateRequest) -> Result<Events, TierError> {
+        self.generate(req)
+    }
+
+    fn limits(&self) -> EngineLimits {
+        LlmHandle::limits(self)
+    }
+
+    fn set_limits(&self, limits: EngineLimits) {
+        LlmHandle::set_limits(self, limits)
+    }
+
+    fn health(&self) -> Health {
+        if self.is_running() {
+            Health::Ready
+        } else {
+            Health::Down {
+                reason: format!("the {} engine thread has stopped", self.info().name),
+            }
+        }
+    }
+}
+
+impl ClassifierTier for SaturnHandle {
+    fn classify(
+        &self,
+        classifier: &str,
+        inputs: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Classification>, TierError>> {
+        let (me, name) = (self.clone(), classifier.to_string());
+        Box::pin(async move { me.classify(&name, inputs).await })
+    }
+
+    fn health(&self) -> Health {
+        if self.is_running() {
+            Health::Ready
+        } else {
+            Health::Down {
+                reason: "the saturn engine thread has stopped".into(),
+            }
+        }
+    }
+}
+
+/// Fetches what is missing and loads the three tiers in this process (blocking; minutes on a first run).
+pub fn start(config: &Config, config_dir: Option<&Path>) -> Result<Tiers, TierError> {
+    let t = &config.tiers;
+    let b = &config.budgets.tiers;
+    let driver = LlmHandle::start(
+        "driver",
+        &t.tiers.driver,
+        EngineLimits::of(&b.driver),
+        &ensure_llm(t, &t.tiers.driver.model, Verify::Cached)?,
+    )?;
+    let theia = LlmHandle::start(
+        "theia",
+        &t.tiers.theia,
+        EngineLimits::of(&b.theia),
+        &ensure_llm(t, &t.tiers.theia.model, Verify::Cached)?,
+    )?;
+    let saturn_dir = ensure_model(t, &t.tiers.saturn.model, Verify::Cached)?;
+    let saturn = SaturnHandle::start(
+        &t.tiers.saturn,
+        &saturn_dir,
+        &config.classifiers,
+        config_dir,
+    )?;
+    Ok(Tiers {
+        driver: Arc::new(driver),
+        theia: Arc::new(theia),
+        saturn: Arc::new(saturn),
+    })
+}

@@ -1,0 +1,88 @@
+//! The tiers as the gateway sees them: one interface for LLM tiers ([`LlmTier`]: tokenize, submit → a stream
+//! of events that cancels when dropped, engine limits, health) and one for classifier tiers
+//! ([`ClassifierTier`]). Admission, fairness and budgets only ever talk to these traits, so a tier may run in
+//! this process ([`local`]), on another host, or be a scripted fake in tests ([`fake`]).
+
+pub mod fake;
+pub mod local;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use nimmer_loras::BaseShape;
+use nimmer_tiers::{Classification, EngineLimits, Event, GenerateRequest, Prompt, TierError};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::Tier;
+
+/// A submitted generation's events: tokens, then `Done`, `Expired` or `Error`. Dropping it cancels the
+/// generation (the tier frees its row and KV).
+pub type Events = mpsc::UnboundedReceiver<Event>;
+
+/// Whether a tier can take work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Health {
+    Ready,
+    Down { reason: String },
+}
+
+impl Health {
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Health::Ready)
+    }
+}
+
+/// An LLM tier (Driver, Theia).
+pub trait LlmTier: Send + Sync {
+    /// The shape trait-LoRA adapters must fit (the tier's base model).
+    fn lora_base(&self) -> BaseShape;
+    /// The prompt's token ids as the tier will run them.
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError>;
+    /// Queues a generation; errors (invalid, full, down) come back at once.
+    fn submit(&self, req: GenerateRequest) -> Result<Events, TierError>;
+    /// The engine limits in effect.
+    fn limits(&self) -> EngineLimits;
+    /// Changes the engine limits (a budgets reload).
+    fn set_limits(&self, limits: EngineLimits);
+    fn health(&self) -> Health;
+}
+
+/// A classifier tier (Saturn).
+pub trait ClassifierTier: Send + Sync {
+    /// Classifies each input with the named classifier.
+    fn classify(
+        &self,
+        classifier: &str,
+        inputs: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Classification>, TierError>>;
+    fn health(&self) -> Health;
+}
+
+/// The three tiers a gateway serves.
+#[derive(Clone)]
+pub struct Tiers {
+    pub driver: Arc<dyn LlmTier>,
+    pub theia: Arc<dyn LlmTier>,
+    pub saturn: Arc<dyn ClassifierTier>,
+}
+
+impl Tiers {
+    /// The LLM tier of that name (`None` for Saturn).
+    pub fn llm(&self, tier: Tier) -> Option<&Arc<dyn LlmTier>> {
+        match tier {
+            Tier::Driver => Some(&self.driver),
+            Tier::Theia => Some(&self.theia),
+            Tier::Saturn => None,
+        }
+    }
+
+    pub fn health(&self, tier: Tier) -> Health {
+        match tier {
+            Tier::Driver => self.driver.health(),
+            Tier::Theia => self.theia.health(),
+            Tier::Saturn => self.saturn.health(),
+        }
+    }
+}

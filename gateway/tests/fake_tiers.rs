@@ -1,0 +1,322 @@
+//! The gateway's behaviour on scripted fake tiers, through `http::app()` and `oneshot` (no model, no socket):
+//! saturation (429 + Retry-After), deadlines (504 before any tier work), degradation, client cancellation, a
+//! budgets reload under load, fairness between zones, and a dead tier (503, `/readyz` 503).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use nimmer_config::{Config, Sources};
+use nimmer_gateway::tier::fake::Fakes;
+use nimmer_gateway::{Auth, Gateway, http};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// The embedded budgets with each `(from, to)` replaced once.
+fn budgets(edits: &[(&str, &str)]) -> String {
+    let mut text = Sources::embedded().budgets;
+    for (from, to) in edits {
+        assert!(text.contains(from), "budgets.toml has no `{from}`");
+        text = text.replacen(from, to, 1);
+    }
+    text
+}
+
+/// The Driver with one slot and a queue of `queue`.
+fn one_driver_slot(queue: usize) -> String {
+    budgets(&[(
+        "[tiers.driver]\nslots = 32\nqueue = 256",
+        &format!("[tiers.driver]\nslots = 1\nqueue = {queue}"),
+    )])
+}
+
+fn gateway(budgets_toml: &str, fakes: &Fakes) -> (Arc<Gateway>, Router) {
+    let mut sources = Sources::embedded();
+    sources.budgets = budgets_toml.to_string();
+    let config = Config::parse(sources, "test").expect("test budgets are valid");
+    let gw = Arc::new(Gateway::with_tiers(config, None, fakes.tiers()));
+    let app = http::app(gw.clone(), Auth::default());
+    (gw, app)
+}
+
+fn dialog(zone: &str, kind: &str, prompt: &str) -> Value {
+    json!({ "uid": "ev1/docks/pier/s1", "zone": zone, "kind": kind, "npc": { "id": "mira" },
+            "prompt": prompt, "max_tokens": 4 })
+}
+
+/// Sends `body` to `path`; the status, the headers and the JSON answer (`null` when not JSON).
+async fn send(app: &Router, path: &str, body: &Value) -> (StatusCode, header::HeaderMap, Value) {
+    let req = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (parts.status, parts.headers, json)
+}
+
+async fn get(app: &Router, path: &str) -> (StatusCode, Value) {
+    let req = Request::get(path).body(Body::empty()).expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Polls `check` every 5 ms until it holds (panics after 10 s).
+async fn until(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn queued(gw: &Gateway, zone: &str) -> usize {
+    gw.zones()
+        .get(zone)
+        .and_then(|z| z.queued.get(&nimmer_gateway::Tier::Driver).copied())
+        .unwrap_or(0)
+}
+
+fn spawn_send(app: &Router, body: Value) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let (s, _, v) = send(&app, "/v1/dialog", &body).await;
+        (s, v)
+    })
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after_and_the_others_finish() {
+    let fakes = Fakes::new(3, Duration::ZERO);
+    let (gw, app) = gateway(&one_driver_slot(1), &fakes);
+    fakes.driver.hold();
+    let running = spawn_send(&app, dialog("a", "dialog", "x"));
+    until("the first request runs", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let waiting = spawn_send(&app, dialog("a", "dialog", "x"));
+    until("the second request waits", || queued(&gw, "a") == 1).await;
+    let (status, headers, body) = send(&app, "/v1/dialog", &dialog("b", "dialog", "x")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["kind"], "over_budget");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    fakes.driver.release();
+    for t in [running, waiting] {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["text"], "w0 w1 w2 ");
+    }
+    assert_eq!(fakes.driver.submitted(), 2);
+}
+
+#[tokio::test]
+async fn a_deadline_that_passes_in_the_queue_is_504_and_never_reaches_the_tier() {
+    let fakes = Fakes::new(3, Duration::ZERO);
+    let (_gw, app) = gateway(&one_driver_slot(8), &fakes);
+    fakes.driver.hold();
+    let running = spawn_send(&app, dialog("a", "dialog", "x"));
+    until("the first request runs", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let mut late = dialog("b", "dialog", "x");
+    late["deadline_ms"] = json!(50);
+    let (status, _, body) = send(&app, "/v1/dialog", &late).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["kind"], "deadline");
+    assert_eq!(
+        fakes.driver.submitted(),
+        1,
+        "the late request never reached the tier"
+    );
+    fakes.driver.release();
+    assert_eq!(running.await.unwrap().0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn deep_work_degrades_to_the_driver_when_theia_is_saturated_or_down() {
+    let fakes = Fakes::new(2, Duration::ZERO);
+    let text = budgets(&[("[tiers.theia]\nslots = 4", "[tiers.theia]\nslots = 1")]);
+    let (_gw, app) = gateway(&text, &fakes);
+    fakes.theia.hold();
+    let on_theia = spawn_send(&app, dialog("a", "deep", "x"));
+    until("theia's slot is taken", || {
+        fakes.theia.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let (status, _, body) = send(&app, "/v1/dialog", &dialog("b", "deep", "x")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tier"], "driver");
+    assert_eq!(body["degraded"], true);
+    assert_eq!(body["degraded_reason"], "theia saturated: served by driver");
+    fakes.theia.release();
+    let (status, body) = on_theia.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["tier"], "theia");
+    assert_eq!(body["degraded"], false);
+
+    fakes.theia.kill();
+    let (status, _, body) = send(&app, "/v1/dialog", &dialog("b", "moment", "x")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["degraded_reason"], "theia is down: served by driver");
+    assert_eq!(fakes.driver.submitted(), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_cancels_its_generation_and_frees_its_slot() {
+    let fakes = Fakes::new(1000, Duration::from_millis(5));
+    let (gw, app) = gateway(&one_driver_slot(8), &fakes);
+    let mut body = dialog("a", "dialog", "x");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(500);
+    let req = Request::post("/v1/dialog")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.into_body();
+    let first = stream.frame().await.expect("a first event").unwrap();
+    let first = String::from_utf8_lossy(first.data_ref().expect("data")).to_string();
+    assert!(first.contains("event: token"), "{first}");
+    drop(stream);
+    until("the tier saw the cancellation", || {
+        fakes.driver.cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    until("the slot is free", || {
+        gw.zones()
+            .get("a")
+            .is_none_or(|z| z.slots_in_use.values().all(|&n| n == 0))
+    })
+    .await;
+    // The freed slot serves the next request at once.
+    let mut next = dialog("b", "dialog", "x");
+    next["max_tokens"] = json!(2);
+    let (status, _, _) = send(&app, "/v1/dialog", &next).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_budgets_reload_under_load_admits_waiters_and_keeps_running_requests() {
+    let fakes = Fakes::new(2, Duration::ZERO);
+    let (gw, app) = gateway(&one_driver_slot(8), &fakes);
+    fakes.driver.hold();
+    let first = spawn_send(&app, dialog("a", "dialog", "x"));
+    until("the first request runs", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let second = spawn_send(&app, dialog("b", "dialog", "x"));
+    until("the second request waits", || queued(&gw, "b") == 1).await;
+
+    // An invalid edit changes nothing.
+    assert!(gw.apply_budgets("[tiers.driver]\nslots = -1").is_err());
+    assert_eq!(gw.live().version, 1);
+    assert_eq!(queued(&gw, "b"), 1);
+
+    let version = gw
+        .apply_budgets(&budgets(&[(
+            "[tiers.driver]\nslots = 32\nqueue = 256",
+            "[tiers.driver]\nslots = 2\nqueue = 8",
+        )]))
+        .expect("valid edit");
+    assert_eq!(version, 2);
+    until("the waiter got the new slot", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let (_, config) = get(&app, "/v1/config").await;
+    assert_eq!(config["version"], 2);
+    assert_eq!(config["budgets"]["tiers"]["driver"]["slots"], 2);
+    fakes.driver.release();
+    for t in [first, second] {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_zone_is_served_before_a_flooding_zone_drains() {
+    let fakes = Fakes::new(1, Duration::ZERO);
+    let text = budgets(&[(
+        "[tiers.driver]\nslots = 32\nqueue = 256",
+        "[tiers.driver]\nslots = 2\nqueue = 64",
+    )]);
+    let (gw, app) = gateway(&text, &fakes);
+    fakes.driver.hold();
+    // Zone a's prompts are one token, zone b's three: the tier's log tells them apart.
+    let mut tasks: Vec<_> = (0..8)
+        .map(|_| spawn_send(&app, dialog("flood", "dialog", "x")))
+        .collect();
+    until("the flood fills the slots and queues", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 2 && queued(&gw, "flood") == 6
+    })
+    .await;
+    tasks.push(spawn_send(&app, dialog("quiet", "dialog", "y y y")));
+    until("the quiet zone waits", || queued(&gw, "quiet") == 1).await;
+    fakes.driver.release();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+    let order = fakes.driver.prompts.lock().unwrap().clone();
+    let quiet = order.iter().position(|&n| n == 3).expect("quiet ran");
+    assert_eq!(order.len(), 9);
+    assert!(
+        quiet <= 3,
+        "the quiet zone ran {quiet}th of 9 (a FIFO queue would run it last): {order:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_tier_answers_503_and_readyz_names_it() {
+    let fakes = Fakes::new(2, Duration::ZERO);
+    let (_gw, app) = gateway(&Sources::embedded().budgets, &fakes);
+    let (status, ready) = get(&app, "/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ready["tiers"]["driver"]["status"], "ready");
+
+    fakes.driver.kill();
+    let (status, _, body) = send(&app, "/v1/dialog", &dialog("a", "dialog", "x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["kind"], "unavailable");
+    assert_eq!(fakes.driver.submitted(), 0);
+    let (status, ready) = get(&app, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["ready"], false);
+    assert_eq!(ready["error"], "tiers down: driver");
+    assert_eq!(ready["tiers"]["driver"]["status"], "down");
+    assert_eq!(ready["tiers"]["theia"]["status"], "ready");
+}
+
+#[tokio::test]
+async fn a_tier_that_dies_mid_generation_answers_503_not_a_hang() {
+    let fakes = Fakes::new(1000, Duration::from_millis(2));
+    let (_gw, app) = gateway(&one_driver_slot(8), &fakes);
+    let mut body = dialog("a", "dialog", "x");
+    body["max_tokens"] = json!(500);
+    let t = spawn_send(&app, body);
+    until("it runs", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    fakes.driver.kill();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), t)
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
