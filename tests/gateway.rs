@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use nimmer_e2e::http::client;
+use nimmer_e2e::http::{client, sse};
 use serde_json::{Value, json};
 
 const SYSTEM: &str = "You are a helpful assistant.";
@@ -73,26 +73,6 @@ async fn classify_is_served_by_saturn() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["results"][0]["label"], "fearful");
-}
-
-/// Reads an SSE body into (event, data) pairs.
-async fn sse(resp: reqwest::Response) -> Vec<(String, String)> {
-    let text = resp.text().await.unwrap();
-    text.split("\n\n")
-        .filter(|b| !b.trim().is_empty())
-        .map(|b| {
-            let mut ev = String::from("message");
-            let mut data = String::new();
-            for line in b.lines() {
-                if let Some(e) = line.strip_prefix("event: ").or(line.strip_prefix("event:")) {
-                    ev = e.trim().to_string();
-                } else if let Some(d) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
-                    data.push_str(d);
-                }
-            }
-            (ev, data)
-        })
-        .collect()
 }
 
 #[tokio::test]

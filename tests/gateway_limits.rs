@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use nimmer_e2e::http::client;
+use nimmer_e2e::http::{client, hold_stream};
 use serde_json::{Value, json};
 
 fn small(driver_queue: usize) -> String {
@@ -29,16 +28,7 @@ fn body(zone: &str, kind: &str, stream: bool, max_tokens: usize) -> Value {
 
 /// Starts a long streamed request; returns its open stream (holding the slot) once the first bytes arrived.
 async fn hold(base: &str, zone: &str, kind: &str) -> Box<dyn std::any::Any + Send> {
-    let r = client()
-        .post(format!("{base}/v1/dialog"))
-        .json(&body(zone, kind, true, 2000))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let mut s = Box::pin(r.bytes_stream());
-    s.next().await.unwrap().unwrap();
-    Box::new(s)
+    hold_stream(base, &body(zone, kind, true, 2000)).await
 }
 
 #[tokio::test]

@@ -8,40 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{Stack, eventually, publish, read_all, result};
-use nimmer_compositor::{Canon, PlayerStore, follow_district};
+use common::{Delivery, Follower, Stack, eventually, publish, read_all, result};
+use nimmer_compositor::{Canon, PlayerStore};
 use nimmer_config::DeliveryMode;
-
-struct Online {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<usize>,
-}
-
-async fn online(stack: &Stack, player: &'static str, db: &Path) -> Online {
-    let client = stack.client().await;
-    let t = stack.t.clone();
-    let db = db.to_path_buf();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let store = PlayerStore::open(&db).await.unwrap();
-        let mut applied = 0;
-        follow_district(
-            &client,
-            &t,
-            player,
-            &store,
-            async {
-                let _ = rx.await;
-            },
-            |a| applied += a.new.len(),
-        )
-        .await
-        .unwrap();
-        store.close().await;
-        applied
-    });
-    Online { stop, task }
-}
 
 async fn rows(db: &Path) -> Vec<(String, String)> {
     // Opening the store first also creates it when the player never ran.
@@ -68,7 +37,7 @@ async fn district_fallback_delivers_the_same_rows() {
     let dir = tempfile::tempdir().unwrap();
     let (p1_db, p2_db) = (dir.path().join("p1.sqlite"), dir.path().join("p2.sqlite"));
 
-    let p1 = online(&stack, "p1", &p1_db).await;
+    let p1 = Follower::start(&stack, "p1", &p1_db, Delivery::District).await;
     for i in 0..30u32 {
         let scene = format!("sc{}", i % 2);
         publish(
@@ -88,13 +57,11 @@ async fn district_fallback_delivers_the_same_rows() {
         .await
         .unwrap();
     assert_eq!(queued, 30);
-    let p2 = online(&stack, "p2", &p2_db).await;
+    let p2 = Follower::start(&stack, "p2", &p2_db, Delivery::District).await;
     assert!(eventually(30, || async { rows(&p2_db).await.len() == 30 }).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(p1.stop.send(()), Ok(()));
-    assert_eq!(p1.task.await.unwrap(), 30, "each row applied once");
-    let _ = p2.stop.send(());
-    assert_eq!(p2.task.await.unwrap(), 30);
+    assert_eq!(p1.stop().await, 30, "each row applied once");
+    assert_eq!(p2.stop().await, 30);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries")
         .fetch_one(&pool)
         .await

@@ -9,47 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{Stack, eventually, publish, read_all, result};
-use nimmer_compositor::{PlayerStore, follow};
-
-/// A player following its feed in a task; the counter of newly applied rows is shared.
-struct Follower {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<usize>,
-}
-
-async fn start_follower(stack: &Stack, player: &'static str, db: &Path) -> Follower {
-    let js = jetstream::new(stack.client().await);
-    let t = stack.t.clone();
-    let db = db.to_path_buf();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let store = PlayerStore::open(&db).await.unwrap();
-        let mut applied = 0;
-        follow(
-            &js,
-            &t,
-            player,
-            &store,
-            async {
-                let _ = rx.await;
-            },
-            |a| applied += a.new.len(),
-        )
-        .await
-        .unwrap();
-        store.close().await;
-        applied
-    });
-    Follower { stop, task }
-}
-
-impl Follower {
-    async fn stop(self) -> usize {
-        let _ = self.stop.send(());
-        self.task.await.unwrap()
-    }
-}
+use common::{Delivery, Follower, Stack, eventually, publish, read_all, result};
+use nimmer_compositor::PlayerStore;
 
 async fn count(db: &Path) -> u64 {
     let s = PlayerStore::open(db).await.unwrap();
@@ -66,7 +27,7 @@ async fn offline_player_replays_what_it_missed_and_late_joiner_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let (p1_db, p2_db) = (dir.path().join("p1.sqlite"), dir.path().join("p2.sqlite"));
 
-    let p1 = start_follower(&stack, "p1", &p1_db).await;
+    let p1 = Follower::start(&stack, "p1", &p1_db, Delivery::Feed).await;
     for i in 0..20u32 {
         publish(
             &js,
@@ -132,7 +93,7 @@ async fn offline_player_replays_what_it_missed_and_late_joiner_catches_up() {
     assert_eq!(all_p2.len(), 45);
 
     // p1 reconnects: exactly the 20 it missed.
-    let p1 = start_follower(&stack, "p1", &p1_db).await;
+    let p1 = Follower::start(&stack, "p1", &p1_db, Delivery::Feed).await;
     assert!(eventually(20, || async { count(&p1_db).await == 40 }).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -143,7 +104,7 @@ async fn offline_player_replays_what_it_missed_and_late_joiner_catches_up() {
     assert_eq!(count(&p1_db).await, 40);
 
     // p2 joins late: its whole feed.
-    let p2 = start_follower(&stack, "p2", &p2_db).await;
+    let p2 = Follower::start(&stack, "p2", &p2_db, Delivery::Feed).await;
     assert!(eventually(20, || async { count(&p2_db).await == 45 }).await);
     assert_eq!(p2.stop().await, 45);
 

@@ -116,3 +116,60 @@ async fn publish(js: &jetstream::Context, out: Outgoing) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nimmer_wire::{DialogResponse, Kind, Uid};
+
+    fn result(id: &str) -> DialogResult {
+        DialogResult {
+            result_id: id.into(),
+            uid: Uid {
+                gm_event: "e".into(),
+                district: "d".into(),
+                scene: "s".into(),
+                slot: "k".into(),
+            },
+            zone: "z".into(),
+            kind: Kind::Dialog,
+            npc: None,
+            participants: vec![],
+            faction: None,
+            finished_at_ms: 1,
+            response: serde_json::from_str::<DialogResponse>(r#"{"text": "hi", "tier": "driver"}"#)
+                .unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_makes_the_sender_wait_instead_of_spawning_or_dropping() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let sink = ResultsSink { tx };
+        sink.send(&result("r1")).await.unwrap();
+        let r2 = result("r2");
+        let second = sink.send(&r2);
+        tokio::pin!(second);
+        // The queue holds one: the second send waits while nobody publishes.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut second)
+                .await
+                .is_err()
+        );
+        assert_eq!(rx.recv().await.unwrap().msg_id, "r1");
+        second.await.unwrap();
+        let out = rx.recv().await.unwrap();
+        assert_eq!(
+            (out.msg_id.as_str(), out.subject.as_str()),
+            ("r2", "nimmerverse.results.e.d.s")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_publisher_is_an_error_not_a_silent_drop() {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let sink = ResultsSink { tx };
+        assert!(sink.send(&result("r1")).await.is_err());
+    }
+}

@@ -61,3 +61,42 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
     }
     false
 }
+
+/// Reads an SSE body into (event, data) pairs.
+pub async fn sse(resp: reqwest::Response) -> Vec<(String, String)> {
+    let text = resp.text().await.unwrap();
+    text.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let mut ev = String::from("message");
+            let mut data = String::new();
+            for line in b.lines() {
+                if let Some(e) = line.strip_prefix("event: ").or(line.strip_prefix("event:")) {
+                    ev = e.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
+                    data.push_str(d);
+                }
+            }
+            (ev, data)
+        })
+        .collect()
+}
+
+/// Starts a streamed request and returns its open body once the first bytes arrived: the request holds its
+/// slot until the returned value is dropped.
+pub async fn hold_stream(base: &str, body: &Value) -> Box<dyn std::any::Any + Send> {
+    use futures::StreamExt;
+    let r = client()
+        .post(format!("{base}/v1/dialog"))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(r.status().as_u16(), 200);
+    let mut s = Box::pin(r.bytes_stream());
+    s.next()
+        .await
+        .expect("a first chunk")
+        .expect("a first chunk");
+    Box::new(s)
+}

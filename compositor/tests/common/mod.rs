@@ -2,6 +2,7 @@
 //! builders, stream readers.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -159,4 +160,54 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// How a [`Follower`] gets its rows: its JetStream feed, or pushed by its district's distributor.
+#[derive(Clone, Copy)]
+pub enum Delivery {
+    Feed,
+    District,
+}
+
+/// A player client following its rows in a task; [`Follower::stop`] ends it and returns how many new rows
+/// it applied.
+pub struct Follower {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Follower {
+    pub async fn start(stack: &Stack, player: &'static str, db: &Path, delivery: Delivery) -> Self {
+        let client = stack.client().await;
+        let t = stack.t.clone();
+        let db = db.to_path_buf();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let store = nimmer_compositor::PlayerStore::open(&db).await.unwrap();
+            let mut applied = 0;
+            let stopped = async {
+                let _ = rx.await;
+            };
+            let count = |a: &nimmer_compositor::player::Applied| applied += a.new.len();
+            match delivery {
+                Delivery::Feed => {
+                    let js = jetstream::new(client);
+                    nimmer_compositor::follow(&js, &t, player, &store, stopped, count).await
+                }
+                Delivery::District => {
+                    nimmer_compositor::follow_district(&client, &t, player, &store, stopped, count)
+                        .await
+                }
+            }
+            .unwrap();
+            store.close().await;
+            applied
+        });
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) -> usize {
+        assert!(self.stop.send(()).is_ok(), "the follower already ended");
+        self.task.await.unwrap()
+    }
 }

@@ -12,7 +12,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use nimmer_config::Precision;
 
-use super::{Layer, Linear, Llama, LlamaConfig};
+use super::LlamaConfig;
+use super::cpu::{Layer, Linear, Llama};
 use crate::error::{Result, TierError};
 use crate::kernels::{self, TiledWeight};
 use crate::tokenizer::ChatTokenizer;
