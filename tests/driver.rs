@@ -197,12 +197,15 @@ fn seeded_sampling_is_reproducible() {
 
 fn candle_driver() -> &'static nimmer_tiers::LlmHandle {
     static H: std::sync::OnceLock<nimmer_tiers::LlmHandle> = std::sync::OnceLock::new();
-    H.get_or_init(|| {
-        let mut spec = nimmer_e2e::config().tiers.tiers.driver.clone();
-        spec.backend = Some(nimmer_config::Backend::Candle);
-        let limits = nimmer_tiers::EngineLimits::of(&nimmer_e2e::config().budgets.tiers.driver);
-        nimmer_tiers::LlmHandle::start("driver", &spec, limits, &nimmer_e2e::driver_gguf()).unwrap()
-    })
+    H.get_or_init(start_candle_driver)
+}
+
+/// A Driver engine on `backend = "candle"` of its own.
+fn start_candle_driver() -> nimmer_tiers::LlmHandle {
+    let mut spec = nimmer_e2e::config().tiers.tiers.driver.clone();
+    spec.backend = Some(nimmer_config::Backend::Candle);
+    let limits = nimmer_tiers::EngineLimits::of(&nimmer_e2e::config().budgets.tiers.driver);
+    nimmer_tiers::LlmHandle::start("driver", &spec, limits, &nimmer_e2e::driver_gguf()).unwrap()
 }
 
 /// With `backend = "candle"` the engine runs candle's own ops (the path CUDA uses), so on the CPU its
@@ -230,7 +233,9 @@ fn the_engine_on_the_candle_backend_equals_candle_quantized_llama_for_48_tokens(
 
 #[test]
 fn the_candle_backend_is_batch_invariant_on_the_cpu() {
-    let h = candle_driver();
+    // An engine of its own: on the shared one, another test's sequences can join the "alone" runs' batches
+    // (a different batch than the one this test compares against).
+    let h = &start_candle_driver();
     let users = [
         "Name three colors.",
         "What is 2 + 2?",
