@@ -45,5 +45,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo doc (the libraries' module summaries render, links resolve)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p nimmer-wire -p nimmer-config -p nimmer-loras \
+  -p nimmer-tiers -p nimmer-gateway -p nimmer-compositor
 echo "== cargo test"
 cargo test --workspace --locked

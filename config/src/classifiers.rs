@@ -20,7 +20,7 @@ pub struct ClassifierSpec {
     #[serde(default = "default_temperature")]
     pub temperature: f32,
     pub labels: Vec<LabelSpec>,
-    /// Optional trained linear head: safetensors with `weight` [labels x dim] and `bias` [labels].
+    /// Optional trained linear head: safetensors with `weight` `[labels x dim]` and `bias` `[labels]`.
     #[serde(default)]
     pub head: Option<String>,
 }

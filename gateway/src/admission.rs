@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nimmer_config::{BudgetsFile, RequestBudget};
-use nimmer_tiers::Prompt;
+use nimmer_tiers::{Prompt, SamplingParams};
 use nimmer_wire::Kind;
 
 use crate::Tier;
@@ -54,14 +54,14 @@ impl Deadline {
     }
 }
 
-/// One generation's ask.
+/// One generation's ask: what, for which zone, how urgent, with which NPC traits.
 pub struct Ask<'a> {
     pub target: Target,
     pub zone: &'a str,
     pub priority: i32,
     pub deadline: Option<Deadline>,
     pub prompt: &'a Prompt,
-    pub max_tokens: usize,
+    pub params: &'a SamplingParams,
     /// `npc.traits`: selects and weighs trait-LoRA adapters (Driver only).
     pub traits: Option<&'a BTreeMap<String, f32>>,
 }
@@ -124,7 +124,7 @@ pub async fn admit(gw: &Gateway, ask: Ask<'_>) -> Result<Admitted, ApiError> {
     let may_degrade = tier == Tier::Theia
         && matches!(ask.target, Target::Kind(_))
         && b.routing.degrade
-        && fits(&driver_rb, ask.max_tokens, prompt.len());
+        && fits(&driver_rb, ask.params.max_tokens, prompt.len());
     let (permit, degraded) = if may_degrade {
         route_degradable(gw, &snap, &ask).await?
     } else {
@@ -168,13 +168,13 @@ fn check(
     let rb = b.tier(tier, &snap.class);
     let class = &snap.class;
     if let Some(max) = rb.max_new_tokens
-        && ask.max_tokens > max
+        && ask.params.max_tokens > max
     {
         return Err(ApiError::invalid(
             "max_tokens",
             format!(
                 "{} exceeds the {} budget of {max} new tokens for zone class `{class}`",
-                ask.max_tokens,
+                ask.params.max_tokens,
                 tier.as_str()
             ),
         ));
@@ -267,7 +267,7 @@ pub async fn slot(
         priority,
         deadline,
         prompt: &Prompt::Tokens(Vec::new()),
-        max_tokens: 0,
+        params: &SamplingParams::default(),
         traits: None,
     };
     slot_for(gw, &snap, tier, &ask).await

@@ -1,9 +1,8 @@
 //! The dialog use case, shared by the HTTP and NATS fronts: a validated request is admitted
 //! ([`crate::admission`]), submitted to its tier (never after its deadline passed), and run to a response or a
-//! stream. [`end`] is the one place a dialog ends: it builds the response and publishes the result for the
+//! stream. `end` is the one place a dialog ends: it builds the response and publishes the result for the
 //! compositors, whether the dialog was answered whole, streamed, or classified.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,18 +19,6 @@ use crate::slots::SlotPermit;
 use crate::state::Gateway;
 use crate::tier::Events;
 use crate::zones::ZoneTable;
-
-/// One generation to run: what, for which zone, how urgent, with which NPC traits.
-pub struct Generation<'a> {
-    pub target: Target,
-    pub zone: &'a str,
-    pub priority: i32,
-    pub deadline_ms: Option<u64>,
-    pub prompt: &'a Prompt,
-    pub params: SamplingParams,
-    /// `npc.traits`: selects and weighs trait-LoRA adapters.
-    pub traits: Option<&'a BTreeMap<String, f32>>,
-}
 
 /// Charges a generation's tokens to its zone's bucket when dropped, however the generation ends.
 struct Meter {
@@ -115,22 +102,10 @@ impl Running {
 }
 
 /// Admits a generation, submits it and waits for its first event.
-pub async fn start(gw: &Gateway, g: Generation<'_>) -> Result<Running, ApiError> {
-    let deadline = Deadline::after(g.deadline_ms, Instant::now());
-    let admitted = admission::admit(
-        gw,
-        Ask {
-            target: g.target,
-            zone: g.zone,
-            priority: g.priority,
-            deadline,
-            prompt: g.prompt,
-            max_tokens: g.params.max_tokens,
-            traits: g.traits,
-        },
-    )
-    .await?;
-    submit(gw, admitted, g.params).await
+pub async fn start(gw: &Gateway, ask: Ask<'_>) -> Result<Running, ApiError> {
+    let params = ask.params.clone();
+    let admitted = admission::admit(gw, ask).await?;
+    submit(gw, admitted, params).await
 }
 
 async fn submit(
@@ -244,13 +219,13 @@ pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
     };
     let mut running = start(
         gw,
-        Generation {
+        Ask {
             target: Target::Kind(d.kind),
             zone: &d.zone,
             priority: d.priority,
-            deadline_ms: d.deadline_ms,
+            deadline: Deadline::after(d.deadline_ms, Instant::now()),
             prompt,
-            params: params.clone(),
+            params,
             traits: d.npc.as_ref().map(|n| &n.traits),
         },
     )

@@ -1,7 +1,7 @@
 //! The HTTP front (axum): thin handlers that parse, call the dialog use case or the gateway, and shape
 //! responses (JSON or SSE). A response stream owns its slot permit and the tier's receiver, so a client that
-//! disconnects frees its slot and cancels its sequence. NPC routes ([`npc`], [`openai`]) and ops routes
-//! ([`ops`]) sit behind separate optional bearer tokens (a tower layer each); `/healthz` (liveness) and
+//! disconnects frees its slot and cancels its sequence. NPC routes (`npc.rs`, `openai.rs`) and ops routes
+//! (`ops.rs`) sit behind separate optional bearer tokens (a tower layer each); `/healthz` (liveness) and
 //! `/readyz` (each tier's health; 503 naming the tiers that are down) are open.
 
 mod npc;

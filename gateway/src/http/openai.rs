@@ -15,9 +15,9 @@ use serde_json::json;
 
 use super::ValidJson;
 use crate::Tier;
-use crate::admission::Target;
+use crate::admission::{Ask, Target};
 use crate::api::{ChatRequest, Usage};
-use crate::dialog::{self, Generation};
+use crate::dialog;
 use crate::error::ApiError;
 use crate::state::Gateway;
 
@@ -41,13 +41,13 @@ pub(super) async fn chat(
     let prompt = Prompt::Chat(req.messages.clone());
     let mut running = dialog::start(
         &gw,
-        Generation {
+        Ask {
             target: Target::Tier(tier),
             zone: &zone,
             priority: 0,
-            deadline_ms: None,
+            deadline: None,
             prompt: &prompt,
-            params,
+            params: &params,
             traits: None,
         },
     )

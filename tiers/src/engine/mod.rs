@@ -2,7 +2,7 @@
 //!
 //! [`LlmHandle`] is a cheap `Clone` handle over a bounded channel; [`LlmHandle::generate`] validates and tokenizes
 //! a request on the caller's side (errors come back at once), then queues it. The engine runs on its own OS
-//! thread ([`worker`]) and owns the model and the [`queue`] state (waiting and running sequences, their KV
+//! thread (`worker.rs`) and owns the model and the `queue.rs` state (waiting and running sequences, their KV
 //! caches and leases). Between two steps it takes new requests, drops sequences whose receiver is gone or whose
 //! deadline passed before admission, admits waiting ones within `max_batch` and the KV memory budget, and runs
 //! one batched forward pass: one token for every decoding sequence plus prefill chunks under the per-step token

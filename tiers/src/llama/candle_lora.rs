@@ -270,7 +270,7 @@ impl LoraTables {
     }
 
     /// Adds each row's blend to the outputs of `group` in `layer` (`x` the group's input `[rows, in]`, `outs`
-    /// its projections' outputs in [`Group::modules`] order); outputs come back unchanged when no row of this
+    /// its projections' outputs in `Group::modules` order); outputs come back unchanged when no row of this
     /// step has a blend or none targets them.
     pub fn apply(
         &self,

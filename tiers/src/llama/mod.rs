@@ -5,14 +5,14 @@
 //! row's own sequence position and KV cache. The KV caches live outside the model ([`KvCache`], one per
 //! sequence) and are owned by the engine.
 //!
-//! Weights come from a GGUF file or a Hugging Face model directory ([`load`]).
+//! Weights come from a GGUF file or a Hugging Face model directory (`load.rs`).
 //!
 //! Numerics mirror `candle_transformers::models::quantized_llama` (interleaved RoPE as in GGML's llama,
 //! RMSNorm as `x / sqrt(mean(x²) + eps) * w`, softmax with max subtraction) so greedy tokens match it.
 
-//! The files: this one is the interface ([`LlamaConfig`], [`Chunk`], [`Decoder`]); [`cpu`] our CPU model
-//! ([`Llama`]) on the int8 kernels; [`kv`] its per-sequence KV cache; [`ops`] its row operations (RMSNorm,
-//! per-row LoRA terms, attention); [`candle`] and [`candle_lora`] the candle (CUDA) decoder; [`load`] weights
+//! The files: this one is the interface ([`LlamaConfig`], [`Chunk`], [`Decoder`]); `cpu.rs` our CPU model
+//! ([`Llama`]) on the int8 kernels; `kv.rs` its per-sequence KV cache; `ops.rs` its row operations (RMSNorm,
+//! per-row LoRA terms, attention); `candle.rs` and `candle_lora.rs` the candle (CUDA) decoder; `load.rs` weights
 //! from GGUF or safetensors; [`train`] LoRA training.
 
 use nimmer_loras::{BaseShape, Blend};
