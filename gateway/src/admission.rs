@@ -128,7 +128,10 @@ pub async fn admit(gw: &Gateway, ask: Ask<'_>) -> Result<Admitted, ApiError> {
     let (permit, degraded) = if may_degrade {
         route_degradable(gw, &snap, &ask).await?
     } else {
-        (slot_for(gw, &snap, tier, &ask).await?, None)
+        (
+            slot_for(gw, &snap, tier, ask.zone, ask.priority, ask.deadline).await?,
+            None,
+        )
     };
     let served = permit.tier;
     let prompt = if served == tier {
@@ -248,7 +251,7 @@ async fn route_degradable(
         ("theia saturated", "saturated")
     };
     metrics::degraded(&snap.class, label);
-    let permit = slot_for(gw, snap, Tier::Driver, ask).await?;
+    let permit = slot_for(gw, snap, Tier::Driver, ask.zone, ask.priority, ask.deadline).await?;
     Ok((permit, Some(format!("{reason}: served by driver"))))
 }
 
@@ -261,16 +264,7 @@ pub async fn slot(
     deadline: Option<Deadline>,
 ) -> Result<SlotPermit, ApiError> {
     let snap = gw.touch(zone);
-    let ask = Ask {
-        target: Target::Tier(tier),
-        zone,
-        priority,
-        deadline,
-        prompt: &Prompt::Tokens(Vec::new()),
-        params: &SamplingParams::default(),
-        traits: None,
-    };
-    slot_for(gw, &snap, tier, &ask).await
+    slot_for(gw, &snap, tier, zone, priority, deadline).await
 }
 
 /// A slot of `tier`: 503 when the tier is down, 429 when the zone is over its token rate or the queue is
@@ -279,7 +273,9 @@ async fn slot_for(
     gw: &Gateway,
     snap: &Snapshot,
     tier: Tier,
-    ask: &Ask<'_>,
+    zone: &str,
+    priority: i32,
+    deadline: Option<Deadline>,
 ) -> Result<SlotPermit, ApiError> {
     let class = &snap.class;
     if let crate::tier::Health::Down { reason } = gw.tiers().health(tier) {
@@ -295,17 +291,17 @@ async fn slot_for(
         .zone_table()
         .lock()
         .expect("zones lock")
-        .check_rate(ask.zone, tier, &rb, now);
+        .check_rate(zone, tier, &rb, now);
     if let Err(retry_after_s) = rate {
         metrics::rejected(tier, class, "token_rate");
         return Err(ApiError::OverRate {
             tier: tier.as_str().into(),
-            zone: ask.zone.into(),
+            zone: zone.into(),
             retry_after_s,
         });
     }
     let timeout = Duration::from_millis(rb.queue_timeout_ms);
-    let wait = ask.deadline.map_or(timeout, |d| {
+    let wait = deadline.map_or(timeout, |d| {
         d.at.saturating_duration_since(now).min(timeout)
     });
     let slots = gw.slots(tier);
@@ -318,7 +314,7 @@ async fn slot_for(
         }
     };
     match slots
-        .acquire(ask.zone, class, snap.weight, ask.priority, wait)
+        .acquire(zone, class, snap.weight, priority, wait)
         .await
     {
         Ok(p) => {
@@ -326,7 +322,7 @@ async fn slot_for(
             metrics::slot_wait(tier, class, now.elapsed().as_secs_f64());
             Ok(p)
         }
-        Err(NoSlot::Timeout) => match ask.deadline {
+        Err(NoSlot::Timeout) => match deadline {
             Some(d) if d.at <= now + timeout => {
                 metrics::rejected(tier, class, "deadline");
                 Err(d.error())
