@@ -54,6 +54,7 @@ fn write_adapter(dir: &Path, seed: u32) {
         modules: modules.to_vec(),
         layers,
         size_bytes: 0,
+        digest: Default::default(),
     };
     // Write next to the target and rename into place, as a deploy would.
     let tmp = dir.with_extension("tmp");

@@ -43,6 +43,7 @@ fn adapter(model: &Llama, r: usize, seed: u32, dir: &std::path::Path) -> Arc<Ada
         modules: Module::ALL.to_vec(),
         layers,
         size_bytes: 0,
+        digest: Default::default(),
     };
     let d = dir.join(&a.name);
     save_peft(&a, &base, &d).unwrap();

@@ -73,6 +73,7 @@ fn random_adapter(base: &nimmer_loras::BaseShape, rank: usize, seed: u32) -> Ada
         modules: TARGETS.to_vec(),
         layers,
         size_bytes: 0,
+        digest: Default::default(),
     }
 }
 

@@ -151,6 +151,17 @@ pub struct TierBudget {
     pub batch_token_budget: Option<usize>,
     #[serde(default)]
     pub kv_memory_mib: Option<usize>,
+    /// The engine's prefix KV cache, within `kv_memory_mib` (0 turns it off; absent: a quarter of it).
+    #[serde(default)]
+    pub prefix_cache_mib: Option<usize>,
+}
+
+impl TierBudget {
+    /// MiB the prefix cache may hold.
+    pub fn prefix_cache_mib(&self) -> usize {
+        self.prefix_cache_mib
+            .unwrap_or(self.kv_memory_mib.unwrap_or(1024) / 4)
+    }
 }
 
 /// One tier's per-request budget for one zone class (tier values with the class's overrides applied).
@@ -324,6 +335,7 @@ impl BudgetsFile {
                     || t.tokens_per_s != 0.0
                     || t.batch_token_budget.is_some()
                     || t.kv_memory_mib.is_some()
+                    || t.prefix_cache_mib.is_some()
                 {
                     return bad(
                         "tiers.saturn".into(),
@@ -349,6 +361,12 @@ impl BudgetsFile {
                     Some(0) => return bad(key(k), "must be greater than 0"),
                     Some(_) => {}
                 }
+            }
+            if t.prefix_cache_mib() > t.kv_memory_mib.unwrap_or(0) {
+                return bad(
+                    key("prefix_cache_mib"),
+                    "must be at most kv_memory_mib (the prefix cache is part of the KV memory)",
+                );
             }
             if t.batch_token_budget < Some(t.slots) {
                 return bad(

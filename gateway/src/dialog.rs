@@ -27,18 +27,25 @@ struct Meter {
     tier: Tier,
     budget: RequestBudget,
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
+    /// Whether the generation finished (only those count in the zone's prefix-cache figures).
+    done: bool,
 }
 
 impl Drop for Meter {
     fn drop(&mut self) {
-        self.zones.lock().expect("zones lock").charge(
+        let mut zones = self.zones.lock().expect("zones lock");
+        zones.charge(
             &self.zone,
             self.tier,
             self.prompt_tokens + self.completion_tokens,
             &self.budget,
             Instant::now(),
         );
+        if self.done {
+            zones.record_prefix(&self.zone, self.prompt_tokens, self.cached_tokens);
+        }
     }
 }
 
@@ -69,7 +76,9 @@ impl Running {
             Some(Event::Token { .. }) => self.meter.completion_tokens += 1,
             Some(Event::Done(c)) => {
                 self.meter.prompt_tokens = c.prompt_tokens;
+                self.meter.cached_tokens = c.cached_tokens;
                 self.meter.completion_tokens = c.completion_tokens;
+                self.meter.done = true;
                 metrics::finished(
                     self.tier,
                     &self.permit.class,
@@ -131,7 +140,9 @@ async fn submit(
         tier,
         budget: admitted.budget(),
         prompt_tokens: admitted.prompt.len(),
+        cached_tokens: 0,
         completion_tokens: 0,
+        done: false,
     };
     let slot_wait = admitted.started.elapsed();
     let (lora, adapters) = match admitted.voice {
@@ -324,7 +335,11 @@ async fn end(
         tier: s.tier.as_str().into(),
         adapters: s.adapters.clone(),
         finish_reason: Some(done.finish_reason),
-        usage: Usage::of(done.prompt_tokens, done.completion_tokens),
+        usage: Usage::of(
+            done.prompt_tokens,
+            done.cached_tokens,
+            done.completion_tokens,
+        ),
         timings: Timings {
             slot_wait_ms: s.slot_wait_ms,
             queue_ms: done.queue_ms,

@@ -8,7 +8,7 @@
 //! 4. [`results`]: the bounded JetStream results publisher. [`state`]: the [`Gateway`] (tiers, slots, the
 //!    configuration in effect, zones, adapters, where results go).
 //! 5. [`voice`], [`admission`]: traits → adapters; one config snapshot per request → routing, budgets,
-//!    degradation, a slot.
+//!    degradation, a slot; [`personas`]: the NPCs a zone reports present, pinned in the prefix cache.
 //! 6. [`dialog`]: the use case: run a dialog to a response or a stream; the one place a dialog ends.
 //! 7. The fronts, type conversion only: [`http`] (JSON, SSE, OpenAI, ops) and [`nats`] (request/reply);
 //!    [`reload`] (config and adapter watchers); [`run`] serves them all.
@@ -23,6 +23,7 @@ pub mod fair;
 pub mod http;
 pub mod metrics;
 pub mod nats;
+pub mod personas;
 pub mod reload;
 pub mod results;
 pub mod slots;

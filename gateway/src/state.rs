@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -50,6 +51,17 @@ pub struct Gateway {
     /// The Driver's trait-LoRA adapters.
     loras: Arc<Registry>,
     loras_dir: Option<PathBuf>,
+    /// Per zone, the NPC personas pinned in a tier's prefix cache while the zone is active.
+    pins: Mutex<BTreeMap<String, Vec<PinnedNpc>>>,
+    next_pin: AtomicU64,
+}
+
+/// An NPC persona pinned in an LLM tier's prefix cache (`PUT /v1/zones/{id}` with `npcs`).
+#[derive(Debug, Clone)]
+pub struct PinnedNpc {
+    pub npc: String,
+    pub tier: Tier,
+    pub id: u64,
 }
 
 impl Gateway {
@@ -104,6 +116,35 @@ impl Gateway {
             results: Mutex::new(None),
             loras,
             loras_dir,
+            pins: Mutex::new(BTreeMap::new()),
+            next_pin: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh id for [`crate::tier::LlmTier::pin`].
+    pub fn next_pin_id(&self) -> u64 {
+        self.next_pin.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes `pinned` the zone's pinned NPCs, releasing the ones it had.
+    pub fn replace_pins(&self, zone: &str, pinned: Vec<PinnedNpc>) {
+        let old = {
+            let mut pins = self.pins.lock().expect("pins lock");
+            if pinned.is_empty() {
+                pins.remove(zone)
+            } else {
+                pins.insert(zone.to_string(), pinned)
+            }
+        };
+        self.unpin_all(old.unwrap_or_default());
+    }
+
+    /// Releases pins (of a zone replaced or gone, or of a PUT that failed half-way).
+    pub fn unpin_all(&self, pins: Vec<PinnedNpc>) {
+        for p in pins {
+            if let Some(llm) = self.tiers.llm(p.tier) {
+                llm.unpin(p.id);
+            }
         }
     }
 
@@ -213,10 +254,20 @@ impl Gateway {
     pub fn prune_zones(&self) -> usize {
         let ttl = Duration::from_secs(self.live().config.budgets.zones.idle_ttl_s);
         let busy = |z: &str| self.slots.values().any(|s| s.holds(z));
-        let mut zones = self.zones.lock().expect("zones lock");
-        let n = zones.prune(ttl, Instant::now(), busy).len();
-        metrics::zones_active(zones.len());
-        n
+        let gone = {
+            let mut zones = self.zones.lock().expect("zones lock");
+            let gone = zones.prune(ttl, Instant::now(), busy);
+            metrics::zones_active(zones.len());
+            gone
+        };
+        for zone in &gone {
+            let pins = self.pins.lock().expect("pins lock").remove(zone);
+            if let Some(pins) = pins {
+                tracing::info!(zone = %zone, npcs = pins.len(), "zone idled out: personas unpinned");
+                self.unpin_all(pins);
+            }
+        }
+        gone.len()
     }
 
     /// Zones with their class, activity, token buckets, slots in use and queue lengths per tier.
@@ -234,7 +285,19 @@ impl Gateway {
         for (name, info) in infos {
             zones.entry(name).or_default().info = Some(info);
         }
+        for (name, pins) in self.pins.lock().expect("pins lock").iter() {
+            zones.entry(name.clone()).or_default().npcs_pinned =
+                pins.iter().map(|p| p.npc.clone()).collect();
+        }
         zones
+    }
+
+    /// Each LLM tier's prefix-cache figures (hit rate, cached tokens, evictions, pinned blocks).
+    pub fn prefix_caches(&self) -> BTreeMap<Tier, nimmer_tiers::PrefixSnapshot> {
+        [Tier::Driver, Tier::Theia]
+            .into_iter()
+            .filter_map(|t| Some((t, self.tiers().llm(t)?.prefix_cache()?)))
+            .collect()
     }
 
     /// The adapter registry.

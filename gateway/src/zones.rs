@@ -16,6 +16,9 @@ pub struct ZoneView {
     pub info: Option<ZoneInfo>,
     pub slots_in_use: BTreeMap<TierName, usize>,
     pub queued: BTreeMap<TierName, usize>,
+    /// NPCs whose personas are pinned in the prefix cache while the zone is active.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub npcs_pinned: Vec<String>,
 }
 
 /// A token bucket in debt form: a request may start while the level is above zero; its tokens are charged
@@ -42,6 +45,14 @@ struct Zone {
     activated: Instant,
     last_seen: Instant,
     buckets: BTreeMap<TierName, Bucket>,
+    prefix: PrefixUse,
+}
+
+/// A zone's prompt tokens and how many of them the tiers' prefix caches served (not computed again).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PrefixUse {
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
 }
 
 /// What `GET /v1/zones` shows of a zone's own state.
@@ -54,6 +65,7 @@ pub struct ZoneInfo {
     pub idle_s: f64,
     /// Token bucket levels of tiers with a token rate (may be negative: in debt).
     pub tokens: BTreeMap<TierName, f64>,
+    pub prefix_cache: PrefixUse,
 }
 
 #[derive(Default)]
@@ -72,6 +84,7 @@ impl ZoneTable {
                 activated: now,
                 last_seen: now,
                 buckets: BTreeMap::new(),
+                prefix: PrefixUse::default(),
             }
         });
         if !z.pinned || !b.classes.contains_key(&z.class) {
@@ -139,6 +152,14 @@ impl ZoneTable {
         }
     }
 
+    /// Counts a finished generation's prompt tokens and the part of them served from a prefix cache.
+    pub fn record_prefix(&mut self, zone: &str, prompt_tokens: usize, cached_tokens: usize) {
+        if let Some(z) = self.zones.get_mut(zone) {
+            z.prefix.prompt_tokens += prompt_tokens as u64;
+            z.prefix.cached_tokens += cached_tokens as u64;
+        }
+    }
+
     /// Removes zones not seen for `ttl` for which `busy` (slots held or requests queued) is false.
     pub fn prune(
         &mut self,
@@ -192,6 +213,7 @@ impl ZoneTable {
                     active_s: now.saturating_duration_since(z.activated).as_secs_f64(),
                     idle_s: now.saturating_duration_since(z.last_seen).as_secs_f64(),
                     tokens,
+                    prefix_cache: z.prefix,
                 };
                 (name.clone(), info)
             })

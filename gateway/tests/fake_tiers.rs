@@ -320,3 +320,96 @@ async fn a_tier_that_dies_mid_generation_answers_503_not_a_hang() {
         .unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }
+
+async fn put(app: &Router, path: &str, body: &Value) -> (StatusCode, Value) {
+    let req = Request::put(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_zones_npcs_are_pinned_in_their_voice_while_it_is_active_and_released_when_it_idles_out()
+{
+    let fakes = Fakes::new(4, Duration::ZERO);
+    let (gw, app) = gateway(&budgets(&[("idle_ttl_s = 300", "idle_ttl_s = 1")]), &fakes);
+    // A `sailor` adapter shaped for the fake tier's base.
+    let dir = tempfile::tempdir().unwrap();
+    let base = nimmer_gateway::tier::LlmTier::lora_base(&*gw.tiers().driver);
+    let (r, kvd) = (2, base.n_kv_head * base.head_dim);
+    let sailor = nimmer_loras::Adapter {
+        name: "sailor".into(),
+        rank: r,
+        alpha: 2.0,
+        scale: 1.0,
+        modules: vec![nimmer_loras::Module::V],
+        layers: vec![vec![Some(nimmer_loras::LoraPair {
+            a: vec![0.1; r * base.dim],
+            b: vec![0.1; kvd * r],
+        })]],
+        size_bytes: 0,
+        digest: Default::default(),
+    };
+    nimmer_loras::save_peft(&sailor, &base, dir.path()).unwrap();
+    gw.loras().load("sailor", dir.path()).unwrap();
+    let npcs = json!({ "npcs": [
+        { "id": "marta", "persona": "You are Marta, the harbour-master." },
+        { "id": "old-tom", "persona": "You are Tom, a retired sailor.", "traits": { "sailor": 0.8 } },
+    ]});
+    let (status, body) = put(&app, "/v1/zones/docks", &npcs).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["npcs_pinned"], json!(["marta", "old-tom"]));
+    let pins = |f: &Fakes| f.driver.pins.lock().unwrap().clone();
+    let held = pins(&fakes);
+    assert_eq!(held.len(), 2);
+    assert_eq!(
+        held.values().map(|(_, voiced)| *voiced).collect::<Vec<_>>(),
+        [false, true],
+        "old-tom is pinned in his sailor voice"
+    );
+    let (_, zones) = get(&app, "/v1/zones").await;
+    assert_eq!(
+        zones["zones"]["docks"]["npcs_pinned"],
+        json!(["marta", "old-tom"])
+    );
+
+    // A PUT states who is present: marta left, so only old-tom stays pinned (under a new pin).
+    let only_tom =
+        json!({ "npcs": [{ "id": "old-tom", "persona": "You are Tom, a retired sailor." }] });
+    assert_eq!(
+        put(&app, "/v1/zones/docks", &only_tom).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(pins(&fakes).len(), 1);
+
+    // Bad input changes nothing.
+    for bad in [
+        json!({ "npcs": [{ "id": "a b", "persona": "x" }] }),
+        json!({ "npcs": [{ "id": "x", "persona": " " }] }),
+        json!({ "npcs": [{ "id": "x", "persona": "p" }, { "id": "x", "persona": "q" }] }),
+        json!({ "npcs": [{ "id": "x", "persona": "p", "traits": { "nosuchtrait": 1.0 } }] }),
+        json!({ "npcs": [{ "id": "x" }] }),
+    ] {
+        let (status, body) = put(&app, "/v1/zones/docks", &bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad} -> {body}");
+        assert!(
+            body["field"].as_str().unwrap_or("").starts_with("npcs"),
+            "{body}"
+        );
+        assert_eq!(pins(&fakes).len(), 1, "{bad} changed the pins");
+    }
+
+    // The zone idles out: its NPCs are released.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(gw.prune_zones(), 1);
+    assert!(pins(&fakes).is_empty());
+    let (_, zones) = get(&app, "/v1/zones").await;
+    assert!(zones["zones"].get("docks").is_none(), "{zones}");
+}

@@ -10,7 +10,9 @@ pub use error::LoraError;
 pub use peft::{StoreAs, load_peft, save_peft, save_peft_as};
 pub use registry::{AdapterInfo, Registry, RegistryStats};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use sha2::{Digest, Sha256};
 
 /// Most rank an adapter may have.
 pub const MAX_RANK: usize = 64;
@@ -103,9 +105,37 @@ pub struct Adapter {
     pub layers: Vec<Vec<Option<LoraPair>>>,
     /// Bytes of `A` and `B` held.
     pub size_bytes: usize,
+    /// The content digest, computed on first use by [`Adapter::content_hash`] (build with `Default`).
+    pub digest: OnceLock<[u8; 16]>,
 }
 
 impl Adapter {
+    /// A digest of what the adapter computes (rank, scale, modules and every `A`/`B` value), not of its name:
+    /// an adapter replaced under the same name gets another digest, so KV computed with the old weights is
+    /// never taken for the new ones. Computed once (a few ms for a rank-16 adapter), then cached.
+    pub fn content_hash(&self) -> [u8; 16] {
+        *self.digest.get_or_init(|| {
+            let mut h = Sha256::new();
+            h.update(b"nimmer-lora-v1");
+            h.update((self.rank as u64).to_le_bytes());
+            h.update(self.scale.to_le_bytes());
+            for m in &self.modules {
+                h.update([*m as u8]);
+            }
+            for (li, layer) in self.layers.iter().enumerate() {
+                for (mi, p) in layer.iter().enumerate() {
+                    let Some(p) = p else { continue };
+                    h.update((li as u64).to_le_bytes());
+                    h.update((mi as u64).to_le_bytes());
+                    for v in p.a.iter().chain(&p.b) {
+                        h.update(v.to_le_bytes());
+                    }
+                }
+            }
+            h.finalize()[..16].try_into().expect("16 bytes")
+        })
+    }
+
     /// The pair of `module` in `layer`, if the adapter has one.
     pub fn pair(&self, layer: usize, module: Module) -> Option<&LoraPair> {
         let i = self.modules.iter().position(|m| *m == module)?;

@@ -226,6 +226,7 @@ pub fn load_peft(dir: &Path, name: &str, base: &BaseShape) -> Result<Adapter, Lo
         modules,
         layers: out_layers,
         size_bytes,
+        digest: Default::default(),
     })
 }
 
@@ -447,6 +448,7 @@ mod tests {
             modules: modules.to_vec(),
             layers,
             size_bytes: 0,
+            digest: Default::default(),
         }
     }
 

@@ -321,6 +321,7 @@ mod tests {
             modules: vec![Module::V],
             layers,
             size_bytes: 0,
+            digest: Default::default(),
         };
         save_peft(&a, &BASE, dir).unwrap();
     }

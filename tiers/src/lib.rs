@@ -15,7 +15,8 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use engine::{
-    Completion, EngineLimits, Event, FinishReason, GenerateRequest, LlmHandle, Prompt,
+    BLOCK_TOKENS, Completion, EngineLimits, Event, FinishReason, GenerateRequest, LlmHandle,
+    PrefixSnapshot, Prompt,
 };
 pub use sampling::SamplingParams;
 pub mod saturn;

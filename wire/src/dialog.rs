@@ -95,17 +95,31 @@ pub struct Classification {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (a persona, scene or earlier turn seen before).
+    #[serde(default)]
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
 }
 
 impl Usage {
-    pub fn of(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn of(prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize) -> Self {
         Self {
             prompt_tokens,
+            cached_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         }
+    }
+
+    /// OpenAI's shape: the cached count under `prompt_tokens_details`.
+    pub fn openai(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+        })
     }
 }
 
@@ -204,7 +218,7 @@ mod tests {
                 tier: "theia".into(),
                 adapters: vec![],
                 finish_reason: Some(FinishReason::Stop),
-                usage: Usage::of(3, 1),
+                usage: Usage::of(3, 0, 1),
                 timings: Timings::default(),
                 slot: SlotInfo::default(),
                 degraded: false,

@@ -62,7 +62,7 @@ pub(super) async fn chat(
         return Ok(Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": done.finish_reason }],
-            "usage": Usage::of(done.prompt_tokens, done.completion_tokens),
+            "usage": Usage::of(done.prompt_tokens, done.cached_tokens, done.completion_tokens).openai(),
         }))
         .into_response());
     }
@@ -72,7 +72,7 @@ pub(super) async fn chat(
         let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] });
         if let Some(u) = usage {
-            c["usage"] = json!(u);
+            c["usage"] = u.openai();
         }
         SseEvent::default().data(c.to_string())
     };
@@ -83,7 +83,7 @@ pub(super) async fn chat(
             match ev {
                 Event::Token { text, .. } => yield chunk(json!({ "content": text }), None, None),
                 Event::Done(c) => {
-                    let usage = Usage::of(c.prompt_tokens, c.completion_tokens);
+                    let usage = Usage::of(c.prompt_tokens, c.cached_tokens, c.completion_tokens);
                     yield chunk(json!({}), Some(json!(c.finish_reason)), Some(usage));
                     yield SseEvent::default().data("[DONE]");
                     return;

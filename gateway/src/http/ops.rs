@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::state::Gateway;
 
 pub(super) async fn zones(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
-    Json(json!({ "zones": gw.zones() }))
+    Json(json!({ "zones": gw.zones(), "prefix_cache": gw.prefix_caches() }))
 }
 
 /// `PUT /v1/zones/{id}` body.
@@ -27,6 +27,10 @@ pub(super) async fn zones(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Va
 pub(super) struct PutZone {
     #[serde(default)]
     class: Option<String>,
+    /// The NPCs present: their personas are pinned in the prefix cache while the zone is active (absent:
+    /// the pinned NPCs stay as they are; empty: all are released).
+    #[serde(default)]
+    npcs: Option<Vec<crate::personas::ZoneNpc>>,
 }
 
 pub(super) async fn put_zone(
@@ -37,15 +41,31 @@ pub(super) async fn put_zone(
     let req: PutZone = if body.iter().all(u8::is_ascii_whitespace) {
         PutZone::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::invalid("class", e.to_string()),
-            _ => ApiError::Malformed {
-                message: e.to_string(),
-            },
+        let de = &mut serde_json::Deserializer::from_slice(&body);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            match inner.classify() {
+                serde_json::error::Category::Data => ApiError::invalid(
+                    if path == "." {
+                        "class".to_string()
+                    } else {
+                        path
+                    },
+                    inner.to_string(),
+                ),
+                _ => ApiError::Malformed {
+                    message: inner.to_string(),
+                },
+            }
         })?
     };
     let class = gw.put_zone(&id, req.class.as_deref())?;
-    Ok(Json(json!({ "zone": id, "class": class })))
+    let mut body = json!({ "zone": id, "class": class });
+    if let Some(npcs) = req.npcs {
+        body["npcs_pinned"] = json!(crate::personas::put_npcs(&gw, &id, npcs).await?);
+    }
+    Ok(Json(body))
 }
 
 /// The configuration in effect: its version, origin and every value (models, tiers, classifiers, budgets).

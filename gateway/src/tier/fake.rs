@@ -36,6 +36,8 @@ pub struct FakeLlm {
     pub running: AtomicUsize,
     /// Prompt lengths (tokens) in submission order: tests tell requests apart by them.
     pub prompts: Mutex<Vec<usize>>,
+    /// Pins held now: id → (prompt, whether it ran with a blend).
+    pub pins: Mutex<std::collections::BTreeMap<u64, (Prompt, bool)>>,
 }
 
 impl FakeLlm {
@@ -47,6 +49,7 @@ impl FakeLlm {
             limits: Mutex::new(EngineLimits {
                 batch_token_budget: 256,
                 kv_memory_bytes: 1 << 30,
+                prefix_cache_bytes: 0,
             }),
             alive: AtomicBool::new(true),
             held: AtomicBool::new(false),
@@ -55,6 +58,7 @@ impl FakeLlm {
             cancelled: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             prompts: Mutex::new(Vec::new()),
+            pins: Mutex::new(Default::default()),
         })
     }
 
@@ -133,6 +137,7 @@ impl FakeLlm {
         let _ = tx.send(Event::Done(Completion {
             finish_reason: FinishReason::Length,
             prompt_tokens: prompt,
+            cached_tokens: 0,
             completion_tokens: n,
             queue_ms: 0.0,
             ttft_ms: ms,
@@ -198,6 +203,31 @@ impl LlmTier for FakeLlmTier {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(fake.clone().run(req, prompt, tx));
         Ok(rx)
+    }
+
+    fn pin(
+        &self,
+        id: u64,
+        prompt: Prompt,
+        lora: Option<Arc<nimmer_loras::Blend>>,
+    ) -> Result<(), TierError> {
+        if !self.0.alive.load(Ordering::SeqCst) {
+            return Err(TierError::EngineDown {
+                tier: self.0.name.clone(),
+            });
+        }
+        self.tokenize(&prompt)?;
+        let lora = lora.is_some_and(|b| !b.is_empty());
+        self.0
+            .pins
+            .lock()
+            .expect("pins lock")
+            .insert(id, (prompt, lora));
+        Ok(())
+    }
+
+    fn unpin(&self, id: u64) {
+        self.0.pins.lock().expect("pins lock").remove(&id);
     }
 
     fn limits(&self) -> EngineLimits {

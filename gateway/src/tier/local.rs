@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use nimmer_config::Config;
-use nimmer_loras::BaseShape;
+use nimmer_loras::{BaseShape, Blend};
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{
-    Classification, EngineLimits, GenerateRequest, LlmHandle, Prompt, SaturnHandle, TierError,
+    Classification, EngineLimits, GenerateRequest, LlmHandle, PrefixSnapshot, Prompt, SaturnHandle,
+    TierError,
 };
 
 use super::{ClassifierTier, Events, Health, LlmTier, Tiers};
@@ -43,6 +44,18 @@ impl LlmTier for LlmHandle {
                 reason: format!("the {} engine thread has stopped", self.info().name),
             }
         }
+    }
+
+    fn pin(&self, id: u64, prompt: Prompt, lora: Option<Arc<Blend>>) -> Result<(), TierError> {
+        LlmHandle::pin(self, id, prompt, lora)
+    }
+
+    fn unpin(&self, id: u64) {
+        LlmHandle::unpin(self, id)
+    }
+
+    fn prefix_cache(&self) -> Option<PrefixSnapshot> {
+        Some(LlmHandle::prefix_cache(self))
     }
 }
 

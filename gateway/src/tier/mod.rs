@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
-use nimmer_tiers::{Classification, EngineLimits, Event, GenerateRequest, Prompt, TierError};
+use nimmer_tiers::{
+    Classification, EngineLimits, Event, GenerateRequest, PrefixSnapshot, Prompt, TierError,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -47,6 +49,20 @@ pub trait LlmTier: Send + Sync {
     /// Changes the engine limits (a budgets reload).
     fn set_limits(&self, limits: EngineLimits);
     fn health(&self) -> Health;
+    /// Prefills `prompt` (with `lora`) into the tier's prefix cache and pins it under `id` until
+    /// [`LlmTier::unpin`] (queued like a one-token generation; errors come back at once).
+    fn pin(
+        &self,
+        id: u64,
+        prompt: Prompt,
+        lora: Option<Arc<nimmer_loras::Blend>>,
+    ) -> Result<(), TierError>;
+    /// Releases what `id` pinned.
+    fn unpin(&self, id: u64);
+    /// What the tier's prefix KV cache holds and did (`None` for a tier without one).
+    fn prefix_cache(&self) -> Option<PrefixSnapshot> {
+        None
+    }
 }
 
 /// A classifier tier (Saturn).

@@ -8,6 +8,7 @@
 //! one batched forward pass: one token for every decoding sequence plus prefill chunks under the per-step token
 //! budget. Tokens stream back per request.
 
+mod prefix;
 mod queue;
 mod sched;
 mod worker;
@@ -30,6 +31,7 @@ use crate::tokenizer::{ChatTokenizer, Message};
 use queue::NewSeq;
 use worker::serve;
 
+pub use prefix::{BLOCK_TOKENS, PrefixSnapshot, PrefixStats};
 pub use sched::{SeqState, admit_count, plan_step};
 
 /// What to generate from.
@@ -61,6 +63,8 @@ pub use nimmer_wire::FinishReason;
 pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (not computed again).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     /// Time from queueing to admission into the running batch.
     pub queue_ms: f64,
@@ -89,8 +93,10 @@ pub enum Event {
 pub struct EngineLimits {
     /// Most tokens one step runs (decode rows + prefill chunks).
     pub batch_token_budget: usize,
-    /// KV-cache bytes all running sequences may hold together; admission respects it.
+    /// KV-cache bytes all running sequences and the prefix cache may hold together; admission respects it.
     pub kv_memory_bytes: usize,
+    /// Bytes the prefix cache may keep (within `kv_memory_bytes`; 0 turns it off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl EngineLimits {
@@ -99,6 +105,7 @@ impl EngineLimits {
         Self {
             batch_token_budget: b.batch_token_budget.unwrap_or(256),
             kv_memory_bytes: b.kv_memory_mib.unwrap_or(1024) << 20,
+            prefix_cache_bytes: b.prefix_cache_mib() << 20,
         }
     }
 }
@@ -107,6 +114,7 @@ impl EngineLimits {
 struct LiveLimits {
     batch_token_budget: AtomicUsize,
     kv_memory_bytes: AtomicUsize,
+    prefix_cache_bytes: AtomicUsize,
 }
 
 impl LiveLimits {
@@ -114,6 +122,7 @@ impl LiveLimits {
         EngineLimits {
             batch_token_budget: self.batch_token_budget.load(Ordering::Relaxed),
             kv_memory_bytes: self.kv_memory_bytes.load(Ordering::Relaxed),
+            prefix_cache_bytes: self.prefix_cache_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -122,6 +131,8 @@ impl LiveLimits {
 pub struct TierInfo {
     pub name: String,
     pub tokenizer: ChatTokenizer,
+    /// Names the model's KV in the prefix cache (its file and precision).
+    pub model_id: String,
     pub model: LlamaConfig,
     pub context: usize,
     limits: LiveLimits,
@@ -129,10 +140,18 @@ pub struct TierInfo {
     pub weight_bytes: usize,
     /// Which kernels run the model.
     pub kernel: String,
+    /// What the prefix cache did.
+    pub prefix: Arc<PrefixStats>,
+    /// Pins to release, read by the engine before every step.
+    unpins: std::sync::Mutex<Vec<u64>>,
 }
 
 enum Command {
-    Generate { seq: Box<NewSeq> },
+    Generate {
+        seq: Box<NewSeq>,
+    },
+    /// Read the unpin list (`TierInfo::unpins`).
+    Wake,
 }
 
 /// Handle to a tier's engine thread. The engine stops when every handle is dropped.
@@ -184,7 +203,7 @@ impl LlmHandle {
                     nimmer_config::Backend::Nimmer => {
                         match pool.install(|| Llama::load(&path, spec.precision, spec.context)) {
                             Ok((model, tok)) => {
-                                serve(model, tok, (tier, spec, limits), pool, ready_tx, rx)
+                                serve(model, tok, (tier, spec, limits, &path), pool, ready_tx, rx)
                             }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
@@ -199,7 +218,7 @@ impl LlmHandle {
                         });
                         match loaded {
                             Ok((model, tok)) => {
-                                serve(model, tok, (tier, spec, limits), pool, ready_tx, rx)
+                                serve(model, tok, (tier, spec, limits, &path), pool, ready_tx, rx)
                             }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
@@ -227,6 +246,11 @@ impl LlmHandle {
         !self.tx.is_closed()
     }
 
+    /// What the prefix cache holds and did.
+    pub fn prefix_cache(&self) -> PrefixSnapshot {
+        self.info.prefix.snapshot()
+    }
+
     /// The engine limits in effect.
     pub fn limits(&self) -> EngineLimits {
         self.info.limits.get()
@@ -240,6 +264,8 @@ impl LlmHandle {
             .store(l.batch_token_budget.max(1), Ordering::Relaxed);
         live.kv_memory_bytes
             .store(l.kv_memory_bytes, Ordering::Relaxed);
+        live.prefix_cache_bytes
+            .store(l.prefix_cache_bytes, Ordering::Relaxed);
     }
 
     /// Tokenizes the prompt as the engine will see it.
@@ -289,6 +315,40 @@ impl LlmHandle {
 
     /// Validates and queues a request; the returned receiver streams its tokens. Dropping it cancels the request.
     pub fn generate(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>> {
+        let (seq, rx) = self.prepare(req)?;
+        self.send(seq)?;
+        Ok(rx)
+    }
+
+    /// Prefills `prompt` (run with `lora`) into the prefix cache and pins its blocks under `id`: they are
+    /// never evicted until [`LlmHandle::unpin`] (a persona of an NPC present in an active zone). Queued like a
+    /// generation of one token; an engine with its prefix cache off only runs it.
+    pub fn pin(&self, id: u64, prompt: Prompt, lora: Option<Arc<Blend>>) -> Result<()> {
+        let (mut seq, _rx) = self.prepare(GenerateRequest {
+            prompt,
+            params: SamplingParams::greedy(1),
+            lora,
+            deadline: None,
+        })?;
+        seq.pin = Some(id);
+        self.send(seq)
+    }
+
+    /// Releases the blocks pinned under `id` (they become evictable; also when the pin is still queued).
+    pub fn unpin(&self, id: u64) {
+        self.info
+            .unpins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id);
+        // A busy engine reads the list before its next step anyway; an idle one wakes for it.
+        let _ = self.tx.try_send(Command::Wake);
+    }
+
+    fn prepare(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<(Box<NewSeq>, mpsc::UnboundedReceiver<Event>)> {
         req.params.validate()?;
         let prompt = self.tokenize(&req.prompt)?;
         let info = &self.info;
@@ -309,15 +369,24 @@ impl LlmHandle {
                 budget_mib: kv_budget >> 20,
             });
         }
+        let lora = req.lora.filter(|b| !b.is_empty());
+        let root = prefix::chain_root(&info.model_id, lora.as_deref());
         let (events, rx) = mpsc::unbounded_channel();
         let seq = Box::new(NewSeq {
             prompt,
             params: req.params,
-            lora: req.lora.filter(|b| !b.is_empty()),
+            lora,
             events,
             enqueued: Instant::now(),
             deadline: req.deadline,
+            root,
+            pin: None,
         });
+        Ok((seq, rx))
+    }
+
+    fn send(&self, seq: Box<NewSeq>) -> Result<()> {
+        let info = &self.info;
         self.tx
             .try_send(Command::Generate { seq })
             .map_err(|e| match e {
@@ -328,7 +397,6 @@ impl LlmHandle {
                 mpsc::error::TrySendError::Closed(_) => TierError::EngineDown {
                     tier: info.name.clone(),
                 },
-            })?;
-        Ok(rx)
+            })
     }
 }

@@ -15,6 +15,7 @@ use nimmer_loras::Blend;
 use tokio::sync::mpsc;
 
 use super::Event;
+use super::prefix::BlockHash;
 use super::sched::{SeqState, admit_count, plan_step};
 use crate::sampling::{Sampler, SamplingParams, TextStream};
 
@@ -27,6 +28,10 @@ pub(crate) struct NewSeq {
     pub enqueued: Instant,
     /// Not admitted by then: dropped with [`Event::Expired`].
     pub deadline: Option<Instant>,
+    /// The root of its prefix-cache hash chain (model and blend).
+    pub root: BlockHash,
+    /// A pin ([`super::LlmHandle::pin`]): nobody reads its events; its prompt's blocks are pinned when it ends.
+    pub pin: Option<u64>,
 }
 
 /// KV bytes reserved by one admitted sequence; returned to the budget on drop.
@@ -48,6 +53,14 @@ pub(crate) struct Seq<C> {
     kv_need: usize,
     /// Prompt tokens already in the KV cache.
     pub prefilled: usize,
+    /// Positions in the KV cache (prompt, then every generated token fed back).
+    pub kv_len: usize,
+    /// Prompt tokens taken from the prefix cache at admission.
+    pub cached: usize,
+    /// Hashes of its first full blocks (prompt, then generated tokens), and how many of them are known to
+    /// the prefix cache.
+    pub chain: Vec<BlockHash>,
+    pub shared: usize,
     pub generated: Vec<u32>,
     /// Last sampled token, fed on the next decode step.
     pub last: u32,
@@ -100,6 +113,17 @@ impl<C> Queue<C> {
         self.kv_used.get()
     }
 
+    /// The KV bytes missing for the first waiting sequence when a batch row is free for it but `kv_budget`
+    /// is not (the engine may evict prefix-cache blocks to find them).
+    pub fn shortfall(&self, max_batch: usize, kv_budget: usize) -> Option<usize> {
+        let head = self.waiting.front()?;
+        if self.running.len() >= max_batch {
+            return None;
+        }
+        let free = kv_budget.saturating_sub(self.kv_used.get());
+        (head.kv_need > free).then(|| head.kv_need - free)
+    }
+
     pub fn running(&self) -> &[Seq<C>] {
         &self.running
     }
@@ -122,6 +146,10 @@ impl<C> Queue<C> {
             new,
             kv_need,
             prefilled: 0,
+            kv_len: 0,
+            cached: 0,
+            chain: Vec::new(),
+            shared: 0,
             generated: Vec::new(),
             last: 0,
             kv: None,
@@ -137,7 +165,7 @@ impl<C> Queue<C> {
     pub fn drop_gone(&mut self, now: Instant) -> Gone {
         let mut gone = Gone::default();
         self.waiting.retain(|s| {
-            if s.new.events.is_closed() {
+            if s.new.events.is_closed() && s.new.pin.is_none() {
                 gone.cancelled += 1;
                 false
             } else if s.new.deadline.is_some_and(|d| d <= now) {
@@ -149,7 +177,8 @@ impl<C> Queue<C> {
             }
         });
         let before = self.running.len();
-        self.running.retain(|s| !s.new.events.is_closed());
+        self.running
+            .retain(|s| !s.new.events.is_closed() || s.new.pin.is_some());
         gone.cancelled += before - self.running.len();
         gone
     }
@@ -232,6 +261,8 @@ mod tests {
             events,
             enqueued: Instant::now(),
             deadline,
+            root: [0; 16],
+            pin: None,
         };
         (new, rx)
     }
@@ -308,6 +339,24 @@ mod tests {
         assert_eq!(q.kv_used(), 0);
         assert!(q.is_idle());
         assert!(matches!(rxs[0].try_recv(), Ok(Event::Error(_))));
+    }
+
+    #[test]
+    fn the_shortfall_is_what_the_head_of_the_queue_misses_when_a_row_is_free() {
+        let mut q = Queue::<usize>::new(10);
+        let now = Instant::now();
+        let (a, _a) = seq(5, 5, None);
+        let (b, _b) = seq(5, 5, None);
+        q.accept(a);
+        q.accept(b);
+        assert_eq!(q.shortfall(8, 1000), None, "fits");
+        assert_eq!(q.admit(8, 150, now, cache), 1);
+        assert_eq!(q.shortfall(8, 150), Some(50));
+        assert_eq!(
+            q.shortfall(1, 150),
+            None,
+            "no free row: memory would not help"
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The engine thread's loop: it only moves data between the channel, the [`Queue`] and the decoder. Between
 //! two steps it takes new requests, lets the queue drop cancelled and expired ones and admit waiting ones, then
 //! runs one batched forward pass (one token for every decoding sequence plus prefill chunks under the token
-//! budget) and streams each sampled token back.
+//! budget) and streams each sampled token back. Around the step it moves KV between sequences and the prefix
+//! cache (`prefix.rs`): admitted sequences start from their longest cached prefix, every block a step
+//! completes is offered to the cache, and pin sequences pin their prompt's blocks when they end.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
@@ -10,6 +13,7 @@ use std::time::Instant;
 use nimmer_config::LlmTierSpec;
 use tokio::sync::{mpsc, oneshot};
 
+use super::prefix::{BLOCK_TOKENS, BlockHash, PrefixCache, PrefixStats, extend_chain};
 use super::queue::{Queue, Seq};
 use super::{Command, Completion, EngineLimits, Event, FinishReason, LiveLimits, TierInfo};
 use crate::error::Result;
@@ -20,7 +24,7 @@ use crate::tokenizer::ChatTokenizer;
 pub(super) fn serve<M: Decoder>(
     model: M,
     tokenizer: ChatTokenizer,
-    (tier, spec, limits): (String, LlmTierSpec, EngineLimits),
+    (tier, spec, limits, path): (String, LlmTierSpec, EngineLimits, &std::path::Path),
     pool: rayon::ThreadPool,
     ready_tx: oneshot::Sender<Result<Arc<TierInfo>>>,
     rx: mpsc::Receiver<Command>,
@@ -29,18 +33,27 @@ pub(super) fn serve<M: Decoder>(
     if spec.context > cfg.train_context {
         tracing::warn!(tier = %tier, context = spec.context, trained = cfg.train_context, "configured context exceeds the model's training context");
     }
+    let prefix = Arc::new(PrefixStats::default());
     let info = Arc::new(TierInfo {
         name: tier.clone(),
         tokenizer,
+        model_id: format!(
+            "{}:{:?}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            spec.precision
+        ),
         model: cfg.clone(),
         context: spec.context,
         limits: LiveLimits {
             batch_token_budget: AtomicUsize::new(limits.batch_token_budget.max(1)),
             kv_memory_bytes: AtomicUsize::new(limits.kv_memory_bytes),
+            prefix_cache_bytes: AtomicUsize::new(limits.prefix_cache_bytes),
         },
         queue_capacity: spec.queue,
         weight_bytes: model.weight_bytes(),
         kernel: model.kernel(),
+        prefix: prefix.clone(),
+        unpins: Default::default(),
     });
     tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
     if spec.device == nimmer_config::Device::Cuda && spec.precision != nimmer_config::Precision::F32
@@ -51,8 +64,13 @@ pub(super) fn serve<M: Decoder>(
         return;
     }
     let batch_size = metrics::histogram!("nimmer_batch_size", "tier" => tier.clone());
-    let batch_tokens = metrics::histogram!("nimmer_batch_tokens", "tier" => tier);
+    let batch_tokens = metrics::histogram!("nimmer_batch_tokens", "tier" => tier.clone());
+    let block_bytes = cfg.kv_bytes_per_token() * BLOCK_TOKENS;
     Engine {
+        prefix: PrefixCache::new(block_bytes, limits.prefix_cache_bytes, prefix),
+        pins: HashMap::new(),
+        unpinned_early: HashSet::new(),
+        gauges: PrefixGauges::new(&tier),
         queue: Queue::new(cfg.kv_bytes_per_token()),
         model,
         info,
@@ -71,6 +89,11 @@ struct Engine<M: Decoder> {
     max_batch: usize,
     pool: rayon::ThreadPool,
     queue: Queue<M::Cache>,
+    prefix: PrefixCache<M::Block>,
+    /// Blocks pinned per pin id, and pins released before their sequence ended.
+    pins: HashMap<u64, Vec<BlockHash>>,
+    unpinned_early: HashSet<u64>,
+    gauges: PrefixGauges,
     ws: M::Workspace,
     batch_size: metrics::Histogram,
     batch_tokens: metrics::Histogram,
@@ -81,26 +104,92 @@ impl<M: Decoder> Engine<M> {
         loop {
             if self.queue.is_idle() {
                 match rx.blocking_recv() {
-                    Some(Command::Generate { seq }) => self.queue.accept(*seq),
+                    Some(cmd) => self.take(cmd),
                     None => return,
                 }
             }
-            while let Ok(Command::Generate { seq }) = rx.try_recv() {
-                self.queue.accept(*seq);
+            while let Ok(cmd) = rx.try_recv() {
+                self.take(cmd);
             }
+            self.release_pins();
             let now = Instant::now();
             let gone = self.queue.drop_gone(now);
             if gone.cancelled + gone.expired > 0 {
                 tracing::debug!(tier = %self.info.name, cancelled = gone.cancelled, expired = gone.expired, "dropped sequences");
             }
-            let model = &self.model;
-            let kv_budget = self.info.limits.get().kv_memory_bytes;
-            self.queue.admit(self.max_batch, kv_budget, now, |tokens| {
-                model.new_cache(tokens)
-            });
+            self.admit(now);
             if !self.queue.running().is_empty() {
                 self.step();
             }
+            self.gauges.publish(&self.info.prefix);
+        }
+    }
+
+    fn take(&mut self, cmd: Command) {
+        match cmd {
+            Command::Generate { seq } => self.queue.accept(*seq),
+            Command::Wake => {}
+        }
+    }
+
+    /// Unpins what the handles asked to release; a pin released before it ran is remembered so it never pins.
+    fn release_pins(&mut self) {
+        let ids = std::mem::take(&mut *self.info.unpins.lock().unwrap_or_else(|e| e.into_inner()));
+        for id in ids {
+            match self.pins.remove(&id) {
+                Some(chain) => self.prefix.unpin(&chain, chain.len()),
+                None => {
+                    self.unpinned_early.insert(id);
+                }
+            }
+        }
+    }
+
+    /// Pins the prompt blocks (of `chain`) of a finished pin sequence under its id.
+    fn pin_chain(&mut self, id: Option<u64>, chain: &[BlockHash], prompt_len: usize) {
+        let Some(id) = id else {
+            return;
+        };
+        if self.unpinned_early.remove(&id) {
+            return;
+        }
+        let full = (prompt_len / BLOCK_TOKENS).min(chain.len());
+        let n = self.prefix.pin(&chain[..full]);
+        if let Some(old) = self.pins.insert(id, chain[..n].to_vec()) {
+            self.prefix.unpin(&old, old.len());
+        }
+        tracing::debug!(tier = %self.info.name, id, blocks = n, "prefix pinned");
+    }
+
+    /// Admits waiting sequences within the batch rows and the KV memory left beside the prefix cache
+    /// (evicting cached blocks when the first waiting sequence needs their bytes), and gives each admitted
+    /// sequence the longest cached prefix of its prompt.
+    fn admit(&mut self, now: Instant) {
+        let limits = self.info.limits.get();
+        self.prefix.set_budget(limits.prefix_cache_bytes);
+        let model = &self.model;
+        let beside = |p: &PrefixCache<M::Block>| limits.kv_memory_bytes.saturating_sub(p.bytes());
+        let mut n = self
+            .queue
+            .admit(self.max_batch, beside(&self.prefix), now, |t| {
+                model.new_cache(t)
+            });
+        if let Some(short) = self.queue.shortfall(self.max_batch, beside(&self.prefix))
+            && self.prefix.evict_bytes(short) >= short
+        {
+            n += self
+                .queue
+                .admit(self.max_batch, beside(&self.prefix), now, |t| {
+                    model.new_cache(t)
+                });
+        }
+        if !self.prefix.enabled() {
+            return;
+        }
+        let running = self.queue.running_mut();
+        let at = running.len() - n;
+        for s in &mut running[at..] {
+            reuse_prefix(model, &mut self.prefix, s, &self.info.name);
         }
     }
 
@@ -147,6 +236,7 @@ impl<M: Decoder> Engine<M> {
             if n == 0 {
                 continue;
             }
+            s.kv_len += n;
             if s.prefilling() {
                 s.prefilled += n;
                 if s.prefilling() {
@@ -158,7 +248,138 @@ impl<M: Decoder> Engine<M> {
                 .expect("one logits row per sequence that asked");
             finished[i] = deliver(&self.info, s, &mut l);
         }
+        if self.prefix.enabled() {
+            for (s, &n) in self.queue.running_mut().iter_mut().zip(&plan) {
+                if n > 0 {
+                    share_prefix(&self.model, &mut self.prefix, s, &self.info.name);
+                }
+            }
+        }
+        for i in (0..finished.len()).filter(|&i| finished[i]) {
+            let s = &self.queue.running()[i];
+            if s.new.pin.is_some() {
+                // Split borrow: the queue lends the sequence, the engine pins in its cache.
+                let (chain, prompt_len, id) = (s.chain.clone(), s.new.prompt.len(), s.new.pin);
+                self.pin_chain(id, &chain, prompt_len);
+            }
+        }
         self.queue.retire(&finished);
+    }
+}
+
+/// Fills a newly admitted sequence's cache with the longest cached prefix of its prompt. At least one
+/// prompt token is always left to prefill (its logits start the reply), so a fully cached prompt recomputes
+/// its last block.
+fn reuse_prefix<M: Decoder>(
+    model: &M,
+    prefix: &mut PrefixCache<M::Block>,
+    s: &mut Seq<M::Cache>,
+    tier: &str,
+) {
+    let prompt = &s.new.prompt;
+    extend_chain(&s.new.root, &mut s.chain, prompt);
+    let blocks = prefix.lookup(&s.chain, (prompt.len() - 1) / BLOCK_TOKENS, prompt.len());
+    if blocks.is_empty() {
+        return;
+    }
+    let tokens = blocks.len() * BLOCK_TOKENS;
+    let kv = s.kv.as_mut().expect("admitted sequences hold a KV cache");
+    match model.reuse_blocks(kv, &blocks, tokens) {
+        Ok(()) => {
+            s.prefilled = tokens;
+            s.kv_len = tokens;
+            s.cached = tokens;
+            s.shared = blocks.len();
+        }
+        Err(e) => {
+            tracing::warn!(tier, error = %e, "reusing cached prefix blocks; prefilling the whole prompt")
+        }
+    }
+}
+
+/// Offers the prefix cache every block of the sequence's KV (prompt, then generated tokens) completed since
+/// the last step, so the same persona, scene or the conversation's next turn finds them.
+fn share_prefix<M: Decoder>(
+    model: &M,
+    prefix: &mut PrefixCache<M::Block>,
+    s: &mut Seq<M::Cache>,
+    tier: &str,
+) {
+    let full = s.kv_len / BLOCK_TOKENS;
+    if s.shared >= full {
+        return;
+    }
+    let tokens: Vec<u32> = s
+        .new
+        .prompt
+        .iter()
+        .chain(&s.generated)
+        .take(full * BLOCK_TOKENS)
+        .copied()
+        .collect();
+    extend_chain(&s.new.root, &mut s.chain, &tokens);
+    let kv = s.kv.as_mut().expect("running sequences hold a KV cache");
+    while s.shared < full {
+        let i = s.shared;
+        let (h, parent) = (s.chain[i], i.checked_sub(1).map(|p| s.chain[p]));
+        if !prefix.contains(&h) {
+            if !prefix.make_room(parent.as_ref()) {
+                return;
+            }
+            match model.share_block(kv, i * BLOCK_TOKENS, BLOCK_TOKENS) {
+                Ok(Some(block)) => {
+                    if !prefix.insert(h, parent, block) {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(tier, error = %e, "sharing a KV block with the prefix cache");
+                    return;
+                }
+            }
+        }
+        s.shared += 1;
+    }
+}
+
+/// The prefix cache's figures in `/metrics`, per tier.
+struct PrefixGauges {
+    lookups: metrics::Counter,
+    hits: metrics::Counter,
+    prompt_tokens: metrics::Counter,
+    cached_tokens: metrics::Counter,
+    evictions: metrics::Counter,
+    blocks: metrics::Gauge,
+    pinned: metrics::Gauge,
+    bytes: metrics::Gauge,
+}
+
+impl PrefixGauges {
+    fn new(tier: &str) -> Self {
+        let t = tier.to_string();
+        Self {
+            lookups: metrics::counter!("nimmer_prefix_cache_lookups_total", "tier" => t.clone()),
+            hits: metrics::counter!("nimmer_prefix_cache_hits_total", "tier" => t.clone()),
+            prompt_tokens: metrics::counter!("nimmer_prefix_cache_prompt_tokens_total", "tier" => t.clone()),
+            cached_tokens: metrics::counter!("nimmer_prefix_cache_cached_tokens_total", "tier" => t.clone()),
+            evictions: metrics::counter!("nimmer_prefix_cache_evictions_total", "tier" => t.clone()),
+            blocks: metrics::gauge!("nimmer_prefix_cache_blocks", "tier" => t.clone()),
+            pinned: metrics::gauge!("nimmer_prefix_cache_pinned_blocks", "tier" => t.clone()),
+            bytes: metrics::gauge!("nimmer_prefix_cache_bytes", "tier" => t),
+        }
+    }
+
+    fn publish(&self, stats: &PrefixStats) {
+        let s = stats.snapshot();
+        self.lookups.absolute(s.lookups);
+        self.hits.absolute(s.hits);
+        self.prompt_tokens.absolute(s.prompt_tokens);
+        self.cached_tokens.absolute(s.cached_tokens);
+        self.evictions.absolute(s.evicted_blocks);
+        self.blocks.set(s.blocks as f64);
+        self.pinned.set(s.pinned_blocks as f64);
+        self.bytes.set(s.bytes as f64);
     }
 }
 
@@ -209,6 +430,7 @@ fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, logits: &mut [f32]) -> bool {
             let _ = s.new.events.send(Event::Done(Completion {
                 finish_reason,
                 prompt_tokens: s.new.prompt.len(),
+                cached_tokens: s.cached,
                 completion_tokens: s.generated.len(),
                 queue_ms: ms(q, s.admitted.unwrap_or(q)),
                 ttft_ms: ms(q, s.first_token.unwrap_or(now)),

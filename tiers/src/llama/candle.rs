@@ -19,6 +19,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use nimmer_config::Precision;
 
+use super::candle_kv::{CandleBlock, CandleKv, KvPool};
 use super::candle_lora::{Group, LoraTables};
 use super::{Chunk, Decoder, LlamaConfig};
 use crate::error::{Result, TierError};
@@ -48,62 +49,6 @@ pub struct CandleLlama {
     device: Device,
     weight_bytes: usize,
     pool: Arc<Mutex<KvPool>>,
-}
-
-/// Keys and values of every sequence: per layer `[rows, kv_dim]` tensors on the device, grown on demand
-/// (doubling); row 0 is never handed out and stays zero (the padding row of batched attention).
-struct KvPool {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-    rows: usize,
-    free: Vec<u32>,
-}
-
-impl KvPool {
-    /// Makes at least `n` rows free, growing the tensors if needed.
-    fn reserve(&mut self, n: usize, cfg: &LlamaConfig, device: &Device) -> Result<()> {
-        if self.free.len() >= n {
-            return Ok(());
-        }
-        let old = self.rows;
-        // Row 0 is never free: the new rows start at `old.max(1)`.
-        let rows = (old * 2).max(old.max(1) + n - self.free.len()).max(1024);
-        let extra = rows - old;
-        if self.k.is_empty() {
-            self.k = (0..cfg.n_layer)
-                .map(|_| Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device))
-                .collect::<candle_core::Result<_>>()?;
-            self.v = self
-                .k
-                .iter()
-                .map(Tensor::zeros_like)
-                .collect::<candle_core::Result<_>>()?;
-        } else {
-            for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-                let z = Tensor::zeros((extra, cfg.kv_dim()), DType::F32, device)?;
-                *t = Tensor::cat(&[&*t, &z], 0)?;
-            }
-        }
-        // Highest rows first out, so low rows (and row 0, never free) fill first.
-        self.free.extend((old.max(1)..rows).rev().map(|r| r as u32));
-        self.rows = rows;
-        Ok(())
-    }
-}
-
-/// One sequence's cache: the pool rows holding its keys and values, in position order (returned on drop).
-pub struct CandleKv {
-    rows: Vec<u32>,
-    len: usize,
-    pool: Arc<Mutex<KvPool>>,
-}
-
-impl Drop for CandleKv {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.pool.lock() {
-            p.free.append(&mut self.rows);
-        }
-    }
 }
 
 impl CandleLlama {
@@ -176,12 +121,7 @@ impl CandleLlama {
             lm_head,
             device: device.clone(),
             weight_bytes,
-            pool: Arc::new(Mutex::new(KvPool {
-                k: Vec::new(),
-                v: Vec::new(),
-                rows: 0,
-                free: Vec::new(),
-            })),
+            pool: Arc::new(Mutex::new(KvPool::default())),
         };
         Ok((model, tokenizer))
     }
@@ -309,17 +249,32 @@ pub(super) fn rope_tables(
 impl Decoder for CandleLlama {
     type Cache = CandleKv;
     type Workspace = LoraTables;
+    type Block = CandleBlock;
 
     fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
 
     fn new_cache(&self, capacity: usize) -> CandleKv {
-        CandleKv {
-            rows: Vec::with_capacity(capacity),
-            len: 0,
-            pool: self.pool.clone(),
-        }
+        CandleKv::new(self.pool.clone(), capacity)
+    }
+
+    fn share_block(
+        &self,
+        kv: &mut CandleKv,
+        start: usize,
+        n: usize,
+    ) -> Result<Option<Arc<CandleBlock>>> {
+        Ok(kv.share(start, n))
+    }
+
+    fn reuse_blocks(
+        &self,
+        kv: &mut CandleKv,
+        blocks: &[Arc<CandleBlock>],
+        tokens: usize,
+    ) -> Result<()> {
+        kv.reuse(blocks, tokens)
     }
 
     fn forward(
@@ -541,49 +496,5 @@ impl Decoder for CandleLlama {
 
     fn kernel(&self) -> String {
         format!("candle on {:?}", self.device)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> LlamaConfig {
-        LlamaConfig {
-            n_layer: 2,
-            dim: 8,
-            n_head: 2,
-            n_kv_head: 1,
-            head_dim: 4,
-            ffn: 16,
-            vocab: 10,
-            eps: 1e-5,
-            rope_base: 10000.0,
-            train_context: 4096,
-            rope_neox: false,
-            kv_f16: false,
-        }
-    }
-
-    #[test]
-    fn the_kv_pool_reserves_what_it_is_asked_for_and_never_hands_out_row_0() {
-        let (cfg, dev) = (cfg(), Device::Cpu);
-        let mut pool = KvPool {
-            k: Vec::new(),
-            v: Vec::new(),
-            rows: 0,
-            free: Vec::new(),
-        };
-        // A first step larger than the minimum growth.
-        pool.reserve(1024, &cfg, &dev).unwrap();
-        assert!(pool.free.len() >= 1024);
-        assert!(!pool.free.contains(&0));
-        assert_eq!(pool.k[0].dims(), &[pool.rows, cfg.kv_dim()]);
-        let taken: Vec<u32> = (0..1024).map(|_| pool.free.pop().unwrap()).collect();
-        pool.reserve(3000, &cfg, &dev).unwrap();
-        assert!(pool.free.len() >= 3000);
-        assert!(!pool.free.contains(&0));
-        assert!(taken.iter().all(|r| !pool.free.contains(r)));
-        assert_eq!(pool.v[1].dims(), &[pool.rows, cfg.kv_dim()]);
     }
 }

@@ -94,6 +94,7 @@ pub struct Llama {
 impl Decoder for Llama {
     type Cache = KvCache;
     type Workspace = Workspace;
+    type Block = KvCache;
     fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
@@ -102,6 +103,33 @@ impl Decoder for Llama {
     }
     fn forward(&self, chunks: &mut [Chunk<'_>], ws: &mut Workspace) -> Result<Vec<Vec<f32>>> {
         Llama::forward(self, chunks, ws)
+    }
+    fn share_block(
+        &self,
+        cache: &mut KvCache,
+        start: usize,
+        n: usize,
+    ) -> Result<Option<std::sync::Arc<KvCache>>> {
+        if start + n > cache.len {
+            return Ok(None);
+        }
+        Ok(Some(std::sync::Arc::new(
+            cache.copy_range(&self.cfg, start, n),
+        )))
+    }
+    fn reuse_blocks(
+        &self,
+        cache: &mut KvCache,
+        blocks: &[std::sync::Arc<KvCache>],
+        tokens: usize,
+    ) -> Result<()> {
+        let mut left = tokens;
+        for b in blocks {
+            let n = left.min(b.len);
+            cache.extend_from(&self.cfg, b, n);
+            left -= n;
+        }
+        Ok(())
     }
     fn weight_bytes(&self) -> usize {
         Llama::weight_bytes(self)

@@ -76,6 +76,48 @@ impl KvCache {
             }
         }
     }
+    /// A copy of positions `start..start + n` (one block for the engine's prefix cache), exactly as stored.
+    pub(crate) fn copy_range(&self, cfg: &LlamaConfig, start: usize, n: usize) -> KvCache {
+        let span = start * cfg.kv_dim()..(start + n) * cfg.kv_dim();
+        fn copy<T: Copy>(layers: &[Vec<T>], span: &std::ops::Range<usize>) -> Vec<Vec<T>> {
+            layers.iter().map(|l| l[span.clone()].to_vec()).collect()
+        }
+        let data = match &self.data {
+            KvData::F32 { k, v } => KvData::F32 {
+                k: copy(k, &span),
+                v: copy(v, &span),
+            },
+            KvData::F16 { k, v } => KvData::F16 {
+                k: copy(k, &span),
+                v: copy(v, &span),
+            },
+        };
+        KvCache { data, len: n }
+    }
+
+    /// Appends the first `n` positions of `block` (a copy made by [`KvCache::copy_range`] of the same model).
+    pub(crate) fn extend_from(&mut self, cfg: &LlamaConfig, block: &KvCache, n: usize) {
+        let n = n.min(block.len);
+        let end = n * cfg.kv_dim();
+        fn extend<T: Copy>(dst: &mut [Vec<T>], src: &[Vec<T>], end: usize) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                d.extend_from_slice(&s[..end]);
+            }
+        }
+        match (&mut self.data, &block.data) {
+            (KvData::F32 { k, v }, KvData::F32 { k: bk, v: bv }) => {
+                extend(k, bk, end);
+                extend(v, bv, end);
+            }
+            (KvData::F16 { k, v }, KvData::F16 { k: bk, v: bv }) => {
+                extend(k, bk, end);
+                extend(v, bv, end);
+            }
+            _ => unreachable!("a model's caches and blocks share one element type"),
+        }
+        self.len += n;
+    }
+
     /// Tokens cached.
     pub fn len(&self) -> usize {
         self.len

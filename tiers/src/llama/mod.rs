@@ -20,6 +20,7 @@ use nimmer_loras::{BaseShape, Blend};
 use crate::error::Result;
 
 mod candle;
+mod candle_kv;
 mod candle_lora;
 mod cpu;
 mod kv;
@@ -30,7 +31,8 @@ pub mod train;
 pub use cpu::{Linear, Llama, Workspace};
 pub use kv::KvCache;
 
-pub use candle::{CandleKv, CandleLlama};
+pub use candle::CandleLlama;
+pub use candle_kv::{CandleBlock, CandleKv};
 pub use candle_lora::LoraTables;
 
 pub use load::hf_name;
@@ -95,6 +97,8 @@ pub struct Chunk<'a, C = KvCache> {
 pub trait Decoder: Send + Sync + 'static {
     type Cache: Send;
     type Workspace: Default + Send;
+    /// The keys and values of one prefix-cache block: a copy (our CPU model) or shared pool rows (candle).
+    type Block: Send + Sync + 'static;
     fn config(&self) -> &LlamaConfig;
     /// A cache with room for `capacity` tokens.
     fn new_cache(&self, capacity: usize) -> Self::Cache;
@@ -104,6 +108,21 @@ pub trait Decoder: Send + Sync + 'static {
         chunks: &mut [Chunk<'_, Self::Cache>],
         ws: &mut Self::Workspace,
     ) -> Result<Vec<Vec<f32>>>;
+    /// Positions `start..start + n` of `cache` as a block the prefix cache may keep and hand to other
+    /// sequences; `None` where this cache cannot give that span away (the engine then just does not cache it).
+    fn share_block(
+        &self,
+        cache: &mut Self::Cache,
+        start: usize,
+        n: usize,
+    ) -> Result<Option<std::sync::Arc<Self::Block>>>;
+    /// Fills an empty `cache` with the first `tokens` positions of `blocks` (consecutive blocks of one prefix).
+    fn reuse_blocks(
+        &self,
+        cache: &mut Self::Cache,
+        blocks: &[std::sync::Arc<Self::Block>],
+        tokens: usize,
+    ) -> Result<()>;
     fn weight_bytes(&self) -> usize;
     /// Which kernels run it, for logs and benchmarks.
     fn kernel(&self) -> String;

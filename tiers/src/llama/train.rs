@@ -368,6 +368,7 @@ impl Trainer {
             modules,
             layers,
             size_bytes,
+            digest: Default::default(),
         })
     }
 
