@@ -1,4 +1,5 @@
 //! City scenario: the whole gateway (HTTP on loopback, the three real tiers in process) under a city's load.
+//! `--workload personas` runs the city's NPCs with their real prompts instead (`personas.rs`).
 //! 515 zones send requests with Poisson arrivals (5% deep/moment, 80% dialog, 15% classify); a set of hot
 //! zones sends a configurable share of all traffic (a flood), the rest spread evenly. Reports per-tier tokens/s,
 //! slot wait and time to first token percentiles (measured by the client over SSE), rejections, degradations
@@ -19,6 +20,9 @@ use nimmer_tiers::tokenizer::Message;
 use nimmer_tiers::{Event, GenerateRequest, Prompt, SamplingParams};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+
+#[path = "city_bench/personas.rs"]
+mod personas;
 
 #[derive(Parser, Clone)]
 #[command(about = "City-scale load on the gateway; writes figures into benches/RESULTS.md")]
@@ -55,6 +59,34 @@ struct Args {
     /// Names the run in the results file (a run replaces the previous one of the same label).
     #[arg(long, default_value = "nominal")]
     label: String,
+    /// `city`: the zones' mixed load above; `personas`: the NPCs' real prompts in conversations, swept over
+    /// `--rates` with the prefix cache off, then on.
+    #[arg(long, default_value = "city")]
+    workload: String,
+    /// personas: conversations per rate.
+    #[arg(long, default_value_t = 24)]
+    conversations: usize,
+    /// personas: player lines per conversation.
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// personas: NPCs the conversations talk to (the first of `benches/data/city/personas.jsonl`).
+    #[arg(long, default_value_t = 16)]
+    npcs: usize,
+    /// personas: conversation arrivals per second to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.4")]
+    rates: Vec<f64>,
+    /// personas: pause between a reply and the player's next line (ms).
+    #[arg(long, default_value_t = 500)]
+    think_ms: u64,
+    /// personas: NPCs speak in their trait-LoRA voices.
+    #[arg(long)]
+    voices: bool,
+    /// personas: drive this OpenAI-compatible server (e.g. llama-server) instead of an in-process nimmer.
+    #[arg(long)]
+    target: Option<String>,
+    /// personas: only the cached run (skip the run with the prefix cache off).
+    #[arg(long)]
+    cache_only: bool,
 }
 
 const SYSTEM: &str = "You are a helpful assistant.";
@@ -471,6 +503,14 @@ fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
+    if args.workload == "personas" {
+        return persona_main(&args);
+    }
+    anyhow::ensure!(
+        args.workload == "city",
+        "unknown --workload `{}` (city, personas)",
+        args.workload
+    );
     anyhow::ensure!(
         args.hot_zones < args.zones,
         "--hot-zones must be below --zones"
@@ -507,4 +547,126 @@ fn main() -> Result<()> {
         server.await??;
         Ok(())
     })
+}
+
+/// `--workload personas`: the sweep against another server (`--target`), or against an in-process nimmer
+/// with its prefix cache off, then on (a budgets reload between the two).
+fn persona_main(args: &Args) -> Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/city");
+    let data = personas::CityData::load(&dir)?;
+    let plan = personas::Plan {
+        conversations: args.conversations,
+        turns: args.turns,
+        npcs: args.npcs,
+        rates: args.rates.clone(),
+        max_tokens: args.max_tokens.min(40),
+        think: Duration::from_millis(args.think_ms),
+        voices: args.voices,
+        seed: args.seed,
+    };
+    let command = format!(
+        "cargo run --release -p nimmer-benches --bin city-bench -- --workload personas --label {} --rates {} --conversations {} --turns {} --npcs {}{}{} --write benches/RESULTS.md",
+        args.label,
+        args.rates
+            .iter()
+            .map(f64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        args.conversations,
+        args.turns,
+        args.npcs,
+        if args.voices { " --voices" } else { "" },
+        args.target
+            .as_ref()
+            .map_or(String::new(), |t| format!(" --target {t}")),
+    );
+    let mut text = personas::header(&args.label, &plan, &data, &command);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let sweep = |target: personas::Target| {
+            let (data, plan) = (&data, &plan);
+            async move {
+                let mut rs = Vec::new();
+                for &rate in &plan.rates {
+                    let r = personas::run_rate(&target, data, plan, rate).await?;
+                    eprintln!("rate {rate}: {r:?}");
+                    rs.push(r);
+                }
+                Ok::<_, anyhow::Error>(rs)
+            }
+        };
+        if let Some(t) = &args.target {
+            let rs = sweep(personas::Target::OpenAi(t.trim_end_matches('/').to_string())).await?;
+            text += &personas::table(&format!("Server at {t}"), &rs);
+            return Ok::<_, anyhow::Error>(());
+        }
+        let budgets = match &args.config {
+            Some(d) => std::fs::read_to_string(d.join("budgets.toml"))?,
+            None => nimmer_config::Sources::embedded().budgets,
+        };
+        let cfg = match &args.config {
+            Some(d) => Config::load(d)?,
+            None => Config::embedded(),
+        };
+        let gw = Arc::new(tokio::task::spawn_blocking(move || Gateway::start(cfg, None)).await??);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(nimmer_gateway::run(
+            listener,
+            gw.clone(),
+            nimmer_gateway::Options::default(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut off = None;
+        if !args.cache_only {
+            gw.apply_budgets(&without_prefix_cache(&budgets)?)?;
+            let rs = sweep(personas::Target::Nimmer(base.clone())).await?;
+            text += &personas::table("nimmer, prefix cache off", &rs);
+            text += "\n";
+            off = Some(rs);
+        }
+        gw.apply_budgets(&budgets)?;
+        let on = sweep(personas::Target::Nimmer(base.clone())).await?;
+        text += &personas::table("nimmer, prefix cache on (default budgets)", &on);
+        if let Some(off) = off {
+            let best = |r: &[personas::RateResult]| personas::best_within_1s(r);
+            let ratio = match (best(&on), best(&off)) {
+                (Some(a), Some(b)) => format!("{:.1}x", a / b),
+                (Some(_), None) => "cached passes, uncached never does".into(),
+                _ => "–".into(),
+            };
+            text += &format!(
+                "\nWith the cache vs without: best lines/s at TTFT p95 ≤ 1 s {ratio}; TTFT p50 at {} conv/s {:.0} ms vs {:.0} ms ({:.2}x).\n",
+                on[0].rate,
+                on[0].ttft[0],
+                off[0].ttft[0],
+                on[0].ttft[0] / off[0].ttft[0]
+            );
+        }
+        let _ = stop_tx.send(());
+        server.await??;
+        Ok(())
+    })?;
+    println!("{text}");
+    if let Some(path) = &args.write {
+        write_block(path, &format!("city-bench:{}", args.label), &text)?;
+    }
+    Ok(())
+}
+
+/// `budgets.toml` text with the Driver's prefix cache off.
+fn without_prefix_cache(budgets: &str) -> Result<String> {
+    let mut t: toml::Table = toml::from_str(budgets)?;
+    let driver = t
+        .get_mut("tiers")
+        .and_then(|v| v.get_mut("driver"))
+        .and_then(|v| v.as_table_mut())
+        .context("budgets.toml has no [tiers.driver]")?;
+    driver.insert("prefix_cache_mib".into(), toml::Value::Integer(0));
+    Ok(toml::to_string(&t)?)
 }
