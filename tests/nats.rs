@@ -111,6 +111,57 @@ async fn requests_over_nats_and_results_in_jetstream() {
     let v: Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(v["status"], 400, "{v}");
 
+    // The twin of `PUT /v1/zones/{id}`: the NPCs present are pinned in the Driver's prefix cache.
+    let m = client
+        .request(
+            "nimmerverse.gateway.zones.docks-2",
+            json!({ "class": "plaza", "npcs": [{ "id": "marta", "persona": "You are Marta, the harbour-master of Lowgate. You keep the harbour logbook and you distrust strangers. Answer in one sentence." }] })
+                .to_string()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["npcs_pinned"], json!(["marta"]), "{v}");
+    assert_eq!(v["class"], "plaza", "{v}");
+    let mut pinned = false;
+    for _ in 0..600 {
+        let zones: Value = reqwest::get(format!("{base}/v1/zones"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            zones["zones"]["docks-2"]["npcs_pinned"],
+            json!(["marta"]),
+            "{zones}"
+        );
+        if zones["prefix_cache"]["driver"]["pinned_blocks"]
+            .as_u64()
+            .unwrap()
+            > 0
+        {
+            pinned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(pinned, "the persona was never pinned");
+    let m = client
+        .request(
+            "nimmerverse.gateway.zones.docks-2",
+            json!({ "npcs": [{ "id": "x" }] }).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(
+        (v["status"].as_u64(), v["field"].as_str()),
+        (Some(422), Some("npcs[0]")),
+        "{v}"
+    );
+
     // An HTTP dialog is published too.
     let r = reqwest::Client::new()
         .post(format!("{base}/v1/dialog"))

@@ -293,3 +293,41 @@ fn a_pinned_persona_survives_eviction_pressure_until_it_is_unpinned() {
         "released: evicted under pressure"
     );
 }
+
+#[test]
+fn the_candle_decoder_shares_cached_blocks_token_exactly() {
+    let candle = |prefix_cache_bytes: usize| {
+        let c = config();
+        let mut spec = c.tiers.tiers.driver.clone();
+        spec.backend = Some(nimmer_config::Backend::Candle);
+        let mut limits = EngineLimits::of(&c.budgets.tiers.driver);
+        limits.prefix_cache_bytes = prefix_cache_bytes;
+        LlmHandle::start("driver", &spec, limits, &driver_gguf()).expect("candle driver starts")
+    };
+    let (cached, reference) = (candle(64 << 20), candle(0));
+    let user1 = "Good evening. Is the harbour office still open?";
+    let turn1 = request(&[("system", PERSONA), ("user", user1)], None, 16);
+    let want = run(&reference, &turn1);
+    assert_eq!(run(&cached, &turn1).tokens, want.tokens, "first run");
+    let again = run(&cached, &turn1);
+    assert_eq!(again.tokens, want.tokens, "cached run");
+    assert!(
+        again.done.cached_tokens > 300,
+        "reused {}",
+        again.done.cached_tokens
+    );
+    // The next turn reuses the first turn's blocks, shared rows and all.
+    let turn2 = request(
+        &[
+            ("system", PERSONA),
+            ("user", user1),
+            ("assistant", want.text.trim()),
+            ("user", "Where can I get a cup of tea?"),
+        ],
+        None,
+        16,
+    );
+    let out = run(&cached, &turn2);
+    assert!(out.done.cached_tokens > again.done.cached_tokens);
+    assert_eq!(out.tokens, run(&reference, &turn2).tokens);
+}

@@ -1,6 +1,7 @@
 //! The NATS front: request/reply on `nimmerverse.gateway.<kind>.<zone>` in the queue group `nimmer-gateway`,
 //! so several gateways share the load. The body is a `POST /v1/dialog` body whose `kind` and `zone` may be
-//! left out (the subject gives them; when given they must match). The reply is the dialog response, or
+//! left out (the subject gives them; when given they must match). `nimmerverse.gateway.zones.<zone>` is the
+//! twin of `PUT /v1/zones/{id}` (same body, same answer). The reply is the dialog response, or
 //! `{"error", "kind", "field"?, "status"}` with the HTTP status the same request would get. Type conversion
 //! only: the dialog runs in [`crate::dialog`], which also publishes its result.
 
@@ -41,7 +42,13 @@ pub async fn serve_requests(
         };
         let (gw, client) = (gw.clone(), client.clone());
         tokio::spawn(async move {
-            let reply = match handle(&gw, &msg.subject, &msg.payload).await {
+            let answer = match nimmer_wire::subjects::parse_request(&msg.subject) {
+                Some(("zones", zone)) => put_zone(&gw, zone, &msg.payload).await,
+                _ => handle(&gw, &msg.subject, &msg.payload)
+                    .await
+                    .map(|r| serde_json::to_value(&r).unwrap_or_default()),
+            };
+            let reply = match answer {
                 Ok(r) => serde_json::to_vec(&r).unwrap_or_default(),
                 Err(e) => error_body(&e),
             };
@@ -68,6 +75,15 @@ fn error_body(e: &ApiError) -> Vec<u8> {
         tracing::error!(error = %detail, "internal error (NATS request)");
     }
     body.to_string().into_bytes()
+}
+
+/// `nimmerverse.gateway.zones.<zone>`: the zone's activation, as `PUT /v1/zones/{id}`.
+async fn put_zone(gw: &Gateway, zone: &str, payload: &[u8]) -> Result<Value, ApiError> {
+    if payload.len() > BODY_LIMIT {
+        return Err(ApiError::TooLarge { limit: BODY_LIMIT });
+    }
+    let req = crate::personas::ZonePut::parse(payload)?;
+    crate::personas::put_zone(gw, zone, req).await
 }
 
 /// Parses a request from its subject and body and runs it to its response.

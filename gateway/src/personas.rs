@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use nimmer_tiers::Prompt;
 use nimmer_tiers::tokenizer::Message;
 use serde::Deserialize;
+use serde_json::{Value, json};
 
 use crate::admission::{Target, routed_tier};
 use crate::api::check_token;
@@ -28,6 +29,54 @@ pub struct ZoneNpc {
     pub persona: String,
     #[serde(default)]
     pub traits: BTreeMap<String, f32>,
+}
+
+/// A zone's activation (`PUT /v1/zones/{id}` and `nimmerverse.gateway.zones.<id>`): its class, and the
+/// NPCs present (absent: the pinned NPCs stay as they are; empty: all are released).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZonePut {
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub npcs: Option<Vec<ZoneNpc>>,
+}
+
+impl ZonePut {
+    /// An empty body is a plain activation; otherwise JSON (a 422 names the field, a 400 is malformed).
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            match inner.classify() {
+                serde_json::error::Category::Data => ApiError::invalid(
+                    if path == "." {
+                        "class".to_string()
+                    } else {
+                        path
+                    },
+                    inner.to_string(),
+                ),
+                _ => ApiError::Malformed {
+                    message: inner.to_string(),
+                },
+            }
+        })
+    }
+}
+
+/// Activates `zone` (pinning its class when given) and, when `npcs` is given, makes them its pinned NPCs.
+pub async fn put_zone(gw: &Gateway, zone: &str, req: ZonePut) -> Result<Value, ApiError> {
+    let class = gw.put_zone(zone, req.class.as_deref())?;
+    let mut body = json!({ "zone": zone, "class": class });
+    if let Some(npcs) = req.npcs {
+        body["npcs_pinned"] = json!(put_npcs(gw, zone, npcs).await?);
+    }
+    Ok(body)
 }
 
 /// Validates `npcs`, pins each persona on the dialog tier and makes them the zone's pinned NPCs (releasing

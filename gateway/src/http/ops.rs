@@ -15,22 +15,11 @@ use serde_json::json;
 
 use super::ValidJson;
 use crate::error::ApiError;
+use crate::personas::ZonePut;
 use crate::state::Gateway;
 
 pub(super) async fn zones(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
     Json(json!({ "zones": gw.zones(), "prefix_cache": gw.prefix_caches() }))
-}
-
-/// `PUT /v1/zones/{id}` body.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PutZone {
-    #[serde(default)]
-    class: Option<String>,
-    /// The NPCs present: their personas are pinned in the prefix cache while the zone is active (absent:
-    /// the pinned NPCs stay as they are; empty: all are released).
-    #[serde(default)]
-    npcs: Option<Vec<crate::personas::ZoneNpc>>,
 }
 
 pub(super) async fn put_zone(
@@ -38,34 +27,8 @@ pub(super) async fn put_zone(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: PutZone = if body.iter().all(u8::is_ascii_whitespace) {
-        PutZone::default()
-    } else {
-        let de = &mut serde_json::Deserializer::from_slice(&body);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            match inner.classify() {
-                serde_json::error::Category::Data => ApiError::invalid(
-                    if path == "." {
-                        "class".to_string()
-                    } else {
-                        path
-                    },
-                    inner.to_string(),
-                ),
-                _ => ApiError::Malformed {
-                    message: inner.to_string(),
-                },
-            }
-        })?
-    };
-    let class = gw.put_zone(&id, req.class.as_deref())?;
-    let mut body = json!({ "zone": id, "class": class });
-    if let Some(npcs) = req.npcs {
-        body["npcs_pinned"] = json!(crate::personas::put_npcs(&gw, &id, npcs).await?);
-    }
-    Ok(Json(body))
+    let req = ZonePut::parse(&body)?;
+    Ok(Json(crate::personas::put_zone(&gw, &id, req).await?))
 }
 
 /// The configuration in effect: its version, origin and every value (models, tiers, classifiers, budgets).
