@@ -523,18 +523,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let gw = Arc::new(tokio::task::spawn_blocking(move || Gateway::start(cfg, None)).await??);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(nimmer_gateway::run(
-            listener,
-            gw.clone(),
-            nimmer_gateway::Options::default(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let (gw, base, stop_tx, server) = serve(cfg).await?;
         let mut text = city(&args, &base).await?;
         if args.overhead_n > 0 {
             text += &overhead(&args, &base, &gw).await?;
@@ -547,6 +536,31 @@ fn main() -> Result<()> {
         server.await??;
         Ok(())
     })
+}
+
+/// A gateway with the three real tiers in process, serving HTTP on a loopback port: the gateway, its base
+/// URL, the sender that stops it and the serving task.
+async fn serve(
+    cfg: Config,
+) -> Result<(
+    Arc<Gateway>,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), nimmer_gateway::GatewayError>>,
+)> {
+    let gw = Arc::new(tokio::task::spawn_blocking(move || Gateway::start(cfg, None)).await??);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(nimmer_gateway::run(
+        listener,
+        gw.clone(),
+        nimmer_gateway::Options::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    Ok((gw, base, stop_tx, server))
 }
 
 /// `--workload personas`: the sweep against another server (`--target`), or against an in-process nimmer
@@ -611,18 +625,7 @@ fn persona_main(args: &Args) -> Result<()> {
             Some(d) => Config::load(d)?,
             None => Config::embedded(),
         };
-        let gw = Arc::new(tokio::task::spawn_blocking(move || Gateway::start(cfg, None)).await??);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(nimmer_gateway::run(
-            listener,
-            gw.clone(),
-            nimmer_gateway::Options::default(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let (gw, base, stop_tx, server) = serve(cfg).await?;
         let mut off = None;
         if !args.cache_only {
             gw.apply_budgets(&without_prefix_cache(&budgets)?)?;

@@ -54,6 +54,22 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A JSON body that did not deserialize: a 422 naming the field (`root` when it is the body itself), or
+    /// a 400 when it is not JSON at all.
+    pub fn from_json(e: serde_path_to_error::Error<serde_json::Error>, root: &str) -> Self {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => Self::invalid(
+                if path == "." { root.to_string() } else { path },
+                inner.to_string(),
+            ),
+            _ => Self::Malformed {
+                message: inner.to_string(),
+            },
+        }
+    }
+
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Invalid {
             field: field.into(),

@@ -49,23 +49,7 @@ impl ZonePut {
             return Ok(Self::default());
         }
         let de = &mut serde_json::Deserializer::from_slice(body);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            match inner.classify() {
-                serde_json::error::Category::Data => ApiError::invalid(
-                    if path == "." {
-                        "class".to_string()
-                    } else {
-                        path
-                    },
-                    inner.to_string(),
-                ),
-                _ => ApiError::Malformed {
-                    message: inner.to_string(),
-                },
-            }
-        })
+        serde_path_to_error::deserialize(de).map_err(|e| ApiError::from_json(e, "class"))
     }
 }
 

@@ -148,22 +148,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ValidJson<T> {
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         serde_path_to_error::deserialize(de)
             .map(ValidJson)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                match inner.classify() {
-                    serde_json::error::Category::Data => ApiError::invalid(
-                        if path == "." {
-                            "body".to_string()
-                        } else {
-                            path
-                        },
-                        inner.to_string(),
-                    ),
-                    _ => ApiError::Malformed {
-                        message: inner.to_string(),
-                    },
-                }
-            })
+            .map_err(|e| ApiError::from_json(e, "body"))
     }
 }
