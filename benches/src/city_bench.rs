@@ -504,7 +504,7 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     if args.workload == "personas" {
-        return persona_main(&args);
+        return personas::main(&args);
     }
     anyhow::ensure!(
         args.workload == "city",
@@ -540,7 +540,7 @@ fn main() -> Result<()> {
 
 /// A gateway with the three real tiers in process, serving HTTP on a loopback port: the gateway, its base
 /// URL, the sender that stops it and the serving task.
-async fn serve(
+pub(crate) async fn serve(
     cfg: Config,
 ) -> Result<(
     Arc<Gateway>,
@@ -561,116 +561,4 @@ async fn serve(
         },
     ));
     Ok((gw, base, stop_tx, server))
-}
-
-/// `--workload personas`: the sweep against another server (`--target`), or against an in-process nimmer
-/// with its prefix cache off, then on (a budgets reload between the two).
-fn persona_main(args: &Args) -> Result<()> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/city");
-    let data = personas::CityData::load(&dir)?;
-    let plan = personas::Plan {
-        conversations: args.conversations,
-        turns: args.turns,
-        npcs: args.npcs,
-        rates: args.rates.clone(),
-        max_tokens: args.max_tokens.min(40),
-        think: Duration::from_millis(args.think_ms),
-        voices: args.voices,
-        seed: args.seed,
-    };
-    let command = format!(
-        "cargo run --release -p nimmer-benches --bin city-bench -- --workload personas --label {} --rates {} --conversations {} --turns {} --npcs {}{}{}{} --write benches/RESULTS.md",
-        args.label,
-        args.rates
-            .iter()
-            .map(f64::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-        args.conversations,
-        args.turns,
-        args.npcs,
-        if args.voices { " --voices" } else { "" },
-        if args.cache_only { " --cache-only" } else { "" },
-        args.target
-            .as_ref()
-            .map_or(String::new(), |t| format!(" --target {t}")),
-    );
-    let mut text = personas::header(&args.label, &plan, &data, &command);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let sweep = |target: personas::Target| {
-            let (data, plan) = (&data, &plan);
-            async move {
-                let mut rs = Vec::new();
-                for &rate in &plan.rates {
-                    let r = personas::run_rate(&target, data, plan, rate).await?;
-                    eprintln!("rate {rate}: {r:?}");
-                    rs.push(r);
-                }
-                Ok::<_, anyhow::Error>(rs)
-            }
-        };
-        if let Some(t) = &args.target {
-            let rs = sweep(personas::Target::OpenAi(t.trim_end_matches('/').to_string())).await?;
-            text += &personas::table(&format!("Server at {t}"), &rs);
-            return Ok::<_, anyhow::Error>(());
-        }
-        let budgets = match &args.config {
-            Some(d) => std::fs::read_to_string(d.join("budgets.toml"))?,
-            None => nimmer_config::Sources::embedded().budgets,
-        };
-        let cfg = match &args.config {
-            Some(d) => Config::load(d)?,
-            None => Config::embedded(),
-        };
-        let (gw, base, stop_tx, server) = serve(cfg).await?;
-        let mut off = None;
-        if !args.cache_only {
-            gw.apply_budgets(&without_prefix_cache(&budgets)?)?;
-            let rs = sweep(personas::Target::Nimmer(base.clone())).await?;
-            text += &personas::table("nimmer, prefix cache off", &rs);
-            text += "\n";
-            off = Some(rs);
-        }
-        gw.apply_budgets(&budgets)?;
-        let on = sweep(personas::Target::Nimmer(base.clone())).await?;
-        text += &personas::table("nimmer, prefix cache on (default budgets)", &on);
-        if let Some(off) = off {
-            let best = |r: &[personas::RateResult]| personas::best_within_1s(r);
-            let ratio = match (best(&on), best(&off)) {
-                (Some(a), Some(b)) => format!("{:.1}x", a / b),
-                (Some(_), None) => "cached passes, uncached never does".into(),
-                _ => "–".into(),
-            };
-            text += &format!(
-                "\nWith the cache vs without: best lines/s at TTFT p95 ≤ 1 s {ratio}; at {} conv/s, TTFT p50 of the lines whose persona was cached {:.0} ms vs {:.0} ms for all lines uncached ({:.2}x).\n",
-                on[0].rate,
-                on[0].ttft_hit_p50,
-                off[0].ttft[0],
-                on[0].ttft_hit_p50 / off[0].ttft[0]
-            );
-        }
-        let _ = stop_tx.send(());
-        server.await??;
-        Ok(())
-    })?;
-    println!("{text}");
-    if let Some(path) = &args.write {
-        write_block(path, &format!("city-bench:{}", args.label), &text)?;
-    }
-    Ok(())
-}
-
-/// `budgets.toml` text with the Driver's prefix cache off.
-fn without_prefix_cache(budgets: &str) -> Result<String> {
-    let mut t: toml::Table = toml::from_str(budgets)?;
-    let driver = t
-        .get_mut("tiers")
-        .and_then(|v| v.get_mut("driver"))
-        .and_then(|v| v.as_table_mut())
-        .context("budgets.toml has no [tiers.driver]")?;
-    driver.insert("prefix_cache_mib".into(), toml::Value::Integer(0));
-    Ok(toml::to_string(&t)?)
 }

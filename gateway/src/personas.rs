@@ -54,11 +54,19 @@ impl ZonePut {
 }
 
 /// Activates `zone` (pinning its class when given) and, when `npcs` is given, makes them its pinned NPCs.
+/// A bad body changes nothing: the class is checked before the NPCs are pinned (all or none), and applied
+/// after.
 pub async fn put_zone(gw: &Gateway, zone: &str, req: ZonePut) -> Result<Value, ApiError> {
+    check_token("zone", zone)?;
+    gw.check_class(req.class.as_deref())?;
+    let pinned = match req.npcs {
+        Some(npcs) => Some(put_npcs(gw, zone, npcs).await?),
+        None => None,
+    };
     let class = gw.put_zone(zone, req.class.as_deref())?;
     let mut body = json!({ "zone": zone, "class": class });
-    if let Some(npcs) = req.npcs {
-        body["npcs_pinned"] = json!(put_npcs(gw, zone, npcs).await?);
+    if let Some(p) = pinned {
+        body["npcs_pinned"] = json!(p);
     }
     Ok(body)
 }

@@ -231,23 +231,29 @@ impl Gateway {
     /// `PUT /v1/zones/{id}`: activates a zone, optionally setting its class.
     pub fn put_zone(&self, zone: &str, class: Option<&str>) -> Result<String, ApiError> {
         crate::api::check_token("zone", zone)?;
+        self.check_class(class)?;
         let live = self.live();
         let b = &live.config.budgets;
-        if let Some(c) = class
-            && !b.classes.contains_key(c)
-        {
-            return Err(ApiError::invalid(
+        let mut zones = self.zones.lock().expect("zones lock");
+        zones.put(zone, class, b, Instant::now());
+        metrics::zones_active(zones.len());
+        Ok(zones.class(zone).unwrap_or_default().to_string())
+    }
+
+    /// A 422 unless `class` (when given) is a zone class of the budgets in effect.
+    pub fn check_class(&self, class: Option<&str>) -> Result<(), ApiError> {
+        let live = self.live();
+        let b = &live.config.budgets;
+        match class {
+            Some(c) if !b.classes.contains_key(c) => Err(ApiError::invalid(
                 "class",
                 format!(
                     "unknown zone class `{c}` ({})",
                     b.classes.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
-            ));
+            )),
+            _ => Ok(()),
         }
-        let mut zones = self.zones.lock().expect("zones lock");
-        zones.put(zone, class, b, Instant::now());
-        metrics::zones_active(zones.len());
-        Ok(zones.class(zone).unwrap_or_default().to_string())
     }
 
     /// Prunes zones idle past the TTL that hold and wait for nothing; returns how many went.

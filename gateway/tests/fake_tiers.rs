@@ -389,9 +389,9 @@ async fn a_zones_npcs_are_pinned_in_their_voice_while_it_is_active_and_released_
     );
     assert_eq!(pins(&fakes).len(), 1);
 
-    // Bad input changes nothing.
+    // Bad input changes nothing: not the pins, not the class.
     for bad in [
-        json!({ "npcs": [{ "id": "a b", "persona": "x" }] }),
+        json!({ "class": "landmark", "npcs": [{ "id": "a b", "persona": "x" }] }),
         json!({ "npcs": [{ "id": "x", "persona": " " }] }),
         json!({ "npcs": [{ "id": "x", "persona": "p" }, { "id": "x", "persona": "q" }] }),
         json!({ "npcs": [{ "id": "x", "persona": "p", "traits": { "nosuchtrait": 1.0 } }] }),
@@ -404,7 +404,23 @@ async fn a_zones_npcs_are_pinned_in_their_voice_while_it_is_active_and_released_
             "{body}"
         );
         assert_eq!(pins(&fakes).len(), 1, "{bad} changed the pins");
+        let (_, zones) = get(&app, "/v1/zones").await;
+        assert_eq!(
+            zones["zones"]["docks"]["class"], "street",
+            "{bad} changed the class"
+        );
     }
+    let (status, body) = put(
+        &app,
+        "/v1/zones/docks",
+        &json!({ "class": "nosuch", "npcs": [] }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("class"))
+    );
+    assert_eq!(pins(&fakes).len(), 1, "an unknown class released the pins");
 
     // The zone idles out: its NPCs are released.
     tokio::time::sleep(Duration::from_millis(1100)).await;

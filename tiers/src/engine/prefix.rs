@@ -274,6 +274,12 @@ impl<B> PrefixCache<B> {
         true
     }
 
+    /// Bytes eviction could free: every unpinned block (pins cover a chain from its start, so no unpinned
+    /// block has a pinned descendant, and evicting leaves reaches each of them).
+    pub fn evictable_bytes(&self) -> usize {
+        (self.entries.len() - self.pinned) * self.block_bytes
+    }
+
     /// Evicts least recently used blocks until `bytes` are free or nothing evictable is left; returns the
     /// bytes freed.
     pub fn evict_bytes(&mut self, bytes: usize) -> usize {
@@ -473,11 +479,13 @@ mod tests {
             );
             c.insert(ch[0], None, Arc::new(0));
         }
+        assert_eq!(c.evictable_bytes(), 200);
         assert_eq!(
             c.evict_bytes(usize::MAX),
             200,
             "only the two unpinned blocks go"
         );
+        assert_eq!(c.evictable_bytes(), 0);
         assert!(persona.iter().all(|h| c.contains(h)));
         assert_eq!(c.stats.snapshot().pinned_blocks, 2);
         c.unpin(&persona, 2);

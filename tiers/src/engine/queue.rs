@@ -137,6 +137,14 @@ impl<C> Queue<C> {
         self.waiting.len()
     }
 
+    /// Whether the pin `id` is still waiting or running.
+    pub fn holds_pin(&self, id: u64) -> bool {
+        self.waiting
+            .iter()
+            .chain(&self.running)
+            .any(|s| s.new.pin == Some(id))
+    }
+
     /// Queues a new request at the back.
     pub fn accept(&mut self, new: NewSeq) {
         let kv_need = (new.prompt.len() + new.params.max_tokens) * self.kv_bytes_per_token;
@@ -357,6 +365,20 @@ mod tests {
             None,
             "no free row: memory would not help"
         );
+    }
+
+    #[test]
+    fn a_pin_is_held_while_it_waits_or_runs_and_not_after() {
+        let mut q = Queue::<usize>::new(1);
+        let now = Instant::now();
+        let (mut p, _rx) = seq(2, 1, None);
+        p.pin = Some(9);
+        q.accept(p);
+        assert!(q.holds_pin(9) && !q.holds_pin(8));
+        q.admit(8, 1000, now, cache);
+        assert!(q.holds_pin(9), "running");
+        q.fail_running("boom");
+        assert!(!q.holds_pin(9));
     }
 
     #[test]

@@ -138,18 +138,17 @@ impl<M: Decoder> Engine<M> {
         for id in ids {
             match self.pins.remove(&id) {
                 Some(chain) => self.prefix.unpin(&chain, chain.len()),
-                None => {
+                // Still queued or running: it must not pin when it ends. (A pin that failed is forgotten.)
+                None if self.queue.holds_pin(id) => {
                     self.unpinned_early.insert(id);
                 }
+                None => {}
             }
         }
     }
 
     /// Pins the prompt blocks (of `chain`) of a finished pin sequence under its id.
-    fn pin_chain(&mut self, id: Option<u64>, chain: &[BlockHash], prompt_len: usize) {
-        let Some(id) = id else {
-            return;
-        };
+    fn pin_chain(&mut self, id: u64, chain: &[BlockHash], prompt_len: usize) {
         if self.unpinned_early.remove(&id) {
             return;
         }
@@ -174,9 +173,12 @@ impl<M: Decoder> Engine<M> {
             .admit(self.max_batch, beside(&self.prefix), now, |t| {
                 model.new_cache(t)
             });
+        // Evict only when that admits the head of the queue: a partial eviction would cost cached blocks
+        // and admit nothing.
         if let Some(short) = self.queue.shortfall(self.max_batch, beside(&self.prefix))
-            && self.prefix.evict_bytes(short) >= short
+            && self.prefix.evictable_bytes() >= short
         {
+            self.prefix.evict_bytes(short);
             n += self
                 .queue
                 .admit(self.max_batch, beside(&self.prefix), now, |t| {
@@ -257,9 +259,9 @@ impl<M: Decoder> Engine<M> {
         }
         for i in (0..finished.len()).filter(|&i| finished[i]) {
             let s = &self.queue.running()[i];
-            if s.new.pin.is_some() {
+            if let Some(id) = s.new.pin {
                 // Split borrow: the queue lends the sequence, the engine pins in its cache.
-                let (chain, prompt_len, id) = (s.chain.clone(), s.new.prompt.len(), s.new.pin);
+                let (chain, prompt_len) = (s.chain.clone(), s.new.prompt.len());
                 self.pin_chain(id, &chain, prompt_len);
             }
         }
@@ -309,15 +311,17 @@ fn share_prefix<M: Decoder>(
     if s.shared >= full {
         return;
     }
-    let tokens: Vec<u32> = s
-        .new
-        .prompt
-        .iter()
-        .chain(&s.generated)
-        .take(full * BLOCK_TOKENS)
-        .copied()
-        .collect();
-    extend_chain(&s.new.root, &mut s.chain, &tokens);
+    if s.chain.len() < full {
+        let tokens: Vec<u32> = s
+            .new
+            .prompt
+            .iter()
+            .chain(&s.generated)
+            .take(full * BLOCK_TOKENS)
+            .copied()
+            .collect();
+        extend_chain(&s.new.root, &mut s.chain, &tokens);
+    }
     let kv = s.kv.as_mut().expect("running sequences hold a KV cache");
     while s.shared < full {
         let i = s.shared;
