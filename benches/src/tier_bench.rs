@@ -27,9 +27,15 @@ struct Args {
     /// Tokens generated per request in the decode test.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
-    /// Prompt length for the prefill test.
+    /// Prompt length for the cold-prefill test.
     #[arg(long, default_value_t = 512)]
     prefill_tokens: usize,
+    /// Distinct prompts arriving together in the cold-prefill test (aggregate prompt tok/s per level).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    prefill_concurrency: Vec<usize>,
+    /// Only the cold-prefill test (print it; skip the decode test).
+    #[arg(long)]
+    prefill_only: bool,
     /// Config directory (default: the embedded config).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
@@ -97,6 +103,9 @@ fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
+    if args.prefill_only && args.write.is_some() {
+        anyhow::bail!("--prefill-only prints its figures; drop --write (or --prefill-only)");
+    }
     let cfg = match &args.config {
         Some(d) => Config::load(d)?,
         None => Config::embedded(),
@@ -125,6 +134,8 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         (cfg.tiers.tiers.theia.clone(), &cfg.budgets.tiers.theia)
     };
     let mut limits = nimmer_tiers::EngineLimits::of(budget);
+    // Cold figures: the prefix cache would serve repeated prompts (city-bench measures it).
+    limits.prefix_cache_bytes = 0;
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
     let mut spec = spec;
     spec.backend = match args.backend.as_deref() {
@@ -136,14 +147,21 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     if let Some(d) = &args.device {
         spec.device = nimmer_benches::parse_device(d)?;
     }
-    let most = *args.concurrency.iter().max().unwrap_or(&1);
+    let most = args
+        .concurrency
+        .iter()
+        .chain(&args.prefill_concurrency)
+        .copied()
+        .max()
+        .unwrap_or(1);
     spec.max_batch = spec.max_batch.max(most);
     spec.queue = spec.queue.max(most);
     limits.batch_token_budget = limits.batch_token_budget.max(spec.max_batch);
     let h = LlmHandle::start(&args.tier, &spec, limits, &model).context("starting the engine")?;
     let mut rows = Vec::new();
 
-    // Prefill: one long prompt, one new token.
+    // Cold prefill: `n` distinct prompts arriving together, one new token each. The prefix cache is off for
+    // the whole bench (`limits` above), so every prompt token is prefilled.
     let filler =
         "The old lighthouse keeper climbed the spiral stairs every evening to light the lamp. ";
     let mut text = filler.to_string();
@@ -151,28 +169,53 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         text.push_str(filler);
     }
     let ids: Vec<u32> = h.tokenize(&Prompt::Text(text))?[..args.prefill_tokens].to_vec();
-    let mut prefill = Vec::new();
-    for _ in 0..3 {
-        let r = run_concurrent(
-            &h,
-            vec![GenerateRequest {
-                prompt: Prompt::Tokens(ids.clone()),
-                params: SamplingParams {
-                    ignore_eos: true,
-                    ..SamplingParams::greedy(1)
-                },
-                lora: None,
-                deadline: None,
-            }],
-        )?;
-        prefill.push(
-            args.prefill_tokens as f64 / r.tokens[0][0].duration_since(r.start).as_secs_f64(),
-        );
+    let mut prefill: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for round in 0..3 {
+        for &n in &args.prefill_concurrency {
+            let reqs = (0..n)
+                .map(|i| {
+                    let mut p = ids.clone();
+                    p.rotate_left((round * 131 + i * 17) % ids.len());
+                    GenerateRequest {
+                        prompt: Prompt::Tokens(p),
+                        params: SamplingParams {
+                            ignore_eos: true,
+                            ..SamplingParams::greedy(1)
+                        },
+                        lora: None,
+                        deadline: None,
+                    }
+                })
+                .collect();
+            let r = run_concurrent(&h, reqs)?;
+            let last = r.tokens.iter().map(|t| t[0]).max().expect("tokens");
+            let tps = (n * args.prefill_tokens) as f64 / last.duration_since(r.start).as_secs_f64();
+            eprintln!(
+                "round {round}: cold prefill of {n} x {}: {tps:.0} tok/s",
+                args.prefill_tokens
+            );
+            prefill.entry(n).or_default().push(tps);
+        }
     }
-    let prefill_tps = pct(&mut prefill, 0.5);
+    let prefill_tps = prefill
+        .iter_mut()
+        .map(|(n, v)| {
+            let runs = v
+                .iter()
+                .map(|t| format!("{t:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("{n} at a time **{:.0} tok/s** ({runs})", pct(v, 0.5))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
 
     // Rounds interleave the concurrency levels so that slow drifts of a shared machine hit all of them alike;
     // the table reports per-level medians and the ratio to batch 1 as the median of per-round ratios.
+    if args.prefill_only {
+        println!("{} ({}): {prefill_tps}", h.info().kernel, args.tier);
+        return Ok(String::new());
+    }
     let mut results: Vec<Measured> = Vec::new();
     for (round, &c) in (0..args.rounds).flat_map(|r| args.concurrency.iter().map(move |c| (r, c))) {
         let users = [
@@ -282,6 +325,14 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         let levels: Vec<String> = args.concurrency.iter().map(|c| c.to_string()).collect();
         flags.push_str(&format!(" --concurrency {}", levels.join(",")));
     }
+    if args.prefill_concurrency != [1, 16] {
+        let levels: Vec<String> = args
+            .prefill_concurrency
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        flags.push_str(&format!(" --prefill-concurrency {}", levels.join(",")));
+    }
     let machine = machine_on(spec.device);
     let (title, command) = match spec.device {
         nimmer_config::Device::Cuda => (
@@ -296,7 +347,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         ),
     };
     let mut table = format!(
-        "### {tier} tier{title}\n\nMachine: {machine}, kernel `{}`. Model `{}` ({:?}, {} MiB of weights). Command: `{command}`.\n\nPrefill ({} tokens, batch 1): **{prefill_tps:.0} tok/s**. Peak RSS: {:.0} MiB.\n\n{} interleaved rounds. Decode tok/s is the steady-state aggregate (tokens generated between the moment all sequences have their first token and the moment the first one finishes, over that time: every step in it decodes all of them); the median (each round's figure in brackets), the ratio to batch 1 the median of per-round ratios.\n\n| concurrency | decode tok/s (aggregate) | vs batch 1 | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|---|\n",
+        "### {tier} tier{title}\n\nMachine: {machine}, kernel `{}`. Model `{}` ({:?}, {} MiB of weights). Command: `{command}`.\n\nCold prefill of {}-token prompts (aggregate prompt tok/s, median of 3 rounds, prefix cache off): {prefill_tps}. Peak RSS: {:.0} MiB.\n\n{} interleaved rounds. Decode tok/s is the steady-state aggregate (tokens generated between the moment all sequences have their first token and the moment the first one finishes, over that time: every step in it decodes all of them); the median (each round's figure in brackets), the ratio to batch 1 the median of per-round ratios.\n\n| concurrency | decode tok/s (aggregate) | vs batch 1 | TTFT p50 ms | p95 | p99 | ITL p50 ms | p95 | p99 |\n|---|---|---|---|---|---|---|---|---|\n",
         info.kernel,
         spec.model,
         spec.precision,
