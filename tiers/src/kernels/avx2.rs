@@ -8,12 +8,87 @@
 
 use std::arch::x86_64::*;
 
-use super::{MAX_ROWS_PER_PASS, QFormat, QK, QuantActs, TILE, TiledWeight};
+use super::{MAX_ROWS_PER_PASS, PANEL, QFormat, QK, QuantActs, TILE, TiledWeight};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
+}
+
+/// One panel of [`PANEL`] activation rows against Q4 tile `t`: the prefill (matrix-matrix) kernel.
+///
+/// Per 8-row half of the tile, a block's products are summed in 16 bits (16 products of at most 15·127 each
+/// fit in an i16) before one widening `madd`, and the float accumulators live in `out` (one load and store
+/// per block), which leaves the registers to eight activation rows per pass over the weights; the panel
+/// layout puts the eight rows' quants and scales behind one pointer each. Integer sums are exact and the
+/// float work per block is that of [`tile_rows`], so results are bit-identical to it.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` must be Q4 and panel `panel` must exist in `x`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q4_panel(
+    w: &TiledWeight,
+    t: usize,
+    x: &QuantActs,
+    panel: usize,
+    out: &mut [[f32; TILE]; MAX_ROWS_PER_PASS],
+) {
+    const NR: usize = PANEL;
+    let nb = w.blocks();
+    let bb = QFormat::Q4.block_bytes();
+    assert!(w.format == QFormat::Q4 && t < w.tiles());
+    assert!(
+        x.panel_q.len() >= (panel + 1) * NR * x.k && x.panel_ds.len() >= (panel + 1) * nb * 2 * NR
+    );
+    for o in out.iter_mut().take(NR) {
+        *o = [0.0; TILE];
+    }
+    // SAFETY: tile `t` spans `nb · bb` bytes of `w.data`; the panel spans `NR · k` quants and `2 · NR · nb`
+    // scales (asserted above); `out` rows are 16 f32.
+    unsafe {
+        let wbase = w.data.as_ptr().add(t * nb * bb);
+        let pq = x.panel_q.as_ptr().add(panel * NR * x.k);
+        let pds = x.panel_ds.as_ptr().add(panel * nb * 2 * NR);
+        let o = out.as_mut_ptr() as *mut f32;
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for half in 0..2 {
+            for b in 0..nb {
+                let blk = wbase.add(b * bb);
+                let qs = blk.add(TILE * 4 + half * 32);
+                let aq = pq.add(b * QK * NR);
+                let mut acc = [_mm256_setzero_si256(); NR];
+                for g in 0..QK / 8 {
+                    let raw = _mm256_loadu_si256(qs.add(g * 64) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib);
+                    // Dwords 2g (k = 8g..8g+4) and 2g + 1 (8g+4..8g+8) of every row.
+                    let alo = aq.add(2 * g * NR * 4) as *const i32;
+                    let ahi = aq.add((2 * g + 1) * NR * 4) as *const i32;
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let al = _mm256_set1_epi32(std::ptr::read_unaligned(alo.add(i)));
+                        let ah = _mm256_set1_epi32(std::ptr::read_unaligned(ahi.add(i)));
+                        *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(lo, al));
+                        *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(hi, ah));
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(half * 16) as *const __m128i));
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(
+                    blk.add(TILE * 2 + half * 16) as *const __m128i
+                ));
+                let scales = pds.add(b * 2 * NR);
+                for (i, a) in acc.iter().enumerate() {
+                    let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(*a, ones));
+                    let p = o.add(i * TILE + 8 * half);
+                    let mut f = _mm256_loadu_ps(p);
+                    f = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(*scales.add(i))), f);
+                    f = _mm256_fmadd_ps(m, _mm256_set1_ps(*scales.add(NR + i)), f);
+                    _mm256_storeu_ps(p, f);
+                }
+            }
+        }
+    }
 }
 
 /// # Safety
@@ -116,5 +191,52 @@ unsafe fn half_rows<const NR: usize>(
     for i in 0..NR {
         // SAFETY: out[i] is 16 f32; this half writes lanes 8·half .. 8·half + 8.
         unsafe { _mm256_storeu_ps(out[i].as_mut_ptr().add(half * 8), facc[i]) };
+    }
+}
+
+/// [`super::scalar::quantize_block`] on AVX2, bit-identical to it: the same `amax`, `1/d` and products, and
+/// rounding half away from zero built from truncation (`x - trunc(x)` is exact).
+///
+/// # Safety
+/// The CPU must support AVX2; `xs` and `q` must hold 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert!(xs.len() == QK && q.len() == QK);
+    // SAFETY: 32 floats are read and 32 bytes written (asserted above).
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs.as_ptr().add(8 * i)));
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for x in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *x));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0f32, |a, &x| a.max(x));
+        let dd = amax / 127.0;
+        let id = _mm256_set1_ps(if dd != 0.0 { 1.0 / dd } else { 0.0 });
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        let ints: [__m256i; 4] = std::array::from_fn(|i| {
+            let t = _mm256_mul_ps(v[i], id);
+            let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(t, tr));
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+            let step = _mm256_and_ps(up, _mm256_or_ps(_mm256_and_ps(t, sign), one));
+            _mm256_cvttps_epi32(_mm256_add_ps(tr, step))
+        });
+        // i32 -> i16 -> i8 with saturation; packs interleave 128-bit lanes, the permute restores order.
+        let w01 = _mm256_packs_epi32(ints[0], ints[1]);
+        let w23 = _mm256_packs_epi32(ints[2], ints[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+        let total = _mm256_add_epi32(
+            _mm256_add_epi32(ints[0], ints[1]),
+            _mm256_add_epi32(ints[2], ints[3]),
+        );
+        let mut t = [0i32; 8];
+        _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, total);
+        (dd, t.iter().sum())
     }
 }

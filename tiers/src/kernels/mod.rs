@@ -237,7 +237,15 @@ pub struct QuantActs {
     s: Vec<f32>,
     /// `[rows, k/32]` exact `d·Σq`: the offset term of U8 weights.
     s_exact: Vec<f32>,
+    /// The first `rows / PANEL` groups of [`PANEL`] rows again, interleaved for the prefill kernel: per
+    /// (panel, block) the rows' quants dword by dword (`[8 dwords][PANEL rows][4 bytes]`).
+    panel_q: Vec<i8>,
+    /// Per (panel, block): the rows' `d`, then their `s` (`[2][PANEL]`).
+    panel_ds: Vec<f32>,
 }
+
+/// Activation rows interleaved per panel (and per pass of the prefill kernel).
+pub const PANEL: usize = 8;
 
 impl QuantActs {
     /// Quantizes `x` (`[rows, k]`, row-major) into `self`, reusing its buffers.
@@ -250,16 +258,15 @@ impl QuantActs {
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         self.s_exact.resize(nb, 0.0);
+        let simd = level() >= KernelLevel::Avx2;
         let quantize_block =
-            |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut f32, s_exact: &mut f32| {
-                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-                let dd = amax / 127.0;
-                let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
-                let mut sum = 0i32;
-                for (qj, &v) in q.iter_mut().zip(xs) {
-                    *qj = (v * id).round() as i8;
-                    sum += *qj as i32;
-                }
+            move |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut f32, s_exact: &mut f32| {
+                let (dd, sum) = match simd {
+                    // SAFETY: AVX2 is present (the kernel level checks it); blocks are 32 values.
+                    #[cfg(target_arch = "x86_64")]
+                    true => unsafe { avx2::quantize_block(xs, q) },
+                    _ => scalar::quantize_block(xs, q),
+                };
                 let d16 = f16::from_f32(dd);
                 *d = d16.to_f32();
                 *s = (f16::from_f32(sum as f32) * d16).to_f32();
@@ -283,6 +290,39 @@ impl QuantActs {
                 .zip(self.s.iter_mut())
                 .zip(self.s_exact.iter_mut())
                 .for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
+        }
+        self.interleave();
+    }
+
+    /// Fills the panels from the row-major quants and scales.
+    fn interleave(&mut self) {
+        let (panels, nb) = (self.rows / PANEL, self.k / QK);
+        self.panel_q.resize(panels * PANEL * self.k, 0);
+        self.panel_ds.resize(panels * nb * 2 * PANEL, 0.0);
+        let (q, d, s) = (&self.q, &self.d, &self.s);
+        let fill = |(p, (pq, pds)): (usize, (&mut [i8], &mut [f32]))| {
+            for b in 0..nb {
+                let dst = &mut pq[b * QK * PANEL..(b + 1) * QK * PANEL];
+                for r in 0..PANEL {
+                    let row = (p * PANEL + r) * self.k + b * QK;
+                    for dw in 0..QK / 4 {
+                        dst[(dw * PANEL + r) * 4..(dw * PANEL + r) * 4 + 4]
+                            .copy_from_slice(&q[row + dw * 4..row + dw * 4 + 4]);
+                    }
+                    pds[b * 2 * PANEL + r] = d[(p * PANEL + r) * nb + b];
+                    pds[b * 2 * PANEL + PANEL + r] = s[(p * PANEL + r) * nb + b];
+                }
+            }
+        };
+        let pieces = self
+            .panel_q
+            .chunks_mut(PANEL * self.k)
+            .zip(self.panel_ds.chunks_mut(nb * 2 * PANEL))
+            .enumerate();
+        if panels > 4 {
+            pieces.par_bridge().for_each(fill);
+        } else {
+            pieces.for_each(fill);
         }
     }
 
@@ -377,8 +417,15 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
             let mut tile_out = [[0f32; TILE]; MAX_ROWS_PER_PASS];
             let mut r0 = 0;
             while r0 < x.rows {
-                let nr = (x.rows - r0).min(pass);
+                let mut nr = (x.rows - r0).min(pass);
                 match level {
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx2
+                        if w.format == QFormat::Q4 && r0 % PANEL == 0 && x.rows - r0 >= PANEL =>
+                    unsafe {
+                        nr = PANEL;
+                        avx2::q4_panel(w, t, x, r0 / PANEL, &mut tile_out)
+                    },
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx512Vnni => unsafe {
                         x86::tile_rows(w, t, x, r0, nr, &mut tile_out)
@@ -393,11 +440,12 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
                     let cnt = TILE.min(w.n - n0);
                     // SAFETY: tile `t` owns columns n0..n0+cnt of every row; no other task writes them.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            row_out.as_ptr(),
-                            out_ptr.0.add(r * w.n + n0),
-                            cnt,
-                        );
+                        let dst = out_ptr.0.add(r * w.n + n0);
+                        if cnt == TILE {
+                            std::ptr::write_unaligned(dst as *mut [f32; TILE], *row_out);
+                        } else {
+                            std::ptr::copy_nonoverlapping(row_out.as_ptr(), dst, cnt);
+                        }
                     }
                 }
                 r0 += nr;

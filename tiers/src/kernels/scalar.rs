@@ -64,3 +64,17 @@ pub(super) fn tile_rows(
         }
     }
 }
+
+/// Quantizes 32 activations to int8 (ggml's Q8_1: `d = amax/127`, `q = round(x/d)` half away from zero);
+/// returns `d` (unrounded) and `Σq`.
+pub(super) fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let dd = amax / 127.0;
+    let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+    let mut sum = 0i32;
+    for (qj, &v) in q.iter_mut().zip(xs) {
+        *qj = (v * id).round() as i8;
+        sum += *qj as i32;
+    }
+    (dd, sum)
+}

@@ -116,7 +116,7 @@ fn every_simd_kernel_equals_the_portable_kernel_bit_for_bit() {
     let levels = available_levels();
     eprintln!("kernel levels on this CPU: {levels:?}");
     for (name, w, n, k) in weights() {
-        for rows in [1, 3, 4, 5, 8, 9, 13, 16] {
+        for rows in [1, 3, 4, 5, 8, 9, 13, 16, 24, 37] {
             let x = random(rows * k, rows as u64);
             let mut qa = QuantActs::default();
             qa.quantize(&x, rows, k);
@@ -158,6 +158,37 @@ fn extreme_u8_weights_do_not_saturate() {
 }
 
 #[test]
+fn extreme_q4_weights_do_not_overflow_the_prefill_kernel() {
+    // Every 4-bit quant at 15 and every activation at +127 (or -127): a block's 16-bit partial sums reach
+    // ±30480, the most the panel kernel's 16-bit accumulation must hold.
+    let (n, k) = (32, 96);
+    let raw: Vec<u8> = (0..n * k / QK)
+        .flat_map(|_| {
+            let mut b = f16::from_f32(0.01).to_le_bytes().to_vec();
+            b.extend(f16::from_f32(-0.5).to_le_bytes());
+            b.extend(std::iter::repeat_n(0xFFu8, QK / 2));
+            b
+        })
+        .collect();
+    let w = TiledWeight::from_q4_1(&raw, n, k);
+    let rows = 16;
+    let x: Vec<f32> = (0..rows * k)
+        .map(|i| if (i / k) % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    let mut qa = QuantActs::default();
+    qa.quantize(&x, rows, k);
+    let mut want = vec![0f32; rows * n];
+    matmul_with(KernelLevel::Portable, &qa, &w, &mut want);
+    let exact = 0.01 * 15.0 * k as f32 - 0.5 * k as f32;
+    assert!((want[0] - exact).abs() < 0.05, "{} vs {exact}", want[0]);
+    for &l in &available_levels()[1..] {
+        let mut got = vec![0f32; rows * n];
+        matmul_with(l, &qa, &w, &mut got);
+        assert_eq!(got, want, "{l:?}");
+    }
+}
+
+#[test]
 fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
     for (name, w, n, k) in weights() {
         let rows = 9;
@@ -173,5 +204,44 @@ fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
             matmul(&one, &w, &mut o);
             assert_eq!(&all[r * n..(r + 1) * n], &o[..], "{name} row {r}");
         }
+    }
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn simd_activation_quantization_is_bit_identical() {
+    if !avx2::available() {
+        return;
+    }
+    let mut blocks: Vec<Vec<f32>> = (0..200).map(|i| random(QK, 900 + i)).collect();
+    // Ties: with amax = 127 every x.5 lands exactly on a half; plus zeros and one huge outlier.
+    blocks.push(
+        (0..QK)
+            .map(|i| i as f32 - 15.5)
+            .chain([127.0])
+            .skip(1)
+            .collect(),
+    );
+    blocks.push(
+        (0..QK)
+            .map(|i| {
+                if i == 0 {
+                    -127.0
+                } else {
+                    i as f32 * 2.5 - 40.5
+                }
+            })
+            .collect(),
+    );
+    blocks.push(vec![0.0; QK]);
+    blocks.push((0..QK).map(|i| if i == 3 { 1e30 } else { 1.0 }).collect());
+    for xs in &blocks {
+        let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+        let want = scalar::quantize_block(xs, &mut a);
+        // SAFETY: AVX2 checked above; 32 values each.
+        let got = unsafe { avx2::quantize_block(xs, &mut b) };
+        assert_eq!(a, b, "quants of {xs:?}");
+        assert_eq!(want.0.to_bits(), got.0.to_bits());
+        assert_eq!(want.1, got.1);
     }
 }

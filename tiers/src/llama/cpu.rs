@@ -6,8 +6,9 @@ use rayon::prelude::*;
 
 use nimmer_loras::{Adapter, Blend, Module};
 
-use super::kv::{KvCache, KvData};
-use super::ops::{add_lora, attend_row, rms_norm};
+use super::attn;
+use super::kv::KvCache;
+use super::ops::{add_lora, exp_in_place, rms_norm};
 use super::{Chunk, Decoder, LlamaConfig};
 use crate::error::{Result, TierError};
 use crate::kernels::{self, QuantActs, TiledWeight};
@@ -247,6 +248,13 @@ impl Llama {
             row_of.extend((0..ch.tokens.len()).map(|i| (c, start + i)));
         }
         let rows = row_of.len();
+        // Chunk c: (its first row, its rows, the position of its first row).
+        let mut spans = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for ch in chunks.iter() {
+            spans.push((at, ch.tokens.len(), ch.kv.len));
+            at += ch.tokens.len();
+        }
         if rows == 0 {
             return Ok(Vec::new());
         }
@@ -313,23 +321,7 @@ impl Llama {
             }
             attn.resize(rows * qd, 0.0);
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.kv).collect();
-            let qkv_ref: &[f32] = qkv;
-            let row_ref = &row_of;
-            // One row attends over its own sequence's positions 0..=pos. Heads sharing a KV head (GQA) are
-            // processed together so each key and value row is loaded once per group.
-            let attend = |(r, out): (usize, &mut [f32])| {
-                let (c, pos) = row_ref[r];
-                let q = &qkv_ref[r * w..r * w + qd];
-                match &caches[c].data {
-                    KvData::F32 { k, v } => attend_row(cfg, q, &k[li], &v[li], pos + 1, scale, out),
-                    KvData::F16 { k, v } => attend_row(cfg, q, &k[li], &v[li], pos + 1, scale, out),
-                }
-            };
-            if rows > 1 {
-                attn.par_chunks_mut(qd).enumerate().for_each(attend);
-            } else {
-                attn.chunks_mut(qd).enumerate().for_each(attend);
-            }
+            attn::attend(cfg, li, &caches, &spans, qkv, w, scale, attn);
             layer.o.forward(attn, rows, qa, proj)?;
             if lora {
                 add_lora(&blends, li, &[(Module::O, 0..dim)], attn, qd, proj, dim);
@@ -352,14 +344,25 @@ impl Llama {
                 );
             }
             act.resize(rows * cfg.ffn, 0.0);
-            for (a, g) in act
-                .chunks_exact_mut(cfg.ffn)
-                .zip(gu.chunks_exact(2 * cfg.ffn))
-            {
+            let silu_mul = |(a, g): (&mut [f32], &[f32])| {
                 let (gate, up) = g.split_at(cfg.ffn);
-                for ((ai, &gi), &ui) in a.iter_mut().zip(gate).zip(up) {
-                    *ai = gi / (1.0 + (-gi).exp()) * ui;
+                for (ai, &gi) in a.iter_mut().zip(gate) {
+                    *ai = -gi;
                 }
+                exp_in_place(a);
+                for ((ai, &gi), &ui) in a.iter_mut().zip(gate).zip(up) {
+                    *ai = gi / (1.0 + *ai) * ui;
+                }
+            };
+            let gu_rows = &gu[..rows * 2 * cfg.ffn];
+            if rows > 1 {
+                act.par_chunks_mut(cfg.ffn)
+                    .zip(gu_rows.par_chunks(2 * cfg.ffn))
+                    .for_each(silu_mul);
+            } else {
+                act.chunks_mut(cfg.ffn)
+                    .zip(gu_rows.chunks(2 * cfg.ffn))
+                    .for_each(silu_mul);
             }
             layer.down.forward(act, rows, qa, proj)?;
             if lora {

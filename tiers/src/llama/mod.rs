@@ -11,14 +11,15 @@
 //! RMSNorm as `x / sqrt(mean(x²) + eps) * w`, softmax with max subtraction) so greedy tokens match it.
 
 //! The files: this one is the interface ([`LlamaConfig`], [`Chunk`], [`Decoder`]); `cpu.rs` our CPU model
-//! ([`Llama`]) on the int8 kernels; `kv.rs` its per-sequence KV cache; `ops.rs` its row operations (RMSNorm,
-//! per-row LoRA terms, attention); `candle.rs` and `candle_lora.rs` the candle (CUDA) decoder; `load.rs` weights
+//! ([`Llama`]) on the int8 kernels; `kv.rs` its per-sequence KV cache; `attn.rs` its attention; `ops.rs` its row
+//! operations (RMSNorm, per-row LoRA terms); `candle.rs` and `candle_lora.rs` the candle (CUDA) decoder; `load.rs` weights
 //! from GGUF or safetensors; [`train`] LoRA training.
 
 use nimmer_loras::{BaseShape, Blend};
 
 use crate::error::Result;
 
+mod attn;
 mod candle;
 mod candle_kv;
 mod candle_lora;

@@ -1,0 +1,550 @@
+//! Causal attention of the CPU model over each sequence's KV cache, for a whole ragged batch.
+//!
+//! The batch is cut into tasks of up to [`ROWS_PER_TASK`] consecutive positions of one sequence (a piece of a
+//! prefill chunk, or one decode token). A task converts its sequence's keys and values to f32 once per KV
+//! head (keys transposed in blocks of 8 positions) and reuses them for every query row and every head of the
+//! GQA group: prefill is a small matrix-matrix product per task instead of one pass over the cache per row.
+//!
+//! Every output element is computed by the same sequence of float operations whatever the task it falls in
+//! (a score is one FMA chain over the head dimension, the softmax sum runs in 8 fixed lanes, the value sum is
+//! one FMA chain over positions), so a row gets bit-identical results alone, in a batch, or in any prefill
+//! chunking: batch invariance, which the prefix cache's token-exact tests rely on.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::LlamaConfig;
+use super::kv::{KvCache, KvData, KvElem};
+use super::ops::exp_in_place;
+
+/// Query rows per task: enough to amortize the conversion of the cache, small enough to balance threads.
+pub(super) const ROWS_PER_TASK: usize = 32;
+/// Positions per transposed key block (one 256-bit vector of f32).
+const L: usize = 8;
+/// Query vectors scored together against a key block (independent FMA chains).
+const QV: usize = 4;
+
+/// Buffers of one thread's tasks, reused across tasks and steps.
+#[derive(Default)]
+struct Scratch {
+    /// Keys of one KV head, `[block][d][L]`, zero-padded to whole blocks.
+    kt: Vec<f32>,
+    /// Values of one KV head, `[pos][d]`.
+    v: Vec<f32>,
+    /// Scores, then exp'd scores, `[query vector][padded positions]`.
+    s: Vec<f32>,
+    /// `L` keys of one head, `[L][d]`, before transposition.
+    row: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// A piece of the batch: `rows` consecutive positions from `pos0` of chunk `chunk`, rows `row0..` of the batch.
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    chunk: usize,
+    row0: usize,
+    rows: usize,
+    pos0: usize,
+}
+
+/// `out[r] = softmax(q[r] · Kᵀ / scale) · V` per head over positions `0..=pos(r)` of layer `layer`.
+///
+/// `spans[c] = (first row of chunk c, rows, position of its first row)`; `qkv` holds `q` at the start of
+/// each row of width `q_stride`; `out` is `[rows, q_dim]`. Each chunk's keys and values for its rows must
+/// already be in its cache.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
+    cfg: &LlamaConfig,
+    layer: usize,
+    caches: &[&KvCache],
+    spans: &[(usize, usize, usize)],
+    qkv: &[f32],
+    q_stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let qd = cfg.q_dim();
+    let mut tasks = Vec::new();
+    for (chunk, &(row0, rows, pos0)) in spans.iter().enumerate() {
+        let mut i = 0;
+        while i < rows {
+            let n = (rows - i).min(ROWS_PER_TASK);
+            tasks.push(Task {
+                chunk,
+                row0: row0 + i,
+                rows: n,
+                pos0: pos0 + i,
+            });
+            i += n;
+        }
+    }
+    tasks.sort_by_key(|t| t.row0);
+    // Each task owns the output rows it computes: split `out` along the tasks (rows are contiguous per task).
+    let mut pieces: Vec<(Task, &mut [f32])> = Vec::with_capacity(tasks.len());
+    let mut rest = out;
+    let mut at = 0;
+    for t in tasks {
+        let skip = (t.row0 - at) * qd;
+        let (_, tail) = rest.split_at_mut(skip);
+        let (mine, tail) = tail.split_at_mut(t.rows * qd);
+        pieces.push((t, mine));
+        rest = tail;
+        at = t.row0 + t.rows;
+    }
+    let run = |(t, o): (Task, &mut [f32])| {
+        let q = &qkv[t.row0 * q_stride..];
+        SCRATCH.with_borrow_mut(|sc| match &caches[t.chunk].data {
+            KvData::F32 { k, v } => task(cfg, &k[layer], &v[layer], t, q, q_stride, scale, o, sc),
+            KvData::F16 { k, v } => task(cfg, &k[layer], &v[layer], t, q, q_stride, scale, o, sc),
+        });
+    };
+    if pieces.len() > 1 {
+        pieces.into_par_iter().for_each(run);
+    } else {
+        pieces.into_iter().for_each(run);
+    }
+}
+
+/// One task: every KV head, every head of its group, every row.
+#[allow(clippy::too_many_arguments)]
+fn task<T: KvElem>(
+    cfg: &LlamaConfig,
+    kc: &[T],
+    vc: &[T],
+    t: Task,
+    q: &[f32],
+    q_stride: usize,
+    scale: f32,
+    out: &mut [f32],
+    sc: &mut Scratch,
+) {
+    let (hd, kvd, qd) = (cfg.head_dim, cfg.kv_dim(), cfg.q_dim());
+    let group = cfg.n_head / cfg.n_kv_head;
+    let n = t.pos0 + t.rows;
+    let blocks = n.div_ceil(L);
+    let Scratch { kt, v, s, row } = sc;
+    kt.resize(blocks * hd * L, 0.0);
+    v.resize(n * hd, 0.0);
+    row.resize(L * hd, 0.0);
+    let nq = t.rows * group;
+    let width = blocks * L;
+    s.resize(nq.next_multiple_of(QV) * width, 0.0);
+    for g in 0..cfg.n_kv_head {
+        let kv0 = g * hd;
+        // Keys transposed per block of L positions; the tail of the last block is zero.
+        for blk in 0..blocks {
+            for l in 0..L {
+                let j = blk * L + l;
+                let dst = &mut row[l * hd..(l + 1) * hd];
+                if j < n {
+                    T::load(&kc[j * kvd + kv0..j * kvd + kv0 + hd], dst);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+            transpose_block(
+                &row[..L * hd],
+                hd,
+                &mut kt[blk * hd * L..(blk + 1) * hd * L],
+            );
+        }
+        for j in 0..n {
+            T::load(
+                &vc[j * kvd + kv0..j * kvd + kv0 + hd],
+                &mut v[j * hd..(j + 1) * hd],
+            );
+        }
+        // Query vector `i` is row `i / group`, head `g·group + i % group`; it sees `pos0 + row + 1` positions.
+        let qv = |i: usize| {
+            let i = i.min(nq - 1);
+            let (r, h) = (i / group, g * group + i % group);
+            &q[r * q_stride + h * hd..r * q_stride + (h + 1) * hd]
+        };
+        let seen = |i: usize| t.pos0 + i / group + 1;
+        let mut i = 0;
+        while i < nq {
+            let qs: [&[f32]; QV] = std::array::from_fn(|k| qv(i + k));
+            let last = seen((i + QV - 1).min(nq - 1));
+            let (dst, _) = s[i * width..].split_at_mut(QV * width);
+            let mut b = 0;
+            while b < last.div_ceil(L) {
+                // Two key blocks at a time (the second may be the zero padding past `n`: it is never read).
+                let two = b + 1 < blocks;
+                score_blocks(&qs, &kt[b * hd * L..], hd, two, scale, dst, width, b * L);
+                b += 2;
+            }
+            i += QV;
+        }
+        for i in 0..nq {
+            let m = seen(i);
+            let sv = &mut s[i * width..i * width + m];
+            let sum = softmax_unnormalized(sv);
+            let (r, h) = (i / group, g * group + i % group);
+            let o = &mut out[r * qd + h * hd..r * qd + (h + 1) * hd];
+            weighted_values(sv, v, hd, o);
+            for oi in o.iter_mut() {
+                *oi /= sum;
+            }
+        }
+    }
+}
+
+/// Scores of `QV` query vectors against the `L` keys of one transposed block (two blocks when `two`): per
+/// (query, key) one FMA chain over the head dimension from zero, divided by `scale`, stored at
+/// `dst[query · width + col ..]`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn score_blocks(
+    qs: &[&[f32]; QV],
+    kt: &[f32],
+    hd: usize,
+    two: bool,
+    scale: f32,
+    dst: &mut [f32],
+    width: usize,
+    col: usize,
+) {
+    let nb = 1 + two as usize;
+    assert!(kt.len() >= nb * hd * L && dst.len() >= (QV - 1) * width + col + nb * L);
+    assert!(qs.iter().all(|q| q.len() >= hd));
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::level() >= crate::kernels::KernelLevel::Avx2 {
+        // SAFETY: AVX2 and FMA are present (the kernel level checks them); slices are checked above.
+        return unsafe { score_blocks_avx2(qs, kt, hd, two, scale, dst, width, col) };
+    }
+    for bb in 0..nb {
+        let kb = &kt[bb * hd * L..(bb + 1) * hd * L];
+        for (k, q) in qs.iter().enumerate() {
+            let mut a = [0f32; L];
+            for (d, kd) in kb.chunks_exact(L).enumerate() {
+                for l in 0..L {
+                    a[l] = q[d].mul_add(kd[l], a[l]);
+                }
+            }
+            for (l, x) in a.iter().enumerate() {
+                dst[k * width + col + bb * L + l] = x / scale;
+            }
+        }
+    }
+}
+
+/// [`score_blocks`] on AVX2: the same FMA chains, eight keys per register, 4 queries x 2 blocks in flight.
+///
+/// # Safety
+/// AVX2 and FMA must be present and the slices as [`score_blocks`] checks them.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_blocks_avx2(
+    qs: &[&[f32]; QV],
+    kt: &[f32],
+    hd: usize,
+    two: bool,
+    scale: f32,
+    dst: &mut [f32],
+    width: usize,
+    col: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: every load is within `kt[..nb · hd · L]` or `q[..hd]`, every store within `dst` (checked by
+    // the caller).
+    unsafe {
+        let k0 = kt.as_ptr();
+        let k1 = if two { k0.add(hd * L) } else { k0 };
+        let q: [*const f32; QV] = std::array::from_fn(|i| qs[i].as_ptr());
+        let mut a0 = [_mm256_setzero_ps(); QV];
+        let mut a1 = [_mm256_setzero_ps(); QV];
+        for d in 0..hd {
+            let x0 = _mm256_loadu_ps(k0.add(d * L));
+            let x1 = _mm256_loadu_ps(k1.add(d * L));
+            for i in 0..QV {
+                let qd = _mm256_broadcast_ss(&*q[i].add(d));
+                a0[i] = _mm256_fmadd_ps(qd, x0, a0[i]);
+                a1[i] = _mm256_fmadd_ps(qd, x1, a1[i]);
+            }
+        }
+        let sc = _mm256_set1_ps(scale);
+        for i in 0..QV {
+            let p = dst.as_mut_ptr().add(i * width + col);
+            _mm256_storeu_ps(p, _mm256_div_ps(a0[i], sc));
+            if two {
+                _mm256_storeu_ps(p.add(L), _mm256_div_ps(a1[i], sc));
+            }
+        }
+    }
+}
+
+/// `kt[d][l] = rows[l][d]` for `L` rows of `hd` values (exact: a permutation).
+fn transpose_block(rows: &[f32], hd: usize, kt: &mut [f32]) {
+    assert!(rows.len() >= L * hd && kt.len() >= L * hd);
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(L) && crate::kernels::level() >= crate::kernels::KernelLevel::Avx2 {
+        for d0 in (0..hd).step_by(L) {
+            // SAFETY: AVX2 is present; the 8x8 tile at column `d0` is inside both slices (checked above).
+            unsafe { transpose8_avx2(rows.as_ptr().add(d0), hd, kt.as_mut_ptr().add(d0 * L)) };
+        }
+        return;
+    }
+    for l in 0..L {
+        for d in 0..hd {
+            kt[d * L + l] = rows[l * hd + d];
+        }
+    }
+}
+
+/// Transposes the 8x8 tile at `src` (row stride `stride`) into 8 consecutive rows of 8 at `dst`.
+///
+/// # Safety
+/// AVX must be present; `src` must be readable for 8 rows of 8 at `stride`, `dst` writable for 64 floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8_avx2(src: *const f32, stride: usize, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded contract.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, o) in out.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * L), *o);
+        }
+    }
+}
+
+/// `o = Σ_j e[j] · v[j]`: per output element one FMA chain over positions, starting from zero.
+fn weighted_values(e: &[f32], v: &[f32], hd: usize, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(L) && crate::kernels::level() >= crate::kernels::KernelLevel::Avx2 {
+        let mut d0 = 0;
+        while d0 < hd {
+            let regs = ((hd - d0) / L).min(8);
+            // SAFETY: AVX2 and FMA are present; the callee checks its slices.
+            unsafe {
+                match regs {
+                    8 => weighted_values_avx2::<8>(e, v, hd, d0, o),
+                    4..=7 => weighted_values_avx2::<4>(e, v, hd, d0, o),
+                    _ => weighted_values_avx2::<1>(e, v, hd, d0, o),
+                }
+            }
+            d0 += match regs {
+                8 => 8 * L,
+                4..=7 => 4 * L,
+                _ => L,
+            };
+        }
+        return;
+    }
+    o.fill(0.0);
+    for (j, &ej) in e.iter().enumerate() {
+        for (oi, &vi) in o.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+            *oi = ej.mul_add(vi, *oi);
+        }
+    }
+}
+
+/// [`weighted_values`] for `R` registers of output (`o[d0..d0 + 8R]`), kept in registers over all positions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_values_avx2<const R: usize>(
+    e: &[f32],
+    v: &[f32],
+    hd: usize,
+    d0: usize,
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(d0 + R * L <= hd && o.len() >= hd && v.len() >= e.len() * hd);
+    // SAFETY: loads stay within `v[..e.len() * hd]`, stores within `o[..hd]` (asserted above).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (j, &ej) in e.iter().enumerate() {
+            let p = v.as_ptr().add(j * hd + d0);
+            let w = _mm256_set1_ps(ej);
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.add(r * L)), *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(d0 + r * L), *a);
+        }
+    }
+}
+
+/// Replaces scores by `exp(s - max)` and returns their sum (accumulated in `L` lanes, then added in a fixed
+/// order).
+fn softmax_unnormalized(s: &mut [f32]) -> f32 {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for x in s.iter_mut() {
+        *x -= max;
+    }
+    exp_in_place(s);
+    let mut lanes = [0f32; L];
+    for c in s.chunks(L) {
+        for (x, lane) in c.iter().zip(lanes.iter_mut()) {
+            *lane += *x;
+        }
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference: one row at a time, plain loops, f32 keys.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], n: usize, hd: usize, scale: f32) -> Vec<f32> {
+        let s: Vec<f32> = (0..n)
+            .map(|j| (0..hd).map(|d| q[d] * k[j * hd + d]).sum::<f32>() / scale)
+            .collect();
+        let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        (0..hd)
+            .map(|d| (0..n).map(|j| e[j] * v[j * hd + d]).sum::<f32>() / sum)
+            .collect()
+    }
+
+    fn cfg() -> LlamaConfig {
+        LlamaConfig {
+            n_layer: 2,
+            dim: 96,
+            n_head: 6,
+            n_kv_head: 2,
+            head_dim: 16,
+            ffn: 128,
+            vocab: 100,
+            eps: 1e-5,
+            rope_base: 10000.0,
+            train_context: 128,
+            rope_neox: false,
+            kv_f16: false,
+        }
+    }
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    /// A cache of `n` random positions and `n` random query rows.
+    fn setup(cfg: &LlamaConfig, n: usize, seed: u64) -> (KvCache, Vec<f32>) {
+        let mut s = seed;
+        let mut cache = KvCache::new(cfg, n);
+        for _ in 0..n {
+            for layer in 0..cfg.n_layer {
+                let k: Vec<f32> = (0..cfg.kv_dim()).map(|_| lcg(&mut s)).collect();
+                let v: Vec<f32> = (0..cfg.kv_dim()).map(|_| lcg(&mut s)).collect();
+                cache.append(layer, &k, &v);
+            }
+        }
+        cache.len = n;
+        let q = (0..n * cfg.q_dim()).map(|_| 2.0 * lcg(&mut s)).collect();
+        (cache, q)
+    }
+
+    #[test]
+    fn matches_a_naive_reference() {
+        let cfg = cfg();
+        let n = 45;
+        let (cache, q) = setup(&cfg, n, 7);
+        let qd = cfg.q_dim();
+        let mut out = vec![0f32; n * qd];
+        attend(&cfg, 0, &[&cache], &[(0, n, 0)], &q, qd, 4.0, &mut out);
+        let KvData::F32 { k, v } = &cache.data else {
+            panic!("f32 cache")
+        };
+        let (hd, kvd, group) = (cfg.head_dim, cfg.kv_dim(), cfg.n_head / cfg.n_kv_head);
+        for r in 0..n {
+            for h in 0..cfg.n_head {
+                let g = h / group;
+                let kh: Vec<f32> = (0..=r)
+                    .flat_map(|j| k[0][j * kvd + g * hd..j * kvd + (g + 1) * hd].to_vec())
+                    .collect();
+                let vh: Vec<f32> = (0..=r)
+                    .flat_map(|j| v[0][j * kvd + g * hd..j * kvd + (g + 1) * hd].to_vec())
+                    .collect();
+                let want = naive(&q[r * qd + h * hd..][..hd], &kh, &vh, r + 1, hd, 4.0);
+                let got = &out[r * qd + h * hd..][..hd];
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "row {r} head {h}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// A row's output is bit-identical whether it is attended alone (decode), in a chunk of any length
+    /// starting anywhere (prefill), or next to other sequences.
+    #[test]
+    fn batch_invariant() {
+        let cfg = cfg();
+        let n = 53;
+        let (cache, q) = setup(&cfg, n, 11);
+        let (other, q2) = setup(&cfg, 20, 13);
+        let qd = cfg.q_dim();
+        let mut whole = vec![0f32; n * qd];
+        attend(&cfg, 1, &[&cache], &[(0, n, 0)], &q, qd, 3.0, &mut whole);
+        for split in [1, 7, 16, 17, 40, 52] {
+            // Rows split..n as one chunk, preceded by another sequence's 20 rows.
+            let rows = n - split;
+            let mut qq = q2.clone();
+            qq.extend_from_slice(&q[split * qd..]);
+            let mut out = vec![0f32; (20 + rows) * qd];
+            attend(
+                &cfg,
+                1,
+                &[&other, &cache],
+                &[(0, 20, 0), (20, rows, split)],
+                &qq,
+                qd,
+                3.0,
+                &mut out,
+            );
+            assert_eq!(&out[20 * qd..], &whole[split * qd..], "chunk from {split}");
+        }
+        for r in [0, 15, 16, 52] {
+            let mut one = vec![0f32; qd];
+            attend(
+                &cfg,
+                1,
+                &[&cache],
+                &[(0, 1, r)],
+                &q[r * qd..],
+                qd,
+                3.0,
+                &mut one,
+            );
+            assert_eq!(one, whole[r * qd..(r + 1) * qd], "row {r} alone");
+        }
+    }
+}
