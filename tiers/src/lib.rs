@@ -1,7 +1,8 @@
 //! Model tiers on candle.
 //!
 //! - [`fetch`]: model files fetched from registry packages, verified against pinned sha256, cached.
-//! - [`kernels`]: batched int8 matmul over tiled Q4/U8 weights (AVX-512 VNNI with a portable fallback).
+//! - [`kernels`]: batched int8 matmul over tiled Q4/U8 weights (AVX-512 VNNI, AVX2 with a prefill panel kernel,
+//!   portable fallback).
 //! - [`tokenizer`]: BPE tokenizer and chat template built from the GGUF file itself.
 //! - [`llama`]: llama-family decoder over a ragged batch with per-sequence KV caches.
 pub mod error;

@@ -5,6 +5,10 @@
 //! pairs into one i32 per row. 4-bit weights (at most 15·127·2 per pair) never saturate; 8-bit weights are split
 //! into their two nibbles, the high one weighted by 16. Integer sums are exact and the float work (one convert,
 //! two FMAs per block) follows the portable kernel's order, so results are bit-identical to it.
+//!
+//! Prefill chunks (8 rows or more, Q4 weights) take [`q4_panel`], which reads the activations from the
+//! panel layout of [`QuantActs`] and sums a block's products in 16 bits; fewer rows take [`tile_rows`].
+//! Activation quantization ([`quantize_block`]) lives here too.
 
 use std::arch::x86_64::*;
 

@@ -12,6 +12,10 @@
 //! Every output element is computed by the same sequence of operations whatever the number of rows, so a
 //! sequence gets bit-identical logits alone or in a batch (batch invariance).
 //!
+//! Prefill chunks are matrix-matrix products: quantization also lays the rows out in panels of [`PANEL`]
+//! (their quants interleaved dword by dword), and on AVX2 a panel kernel multiplies eight rows per pass over
+//! a weight tile with every row's quants and scales behind one pointer (`avx2::q4_panel`).
+//!
 //! [`level`] picks the kernel at run time: AVX-512 VNNI, else AVX2, else portable code; all three give
 //! bit-identical results.
 
