@@ -8,6 +8,9 @@
 //! one batched forward pass: one token for every decoding sequence plus prefill chunks under the per-step token
 //! budget. Tokens stream back per request.
 
+// The weighted fair planner of issue 13: built and unit-tested; the engine's step adopts it next.
+#[allow(dead_code)]
+mod fair;
 mod prefix;
 mod queue;
 mod sched;

@@ -1,0 +1,288 @@
+//! Weighted fair choice of one engine step's rows across zones (issue 13): a pure planner over the resident
+//! sequences, in the manner of the Virtual Token Counter (Sheng et al., OSDI 2024).
+//!
+//! Each zone has a virtual counter: the tokens it was served (prefill and decode) divided by its weight. A step
+//! picks, again and again, the next sequence of the zone with the lowest counter (charging it tentatively),
+//! until the step's rows or tokens run out; sequences not picked are paused for the step and keep their KV. A
+//! zone that becomes active is lifted to the lowest counter among the active zones, so it is served at once but
+//! cannot hoard credit from its idle time. Within a zone, higher priority goes first, then earlier arrival.
+//! Counters of zones that are neither active nor owed anything are forgotten (bounded state).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+
+/// A resident sequence the step may run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate<Z> {
+    pub zone: Z,
+    /// The zone's class weight (> 0).
+    pub weight: f64,
+    /// Higher runs first within the zone.
+    pub priority: i32,
+    /// Admission order (lower first within a priority).
+    pub arrival: u64,
+    /// Prompt tokens not yet in the KV cache; 0 when decoding (one token a step).
+    pub prefill_left: usize,
+}
+
+/// The zones' virtual counters, carried from step to step.
+#[derive(Debug)]
+pub struct FairClock<Z> {
+    served: HashMap<Z, f64>,
+    /// The zones of the last step.
+    active: HashSet<Z>,
+}
+
+impl<Z: Eq + Hash + Clone> Default for FairClock<Z> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<Z: Eq + Hash + Clone> FairClock<Z> {
+    pub fn new() -> Self {
+        Self {
+            served: HashMap::new(),
+            active: HashSet::new(),
+        }
+    }
+
+    /// Zones with a counter (active ones and those still owed service).
+    pub fn tracked(&self) -> usize {
+        self.served.len()
+    }
+
+    /// A zone's virtual service so far (tokens / weight), if tracked.
+    pub fn served(&self, zone: &Z) -> Option<f64> {
+        self.served.get(zone).copied()
+    }
+
+    /// Tokens to run for each candidate this step (same order; 0 = paused), at most `max_rows` sequences and
+    /// `token_budget` tokens in all, and charges the zones for them.
+    ///
+    /// A decoding sequence costs one token; a prefilling one gets a chunk of what is left of the budget after
+    /// one token for each decoding sequence that could still be picked, so a long prompt never stalls decoding.
+    pub fn plan(
+        &mut self,
+        cands: &[Candidate<Z>],
+        max_rows: usize,
+        token_budget: usize,
+    ) -> Vec<usize> {
+        let mut plan = vec![0; cands.len()];
+        if cands.is_empty() {
+            self.served.clear();
+            self.active.clear();
+            return plan;
+        }
+        // Per zone: its candidates in run order, and its weight.
+        let mut zones: HashMap<&Z, (f64, Vec<usize>)> = HashMap::new();
+        // Zones in order of first appearance: ties between counters go to the earlier one, deterministically.
+        let mut order: Vec<&Z> = Vec::new();
+        for (i, c) in cands.iter().enumerate() {
+            zones
+                .entry(&c.zone)
+                .or_insert_with(|| {
+                    order.push(&c.zone);
+                    (c.weight.max(f64::MIN_POSITIVE), Vec::new())
+                })
+                .1
+                .push(i);
+        }
+        for (_, list) in zones.values_mut() {
+            list.sort_by_key(|&i| (std::cmp::Reverse(cands[i].priority), cands[i].arrival));
+            list.reverse(); // pop() yields the next one
+        }
+        // Lift newcomers (and zones back from idle) to the lowest counter among the zones that stayed active;
+        // when none stayed, every zone starts even (idle time earns no credit).
+        let continuing = zones
+            .keys()
+            .filter(|z| self.active.contains(**z))
+            .filter_map(|z| self.served.get(*z))
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let floor = if continuing.is_finite() {
+            continuing
+        } else {
+            zones
+                .keys()
+                .filter_map(|z| self.served.get(*z))
+                .copied()
+                .fold(0.0, f64::max)
+        };
+        // Forget idle zones that are owed nothing (their counter would be lifted anyway); an idle zone that
+        // was served ahead of the others keeps its counter until the others catch up.
+        let keep_ahead = continuing.is_finite();
+        self.served
+            .retain(|z, v| zones.contains_key(z) || (keep_ahead && *v > floor));
+        let mut t: Vec<(&Z, f64)> = order
+            .iter()
+            .map(|z| {
+                let v = self.served.get(*z).copied().unwrap_or(floor).max(floor);
+                (*z, v)
+            })
+            .collect();
+        let mut decoders_left = cands.iter().filter(|c| c.prefill_left == 0).count();
+        let (mut rows, mut budget) = (max_rows, token_budget);
+        while rows > 0 && budget > 0 {
+            // The zone with the lowest tentative counter that still has a candidate.
+            let Some(k) = t
+                .iter()
+                .enumerate()
+                .filter(|(_, (z, _))| !zones[*z].1.is_empty())
+                .min_by(|a, b| a.1.1.total_cmp(&b.1.1))
+                .map(|(k, _)| k)
+            else {
+                break;
+            };
+            let z = t[k].0;
+            let (w, list) = zones.get_mut(z).expect("zone of a candidate");
+            let i = list.pop().expect("non-empty");
+            let c = &cands[i];
+            let n = if c.prefill_left == 0 {
+                decoders_left -= 1;
+                1
+            } else {
+                let reserve = decoders_left.min(rows - 1);
+                c.prefill_left.min(budget.saturating_sub(reserve))
+            };
+            if n == 0 {
+                continue;
+            }
+            plan[i] = n;
+            rows -= 1;
+            budget -= n;
+            t[k].1 += n as f64 / *w;
+        }
+        self.active.clear();
+        for (z, v) in t {
+            self.served.insert(z.clone(), v);
+            self.active.insert(z.clone());
+        }
+        plan
+    }
+}
+
+/// Jain's fairness index of `x` (1 = all equal, 1/n = one takes everything).
+pub fn jain(x: &[f64]) -> f64 {
+    let (s, s2) = x.iter().fold((0.0, 0.0), |(s, s2), v| (s + v, s2 + v * v));
+    if s2 == 0.0 {
+        1.0
+    } else {
+        s * s / (x.len() as f64 * s2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(zone: u32, weight: f64, arrival: u64) -> Candidate<u32> {
+        Candidate {
+            zone,
+            weight,
+            priority: 0,
+            arrival,
+            prefill_left: 0,
+        }
+    }
+
+    /// Runs `steps` steps over a fixed backlog and returns tokens per zone.
+    fn run(
+        clock: &mut FairClock<u32>,
+        cands: &[Candidate<u32>],
+        rows: usize,
+        steps: usize,
+    ) -> HashMap<u32, usize> {
+        let mut got = HashMap::new();
+        for _ in 0..steps {
+            for (c, n) in cands.iter().zip(clock.plan(cands, rows, 256)) {
+                *got.entry(c.zone).or_default() += n;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_new_zone_gets_a_row_at_the_next_step_when_one_zone_holds_every_row() {
+        let mut clock = FairClock::new();
+        let flood: Vec<_> = (0..48).map(|i| dec(1, 1.0, i)).collect();
+        run(&mut clock, &flood, 32, 50);
+        let mut all = flood.clone();
+        all.push(dec(2, 1.0, 100));
+        let plan = clock.plan(&all, 32, 256);
+        assert_eq!(plan[48], 1, "the newcomer runs in the very next step");
+        assert_eq!(plan.iter().filter(|&&n| n > 0).count(), 32);
+    }
+
+    #[test]
+    fn backlogged_zones_of_weights_one_and_two_get_tokens_one_to_two() {
+        let mut clock = FairClock::new();
+        let cands: Vec<_> = (0..24)
+            .map(|i| dec(1, 1.0, i))
+            .chain((0..24).map(|i| dec(2, 2.0, 100 + i)))
+            .collect();
+        run(&mut clock, &cands, 16, 37); // any window, not only from the start
+        let got = run(&mut clock, &cands, 16, 200);
+        let ratio = got[&2] as f64 / got[&1] as f64;
+        assert!((ratio - 2.0).abs() <= 0.2, "weight 2 : weight 1 = {ratio}");
+    }
+
+    #[test]
+    fn equal_zones_share_evenly_whatever_their_backlog() {
+        let mut clock = FairClock::new();
+        let mut cands = Vec::new();
+        for (zone, n) in [(1, 40), (2, 3), (3, 12), (4, 7)] {
+            cands.extend((0..n).map(|i| dec(zone, 1.0, zone as u64 * 1000 + i)));
+        }
+        // 4 rows a step: each zone has at least one sequence to run, so each is owed a quarter.
+        let got = run(&mut clock, &cands, 4, 200);
+        let x: Vec<f64> = (1..=4).map(|z| got[&z] as f64).collect();
+        assert!(jain(&x) >= 0.95, "Jain's index {} of {x:?}", jain(&x));
+    }
+
+    #[test]
+    fn a_zone_back_from_idle_gets_its_share_not_a_burst() {
+        let mut clock = FairClock::new();
+        let a: Vec<_> = (0..16).map(|i| dec(1, 1.0, i)).collect();
+        let b: Vec<_> = (0..16).map(|i| dec(2, 1.0, 100 + i)).collect();
+        let both: Vec<_> = a.iter().chain(&b).cloned().collect();
+        run(&mut clock, &both, 8, 20);
+        // Zone 2 idles for 100 steps while zone 1 runs alone, then returns.
+        run(&mut clock, &a, 8, 100);
+        let got = run(&mut clock, &both, 8, 10);
+        assert_eq!(got[&1], got[&2], "equal shares after the return: {got:?}");
+    }
+
+    #[test]
+    fn priority_then_arrival_orders_a_zone_s_sequences() {
+        let mut clock = FairClock::new();
+        let mut cands: Vec<_> = (0..4).map(|i| dec(1, 1.0, i)).collect();
+        cands[3].priority = 5;
+        let plan = clock.plan(&cands, 2, 256);
+        assert_eq!(plan, vec![1, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_long_prefill_leaves_a_token_for_every_decoding_row() {
+        let mut clock = FairClock::new();
+        let mut cands = vec![Candidate {
+            prefill_left: 1000,
+            ..dec(9, 1.0, 0)
+        }];
+        cands.extend((0..10).map(|i| dec(1, 1.0, 10 + i)));
+        let plan = clock.plan(&cands, 32, 64);
+        assert_eq!(plan[0], 54);
+        assert!(plan[1..].iter().all(|&n| n == 1), "{plan:?}");
+    }
+
+    #[test]
+    fn idle_zones_owed_nothing_are_forgotten() {
+        let mut clock = FairClock::new();
+        for z in 0..100u32 {
+            clock.plan(&[dec(z, 1.0, 0)], 4, 16);
+        }
+        assert!(clock.tracked() <= 1, "{} counters kept", clock.tracked());
+        assert!(clock.plan(&[], 4, 16).is_empty());
+        assert_eq!(clock.tracked(), 0);
+    }
+}
