@@ -116,6 +116,9 @@ fn main() -> Result<()> {
         "reference" => bench_reference(&args, &cfg)?,
         other => anyhow::bail!("unknown tier `{other}` (driver, theia, saturn, reference)"),
     };
+    if table.is_empty() {
+        return Ok(()); // --prefill-only printed its line
+    }
     println!("{table}");
     if let Some(path) = &args.write {
         let key = match args.device.as_deref() {

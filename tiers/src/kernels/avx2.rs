@@ -41,7 +41,7 @@ pub(super) unsafe fn q4_panel(
     const NR: usize = PANEL;
     let nb = w.blocks();
     let bb = QFormat::Q4.block_bytes();
-    assert!(w.format == QFormat::Q4 && t < w.tiles());
+    assert!(w.format == QFormat::Q4 && t < w.tiles() && panel < x.panels);
     assert!(
         x.panel_q.len() >= (panel + 1) * NR * x.k && x.panel_ds.len() >= (panel + 1) * nb * 2 * NR
     );

@@ -246,6 +246,8 @@ pub struct QuantActs {
     panel_q: Vec<i8>,
     /// Per (panel, block): the rows' `d`, then their `s` (`[2][PANEL]`).
     panel_ds: Vec<f32>,
+    /// Panels built by the last quantization (0 where no kernel of this CPU reads them).
+    panels: usize,
 }
 
 /// Activation rows interleaved per panel (and per pass of the prefill kernel).
@@ -295,12 +297,17 @@ impl QuantActs {
                 .zip(self.s_exact.iter_mut())
                 .for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
         }
-        self.interleave();
+        // Only the AVX2 prefill kernel reads panels: other levels skip the copy.
+        self.panels = 0;
+        if level() == KernelLevel::Avx2 {
+            self.interleave();
+        }
     }
 
     /// Fills the panels from the row-major quants and scales.
     fn interleave(&mut self) {
         let (panels, nb) = (self.rows / PANEL, self.k / QK);
+        self.panels = panels;
         self.panel_q.resize(panels * PANEL * self.k, 0);
         self.panel_ds.resize(panels * nb * 2 * PANEL, 0.0);
         let (q, d, s) = (&self.q, &self.d, &self.s);
@@ -425,7 +432,7 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
                 match level {
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2
-                        if w.format == QFormat::Q4 && r0 % PANEL == 0 && x.rows - r0 >= PANEL =>
+                        if w.format == QFormat::Q4 && r0 % PANEL == 0 && r0 / PANEL < x.panels =>
                     unsafe {
                         nr = PANEL;
                         avx2::q4_panel(w, t, x, r0 / PANEL, &mut tile_out)

@@ -120,6 +120,8 @@ fn every_simd_kernel_equals_the_portable_kernel_bit_for_bit() {
             let x = random(rows * k, rows as u64);
             let mut qa = QuantActs::default();
             qa.quantize(&x, rows, k);
+            // Panels whatever the best level here, so the AVX2 panel kernel is checked on every CPU.
+            qa.interleave();
             let mut want = vec![0f32; rows * n];
             matmul_with(KernelLevel::Portable, &qa, &w, &mut want);
             for &l in &levels[1..] {
@@ -177,6 +179,7 @@ fn extreme_q4_weights_do_not_overflow_the_prefill_kernel() {
         .collect();
     let mut qa = QuantActs::default();
     qa.quantize(&x, rows, k);
+    qa.interleave();
     let mut want = vec![0f32; rows * n];
     matmul_with(KernelLevel::Portable, &qa, &w, &mut want);
     let exact = 0.01 * 15.0 * k as f32 - 0.5 * k as f32;

@@ -19,7 +19,7 @@ use super::kv::{KvCache, KvData, KvElem};
 use super::ops::exp_in_place;
 
 /// Query rows per task: enough to amortize the conversion of the cache, small enough to balance threads.
-pub(super) const ROWS_PER_TASK: usize = 32;
+const ROWS_PER_TASK: usize = 32;
 /// Positions per transposed key block (one 256-bit vector of f32).
 const L: usize = 8;
 /// Query vectors scored together against a key block (independent FMA chains).
@@ -44,30 +44,16 @@ thread_local! {
 
 /// A piece of the batch: `rows` consecutive positions from `pos0` of chunk `chunk`, rows `row0..` of the batch.
 #[derive(Clone, Copy, Debug)]
-struct Task {
+pub(super) struct Task {
     chunk: usize,
     row0: usize,
     rows: usize,
     pos0: usize,
 }
 
-/// `out[r] = softmax(q[r] · Kᵀ / scale) · V` per head over positions `0..=pos(r)` of layer `layer`.
-///
-/// `spans[c] = (first row of chunk c, rows, position of its first row)`; `qkv` holds `q` at the start of
-/// each row of width `q_stride`; `out` is `[rows, q_dim]`. Each chunk's keys and values for its rows must
-/// already be in its cache.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attend(
-    cfg: &LlamaConfig,
-    layer: usize,
-    caches: &[&KvCache],
-    spans: &[(usize, usize, usize)],
-    qkv: &[f32],
-    q_stride: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let qd = cfg.q_dim();
+/// The tasks of a batch (the same for every layer), in row order. `spans[c] = (first row of chunk c, rows,
+/// position of its first row)`, chunks in row order and contiguous.
+pub(super) fn tasks(spans: &[(usize, usize, usize)]) -> Vec<Task> {
     let mut tasks = Vec::new();
     for (chunk, &(row0, rows, pos0)) in spans.iter().enumerate() {
         let mut i = 0;
@@ -82,18 +68,33 @@ pub(super) fn attend(
             i += n;
         }
     }
-    tasks.sort_by_key(|t| t.row0);
-    // Each task owns the output rows it computes: split `out` along the tasks (rows are contiguous per task).
+    tasks
+}
+
+/// `out[r] = softmax(q[r] · Kᵀ / scale) · V` per head over positions `0..=pos(r)` of layer `layer`, for the
+/// batch cut into `tasks` (from [`tasks`]).
+///
+/// `qkv` holds `q` at the start of each row of width `q_stride`; `out` is `[rows, q_dim]`. Each chunk's keys
+/// and values for its rows must already be in its cache.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
+    cfg: &LlamaConfig,
+    layer: usize,
+    caches: &[&KvCache],
+    tasks: &[Task],
+    qkv: &[f32],
+    q_stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let qd = cfg.q_dim();
+    // Each task owns the output rows it computes: split `out` along the tasks (consecutive rows).
     let mut pieces: Vec<(Task, &mut [f32])> = Vec::with_capacity(tasks.len());
     let mut rest = out;
-    let mut at = 0;
-    for t in tasks {
-        let skip = (t.row0 - at) * qd;
-        let (_, tail) = rest.split_at_mut(skip);
-        let (mine, tail) = tail.split_at_mut(t.rows * qd);
+    for &t in tasks {
+        let (mine, tail) = rest.split_at_mut(t.rows * qd);
         pieces.push((t, mine));
         rest = tail;
-        at = t.row0 + t.rows;
     }
     let run = |(t, o): (Task, &mut [f32])| {
         let q = &qkv[t.row0 * q_stride..];
@@ -480,7 +481,16 @@ mod tests {
         let (cache, q) = setup(&cfg, n, 7);
         let qd = cfg.q_dim();
         let mut out = vec![0f32; n * qd];
-        attend(&cfg, 0, &[&cache], &[(0, n, 0)], &q, qd, 4.0, &mut out);
+        attend(
+            &cfg,
+            0,
+            &[&cache],
+            &tasks(&[(0, n, 0)]),
+            &q,
+            qd,
+            4.0,
+            &mut out,
+        );
         let KvData::F32 { k, v } = &cache.data else {
             panic!("f32 cache")
         };
@@ -513,7 +523,16 @@ mod tests {
         let (other, q2) = setup(&cfg, 20, 13);
         let qd = cfg.q_dim();
         let mut whole = vec![0f32; n * qd];
-        attend(&cfg, 1, &[&cache], &[(0, n, 0)], &q, qd, 3.0, &mut whole);
+        attend(
+            &cfg,
+            1,
+            &[&cache],
+            &tasks(&[(0, n, 0)]),
+            &q,
+            qd,
+            3.0,
+            &mut whole,
+        );
         for split in [1, 7, 16, 17, 40, 52] {
             // Rows split..n as one chunk, preceded by another sequence's 20 rows.
             let rows = n - split;
@@ -524,7 +543,7 @@ mod tests {
                 &cfg,
                 1,
                 &[&other, &cache],
-                &[(0, 20, 0), (20, rows, split)],
+                &tasks(&[(0, 20, 0), (20, rows, split)]),
                 &qq,
                 qd,
                 3.0,
@@ -538,7 +557,7 @@ mod tests {
                 &cfg,
                 1,
                 &[&cache],
-                &[(0, 1, r)],
+                &tasks(&[(0, 1, r)]),
                 &q[r * qd..],
                 qd,
                 3.0,

@@ -255,6 +255,7 @@ impl Llama {
             spans.push((at, ch.tokens.len(), ch.kv.len));
             at += ch.tokens.len();
         }
+        let tasks = attn::tasks(&spans);
         if rows == 0 {
             return Ok(Vec::new());
         }
@@ -321,7 +322,7 @@ impl Llama {
             }
             attn.resize(rows * qd, 0.0);
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.kv).collect();
-            attn::attend(cfg, li, &caches, &spans, qkv, w, scale, attn);
+            attn::attend(cfg, li, &caches, &tasks, qkv, w, scale, attn);
             layer.o.forward(attn, rows, qa, proj)?;
             if lora {
                 add_lora(&blends, li, &[(Module::O, 0..dim)], attn, qd, proj, dim);
