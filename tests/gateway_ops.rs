@@ -52,11 +52,10 @@ async fn budgets_edited_under_load_apply_without_failing_a_request_and_invalid_e
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A valid edit: fewer slots and a lower max_new_tokens, written the way editors do (temp file + rename).
-    let edited = src.budgets.replacen("slots = 32", "slots = 2", 1).replacen(
-        "max_new_tokens = 512",
-        "max_new_tokens = 20",
-        1,
-    );
+    let edited = src
+        .budgets
+        .replacen("slots = 128", "slots = 2", 1)
+        .replacen("max_new_tokens = 512", "max_new_tokens = 20", 1);
     let tmp = dir.path().join(".budgets.toml.swp");
     std::fs::write(&tmp, &edited).unwrap();
     std::fs::rename(&tmp, dir.path().join("budgets.toml")).unwrap();

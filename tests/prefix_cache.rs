@@ -49,6 +49,7 @@ fn request(messages: &[(&str, &str)], lora: Option<Arc<Blend>>, n: usize) -> Gen
         params: SamplingParams::greedy(n),
         lora,
         deadline: None,
+        share: Default::default(),
     }
 }
 

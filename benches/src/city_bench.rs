@@ -467,6 +467,7 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
             params: SamplingParams::greedy(1),
             lora: None,
             deadline: None,
+            share: Default::default(),
         })?;
         while let Some(ev) = rx.recv().await {
             if matches!(ev, Event::Done(_) | Event::Error(_) | Event::Expired) {

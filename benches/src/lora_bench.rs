@@ -100,6 +100,7 @@ fn decode(h: &LlmHandle, blends: &[Option<Arc<Blend>>], tokens: usize) -> Result
                 },
                 lora: b.clone(),
                 deadline: None,
+                share: Default::default(),
             })
         })
         .collect::<Result<_, _>>()?;

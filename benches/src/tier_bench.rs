@@ -10,7 +10,7 @@ use clap::Parser;
 use nimmer_benches::{machine, machine_on, pct, peak_rss_mib, write_block};
 use nimmer_config::Config;
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
-use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
+use nimmer_tiers::{Event, GenerateRequest, LlmHandle, Prompt, SamplingParams, Schedule, Share};
 
 #[derive(Parser)]
 #[command(about = "Benchmark a model tier and record the figures in benches/RESULTS.md")]
@@ -36,6 +36,10 @@ struct Args {
     /// Only the cold-prefill test (print it; skip the decode test).
     #[arg(long)]
     prefill_only: bool,
+    /// Step schedules to measure in the decode test, interleaved within each round (`fair,fcfs` compares
+    /// the weighted fair step planner with first come, first served). Each request runs for its own zone.
+    #[arg(long, value_delimiter = ',', default_value = "fair", value_parser = parse_schedule)]
+    schedules: Vec<Schedule>,
     /// Config directory (default: the embedded config).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
@@ -50,10 +54,26 @@ struct Args {
     write: Option<std::path::PathBuf>,
 }
 
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    match s {
+        "fair" => Ok(Schedule::Fair),
+        "fcfs" => Ok(Schedule::Fcfs),
+        other => Err(format!("unknown schedule `{other}` (fair, fcfs)")),
+    }
+}
+
+fn schedule_name(s: Schedule) -> &'static str {
+    match s {
+        Schedule::Fair => "fair",
+        Schedule::Fcfs => "fcfs",
+    }
+}
+
 /// One concurrency level measured in one round.
 struct Measured {
     round: usize,
     concurrency: usize,
+    schedule: Schedule,
     /// Steady-state aggregate decode tok/s.
     tps: f64,
     ttft: Vec<f64>,
@@ -160,6 +180,8 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     spec.max_batch = spec.max_batch.max(most);
     spec.queue = spec.queue.max(most);
     limits.batch_token_budget = limits.batch_token_budget.max(spec.max_batch);
+    limits.resident = limits.resident.max(most);
+    limits.step_rows = limits.step_rows.max(most);
     let h = LlmHandle::start(&args.tier, &spec, limits, &model).context("starting the engine")?;
     let mut rows = Vec::new();
 
@@ -187,6 +209,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                         },
                         lora: None,
                         deadline: None,
+                        share: Share::default(),
                     }
                 })
                 .collect();
@@ -220,7 +243,16 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
         return Ok(String::new());
     }
     let mut results: Vec<Measured> = Vec::new();
-    for (round, &c) in (0..args.rounds).flat_map(|r| args.concurrency.iter().map(move |c| (r, c))) {
+    let runs = (0..args.rounds).flat_map(|r| {
+        args.concurrency
+            .iter()
+            .flat_map(move |&c| args.schedules.iter().map(move |&s| (r, c, s)))
+    });
+    for (round, c, schedule) in runs {
+        h.set_limits(nimmer_tiers::EngineLimits {
+            schedule,
+            ..h.limits()
+        });
         let users = [
             "Tell me about the harbour.",
             "What do the guards say about the thief?",
@@ -242,6 +274,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                 },
                 lora: None,
                 deadline: None,
+                share: Share::zone(&format!("zone-{i}"), "street", 1.0, 0),
             })
             .collect();
         let r = run_concurrent(&h, reqs)?;
@@ -275,25 +308,35 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
             })
             .collect();
         eprintln!(
-            "round {round}: concurrency {c}: {decode_tps:.0} tok/s, ITL p50 {:.1} ms",
+            "round {round}: concurrency {c} ({}): {decode_tps:.0} tok/s, ITL p50 {:.1} ms",
+            schedule_name(schedule),
             pct(&mut itl, 0.5)
         );
         results.push(Measured {
             round,
             concurrency: c,
+            schedule,
             tps: decode_tps,
             ttft,
             itl,
         });
         std::thread::sleep(Duration::from_millis(200));
     }
-    let batch1: BTreeMap<usize, f64> = results
+    let several = args.schedules.len() > 1;
+    for (&schedule, &c) in args
+        .schedules
         .iter()
-        .filter(|r| r.concurrency == 1)
-        .map(|r| (r.round, r.tps))
-        .collect();
-    for &c in &args.concurrency {
-        let mine: Vec<_> = results.iter().filter(|r| r.concurrency == c).collect();
+        .flat_map(|s| args.concurrency.iter().map(move |c| (s, c)))
+    {
+        let batch1: BTreeMap<usize, f64> = results
+            .iter()
+            .filter(|r| r.concurrency == 1 && r.schedule == schedule)
+            .map(|r| (r.round, r.tps))
+            .collect();
+        let mine: Vec<_> = results
+            .iter()
+            .filter(|r| r.concurrency == c && r.schedule == schedule)
+            .collect();
         let mut tps: Vec<f64> = mine.iter().map(|r| r.tps).collect();
         let mut ratios: Vec<f64> = mine
             .iter()
@@ -306,8 +349,13 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
             .map(|t| format!("{t:.0}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let label = if several {
+            format!("{c} ({})", schedule_name(schedule))
+        } else {
+            c.to_string()
+        };
         rows.push(format!(
-            "| {c} | {:.0} ({runs}) | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {label} | {:.0} ({runs}) | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
             pct(&mut tps, 0.5),
             if ratios.is_empty() {
                 "–".to_string()
@@ -322,8 +370,44 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
             pct(&mut itl, 0.99)
         ));
     }
+    // Fair against first come, first served: per concurrency, the median of per-round ratios.
+    let mut versus = String::new();
+    if args.schedules.contains(&Schedule::Fair) && args.schedules.contains(&Schedule::Fcfs) {
+        let mut parts = Vec::new();
+        for &c in &args.concurrency {
+            let of = |s: Schedule| -> BTreeMap<usize, f64> {
+                results
+                    .iter()
+                    .filter(|r| r.concurrency == c && r.schedule == s)
+                    .map(|r| (r.round, r.tps))
+                    .collect()
+            };
+            let (fair, fcfs) = (of(Schedule::Fair), of(Schedule::Fcfs));
+            let mut ratios: Vec<f64> = fair
+                .iter()
+                .filter_map(|(r, f)| fcfs.get(r).map(|b| f / b))
+                .collect();
+            let each = ratios
+                .iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            parts.push(format!(
+                "{c} sequences (of {c} zones) **{:.2}×** ({each})",
+                pct(&mut ratios, 0.5)
+            ));
+        }
+        versus = format!(
+            "Decode tok/s of the fair step planner against FCFS, same engine, schedules alternated within each round (median of per-round ratios): {}.\n\n",
+            parts.join(", ")
+        );
+    }
     let info = h.info();
     let mut flags = format!("--tier {}", args.tier);
+    if several || args.schedules != [Schedule::Fair] {
+        let names: Vec<&str> = args.schedules.iter().map(|&s| schedule_name(s)).collect();
+        flags.push_str(&format!(" --schedules {}", names.join(",")));
+    }
     if args.concurrency != [1, 4, 8, 16, 32] {
         let levels: Vec<String> = args.concurrency.iter().map(|c| c.to_string()).collect();
         flags.push_str(&format!(" --concurrency {}", levels.join(",")));
@@ -363,6 +447,10 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     for r in &rows {
         table.push_str(r);
         table.push('\n');
+    }
+    if !versus.is_empty() {
+        table.push('\n');
+        table.push_str(&versus);
     }
     Ok(table)
 }

@@ -89,6 +89,7 @@ pub fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
         params,
         lora: (!blend.is_empty()).then(|| std::sync::Arc::new(blend)),
         deadline: None,
+        share: Default::default(),
     })?;
     let mut out = std::io::stdout().lock();
     while let Some(ev) = rx.blocking_recv() {

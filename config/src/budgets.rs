@@ -154,6 +154,27 @@ pub struct TierBudget {
     /// The engine's prefix KV cache, within `kv_memory_mib` (0 turns it off; absent: a quarter of it).
     #[serde(default)]
     pub prefix_cache_mib: Option<usize>,
+    /// Sequences the engine holds with their KV at once (absent: `slots`); more than a step runs, so a
+    /// step can pause a borrowed row for a zone under its share without losing its cache.
+    #[serde(default)]
+    pub resident: Option<usize>,
+    /// Most sequences one engine step runs (absent: the tier's `max_batch` in tiers.toml, its ceiling).
+    #[serde(default)]
+    pub step_rows: Option<usize>,
+    /// How a step chooses its rows among the resident sequences.
+    #[serde(default)]
+    pub schedule: Schedule,
+}
+
+/// How an engine step chooses its rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Weighted fair share of the tokens served, per zone (virtual token counters).
+    #[default]
+    Fair,
+    /// The oldest resident sequences first (the engine before issue 13; kept for comparison).
+    Fcfs,
 }
 
 impl TierBudget {
@@ -336,6 +357,9 @@ impl BudgetsFile {
                     || t.batch_token_budget.is_some()
                     || t.kv_memory_mib.is_some()
                     || t.prefix_cache_mib.is_some()
+                    || t.resident.is_some()
+                    || t.step_rows.is_some()
+                    || t.schedule != Schedule::Fair
                 {
                     return bad(
                         "tiers.saturn".into(),
@@ -368,10 +392,15 @@ impl BudgetsFile {
                     "must be at most kv_memory_mib (the prefix cache is part of the KV memory)",
                 );
             }
-            if t.batch_token_budget < Some(t.slots) {
+            for (k, v) in [("resident", t.resident), ("step_rows", t.step_rows)] {
+                if v == Some(0) {
+                    return bad(key(k), "must be greater than 0");
+                }
+            }
+            if t.step_rows.is_some() && t.batch_token_budget < t.step_rows {
                 return bad(
                     key("batch_token_budget"),
-                    "must be at least `slots` so every running sequence can decode each step",
+                    "must be at least `step_rows` so every row of a step can decode",
                 );
             }
         }
@@ -440,7 +469,7 @@ mod tests {
     #[test]
     fn invalid_values_name_their_key() {
         let cases: &[(&str, &str, &str)] = &[
-            ("slots = 32", "slots = 0", "tiers.driver.slots"),
+            ("slots = 128", "slots = 0", "tiers.driver.slots"),
             ("weight = 2.0", "weight = -1.0", "classes.plaza.weight"),
             (
                 "default_class = \"street\"",
@@ -453,6 +482,8 @@ mod tests {
                 "batch_token_budget = 8",
                 "tiers.driver.batch_token_budget",
             ),
+            ("step_rows = 32", "step_rows = 0", "tiers.driver.step_rows"),
+            ("resident = 128", "resident = 0", "tiers.driver.resident"),
             (
                 "max_new_tokens = 1024",
                 "max_new_tokens = 0",
@@ -467,7 +498,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_types_are_parse_errors_naming_the_file() {
-        let e = with(|s| s.replacen("slots = 32", "slots = \"many\"", 1)).unwrap_err();
+        let e = with(|s| s.replacen("slots = 128", "slots = \"many\"", 1)).unwrap_err();
         assert!(e.to_string().starts_with("budgets.toml:"), "{e}");
         let e = with(|s| s.replacen("[tiers.driver]", "[tiers.driver]\nbogus = 1", 1)).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");

@@ -13,8 +13,8 @@ mod tiers;
 mod transport;
 
 pub use budgets::{
-    BudgetsFile, ClassOverride, LorasSpec, RequestBudget, Routing, TierBudget, TierBudgets,
-    TierName, UnknownTrait, ZoneClass, ZonesSpec,
+    BudgetsFile, ClassOverride, LorasSpec, RequestBudget, Routing, Schedule, TierBudget,
+    TierBudgets, TierName, UnknownTrait, ZoneClass, ZonesSpec,
 };
 pub use classifiers::{ClassifierSpec, ClassifiersFile, LabelSpec};
 pub use error::ConfigError;
@@ -129,8 +129,8 @@ impl Config {
     }
 }
 
-/// Budgets that only make sense against the tiers: slots within the engine's batch capacity, token limits
-/// within the context.
+/// Budgets that only make sense against the tiers: a step's rows within the engine's batch capacity, token
+/// limits within the context.
 fn check_budgets_fit(file: &str, b: &BudgetsFile, t: &TiersFile) -> Result<(), ConfigError> {
     let llm = [
         (
@@ -148,12 +148,22 @@ fn check_budgets_fit(file: &str, b: &BudgetsFile, t: &TiersFile) -> Result<(), C
     for (tier, max_batch, context) in llm {
         let tb = b.tier_budget(tier);
         let name = tier.as_str();
-        if tb.slots > max_batch && tier != TierName::Saturn {
-            return Err(ConfigError::invalid(
-                file,
-                format!("tiers.{name}.slots"),
-                format!("must not exceed the tier's max_batch ({max_batch}) in tiers.toml"),
-            ));
+        if tier != TierName::Saturn {
+            let rows = tb.step_rows.unwrap_or(max_batch);
+            if rows > max_batch {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("tiers.{name}.step_rows"),
+                    format!("must not exceed the tier's max_batch ({max_batch}) in tiers.toml"),
+                ));
+            }
+            if tb.batch_token_budget.is_some_and(|b| b < rows) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("tiers.{name}.batch_token_budget"),
+                    format!("must be at least the step's rows ({rows}) so every row can decode"),
+                ));
+            }
         }
         if let Some(ctx) = context {
             let mut limits = vec![(
@@ -213,13 +223,23 @@ mod tests {
     }
 
     #[test]
-    fn slots_beyond_max_batch_are_rejected_naming_budgets_toml() {
+    fn step_rows_beyond_max_batch_are_rejected_naming_budgets_toml() {
         let mut s = Sources::embedded();
-        s.budgets = s.budgets.replacen("slots = 32", "slots = 64", 1);
+        s.budgets = s.budgets.replacen("step_rows = 32", "step_rows = 64", 1);
         let e = Config::parse(s, "cfg").unwrap_err().to_string();
         assert!(
-            e.starts_with("cfg/budgets.toml: `tiers.driver.slots`"),
+            e.starts_with("cfg/budgets.toml: `tiers.driver.step_rows`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn slots_may_exceed_max_batch_as_admission() {
+        let mut s = Sources::embedded();
+        s.budgets = s.budgets.replacen("slots = 128", "slots = 512", 1);
+        assert_eq!(
+            Config::parse(s, "cfg").unwrap().budgets.tiers.driver.slots,
+            512
         );
     }
 

@@ -77,6 +77,7 @@ pub struct Admitted {
     pub snapshot: Snapshot,
     pub started: Instant,
     pub deadline: Option<Deadline>,
+    pub priority: i32,
 }
 
 impl Admitted {
@@ -153,6 +154,7 @@ pub async fn admit(gw: &Gateway, ask: Ask<'_>) -> Result<Admitted, ApiError> {
         snapshot: snap,
         started,
         deadline: ask.deadline,
+        priority: ask.priority,
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::Stream;
 use nimmer_config::RequestBudget;
-use nimmer_tiers::{Completion, Event, GenerateRequest, Prompt, SamplingParams};
+use nimmer_tiers::{Completion, Event, GenerateRequest, Prompt, SamplingParams, Share};
 
 use crate::Tier;
 use crate::admission::{self, Admitted, Ask, Deadline, Target};
@@ -149,11 +149,19 @@ async fn submit(
         Some(v) => (Some(v.blend), v.names),
         None => (None, Vec::new()),
     };
+    // The engine's steps share their rows by zone: the zone, its class weight and the priority travel along.
+    let share = Share::zone(
+        &admitted.permit.zone,
+        &class,
+        admitted.snapshot.weight,
+        admitted.priority,
+    );
     let mut events = llm.submit(GenerateRequest {
         prompt: Prompt::Tokens(admitted.prompt),
         params,
         lora,
         deadline: deadline.map(|d| d.at),
+        share,
     })?;
     let first = match events.recv().await {
         None => {

@@ -19,7 +19,7 @@ use crate::metrics;
 use crate::results::ResultsSink;
 use crate::slots::TierSlots;
 use crate::tier::{Health, Tiers};
-use crate::zones::{ZoneTable, ZoneView};
+use crate::zones::{EngineShare, ZoneTable, ZoneView};
 
 /// The configuration in effect and its version (1 at start, +1 per applied reload).
 pub struct Live {
@@ -294,6 +294,24 @@ impl Gateway {
         for (name, pins) in self.pins.lock().expect("pins lock").iter() {
             zones.entry(name.clone()).or_default().npcs_pinned =
                 pins.iter().map(|p| p.npc.clone()).collect();
+        }
+        for tier in [Tier::Driver, Tier::Theia] {
+            let Some(llm) = self.tiers().llm(tier) else {
+                continue;
+            };
+            for s in llm.zone_service() {
+                // Only zones the gateway knows (the engine also books requests that name no zone).
+                if let Some(z) = zones.get_mut(&s.zone) {
+                    z.engine_share.insert(
+                        tier,
+                        EngineShare {
+                            tokens_served: s.tokens_served,
+                            tokens_owed: s.tokens_owed,
+                            share_ratio: s.share_ratio,
+                        },
+                    );
+                }
+            }
         }
         zones
     }

@@ -19,6 +19,18 @@ pub struct ZoneView {
     /// NPCs whose personas are pinned in the prefix cache while the zone is active.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub npcs_pinned: Vec<String>,
+    /// Per LLM tier: the tokens its engine's steps ran for the zone against the zone's weighted fair share.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub engine_share: BTreeMap<TierName, EngineShare>,
+}
+
+/// A zone's service from one engine (the engine's own books: see `nimmer_tiers::ZoneServiceView`).
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineShare {
+    pub tokens_served: u64,
+    pub tokens_owed: f64,
+    /// `tokens_served / tokens_owed`: 1 is exactly the zone's share, below 1 less than it was owed.
+    pub share_ratio: Option<f64>,
 }
 
 /// A token bucket in debt form: a request may start while the level is above zero; its tokens are charged

@@ -29,7 +29,7 @@ fn budgets(edits: &[(&str, &str)]) -> String {
 /// The Driver with one slot and a queue of `queue`.
 fn one_driver_slot(queue: usize) -> String {
     budgets(&[(
-        "[tiers.driver]\nslots = 32\nqueue = 256",
+        "[tiers.driver]\nslots = 128\nqueue = 256",
         &format!("[tiers.driver]\nslots = 1\nqueue = {queue}"),
     )])
 }
@@ -150,7 +150,7 @@ async fn a_deadline_that_passes_in_the_queue_is_504_and_never_reaches_the_tier()
 #[tokio::test]
 async fn deep_work_degrades_to_the_driver_when_theia_is_saturated_or_down() {
     let fakes = Fakes::new(2, Duration::ZERO);
-    let text = budgets(&[("[tiers.theia]\nslots = 4", "[tiers.theia]\nslots = 1")]);
+    let text = budgets(&[("[tiers.theia]\nslots = 16", "[tiers.theia]\nslots = 1")]);
     let (_gw, app) = gateway(&text, &fakes);
     fakes.theia.hold();
     let on_theia = spawn_send(&app, dialog("a", "deep", "x"));
@@ -231,7 +231,7 @@ async fn a_budgets_reload_under_load_admits_waiters_and_keeps_running_requests()
 
     let version = gw
         .apply_budgets(&budgets(&[(
-            "[tiers.driver]\nslots = 32\nqueue = 256",
+            "[tiers.driver]\nslots = 128\nqueue = 256",
             "[tiers.driver]\nslots = 2\nqueue = 8",
         )]))
         .expect("valid edit");
@@ -253,7 +253,7 @@ async fn a_budgets_reload_under_load_admits_waiters_and_keeps_running_requests()
 async fn a_quiet_zone_is_served_before_a_flooding_zone_drains() {
     let fakes = Fakes::new(1, Duration::ZERO);
     let text = budgets(&[(
-        "[tiers.driver]\nslots = 32\nqueue = 256",
+        "[tiers.driver]\nslots = 128\nqueue = 256",
         "[tiers.driver]\nslots = 2\nqueue = 64",
     )]);
     let (gw, app) = gateway(&text, &fakes);
@@ -428,4 +428,44 @@ async fn a_zones_npcs_are_pinned_in_their_voice_while_it_is_active_and_released_
     assert!(pins(&fakes).is_empty());
     let (_, zones) = get(&app, "/v1/zones").await;
     assert!(zones["zones"].get("docks").is_none(), "{zones}");
+}
+
+#[tokio::test]
+async fn slots_admit_into_the_engine_beyond_its_rows_and_each_request_carries_its_zone_s_share() {
+    let fakes = Fakes::new(2, Duration::ZERO);
+    // Default budgets: 128 Driver slots, twice and more the engine's 32 rows a step.
+    let (gw, app) = gateway(&Sources::embedded().budgets, &fakes);
+    fakes.driver.hold();
+    let mut tasks: Vec<_> = (0..64)
+        .map(|_| spawn_send(&app, dialog("flood", "dialog", "x")))
+        .collect();
+    until("the whole flood is in the engine", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 64
+    })
+    .await;
+    assert_eq!(queued(&gw, "flood"), 0, "no flood request waits for a slot");
+    let mut quiet = dialog("plaza-1", "dialog", "y y y");
+    quiet["priority"] = json!(3);
+    tasks.push(spawn_send(&app, quiet));
+    until("the quiet request reaches the engine at once", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 65
+    })
+    .await;
+    let share = fakes.driver.shares.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        (&*share.zone, &*share.class, share.weight, share.priority),
+        ("plaza-1", "plaza", 2.0, 3),
+        "the engine's step planner gets the zone, its class weight and the priority"
+    );
+    fakes.driver.release();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+    let (_, zones) = get(&app, "/v1/zones").await;
+    let served = &zones["zones"]["plaza-1"]["engine_share"]["driver"];
+    assert_eq!(
+        served["tokens_served"], 5,
+        "3 prompt + 2 generated: {served}"
+    );
+    assert!(served["share_ratio"].is_number(), "{served}");
 }

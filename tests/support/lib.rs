@@ -114,6 +114,7 @@ pub fn chat(system: &str, user: &str, params: SamplingParams) -> GenerateRequest
         params,
         lora: None,
         deadline: None,
+        share: Default::default(),
     }
 }
 

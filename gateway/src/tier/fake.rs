@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
 use nimmer_tiers::{
     Classification, Completion, EngineLimits, Event, FinishReason, GenerateRequest, Prompt,
-    TierError,
+    Schedule, Share, TierError, ZoneServiceView,
 };
 use tokio::sync::{Notify, mpsc};
 
@@ -36,6 +36,10 @@ pub struct FakeLlm {
     pub running: AtomicUsize,
     /// Prompt lengths (tokens) in submission order: tests tell requests apart by them.
     pub prompts: Mutex<Vec<usize>>,
+    /// The share (zone, class, weight, priority) of each submitted request, in submission order.
+    pub shares: Mutex<Vec<Share>>,
+    /// Tokens streamed per zone (the fake's service book: owed = served, it does not schedule).
+    served: Mutex<std::collections::BTreeMap<String, (String, u64)>>,
     /// Pins held now: id → (prompt, whether it ran with a blend).
     pub pins: Mutex<std::collections::BTreeMap<u64, (Prompt, bool)>>,
 }
@@ -50,6 +54,9 @@ impl FakeLlm {
                 batch_token_budget: 256,
                 kv_memory_bytes: 1 << 30,
                 prefix_cache_bytes: 0,
+                resident: 32,
+                step_rows: 32,
+                schedule: Schedule::Fair,
             }),
             alive: AtomicBool::new(true),
             held: AtomicBool::new(false),
@@ -58,6 +65,8 @@ impl FakeLlm {
             cancelled: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             prompts: Mutex::new(Vec::new()),
+            shares: Mutex::new(Vec::new()),
+            served: Mutex::new(Default::default()),
             pins: Mutex::new(Default::default()),
         })
     }
@@ -133,6 +142,12 @@ impl FakeLlm {
                 return;
             }
         }
+        {
+            let mut served = self.served.lock().expect("served lock");
+            let e = served.entry(req.share.zone.to_string()).or_default();
+            e.0 = req.share.class.to_string();
+            e.1 += (prompt + n) as u64;
+        }
         let ms = started.elapsed().as_secs_f64() * 1e3;
         let _ = tx.send(Event::Done(Completion {
             finish_reason: FinishReason::Length,
@@ -200,6 +215,10 @@ impl LlmTier for FakeLlmTier {
         let prompt = self.tokenize(&req.prompt)?.len();
         fake.submitted.fetch_add(1, Ordering::SeqCst);
         fake.prompts.lock().expect("prompts lock").push(prompt);
+        fake.shares
+            .lock()
+            .expect("shares lock")
+            .push(req.share.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(fake.clone().run(req, prompt, tx));
         Ok(rx)
@@ -232,6 +251,20 @@ impl LlmTier for FakeLlmTier {
 
     fn limits(&self) -> EngineLimits {
         *self.0.limits.lock().expect("limits lock")
+    }
+
+    fn zone_service(&self) -> Vec<ZoneServiceView> {
+        let served = self.0.served.lock().expect("served lock");
+        served
+            .iter()
+            .map(|(zone, (class, n))| ZoneServiceView {
+                zone: zone.clone(),
+                class: class.clone(),
+                tokens_served: *n,
+                tokens_owed: *n as f64,
+                share_ratio: (*n > 0).then_some(1.0),
+            })
+            .collect()
     }
 
     fn set_limits(&self, limits: EngineLimits) {

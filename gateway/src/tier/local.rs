@@ -10,7 +10,7 @@ use nimmer_loras::{BaseShape, Blend};
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{
     Classification, EngineLimits, GenerateRequest, LlmHandle, PrefixSnapshot, Prompt, SaturnHandle,
-    TierError,
+    TierError, ZoneServiceView,
 };
 
 use super::{ClassifierTier, Events, Health, LlmTier, Tiers};
@@ -56,6 +56,10 @@ impl LlmTier for LlmHandle {
 
     fn prefix_cache(&self) -> Option<PrefixSnapshot> {
         Some(LlmHandle::prefix_cache(self))
+    }
+
+    fn zone_service(&self) -> Vec<ZoneServiceView> {
+        LlmHandle::zone_service(self)
     }
 }
 

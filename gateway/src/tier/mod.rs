@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
 use nimmer_tiers::{
     Classification, EngineLimits, Event, GenerateRequest, PrefixSnapshot, Prompt, TierError,
+    ZoneServiceView,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -62,6 +63,10 @@ pub trait LlmTier: Send + Sync {
     /// What the tier's prefix KV cache holds and did (`None` for a tier without one).
     fn prefix_cache(&self) -> Option<PrefixSnapshot> {
         None
+    }
+    /// Tokens each zone was served by the tier's steps against its weighted fair share.
+    fn zone_service(&self) -> Vec<ZoneServiceView> {
+        Vec::new()
     }
 }
 

@@ -48,13 +48,9 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
     }
 
     /// Zones with a counter (active ones and those still owed service).
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.served.len()
-    }
-
-    /// A zone's virtual service so far (tokens / weight), if tracked.
-    pub fn served(&self, zone: &Z) -> Option<f64> {
-        self.served.get(zone).copied()
     }
 
     /// Tokens to run for each candidate this step (same order; 0 = paused), at most `max_rows` sequences and
@@ -160,6 +156,34 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
         }
         plan
     }
+}
+
+/// What each zone is owed of a step's `total` tokens: shares by weight, none above its demand, what a
+/// satisfied zone leaves going to the others by weight (water-filling). `zones` holds (weight, demand).
+pub fn owed(zones: &[(f64, usize)], total: usize) -> Vec<f64> {
+    let mut out = vec![0.0; zones.len()];
+    let mut open: Vec<usize> = (0..zones.len()).filter(|&i| zones[i].1 > 0).collect();
+    let mut left = total as f64;
+    while !open.is_empty() && left > 0.0 {
+        let w: f64 = open.iter().map(|&i| zones[i].0).sum();
+        let full: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| zones[i].1 as f64 <= left * zones[i].0 / w)
+            .collect();
+        if full.is_empty() {
+            for &i in &open {
+                out[i] = left * zones[i].0 / w;
+            }
+            break;
+        }
+        for &i in &full {
+            out[i] = zones[i].1 as f64;
+            left -= out[i];
+        }
+        open.retain(|i| !full.contains(i));
+    }
+    out
 }
 
 /// Jain's fairness index of `x` (1 = all equal, 1/n = one takes everything).
@@ -273,6 +297,17 @@ mod tests {
         let plan = clock.plan(&cands, 32, 64);
         assert_eq!(plan[0], 54);
         assert!(plan[1..].iter().all(|&n| n == 1), "{plan:?}");
+    }
+
+    #[test]
+    fn owed_shares_by_weight_and_gives_what_a_zone_cannot_use_to_the_others() {
+        assert_eq!(owed(&[(1.0, 100), (2.0, 100)], 30), vec![10.0, 20.0]);
+        assert_eq!(
+            owed(&[(1.0, 2), (1.0, 100), (1.0, 0)], 30),
+            vec![2.0, 28.0, 0.0]
+        );
+        assert_eq!(owed(&[(1.0, 5), (1.0, 5)], 30), vec![5.0, 5.0]);
+        assert!(owed(&[], 30).is_empty());
     }
 
     #[test]

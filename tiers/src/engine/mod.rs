@@ -4,21 +4,21 @@
 //! a request on the caller's side (errors come back at once), then queues it. The engine runs on its own OS
 //! thread (`worker.rs`) and owns the model and the `queue.rs` state (waiting and running sequences, their KV
 //! caches and leases). Between two steps it takes new requests, drops sequences whose receiver is gone or whose
-//! deadline passed before admission, admits waiting ones within `max_batch` and the KV memory budget, and runs
-//! one batched forward pass: one token for every decoding sequence plus prefill chunks under the per-step token
-//! budget. Tokens stream back per request.
+//! deadline passed before admission, admits waiting ones (fewest resident per zone weight first) within the
+//! `resident` count and the KV memory budget, and runs one batched forward pass over at most `step_rows` of the
+//! resident sequences, chosen by weighted fair share of the tokens each zone was served (`fair.rs`): one token
+//! for every decoding row plus prefill chunks under the per-step token budget. Sequences left out of a step
+//! keep their KV and continue later. Tokens stream back per request.
 
-// The weighted fair planner of issue 13: built and unit-tested; the engine's step adopts it next.
-#[allow(dead_code)]
 mod fair;
 mod prefix;
 mod queue;
 mod sched;
+mod service;
 mod worker;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use nimmer_config::LlmTierSpec;
@@ -34,8 +34,10 @@ use crate::tokenizer::{ChatTokenizer, Message};
 use queue::NewSeq;
 use worker::serve;
 
+pub use fair::jain;
+pub use nimmer_config::Schedule;
 pub use prefix::{BLOCK_TOKENS, PrefixSnapshot, PrefixStats};
-pub use sched::{SeqState, admit_count, plan_step};
+pub use service::{ZoneService, ZoneServiceView};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -57,6 +59,42 @@ pub struct GenerateRequest {
     /// Not admitted into the running batch by then: dropped from the queue with [`Event::Expired`] before
     /// any model work.
     pub deadline: Option<Instant>,
+    /// Whose share of the engine's steps it runs on.
+    pub share: Share,
+}
+
+/// The zone a sequence runs for: steps share their rows and tokens across zones by `weight`, and within a
+/// zone higher `priority` runs first. Requests that name no zone share one (`Share::default()`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Share {
+    pub zone: Arc<str>,
+    /// The zone's class (labels the per-class service figures in `/metrics`).
+    pub class: Arc<str>,
+    /// The class's weight (> 0).
+    pub weight: f64,
+    pub priority: i32,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Self {
+            zone: "".into(),
+            class: "".into(),
+            weight: 1.0,
+            priority: 0,
+        }
+    }
+}
+
+impl Share {
+    pub fn zone(zone: &str, class: &str, weight: f64, priority: i32) -> Self {
+        Self {
+            zone: zone.into(),
+            class: class.into(),
+            weight,
+            priority,
+        }
+    }
 }
 
 pub use nimmer_wire::FinishReason;
@@ -100,6 +138,11 @@ pub struct EngineLimits {
     pub kv_memory_bytes: usize,
     /// Bytes the prefix cache may keep (within `kv_memory_bytes`; 0 turns it off).
     pub prefix_cache_bytes: usize,
+    /// Most sequences held with their KV at once (running or paused).
+    pub resident: usize,
+    /// Most sequences one step runs (the engine caps it at its `max_batch`).
+    pub step_rows: usize,
+    pub schedule: Schedule,
 }
 
 impl EngineLimits {
@@ -109,24 +152,34 @@ impl EngineLimits {
             batch_token_budget: b.batch_token_budget.unwrap_or(256),
             kv_memory_bytes: b.kv_memory_mib.unwrap_or(1024) << 20,
             prefix_cache_bytes: b.prefix_cache_mib() << 20,
+            resident: b.resident.unwrap_or(b.slots),
+            step_rows: b.step_rows.unwrap_or(usize::MAX),
+            schedule: b.schedule,
         }
     }
 }
 
 /// [`EngineLimits`] shared between the handles and the engine thread.
-struct LiveLimits {
-    batch_token_budget: AtomicUsize,
-    kv_memory_bytes: AtomicUsize,
-    prefix_cache_bytes: AtomicUsize,
-}
+struct LiveLimits(std::sync::Mutex<EngineLimits>);
 
 impl LiveLimits {
+    fn new(l: EngineLimits) -> Self {
+        let live = Self(std::sync::Mutex::new(l));
+        live.set(l);
+        live
+    }
+
     fn get(&self) -> EngineLimits {
-        EngineLimits {
-            batch_token_budget: self.batch_token_budget.load(Ordering::Relaxed),
-            kv_memory_bytes: self.kv_memory_bytes.load(Ordering::Relaxed),
-            prefix_cache_bytes: self.prefix_cache_bytes.load(Ordering::Relaxed),
-        }
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, l: EngineLimits) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = EngineLimits {
+            batch_token_budget: l.batch_token_budget.max(1),
+            resident: l.resident.max(1),
+            step_rows: l.step_rows.max(1),
+            ..l
+        };
     }
 }
 
@@ -147,6 +200,8 @@ pub struct TierInfo {
     pub prefix: Arc<PrefixStats>,
     /// Pins to release, read by the engine before every step.
     unpins: std::sync::Mutex<Vec<u64>>,
+    /// Tokens served and owed per zone.
+    pub service: ZoneService,
 }
 
 enum Command {
@@ -262,13 +317,13 @@ impl LlmHandle {
     /// Changes the engine limits; the engine applies them before its next step. Running sequences keep their
     /// KV memory: a lower budget only delays admissions.
     pub fn set_limits(&self, l: EngineLimits) {
-        let live = &self.info.limits;
-        live.batch_token_budget
-            .store(l.batch_token_budget.max(1), Ordering::Relaxed);
-        live.kv_memory_bytes
-            .store(l.kv_memory_bytes, Ordering::Relaxed);
-        live.prefix_cache_bytes
-            .store(l.prefix_cache_bytes, Ordering::Relaxed);
+        self.info.limits.set(l);
+        // An idle engine has nothing to apply them to; a busy one reads them before its next step.
+    }
+
+    /// Tokens each zone was served and owed by this engine's steps (zones seen in the last ten minutes).
+    pub fn zone_service(&self) -> Vec<ZoneServiceView> {
+        self.info.service.snapshot()
     }
 
     /// Tokenizes the prompt as the engine will see it.
@@ -332,6 +387,7 @@ impl LlmHandle {
             params: SamplingParams::greedy(1),
             lora,
             deadline: None,
+            share: Share::default(),
         })?;
         seq.pin = Some(id);
         self.send(seq)
@@ -353,6 +409,12 @@ impl LlmHandle {
         req: GenerateRequest,
     ) -> Result<(Box<NewSeq>, mpsc::UnboundedReceiver<Event>)> {
         req.params.validate()?;
+        if !(req.share.weight.is_finite() && req.share.weight > 0.0) {
+            return Err(TierError::InvalidRequest {
+                field: "weight",
+                message: format!("must be a number > 0, got {}", req.share.weight),
+            });
+        }
         let prompt = self.tokenize(&req.prompt)?;
         let info = &self.info;
         if prompt.len() + req.params.max_tokens > info.context {
@@ -384,6 +446,7 @@ impl LlmHandle {
             deadline: req.deadline,
             root,
             pin: None,
+            share: req.share,
         });
         Ok((seq, rx))
     }

@@ -1,12 +1,14 @@
 //! The engine's queue state, free of models and threads so it is unit-tested on its own: requests accepted
 //! from the channel wait in order; between two steps cancelled requests (their receiver dropped) leave, waiting
 //! requests whose deadline passed leave with [`Event::Expired`] (they never reach the model), and waiting
-//! requests are admitted in order within the free batch rows and the KV budget. An admitted sequence holds a
-//! [`KvLease`] for its worst case (prompt + `max_tokens`): dropping the sequence, however it ends, returns its
-//! bytes (as TGI's blocks do), so the books cannot drift.
+//! requests become resident within the `resident` count and the KV budget, the zone with the fewest resident
+//! sequences per unit of weight first. An admitted sequence holds a [`KvLease`] for its worst case (prompt +
+//! `max_tokens`): dropping the sequence, however it ends, returns its bytes (as TGI's blocks do), so the books
+//! cannot drift. Each step's rows are planned over the resident sequences: by weighted fair share
+//! ([`FairClock`]) or oldest first.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,9 +16,11 @@ use std::time::Instant;
 use nimmer_loras::Blend;
 use tokio::sync::mpsc;
 
-use super::Event;
+use super::fair::{Candidate, FairClock, owed};
 use super::prefix::BlockHash;
-use super::sched::{SeqState, admit_count, plan_step};
+use super::sched::{SeqState, plan_step};
+use super::service::ZoneStep;
+use super::{Event, Schedule, Share};
 use crate::sampling::{Sampler, SamplingParams, TextStream};
 
 /// A request as it arrives from a handle: validated and tokenized.
@@ -32,6 +36,7 @@ pub(crate) struct NewSeq {
     pub root: BlockHash,
     /// A pin ([`super::LlmHandle::pin`]): nobody reads its events; its prompt's blocks are pinned when it ends.
     pub pin: Option<u64>,
+    pub share: Share,
 }
 
 /// KV bytes reserved by one admitted sequence; returned to the budget on drop.
@@ -49,6 +54,8 @@ impl Drop for KvLease {
 /// A sequence owned by the engine: waiting (no cache, no lease) or running.
 pub(crate) struct Seq<C> {
     pub new: NewSeq,
+    /// Order of arrival in the engine.
+    arrival: u64,
     /// KV bytes its worst case needs.
     kv_need: usize,
     /// Prompt tokens already in the KV cache.
@@ -85,12 +92,25 @@ pub(crate) struct Gone {
     pub expired: usize,
 }
 
-/// Waiting and running sequences and the KV bytes the running ones hold.
+/// How the next step may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StepLimits {
+    /// Most sequences it runs.
+    pub rows: usize,
+    /// Most tokens it runs (raised to `rows` so every row can decode).
+    pub tokens: usize,
+    pub schedule: Schedule,
+}
+
+/// Waiting and resident ("running": in the batch or paused for a step) sequences and the KV bytes the
+/// resident ones hold.
 pub(crate) struct Queue<C> {
     waiting: VecDeque<Seq<C>>,
     running: Vec<Seq<C>>,
     kv_used: Rc<Cell<usize>>,
     kv_bytes_per_token: usize,
+    arrivals: u64,
+    clock: FairClock<Arc<str>>,
 }
 
 impl<C> Queue<C> {
@@ -100,6 +120,8 @@ impl<C> Queue<C> {
             running: Vec::new(),
             kv_used: Rc::new(Cell::new(0)),
             kv_bytes_per_token,
+            arrivals: 0,
+            clock: FairClock::new(),
         }
     }
 
@@ -113,15 +135,36 @@ impl<C> Queue<C> {
         self.kv_used.get()
     }
 
-    /// The KV bytes missing for the first waiting sequence when a batch row is free for it but `kv_budget`
-    /// is not (the engine may evict prefix-cache blocks to find them).
-    pub fn shortfall(&self, max_batch: usize, kv_budget: usize) -> Option<usize> {
-        let head = self.waiting.front()?;
-        if self.running.len() >= max_batch {
+    /// The KV bytes missing for the next waiting sequence when there is room for one more resident but
+    /// `kv_budget` has not (the engine may evict prefix-cache blocks to find them).
+    pub fn shortfall(&self, max_resident: usize, kv_budget: usize) -> Option<usize> {
+        if self.running.len() >= max_resident {
             return None;
         }
+        let head = &self.waiting[self.next_waiting()?];
         let free = kv_budget.saturating_sub(self.kv_used.get());
         (head.kv_need > free).then(|| head.kv_need - free)
+    }
+
+    /// The waiting sequence to admit next: of the zone with the fewest resident sequences per unit of weight
+    /// (ties: the earliest arrival), its highest priority, then earliest arrival.
+    fn next_waiting(&self) -> Option<usize> {
+        let mut resident: HashMap<&str, usize> = HashMap::new();
+        for s in &self.running {
+            *resident.entry(&s.new.share.zone).or_default() += 1;
+        }
+        let key = |s: &Seq<C>| {
+            let n = resident.get(&*s.new.share.zone).copied().unwrap_or(0);
+            (
+                (n + 1) as f64 / s.new.share.weight,
+                std::cmp::Reverse(s.new.share.priority),
+                s.arrival,
+            )
+        };
+        (0..self.waiting.len()).min_by(|&a, &b| {
+            let (ka, kb) = (key(&self.waiting[a]), key(&self.waiting[b]));
+            ka.0.total_cmp(&kb.0).then((ka.1, ka.2).cmp(&(kb.1, kb.2)))
+        })
     }
 
     pub fn running(&self) -> &[Seq<C>] {
@@ -150,8 +193,10 @@ impl<C> Queue<C> {
         let kv_need = (new.prompt.len() + new.params.max_tokens) * self.kv_bytes_per_token;
         let sampler = Sampler::new(new.params.clone());
         let text = TextStream::new(new.params.stop.clone());
+        self.arrivals += 1;
         self.waiting.push_back(Seq {
             new,
+            arrival: self.arrivals,
             kv_need,
             prefilled: 0,
             kv_len: 0,
@@ -191,23 +236,27 @@ impl<C> Queue<C> {
         gone
     }
 
-    /// Admits waiting sequences in order while batch rows (`max_batch`) and KV bytes (`kv_budget`) allow;
-    /// `new_cache` makes each one's KV cache for `tokens` positions. Returns how many were admitted.
+    /// Admits waiting sequences ([`Queue::next_waiting`] order) while the resident count (`max_resident`)
+    /// and KV bytes (`kv_budget`) allow; the next one in order is never skipped for a smaller one. `new_cache`
+    /// makes each one's KV cache for `tokens` positions. Returns how many were admitted (at the end of
+    /// [`Queue::running`]).
     pub fn admit(
         &mut self,
-        max_batch: usize,
+        max_resident: usize,
         kv_budget: usize,
         now: Instant,
         mut new_cache: impl FnMut(usize) -> C,
     ) -> usize {
-        let needs: Vec<usize> = self.waiting.iter().map(|s| s.kv_need).collect();
-        let free_rows = max_batch.saturating_sub(self.running.len());
-        let n = admit_count(
-            &needs,
-            free_rows,
-            kv_budget.saturating_sub(self.kv_used.get()),
-        );
-        for mut s in self.waiting.drain(..n) {
+        let mut n = 0;
+        while self.running.len() < max_resident {
+            let Some(i) = self.next_waiting() else {
+                break;
+            };
+            if self.waiting[i].kv_need > kv_budget.saturating_sub(self.kv_used.get()) {
+                break;
+            }
+            let mut s = self.waiting.remove(i).expect("index of a waiting sequence");
+            n += 1;
             s.kv = Some(new_cache(s.new.prompt.len() + s.new.params.max_tokens));
             self.kv_used.set(self.kv_used.get() + s.kv_need);
             s._lease = Some(KvLease {
@@ -220,17 +269,65 @@ impl<C> Queue<C> {
         n
     }
 
-    /// Tokens each running sequence runs next step (same order as [`Queue::running`]).
-    pub fn plan(&self, token_budget: usize) -> Vec<usize> {
-        let states: Vec<SeqState> = self
-            .running
+    /// Tokens each resident sequence runs next step (same order as [`Queue::running`]; 0 = paused), and
+    /// what each zone with a resident sequence was served and owed by the plan.
+    pub fn plan(&mut self, limits: StepLimits) -> (Vec<usize>, Vec<ZoneStep>) {
+        let rows = limits.rows.max(1);
+        // Every row decodes, whatever the (possibly just lowered) budget.
+        let tokens = limits.tokens.max(rows);
+        let left = |s: &Seq<C>| s.new.prompt.len() - s.prefilled;
+        let plan = match limits.schedule {
+            Schedule::Fair => {
+                let cands: Vec<Candidate<Arc<str>>> = self
+                    .running
+                    .iter()
+                    .map(|s| Candidate {
+                        zone: s.new.share.zone.clone(),
+                        weight: s.new.share.weight,
+                        priority: s.new.share.priority,
+                        arrival: s.arrival,
+                        prefill_left: left(s),
+                    })
+                    .collect();
+                self.clock.plan(&cands, rows, tokens)
+            }
+            Schedule::Fcfs => {
+                let n = rows.min(self.running.len());
+                let states: Vec<SeqState> = self.running[..n]
+                    .iter()
+                    .map(|s| SeqState {
+                        prefill_left: left(s),
+                    })
+                    .collect();
+                let mut plan = plan_step(&states, tokens);
+                plan.resize(self.running.len(), 0);
+                plan
+            }
+        };
+        // Per zone: weight, tokens it could have used this step, tokens it got.
+        let mut zones: Vec<(&Share, usize, usize)> = Vec::new();
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        for (s, &n) in self.running.iter().zip(&plan) {
+            let k = *at.entry(&s.new.share.zone).or_insert_with(|| {
+                zones.push((&s.new.share, 0, 0));
+                zones.len() - 1
+            });
+            zones[k].1 += left(s).max(1).min(tokens);
+            zones[k].2 += n;
+        }
+        let total = plan.iter().sum();
+        let demand: Vec<(f64, usize)> = zones.iter().map(|z| (z.0.weight, z.1)).collect();
+        let steps = zones
             .iter()
-            .map(|s| SeqState {
-                prefill_left: s.new.prompt.len() - s.prefilled,
+            .zip(owed(&demand, total))
+            .map(|(z, owed)| ZoneStep {
+                zone: z.0.zone.clone(),
+                class: z.0.class.clone(),
+                served: z.2,
+                owed,
             })
             .collect();
-        // Every running sequence decodes each step, whatever the (possibly just lowered) budget.
-        plan_step(&states, token_budget.max(self.running.len()))
+        (plan, steps)
     }
 
     /// Removes the running sequences flagged in `finished` (their KV returns to the budget).
@@ -271,6 +368,7 @@ mod tests {
             deadline,
             root: [0; 16],
             pin: None,
+            share: Share::default(),
         };
         (new, rx)
     }
@@ -412,6 +510,74 @@ mod tests {
         for s in q.running_mut() {
             s.prefilled = 3;
         }
-        assert_eq!(q.plan(1), vec![1, 1, 1]);
+        let step = |schedule| StepLimits {
+            rows: 8,
+            tokens: 1,
+            schedule,
+        };
+        assert_eq!(q.plan(step(Schedule::Fair)).0, vec![1, 1, 1]);
+        assert_eq!(q.plan(step(Schedule::Fcfs)).0, vec![1, 1, 1]);
+    }
+
+    fn zoned(zone: &str, weight: f64) -> (NewSeq, mpsc::UnboundedReceiver<Event>) {
+        let (mut s, rx) = seq(2, 8, None);
+        s.share = Share::zone(zone, "street", weight, 0);
+        (s, rx)
+    }
+
+    #[test]
+    fn admission_takes_the_zone_with_the_fewest_resident_per_weight_first() {
+        let mut q = Queue::<usize>::new(1);
+        let now = Instant::now();
+        let mut rxs = Vec::new();
+        for _ in 0..6 {
+            let (s, rx) = zoned("flood", 1.0);
+            q.accept(s);
+            rxs.push(rx);
+        }
+        assert_eq!(q.admit(4, 1000, now, cache), 4);
+        let (quiet, _q) = zoned("quiet", 1.0);
+        q.accept(quiet);
+        // Two flood sequences arrived first, but the quiet zone holds nothing.
+        assert_eq!(q.admit(5, 1000, now, cache), 1);
+        assert_eq!(&*q.running()[4].new.share.zone, "quiet");
+    }
+
+    #[test]
+    fn a_step_pauses_a_flooding_zone_s_extra_rows_for_a_newcomer_and_books_what_each_was_owed() {
+        let mut q = Queue::<usize>::new(1);
+        let now = Instant::now();
+        let mut rxs = Vec::new();
+        for _ in 0..4 {
+            let (s, rx) = zoned("flood", 1.0);
+            q.accept(s);
+            rxs.push(rx);
+        }
+        q.admit(8, 1000, now, cache);
+        for s in q.running_mut() {
+            s.prefilled = 2;
+        }
+        let limits = StepLimits {
+            rows: 2,
+            tokens: 64,
+            schedule: Schedule::Fair,
+        };
+        assert_eq!(q.plan(limits).0, vec![1, 1, 0, 0]);
+        let (quiet, _q) = zoned("quiet", 1.0);
+        q.accept(quiet);
+        q.admit(8, 1000, now, cache);
+        q.running_mut()[4].prefilled = 2;
+        let (plan, steps) = q.plan(limits);
+        assert_eq!(plan[4], 1, "the newcomer runs at once: {plan:?}");
+        assert_eq!(plan.iter().sum::<usize>(), 2);
+        assert_eq!(steps.len(), 2);
+        for z in &steps {
+            assert_eq!((z.served, z.owed), (1, 1.0), "{z:?}");
+        }
+        let fcfs = q.plan(StepLimits {
+            schedule: Schedule::Fcfs,
+            ..limits
+        });
+        assert_eq!(fcfs.0, vec![1, 1, 0, 0, 0], "oldest first");
     }
 }

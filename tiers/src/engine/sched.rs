@@ -1,6 +1,6 @@
-//! Pure scheduling decisions of the batching loop, free of models and channels so they can be unit-tested:
-//! which waiting sequences to admit (batch slots and KV memory) and how many tokens each running sequence
-//! runs in the next step (every decoding sequence one token; prefill chunks share what is left of the budget).
+//! The first-come-first-served step plan (`schedule = "fcfs"`), pure so it is unit-tested: how many tokens
+//! each running sequence runs in the next step (every decoding sequence one token; prefill chunks share what
+//! is left of the budget in arrival order). The fair plan is `fair.rs`.
 
 /// What the planner needs to know about a running sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,20 +30,6 @@ pub fn plan_step(running: &[SeqState], token_budget: usize) -> Vec<usize> {
         .collect()
 }
 
-/// How many of the waiting sequences (in order, each needing `kv_need[i]` bytes) to admit, given free batch
-/// slots and free KV bytes. Admission is in order: the head of the queue is never skipped for a smaller one.
-pub fn admit_count(kv_need: &[usize], free_slots: usize, mut kv_free: usize) -> usize {
-    let mut n = 0;
-    for &need in kv_need.iter().take(free_slots) {
-        if need > kv_free {
-            break;
-        }
-        kv_free -= need;
-        n += 1;
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,20 +56,5 @@ mod tests {
     #[test]
     fn a_short_prompt_joins_while_others_decode() {
         assert_eq!(plan_step(&[s(0), s(0), s(4)], 32), vec![1, 1, 4]);
-    }
-
-    #[test]
-    fn head_of_queue_is_not_skipped_for_a_smaller_request() {
-        assert_eq!(admit_count(&[50, 10], 4, 40), 0);
-    }
-
-    #[test]
-    fn admission_stops_at_free_slots() {
-        assert_eq!(admit_count(&[1, 1, 1], 2, 100), 2);
-    }
-
-    #[test]
-    fn admission_respects_kv_memory() {
-        assert_eq!(admit_count(&[30, 30, 30], 8, 70), 2);
     }
 }

@@ -1,20 +1,21 @@
 //! The engine thread's loop: it only moves data between the channel, the [`Queue`] and the decoder. Between
 //! two steps it takes new requests, lets the queue drop cancelled and expired ones and admit waiting ones, then
-//! runs one batched forward pass (one token for every decoding sequence plus prefill chunks under the token
-//! budget) and streams each sampled token back. Around the step it moves KV between sequences and the prefix
+//! runs one batched forward pass over the rows the queue plans (one token for every decoding row plus prefill
+//! chunks under the token budget; resident sequences left out keep their KV), books each zone's service, and
+//! streams each sampled token back. Around the step it moves KV between sequences and the prefix
 //! cache (`prefix.rs`): admitted sequences start from their longest cached prefix, every block a step
 //! completes is offered to the cache, and pin sequences pin their prompt's blocks when they end.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use nimmer_config::LlmTierSpec;
 use tokio::sync::{mpsc, oneshot};
 
 use super::prefix::{BLOCK_TOKENS, BlockHash, PrefixCache, PrefixStats, extend_chain};
-use super::queue::{Queue, Seq};
+use super::queue::{Queue, Seq, StepLimits};
+use super::service::ZoneService;
 use super::{Command, Completion, EngineLimits, Event, FinishReason, LiveLimits, TierInfo};
 use crate::error::Result;
 use crate::llama::{Chunk, Decoder};
@@ -44,16 +45,13 @@ pub(super) fn serve<M: Decoder>(
         ),
         model: cfg.clone(),
         context: spec.context,
-        limits: LiveLimits {
-            batch_token_budget: AtomicUsize::new(limits.batch_token_budget.max(1)),
-            kv_memory_bytes: AtomicUsize::new(limits.kv_memory_bytes),
-            prefix_cache_bytes: AtomicUsize::new(limits.prefix_cache_bytes),
-        },
+        limits: LiveLimits::new(limits),
         queue_capacity: spec.queue,
         weight_bytes: model.weight_bytes(),
         kernel: model.kernel(),
         prefix: prefix.clone(),
         unpins: Default::default(),
+        service: ZoneService::new(&tier),
     });
     tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
     if spec.device == nimmer_config::Device::Cuda && spec.precision != nimmer_config::Precision::F32
@@ -160,8 +158,8 @@ impl<M: Decoder> Engine<M> {
         tracing::debug!(tier = %self.info.name, id, blocks = n, "prefix pinned");
     }
 
-    /// Admits waiting sequences within the batch rows and the KV memory left beside the prefix cache
-    /// (evicting cached blocks when the first waiting sequence needs their bytes), and gives each admitted
+    /// Admits waiting sequences within the resident count and the KV memory left beside the prefix cache
+    /// (evicting cached blocks when the next waiting sequence needs their bytes), and gives each admitted
     /// sequence the longest cached prefix of its prompt.
     fn admit(&mut self, now: Instant) {
         let limits = self.info.limits.get();
@@ -170,18 +168,18 @@ impl<M: Decoder> Engine<M> {
         let beside = |p: &PrefixCache<M::Block>| limits.kv_memory_bytes.saturating_sub(p.bytes());
         let mut n = self
             .queue
-            .admit(self.max_batch, beside(&self.prefix), now, |t| {
+            .admit(limits.resident, beside(&self.prefix), now, |t| {
                 model.new_cache(t)
             });
-        // Evict only when that admits the head of the queue: a partial eviction would cost cached blocks
-        // and admit nothing.
-        if let Some(short) = self.queue.shortfall(self.max_batch, beside(&self.prefix))
+        // Evict only when that admits the next waiting sequence: a partial eviction would cost cached
+        // blocks and admit nothing.
+        if let Some(short) = self.queue.shortfall(limits.resident, beside(&self.prefix))
             && self.prefix.evictable_bytes() >= short
         {
             self.prefix.evict_bytes(short);
             n += self
                 .queue
-                .admit(self.max_batch, beside(&self.prefix), now, |t| {
+                .admit(limits.resident, beside(&self.prefix), now, |t| {
                     model.new_cache(t)
                 });
         }
@@ -196,7 +194,13 @@ impl<M: Decoder> Engine<M> {
     }
 
     fn step(&mut self) {
-        let plan = self.queue.plan(self.info.limits.get().batch_token_budget);
+        let limits = self.info.limits.get();
+        let (plan, service) = self.queue.plan(StepLimits {
+            rows: limits.step_rows.min(self.max_batch),
+            tokens: limits.batch_token_budget,
+            schedule: limits.schedule,
+        });
+        self.info.service.record(&service, Instant::now());
         self.batch_size
             .record(plan.iter().filter(|&&n| n > 0).count() as f64);
         self.batch_tokens.record(plan.iter().sum::<usize>() as f64);
