@@ -10,7 +10,7 @@ fn small(driver_queue: usize) -> String {
     let cfg = nimmer_e2e::config_with_budgets(
         |t| t.to_string(),
         |b| {
-            b.replacen("slots = 128", "slots = 2", 1)
+            b.replacen("slots = 128\nreserved_slots = 32", "slots = 2", 1)
                 .replacen("slots = 16", "slots = 1", 1)
                 .replacen("queue = 256", &format!("queue = {driver_queue}"), 1)
                 .replace("max_new_tokens = 512", "max_new_tokens = 2000")

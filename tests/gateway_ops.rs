@@ -54,7 +54,7 @@ async fn budgets_edited_under_load_apply_without_failing_a_request_and_invalid_e
     // A valid edit: fewer slots and a lower max_new_tokens, written the way editors do (temp file + rename).
     let edited = src
         .budgets
-        .replacen("slots = 128", "slots = 2", 1)
+        .replacen("slots = 128\nreserved_slots = 32", "slots = 2", 1)
         .replacen("max_new_tokens = 512", "max_new_tokens = 20", 1);
     let tmp = dir.path().join(".budgets.toml.swp");
     std::fs::write(&tmp, &edited).unwrap();
@@ -181,6 +181,10 @@ async fn zone_classes_token_rates_pruning_and_metrics() {
             .unwrap()
             < 0.0
     );
+    // The engine's books: the zone's tokens against its fair share of the steps that ran them.
+    let share = &zones["zones"]["alley-2"]["engine_share"]["driver"];
+    assert!(share["tokens_served"].as_u64().unwrap() >= 8, "{share}");
+    assert!(share["share_ratio"].as_f64().unwrap() > 0.0, "{share}");
 
     // Metrics.
     let m = get_text(&base, "/metrics").await;
@@ -193,6 +197,8 @@ async fn zone_classes_token_rates_pruning_and_metrics() {
         "nimmer_slots_capacity{tier=\"driver\"}",
         "nimmer_queue_depth{tier=\"driver\"}",
         "nimmer_batch_size_bucket{tier=\"driver\"",
+        "nimmer_zone_tokens_served_total{tier=\"driver\",class=\"street\"}",
+        "nimmer_zone_tokens_owed_total{tier=\"driver\",class=\"plaza\"}",
         "nimmer_config_version",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");

@@ -21,6 +21,8 @@ use nimmer_tiers::{Event, GenerateRequest, Prompt, SamplingParams};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+#[path = "city_bench/burst.rs"]
+mod burst;
 #[path = "city_bench/personas.rs"]
 mod personas;
 
@@ -60,7 +62,8 @@ struct Args {
     #[arg(long, default_value = "nominal")]
     label: String,
     /// `city`: the zones' mixed load above; `personas`: the NPCs' real prompts in conversations, swept over
-    /// `--rates` with the prefix cache off, then on.
+    /// `--rates` with the prefix cache off, then on; `burst`: a flood against a quiet line, and weights 1:2,
+    /// under the step schedule before issue 13 and the fair one.
     #[arg(long, default_value = "city")]
     workload: String,
     /// personas: conversations per rate.
@@ -87,6 +90,12 @@ struct Args {
     /// personas: only the cached run (skip the run with the prefix cache off).
     #[arg(long)]
     cache_only: bool,
+    /// burst: dialogs the flooding zone sends at once.
+    #[arg(long, default_value_t = 64)]
+    flood: usize,
+    /// burst: rounds (each runs both schedules).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
 }
 
 const SYSTEM: &str = "You are a helpful assistant.";
@@ -359,23 +368,25 @@ async fn city(args: &Args, base: &str) -> Result<String> {
         .filter(|v| !v.is_empty())
         .map(|v| v.iter().sum::<f64>() / v.len() as f64)
         .collect();
-    let class_ttft = |hot: bool| {
+    let of_group = |hot: bool, f: fn(&Outcome) -> f64| {
         let v: Vec<f64> = ok
             .iter()
             .filter(|o| (o.zone < args.hot_zones) == hot && o.kind != Kind::Classify)
-            .map(|o| o.ttft_ms)
+            .map(|o| f(o))
             .collect();
         p3(v)
     };
     s += &format!(
         "Jain's fairness index across the {} zones that sent requests: {:.3} on served/offered, {:.3} on mean TTFT ({} zones with a generation). \
-         TTFT p50 / p95 / p99 ms: hot zones {}, other zones {}.\n",
+         TTFT p50 / p95 / p99 ms: hot zones {}, other zones {}; slot wait p50 / p95 / p99 ms: hot zones {}, other zones {}.\n",
         served_share.len(),
         jain(&served_share),
         jain(&mean_ttft),
         mean_ttft.len(),
-        class_ttft(true),
-        class_ttft(false),
+        of_group(true, |o| o.ttft_ms),
+        of_group(false, |o| o.ttft_ms),
+        of_group(true, |o| o.slot_wait_ms),
+        of_group(false, |o| o.slot_wait_ms),
     );
     Ok(s)
 }
@@ -507,9 +518,12 @@ fn main() -> Result<()> {
     if args.workload == "personas" {
         return personas::main(&args);
     }
+    if args.workload == "burst" {
+        return burst::main(&args);
+    }
     anyhow::ensure!(
         args.workload == "city",
-        "unknown --workload `{}` (city, personas)",
+        "unknown --workload `{}` (city, personas, burst)",
         args.workload
     );
     anyhow::ensure!(

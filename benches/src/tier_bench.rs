@@ -393,7 +393,7 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                 .collect::<Vec<_>>()
                 .join(", ");
             parts.push(format!(
-                "{c} sequences (of {c} zones) **{:.2}×** ({each})",
+                "{c} zone(s) of one sequence each **{:.2}×** ({each})",
                 pct(&mut ratios, 0.5)
             ));
         }

@@ -136,6 +136,9 @@ pub struct TierBudgets {
 #[serde(deny_unknown_fields)]
 pub struct TierBudget {
     pub slots: usize,
+    /// Free slots lent only to zones under their weighted share (absent: a quarter of `slots`).
+    #[serde(default)]
+    pub reserved_slots: Option<usize>,
     pub queue: usize,
     pub queue_timeout_ms: u64,
     #[serde(default)]
@@ -178,6 +181,11 @@ pub enum Schedule {
 }
 
 impl TierBudget {
+    /// Free slots kept for zones under their weighted share.
+    pub fn reserved_slots(&self) -> usize {
+        self.reserved_slots.unwrap_or(self.slots / 4)
+    }
+
     /// MiB the prefix cache may hold.
     pub fn prefix_cache_mib(&self) -> usize {
         self.prefix_cache_mib
@@ -344,6 +352,9 @@ impl BudgetsFile {
             if t.queue_timeout_ms == 0 {
                 return bad(key("queue_timeout_ms"), "must be greater than 0");
             }
+            if t.reserved_slots() >= t.slots {
+                return bad(key("reserved_slots"), "must be below `slots`");
+            }
             check_rate(
                 file,
                 &format!("tiers.{}", tier.as_str()),
@@ -483,6 +494,11 @@ mod tests {
                 "tiers.driver.batch_token_budget",
             ),
             ("step_rows = 32", "step_rows = 0", "tiers.driver.step_rows"),
+            (
+                "reserved_slots = 32",
+                "reserved_slots = 128",
+                "tiers.driver.reserved_slots",
+            ),
             ("resident = 128", "resident = 0", "tiers.driver.resident"),
             (
                 "max_new_tokens = 1024",

@@ -4,7 +4,9 @@
 //! arrival order. When a slot frees, it goes to the waiting zone with the fewest slots in use per unit of
 //! weight (ties: the zone whose head request arrived first). So a zone that holds nothing is served at the next
 //! free slot however busy another zone is (no starvation), a zone's guaranteed share is `capacity · w / Σw` over
-//! the zones competing, and a lone zone borrows every idle slot.
+//! the zones competing, and a lone zone borrows every idle slot. The last `reserve` free slots are lent only
+//! to zones under their weighted share, so a zone that floods the tier leaves room for a quiet zone's request
+//! to enter at once (the engine's fair step then gives it a row).
 
 use std::collections::{BTreeMap, BinaryHeap};
 
@@ -46,6 +48,8 @@ pub struct Full;
 /// Per-tier fair queue of `T` (the waiter's reply handle).
 pub struct FairQueue<T> {
     capacity: usize,
+    /// Free slots kept for zones under their share.
+    reserve: usize,
     in_use: usize,
     max_waiting: usize,
     waiting: usize,
@@ -57,6 +61,7 @@ impl<T> FairQueue<T> {
     pub fn new(capacity: usize, max_waiting: usize) -> Self {
         Self {
             capacity,
+            reserve: 0,
             in_use: 0,
             max_waiting,
             waiting: 0,
@@ -70,6 +75,33 @@ impl<T> FairQueue<T> {
     pub fn set_limits(&mut self, capacity: usize, max_waiting: usize) {
         self.capacity = capacity;
         self.max_waiting = max_waiting;
+    }
+
+    /// How many of the free slots only zones under their weighted share may take.
+    pub fn set_reserve(&mut self, reserve: usize) {
+        self.reserve = reserve;
+    }
+
+    /// Whether `zone` may take a free slot now: any zone while more than `reserve` are free, else only a
+    /// zone holding less than its weighted share of the capacity among the zones holding or waiting, and
+    /// less than `capacity - reserve` (so even a lone zone leaves the reserve to the next zone to come).
+    fn may_take(&self, zone: &str, weight: f64) -> bool {
+        let free = self.capacity.saturating_sub(self.in_use);
+        if free == 0 {
+            return false;
+        }
+        if free > self.reserve {
+            return true;
+        }
+        let held = self.zones.get(zone).map_or(0, |z| z.in_use);
+        let others: f64 = self
+            .zones
+            .iter()
+            .filter(|(n, _)| n.as_str() != zone)
+            .map(|(_, z)| z.weight)
+            .sum();
+        let share = self.capacity as f64 * weight / (weight + others);
+        (held as f64) < share.min(self.capacity.saturating_sub(self.reserve) as f64)
     }
 
     pub fn capacity(&self) -> usize {
@@ -98,7 +130,7 @@ impl<T> FairQueue<T> {
 
     /// Takes a slot at once if one is free and nobody waits; otherwise `None`.
     pub fn try_take(&mut self, zone: &str, weight: f64) -> bool {
-        if self.in_use < self.capacity && self.waiting == 0 {
+        if self.waiting == 0 && self.may_take(zone, weight) {
             self.take(zone, weight);
             true
         } else {
@@ -138,7 +170,8 @@ impl<T> FairQueue<T> {
         Ok(())
     }
 
-    /// Hands a free slot to the next waiter by the fairness rule; the slot is counted as taken by its zone.
+    /// Hands a free slot to the next waiter by the fairness rule (unless the slot is in the reserve and that
+    /// zone is at its share); the slot is counted as taken by its zone.
     pub fn pop_next(&mut self) -> Option<(String, T)> {
         if self.in_use >= self.capacity {
             return None;
@@ -153,6 +186,10 @@ impl<T> FairQueue<T> {
             })
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
             .map(|(_, _, name)| name.clone())?;
+        let weight = self.zones[&zone].weight;
+        if !self.may_take(&zone, weight) {
+            return None;
+        }
         let z = self.zones.get_mut(&zone).expect("chosen zone exists");
         let w = z.waiting.pop().expect("chosen zone has a waiter");
         z.in_use += 1;
@@ -305,6 +342,33 @@ mod tests {
             "a waiter exists: the free slot is theirs"
         );
         assert_eq!(q.pop_next().unwrap().0, "b");
+    }
+
+    #[test]
+    fn a_flooding_zone_leaves_the_reserve_to_zones_under_their_share() {
+        let mut q = FairQueue::new(8, 100);
+        q.set_reserve(2);
+        for i in 0..10 {
+            if !q.try_take("flood", 1.0) {
+                q.push("flood", 1.0, 0, i).unwrap();
+            }
+        }
+        while q.pop_next().is_some() {}
+        assert_eq!(
+            q.zone("flood"),
+            (6, 4),
+            "a lone zone borrows all but the reserve"
+        );
+        assert!(!q.try_take("quiet", 1.0), "flood waiters are queued first");
+        q.push("quiet", 1.0, 0, 99).unwrap();
+        assert_eq!(q.pop_next(), Some(("quiet".to_string(), 99)), "at once");
+        assert_eq!(
+            q.pop_next(),
+            None,
+            "the flood is over its share: the last slot stays free"
+        );
+        q.push("quiet2", 1.0, 0, 98).unwrap();
+        assert_eq!(q.pop_next(), Some(("quiet2".to_string(), 98)));
     }
 
     #[test]

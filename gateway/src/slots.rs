@@ -28,10 +28,12 @@ pub enum NoSlot {
 }
 
 impl TierSlots {
-    pub(crate) fn new(tier: Tier, capacity: usize, queue: usize) -> Arc<Self> {
+    pub(crate) fn new(tier: Tier, capacity: usize, queue: usize, reserve: usize) -> Arc<Self> {
+        let mut q = FairQueue::new(capacity, queue);
+        q.set_reserve(reserve);
         Arc::new(Self {
             tier,
-            queue: Mutex::new(FairQueue::new(capacity, queue)),
+            queue: Mutex::new(q),
             next_id: AtomicU64::new(1),
         })
     }
@@ -89,6 +91,8 @@ impl TierSlots {
             self.gauges(&q);
             rx
         };
+        // A slot held in the reserve may be ours (a zone under its share waits only behind others' turns).
+        self.dispatch();
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(mut p)) => {
                 p.class = class.to_string();
@@ -122,8 +126,12 @@ impl TierSlots {
         }
     }
 
-    pub(crate) fn set_limits(self: &Arc<Self>, capacity: usize, queue: usize) {
-        self.lock().set_limits(capacity, queue);
+    pub(crate) fn set_limits(self: &Arc<Self>, capacity: usize, queue: usize, reserve: usize) {
+        {
+            let mut q = self.lock();
+            q.set_limits(capacity, queue);
+            q.set_reserve(reserve);
+        }
         self.dispatch();
     }
 

@@ -81,7 +81,10 @@ impl Gateway {
             .into_iter()
             .map(|tier| {
                 let tb = config.budgets.tier_budget(tier);
-                (tier, TierSlots::new(tier, tb.slots, tb.queue))
+                (
+                    tier,
+                    TierSlots::new(tier, tb.slots, tb.queue, tb.reserved_slots()),
+                )
             })
             .collect();
         metrics::config_version(1);
@@ -196,7 +199,7 @@ impl Gateway {
         self.loras.set_budget(next.budgets.loras.memory_mib << 20);
         for tier in Tier::ALL {
             let tb = next.budgets.tier_budget(tier);
-            self.slots[&tier].set_limits(tb.slots, tb.queue);
+            self.slots[&tier].set_limits(tb.slots, tb.queue, tb.reserved_slots());
             if let Some(h) = self.tiers.llm(tier) {
                 h.set_limits(EngineLimits::of(tb));
             }

@@ -29,7 +29,7 @@ fn budgets(edits: &[(&str, &str)]) -> String {
 /// The Driver with one slot and a queue of `queue`.
 fn one_driver_slot(queue: usize) -> String {
     budgets(&[(
-        "[tiers.driver]\nslots = 128\nqueue = 256",
+        "[tiers.driver]\nslots = 128\nreserved_slots = 32\nqueue = 256",
         &format!("[tiers.driver]\nslots = 1\nqueue = {queue}"),
     )])
 }
@@ -231,7 +231,7 @@ async fn a_budgets_reload_under_load_admits_waiters_and_keeps_running_requests()
 
     let version = gw
         .apply_budgets(&budgets(&[(
-            "[tiers.driver]\nslots = 128\nqueue = 256",
+            "[tiers.driver]\nslots = 128\nreserved_slots = 32\nqueue = 256",
             "[tiers.driver]\nslots = 2\nqueue = 8",
         )]))
         .expect("valid edit");
@@ -253,7 +253,7 @@ async fn a_budgets_reload_under_load_admits_waiters_and_keeps_running_requests()
 async fn a_quiet_zone_is_served_before_a_flooding_zone_drains() {
     let fakes = Fakes::new(1, Duration::ZERO);
     let text = budgets(&[(
-        "[tiers.driver]\nslots = 128\nqueue = 256",
+        "[tiers.driver]\nslots = 128\nreserved_slots = 32\nqueue = 256",
         "[tiers.driver]\nslots = 2\nqueue = 64",
     )]);
     let (gw, app) = gateway(&text, &fakes);
@@ -433,24 +433,25 @@ async fn a_zones_npcs_are_pinned_in_their_voice_while_it_is_active_and_released_
 #[tokio::test]
 async fn slots_admit_into_the_engine_beyond_its_rows_and_each_request_carries_its_zone_s_share() {
     let fakes = Fakes::new(2, Duration::ZERO);
-    // Default budgets: 128 Driver slots, twice and more the engine's 32 rows a step.
+    // Default budgets: 128 Driver slots (four times the engine's 32 rows a step), the last 32 of them kept
+    // for zones under their share.
     let (gw, app) = gateway(&Sources::embedded().budgets, &fakes);
     fakes.driver.hold();
-    let mut tasks: Vec<_> = (0..64)
+    let mut tasks: Vec<_> = (0..100)
         .map(|_| spawn_send(&app, dialog("flood", "dialog", "x")))
         .collect();
-    until("the whole flood is in the engine", || {
-        fakes.driver.running.load(Ordering::SeqCst) == 64
+    until("the flood fills all but the reserved slots", || {
+        fakes.driver.running.load(Ordering::SeqCst) == 96 && queued(&gw, "flood") == 4
     })
     .await;
-    assert_eq!(queued(&gw, "flood"), 0, "no flood request waits for a slot");
     let mut quiet = dialog("plaza-1", "dialog", "y y y");
     quiet["priority"] = json!(3);
     tasks.push(spawn_send(&app, quiet));
     until("the quiet request reaches the engine at once", || {
-        fakes.driver.running.load(Ordering::SeqCst) == 65
+        fakes.driver.running.load(Ordering::SeqCst) == 97
     })
     .await;
+    assert_eq!(queued(&gw, "flood"), 4, "the flood still waits");
     let share = fakes.driver.shares.lock().unwrap().last().cloned().unwrap();
     assert_eq!(
         (&*share.zone, &*share.class, share.weight, share.priority),

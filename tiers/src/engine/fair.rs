@@ -239,16 +239,32 @@ mod tests {
     }
 
     #[test]
-    fn backlogged_zones_of_weights_one_and_two_get_tokens_one_to_two() {
+    fn backlogged_zones_of_weights_one_and_two_get_tokens_one_to_two_in_every_200_step_window() {
         let mut clock = FairClock::new();
         let cands: Vec<_> = (0..24)
             .map(|i| dec(1, 1.0, i))
             .chain((0..24).map(|i| dec(2, 2.0, 100 + i)))
             .collect();
-        run(&mut clock, &cands, 16, 37); // any window, not only from the start
-        let got = run(&mut clock, &cands, 16, 200);
-        let ratio = got[&2] as f64 / got[&1] as f64;
-        assert!((ratio - 2.0).abs() <= 0.2, "weight 2 : weight 1 = {ratio}");
+        // Tokens per zone at each of 400 steps; then every window of 200 consecutive steps.
+        let steps: Vec<(usize, usize)> = (0..400)
+            .map(|_| {
+                let plan = clock.plan(&cands, 16, 256);
+                let of = |z| {
+                    cands
+                        .iter()
+                        .zip(&plan)
+                        .filter(|(c, _)| c.zone == z)
+                        .map(|(_, n)| n)
+                        .sum()
+                };
+                (of(1), of(2))
+            })
+            .collect();
+        for w in steps.windows(200) {
+            let (a, b) = w.iter().fold((0, 0), |(a, b), s| (a + s.0, b + s.1));
+            let ratio = b as f64 / a as f64;
+            assert!((ratio - 2.0).abs() <= 0.2, "weight 2 : weight 1 = {ratio}");
+        }
     }
 
     #[test]
