@@ -141,6 +141,8 @@ struct Outcome {
     completion_tokens: usize,
     ttft_ms: f64,
     slot_wait_ms: f64,
+    /// The engine's own time from queueing to the first token (the response's `timings.ttft_ms`).
+    engine_ttft_ms: f64,
     total_ms: f64,
 }
 
@@ -172,6 +174,7 @@ async fn send(client: &reqwest::Client, base: &str, zone: usize, kind: Kind, b: 
         completion_tokens: 0,
         ttft_ms: f64::NAN,
         slot_wait_ms: f64::NAN,
+        engine_ttft_ms: f64::NAN,
         total_ms: f64::NAN,
     };
     let resp = match client
@@ -215,6 +218,7 @@ async fn send(client: &reqwest::Client, base: &str, zone: usize, kind: Kind, b: 
     o.degraded = done["degraded"].as_bool().unwrap_or(false);
     o.completion_tokens = done["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
     o.slot_wait_ms = done["timings"]["slot_wait_ms"].as_f64().unwrap_or(f64::NAN);
+    o.engine_ttft_ms = done["timings"]["ttft_ms"].as_f64().unwrap_or(f64::NAN);
     o
 }
 
@@ -293,12 +297,15 @@ async fn city(args: &Args, base: &str) -> Result<String> {
     let wall = start.elapsed().as_secs_f64();
 
     let mut s = format!(
-        "#### {}\n\nMachine: {}. Command: `cargo run --release -p nimmer-benches --bin city-bench -- --label {} --rate {} --hot-zones {} --hot-share {} --duration-s {} --overhead-n {} --write benches/RESULTS.md`. \
+        "#### {}\n\nMachine: {}. Command: `cargo run --release -p nimmer-benches --bin city-bench -- --label {}{} --rate {} --hot-zones {} --hot-share {} --duration-s {} --overhead-n {} --write benches/RESULTS.md`. \
          {} zones, Poisson arrivals at {} req/s for {} s ({} requests; {} hot zones send {:.0}% of them), 5% deep/moment, 80% dialog, 15% classify, \
-         {} new tokens per generation (ignore_eos), default budgets. Client-side times over HTTP/SSE on loopback; wall {:.1} s.\n\n",
+         {} new tokens per generation (ignore_eos), {}. Client-side times over HTTP/SSE on loopback; wall {:.1} s.\n\n",
         args.label,
         machine(),
         args.label,
+        args.config
+            .as_ref()
+            .map_or(String::new(), |d| format!(" --config {}", d.display())),
         args.rate,
         args.hot_zones,
         args.hot_share,
@@ -311,6 +318,11 @@ async fn city(args: &Args, base: &str) -> Result<String> {
         args.hot_zones,
         args.hot_share * 100.0,
         args.max_tokens,
+        if args.config.is_some() {
+            "the budgets of that config directory"
+        } else {
+            "default budgets"
+        },
         wall
     );
     s += "| tier | served | tokens/s | TTFT p50 / p95 / p99 ms | slot wait p50 / p95 / p99 ms | total p50 / p99 ms |\n|---|---|---|---|---|---|\n";
@@ -378,7 +390,8 @@ async fn city(args: &Args, base: &str) -> Result<String> {
     };
     s += &format!(
         "Jain's fairness index across the {} zones that sent requests: {:.3} on served/offered, {:.3} on mean TTFT ({} zones with a generation). \
-         TTFT p50 / p95 / p99 ms: hot zones {}, other zones {}; slot wait p50 / p95 / p99 ms: hot zones {}, other zones {}.\n",
+         TTFT p50 / p95 / p99 ms: hot zones {}, other zones {}; slot wait p50 / p95 / p99 ms: hot zones {}, other zones {}; \
+         the engine's own TTFT (queued to first token) p50 / p95 / p99 ms: hot zones {}, other zones {}.\n",
         served_share.len(),
         jain(&served_share),
         jain(&mean_ttft),
@@ -387,6 +400,8 @@ async fn city(args: &Args, base: &str) -> Result<String> {
         of_group(false, |o| o.ttft_ms),
         of_group(true, |o| o.slot_wait_ms),
         of_group(false, |o| o.slot_wait_ms),
+        of_group(true, |o| o.engine_ttft_ms),
+        of_group(false, |o| o.engine_ttft_ms),
     );
     Ok(s)
 }
