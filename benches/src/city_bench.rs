@@ -488,13 +488,15 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
     let mut h = Vec::new();
     for i in 0..n.min(100) {
         let t = Instant::now();
-        let mut rx = driver.submit(GenerateRequest {
-            prompt: Prompt::Chat(messages.clone()),
-            params: SamplingParams::greedy(1),
-            lora: None,
-            deadline: None,
-            share: Default::default(),
-        })?;
+        let mut rx = driver
+            .submit(GenerateRequest {
+                prompt: Prompt::Chat(messages.clone()),
+                params: SamplingParams::greedy(1),
+                lora: None,
+                deadline: None,
+                share: Default::default(),
+            })
+            .await?;
         while let Some(ev) = rx.recv().await {
             if matches!(ev, Event::Done(_) | Event::Error(_) | Event::Expired) {
                 break;

@@ -1,6 +1,7 @@
 //! `nimmer`: the gateway binary. This file only parses arguments and calls one module per command:
 //!
 //! - [`serve`]: `nimmer serve`, the gateway over the three tiers (HTTP, optionally NATS), with hot reload.
+//! - [`tier`]: `nimmer tier`, one LLM tier worker served over NATS.
 //! - [`models`]: `nimmer models fetch|list`: download, verify (pinned sha256) and cache the models.
 //! - [`generate`]: `nimmer generate` (one request through a tier, streamed) and `nimmer classify`.
 //! - [`train`]: `nimmer loras train`: a trait-LoRA for the Driver's model from chat examples.
@@ -12,6 +13,7 @@ mod files;
 mod generate;
 mod models;
 mod serve;
+mod tier;
 mod train;
 
 use std::path::PathBuf;
@@ -51,6 +53,9 @@ enum Cmd {
     },
     /// Serve the HTTP API (loads the three tiers, fetching models when missing).
     Serve(serve::ServeArgs),
+    /// Run one LLM tier worker (driver or theia) served over NATS as the service `nimmer-<tier>`, for
+    /// gateways on other hosts (loads the model, fetching it when missing).
+    Tier(tier::TierArgs),
     /// Run a compositor: results from JetStream RESULTS become canon rows in PostgreSQL (with an outbox in
     /// the same transaction), relayed to the JetStream stream CANON (settings in transport.toml).
     Compositor(canon::CompositorArgs),
@@ -106,6 +111,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd: train::LorasCmd::Train(a),
         } => train::train(&files::load_config(&dir)?, a),
         Cmd::Serve(a) => serve::run(dir, a),
+        Cmd::Tier(a) => tier::run(&files::load_config(&dir)?, a),
         Cmd::Compositor(a) => canon::compositor(dir, a),
         Cmd::Events { cmd } => canon::events(dir, cmd),
         Cmd::Feeds { cmd } => canon::feeds(dir, cmd),

@@ -156,13 +156,15 @@ async fn submit(
         admitted.snapshot.weight,
         admitted.priority,
     );
-    let mut events = llm.submit(GenerateRequest {
-        prompt: Prompt::Tokens(admitted.prompt),
-        params,
-        lora,
-        deadline: deadline.map(|d| d.at),
-        share,
-    })?;
+    let mut events = llm
+        .submit(GenerateRequest {
+            prompt: Prompt::Tokens(admitted.prompt),
+            params,
+            lora,
+            deadline: deadline.map(|d| d.at),
+            share,
+        })
+        .await?;
     let first = match events.recv().await {
         None => {
             return Err(ApiError::Unavailable {

@@ -173,6 +173,27 @@ impl Drop for Running<'_> {
 /// Holds the fake tier's `Arc` so [`LlmTier::submit`] can spawn its generations.
 pub struct FakeLlmTier(pub Arc<FakeLlm>);
 
+impl FakeLlmTier {
+    fn start(&self, req: GenerateRequest) -> Result<Events, TierError> {
+        let fake = &self.0;
+        if !fake.alive.load(Ordering::SeqCst) {
+            return Err(TierError::EngineDown {
+                tier: fake.name.clone(),
+            });
+        }
+        let prompt = self.tokenize(&req.prompt)?.len();
+        fake.submitted.fetch_add(1, Ordering::SeqCst);
+        fake.prompts.lock().expect("prompts lock").push(prompt);
+        fake.shares
+            .lock()
+            .expect("shares lock")
+            .push(req.share.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(fake.clone().run(req, prompt, tx));
+        Ok(rx)
+    }
+}
+
 impl LlmTier for FakeLlmTier {
     fn lora_base(&self) -> BaseShape {
         BaseShape {
@@ -205,23 +226,8 @@ impl LlmTier for FakeLlmTier {
         Ok(vec![1; n])
     }
 
-    fn submit(&self, req: GenerateRequest) -> Result<Events, TierError> {
-        let fake = &self.0;
-        if !fake.alive.load(Ordering::SeqCst) {
-            return Err(TierError::EngineDown {
-                tier: fake.name.clone(),
-            });
-        }
-        let prompt = self.tokenize(&req.prompt)?.len();
-        fake.submitted.fetch_add(1, Ordering::SeqCst);
-        fake.prompts.lock().expect("prompts lock").push(prompt);
-        fake.shares
-            .lock()
-            .expect("shares lock")
-            .push(req.share.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(fake.clone().run(req, prompt, tx));
-        Ok(rx)
+    fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>> {
+        Box::pin(std::future::ready(self.start(req)))
     }
 
     fn pin(

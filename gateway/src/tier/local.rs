@@ -24,8 +24,8 @@ impl LlmTier for LlmHandle {
         LlmHandle::tokenize(self, prompt)
     }
 
-    fn submit(&self, req: GenerateRequest) -> Result<Events, TierError> {
-        self.generate(req)
+    fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>> {
+        Box::pin(std::future::ready(self.generate(req)))
     }
 
     fn limits(&self) -> EngineLimits {

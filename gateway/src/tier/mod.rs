@@ -1,10 +1,12 @@
 //! The tiers as the gateway sees them: one interface for LLM tiers ([`LlmTier`]: tokenize, submit → a stream
 //! of events that cancels when dropped, engine limits, health) and one for classifier tiers
 //! ([`ClassifierTier`]). Admission, fairness and budgets only ever talk to these traits, so a tier may run in
-//! this process ([`local`]), on another host, or be a scripted fake in tests ([`fake`]).
+//! this process ([`local`]), on another host behind a NATS tier worker ([`remote`]), or be a scripted fake in
+//! tests ([`fake`]).
 
 pub mod fake;
 pub mod local;
+pub mod remote;
 
 use std::sync::Arc;
 
@@ -43,8 +45,9 @@ pub trait LlmTier: Send + Sync {
     fn lora_base(&self) -> BaseShape;
     /// The prompt's token ids as the tier will run them.
     fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError>;
-    /// Queues a generation; errors (invalid, full, down) come back at once.
-    fn submit(&self, req: GenerateRequest) -> Result<Events, TierError>;
+    /// Queues a generation; errors (invalid, full, down) come back before any event (a remote tier answers
+    /// over the network first, hence the future).
+    fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>>;
     /// The engine limits in effect.
     fn limits(&self) -> EngineLimits;
     /// Changes the engine limits (a budgets reload).

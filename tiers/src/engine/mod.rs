@@ -100,7 +100,7 @@ impl Share {
 pub use nimmer_wire::FinishReason;
 
 /// Summary sent when a sequence ends.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,

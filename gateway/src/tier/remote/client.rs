@@ -1,0 +1,287 @@
+//! The gateway side: [`NatsLlm`] is an [`LlmTier`] whose engines are tier workers reached over NATS. It
+//! tokenizes locally (the gateway's admission needs token counts before any tier work), sends each
+//! generation to the tier's shared subject, and turns the worker's numbered stream back into [`Event`]s:
+//! a dropped receiver cancels the sequence on the worker, and silence past [`DEAD_AFTER`] (or a gap in the
+//! numbers) ends the stream with an error. Health follows the workers' load messages.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use nimmer_loras::BaseShape;
+use nimmer_tiers::{EngineLimits, Event, GenerateRequest, Prompt, TierError};
+use tokio::sync::mpsc;
+
+use super::{
+    Accepted, DEAD_AFTER, GenerateMsg, LoadMsg, RemoteError, StreamEvent, StreamMsg,
+    generate_subject, load_subject, worker_subject,
+};
+use crate::error::GatewayError;
+use crate::tier::{Events, Health, LlmTier};
+
+/// What the gateway knows of a remote tier's model without running it: its tokenizer and shape.
+pub trait Shape: Send + Sync {
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError>;
+    fn lora_base(&self) -> BaseShape;
+}
+
+/// The shape of a tier the gateway also runs (or loads) in process: tokenizer and adapter shape.
+pub struct ShapeOf(pub Arc<dyn LlmTier>);
+
+impl Shape for ShapeOf {
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
+        self.0.tokenize(prompt)
+    }
+
+    fn lora_base(&self) -> BaseShape {
+        self.0.lora_base()
+    }
+}
+
+/// An LLM tier served by NATS tier workers.
+pub struct NatsLlm {
+    client: async_nats::Client,
+    tier: String,
+    shape: Arc<dyn Shape>,
+    limits: Mutex<EngineLimits>,
+    /// Workers by the time of their last load message.
+    workers: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Names this gateway's sequences (unique per process and connection).
+    prefix: String,
+    next: AtomicU64,
+    load_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NatsLlm {
+    fn drop(&mut self) {
+        self.load_task.abort();
+    }
+}
+
+impl NatsLlm {
+    /// Follows the tier's workers on `client` (their load messages).
+    pub async fn connect(
+        client: async_nats::Client,
+        tier: &str,
+        shape: Arc<dyn Shape>,
+        limits: EngineLimits,
+    ) -> Result<Arc<Self>, GatewayError> {
+        let mut loads =
+            client
+                .subscribe(load_subject(tier))
+                .await
+                .map_err(|e| GatewayError::Subscribe {
+                    subject: load_subject(tier),
+                    message: e.to_string(),
+                })?;
+        let workers: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
+        let seen = workers.clone();
+        let load_task = tokio::spawn(async move {
+            while let Some(m) = loads.next().await {
+                if let Ok(l) = serde_json::from_slice::<LoadMsg>(&m.payload) {
+                    seen.lock()
+                        .expect("workers lock")
+                        .insert(l.worker, Instant::now());
+                }
+            }
+        });
+        Ok(Arc::new(Self {
+            prefix: client.new_inbox().replace("_INBOX.", ""),
+            client,
+            tier: tier.to_string(),
+            shape,
+            limits: Mutex::new(limits),
+            workers,
+            next: AtomicU64::new(0),
+            load_task,
+        }))
+    }
+
+    /// Workers heard from within [`DEAD_AFTER`].
+    pub fn live_workers(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut w: Vec<String> = self
+            .workers
+            .lock()
+            .expect("workers lock")
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) < DEAD_AFTER)
+            .map(|(w, _)| w.clone())
+            .collect();
+        w.sort();
+        w
+    }
+}
+
+impl LlmTier for NatsLlm {
+    fn lora_base(&self) -> BaseShape {
+        self.shape.lora_base()
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
+        self.shape.tokenize(prompt)
+    }
+
+    fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>> {
+        let id = format!(
+            "{}.{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let (client, tier) = (self.client.clone(), self.tier.clone());
+        let prompt = self.shape.tokenize(&req.prompt);
+        Box::pin(async move {
+            if req.lora.as_ref().is_some_and(|b| !b.is_empty()) {
+                return Err(TierError::InvalidRequest {
+                    field: "traits",
+                    message: format!("trait-LoRAs are not served by remote {tier} workers yet"),
+                });
+            }
+            let down = |e: &dyn std::fmt::Display| {
+                tracing::warn!(tier = %tier, error = %e, "remote tier request failed");
+                TierError::EngineDown { tier: tier.clone() }
+            };
+            let inbox = client.new_inbox();
+            let sub = client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| down(&e))?;
+            let now = Instant::now();
+            let msg = GenerateMsg {
+                id: id.clone(),
+                prompt: prompt?,
+                params: req.params,
+                deadline_ms: req
+                    .deadline
+                    .map(|d| d.saturating_duration_since(now).as_millis() as u64),
+                zone: req.share.zone.to_string(),
+                class: req.share.class.to_string(),
+                weight: req.share.weight,
+                priority: req.share.priority,
+                stream_to: inbox,
+            };
+            let body = serde_json::to_vec(&msg).map_err(|e| down(&e))?;
+            let reply = client
+                .request(generate_subject(&tier), body.into())
+                .await
+                .map_err(|e| down(&e))?;
+            if let Some(status) = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Service-Error"))
+            {
+                return Err(match serde_json::from_str::<RemoteError>(status.as_str()) {
+                    Ok(e) => e.into_tier(),
+                    Err(_) => down(&status.as_str()),
+                });
+            }
+            let accepted: Accepted =
+                serde_json::from_slice(&reply.payload).map_err(|e| down(&e))?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(follow(client, tier, accepted.worker, id, sub, tx));
+            Ok(rx)
+        })
+    }
+
+    fn limits(&self) -> EngineLimits {
+        *self.limits.lock().expect("limits lock")
+    }
+
+    fn set_limits(&self, limits: EngineLimits) {
+        // The workers' engines run on their own budgets; the gateway keeps the value for its views.
+        *self.limits.lock().expect("limits lock") = limits;
+    }
+
+    fn health(&self) -> Health {
+        if self.live_workers().is_empty() {
+            Health::Down {
+                reason: format!(
+                    "no {} worker reported within {} s",
+                    self.tier,
+                    DEAD_AFTER.as_secs()
+                ),
+            }
+        } else {
+            Health::Ready
+        }
+    }
+
+    fn pin(
+        &self,
+        _id: u64,
+        _prompt: Prompt,
+        _lora: Option<Arc<nimmer_loras::Blend>>,
+    ) -> Result<(), TierError> {
+        // Pins live in each worker's prefix cache; remote pinning comes with worker routing.
+        Ok(())
+    }
+
+    fn unpin(&self, _id: u64) {}
+}
+
+/// Turns a worker's stream into events until it ends, the caller leaves (then cancels it on the worker),
+/// or the worker falls silent.
+async fn follow(
+    client: async_nats::Client,
+    tier: String,
+    worker: String,
+    id: String,
+    mut sub: async_nats::Subscriber,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let mut expect = 0u64;
+    loop {
+        let next = tokio::select! {
+            m = tokio::time::timeout(DEAD_AFTER, sub.next()) => m,
+            _ = tx.closed() => {
+                let subject = worker_subject(&tier, &worker, "cancel");
+                if let Err(e) = client.publish(subject, id.into_bytes().into()).await {
+                    tracing::warn!(error = %e, "sending a cancel to the tier worker failed");
+                }
+                return;
+            }
+        };
+        let fail = |why: String| {
+            tracing::warn!(tier = %tier, worker = %worker, "{why}");
+            let _ = tx.send(Event::Error(why));
+        };
+        let m = match next {
+            Ok(Some(m)) => m,
+            Ok(None) => return fail(format!("the stream from {tier} worker {worker} closed")),
+            Err(_) => {
+                return fail(format!(
+                    "{tier} worker {worker} fell silent for {} s",
+                    DEAD_AFTER.as_secs()
+                ));
+            }
+        };
+        let Ok(msg) = serde_json::from_slice::<StreamMsg>(&m.payload) else {
+            return fail(format!("{tier} worker {worker} sent an unreadable message"));
+        };
+        if msg.seq != expect {
+            return fail(format!(
+                "{tier} worker {worker}'s stream lost messages ({} after {})",
+                msg.seq,
+                expect.wrapping_sub(1)
+            ));
+        }
+        expect += 1;
+        let (event, last) = match msg.event {
+            StreamEvent::Heartbeat => continue,
+            StreamEvent::Token { id, text } => (Event::Token { id, text }, false),
+            StreamEvent::Done { completion } => (Event::Done(completion), true),
+            StreamEvent::Expired => (Event::Expired, true),
+            StreamEvent::Error { message } => (Event::Error(message), true),
+        };
+        if tx.send(event).is_err() || last {
+            if !last {
+                let subject = worker_subject(&tier, &worker, "cancel");
+                let _ = client.publish(subject, id.into_bytes().into()).await;
+            }
+            return;
+        }
+    }
+}
