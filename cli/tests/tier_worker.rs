@@ -1,16 +1,20 @@
-//! `nimmer tier` as a real child process on a real nats-server: it announces itself through the NATS
-//! service API (`$SRV.PING`), a gateway-side [`NatsLlm`] streams the Driver's greedy text through it token
-//! for token as the same engine in process does, and when the worker is killed with SIGKILL mid-stream the
-//! stream ends with an error within the heartbeat deadline (never a hang) and the tier turns unhealthy.
+//! `nimmer tier` as real child processes on a real nats-server: two Driver workers announce themselves (load
+//! messages, the NATS service API's `$SRV.PING`); a gateway-side [`NatsLlm`] streams through them; the
+//! worker serving a stream is killed with SIGKILL mid-stream and the stream continues on the other, its greedy
+//! text token for token the in-process engine's; then the last worker is killed mid-stream and the stream
+//! ends with an error within the heartbeat deadline (never a hang), the tier turns unhealthy and new requests
+//! are refused at once.
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use nimmer_config::Config;
 use nimmer_gateway::tier::LlmTier;
 use nimmer_gateway::tier::remote::client::{NatsLlm, ShapeOf};
-use nimmer_gateway::tier::remote::{DEAD_AFTER, service_name};
+use nimmer_gateway::tier::remote::{DEAD_AFTER, LoadMsg, load_subject, service_name};
 use nimmer_tiers::fetch::{Verify, ensure_llm};
 use nimmer_tiers::tokenizer::Message;
 use nimmer_tiers::{EngineLimits, Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
@@ -68,8 +72,33 @@ fn line(user: &str, max_tokens: usize) -> GenerateRequest {
     }
 }
 
+/// The worker that reports a sequence in flight (from the tier's load messages).
+async fn busy_worker(loads: &mut async_nats::Subscriber) -> String {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), loads.next())
+            .await
+            .expect("load messages")
+            .expect("subscription open");
+        let l: LoadMsg = serde_json::from_slice(&m.payload).unwrap();
+        if l.in_flight > 0 {
+            return l.worker;
+        }
+    }
+}
+
+/// Collects a stream to its end: the token ids and how it ended.
+async fn drain(rx: &mut nimmer_gateway::tier::Events, ids: &mut Vec<u32>) -> Option<Event> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(Event::Token { id, .. })) => ids.push(id),
+            Ok(other) => return other,
+            Err(_) => panic!("the stream hung"),
+        }
+    }
+}
+
 #[test]
-fn a_worker_process_serves_the_driver_and_its_sigkill_ends_streams_with_an_error() {
+fn worker_processes_serve_the_driver_and_a_sigkilled_one_s_streams_move_to_another() {
     let server = nimmer_services::NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::embedded();
@@ -78,7 +107,10 @@ fn a_worker_process_serves_the_driver_and_its_sigkill_ends_streams_with_an_error
     let limits = EngineLimits::of(&cfg.budgets.tiers.driver);
     // The same engine in process: the gateway's tokenizer and the reference text.
     let local = LlmHandle::start("driver", spec, limits, &model).unwrap();
-    let mut worker = Worker::start(&server.url, "w1", dir.path());
+    let mut workers: HashMap<String, Worker> = ["w1", "w2"]
+        .into_iter()
+        .map(|w| (w.to_string(), Worker::start(&server.url, w, dir.path())))
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -86,86 +118,76 @@ fn a_worker_process_serves_the_driver_and_its_sigkill_ends_streams_with_an_error
         .unwrap();
     rt.block_on(async {
         let client = async_nats::connect(&server.url).await.unwrap();
-        // Ready when the service answers its PING (the model loads first).
-        let ping = format!("$SRV.PING.{}", service_name("driver"));
+        let mut loads = client.subscribe(load_subject("driver")).await.unwrap();
+        let shape: Arc<dyn LlmTier> = Arc::new(local.clone());
+        let llm = NatsLlm::connect(client.clone(), "driver", Arc::new(ShapeOf(shape)), limits)
+            .await
+            .unwrap();
+        // Ready when both load their model and report (probing, not sleeping); the service answers PING.
         let t = Instant::now();
-        loop {
-            let r = tokio::time::timeout(
-                Duration::from_secs(2),
-                client.request(ping.clone(), "".into()),
-            )
-            .await;
-            if matches!(r, Ok(Ok(_))) {
-                break;
-            }
+        while llm.live_workers().len() < 2 {
+            let logs: Vec<String> = workers
+                .values()
+                .map(|w| std::fs::read_to_string(&w.log).unwrap_or_default())
+                .collect();
             assert!(
                 t.elapsed() < Duration::from_secs(300),
-                "worker never answered; log: {}",
-                std::fs::read_to_string(&worker.log).unwrap_or_default()
+                "workers not ready: {logs:?}"
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let shape: Arc<dyn LlmTier> = Arc::new(local.clone());
-        let llm = NatsLlm::connect(client, "driver", Arc::new(ShapeOf(shape)), limits)
-            .await
-            .unwrap();
+        let ping = format!("$SRV.PING.{}", service_name("driver"));
+        assert!(client.request(ping, "".into()).await.is_ok());
 
-        // Token for token what the engine gives in process.
-        let user = "What did you catch today?";
+        let user = "Tell me a long story about the sea.";
         let want = {
-            let mut rx = local.generate(line(user, 24)).unwrap();
+            let mut rx = local.generate(line(user, 96)).unwrap();
             let mut ids = Vec::new();
-            while let Some(ev) = rx.recv().await {
-                match ev {
-                    Event::Token { id, .. } => ids.push(id),
-                    Event::Done(_) => break,
-                    other => panic!("{other:?}"),
-                }
-            }
+            assert!(matches!(
+                drain(&mut rx, &mut ids).await,
+                Some(Event::Done(_))
+            ));
             ids
         };
-        let mut rx = llm.submit(line(user, 24)).await.unwrap();
-        let mut got = Vec::new();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Token { id, .. } => got.push(id),
-                Event::Done(c) => {
-                    assert_eq!(c.completion_tokens, 24);
-                    break;
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        assert_eq!(got, want, "through the worker vs in process");
 
-        // SIGKILL mid-stream: the stream ends with an error, not a hang.
-        let mut rx = llm
-            .submit(line("Tell me a long story about the sea.", 400))
-            .await
-            .unwrap();
-        let mut tokens = 0;
-        while tokens < 5 {
+        // SIGKILL the worker serving a stream: it continues on the other, token for token.
+        let mut rx = llm.submit(line(user, 96)).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 8 {
             match rx.recv().await {
-                Some(Event::Token { .. }) => tokens += 1,
+                Some(Event::Token { id, .. }) => got.push(id),
                 other => panic!("before the kill: {other:?}"),
             }
         }
-        worker.kill();
-        let killed = Instant::now();
-        let end = loop {
-            match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-                Ok(Some(Event::Token { .. })) => tokens += 1,
-                Ok(other) => break other,
-                Err(_) => panic!("the stream hung after the worker was killed"),
-            }
+        let first = busy_worker(&mut loads).await;
+        workers.get_mut(&first).unwrap().kill();
+        let at_kill = got.len();
+        let end = drain(&mut rx, &mut got).await;
+        let Some(Event::Done(done)) = end else {
+            panic!("expected the stream to finish on the other worker: {end:?}")
         };
+        assert!(at_kill < 96, "the kill hit the sequence in flight");
+        assert_eq!(got, want, "greedy text across the migration vs in process");
+        assert_eq!(done.completion_tokens, 96);
+
+        // SIGKILL the last worker mid-stream: an error within the heartbeat deadline, never a hang.
+        let mut rx = llm.submit(line(user, 400)).await.unwrap();
+        let mut ids = Vec::new();
+        while ids.len() < 5 {
+            match rx.recv().await {
+                Some(Event::Token { id, .. }) => ids.push(id),
+                other => panic!("before the kill: {other:?}"),
+            }
+        }
+        let last = busy_worker(&mut loads).await;
+        assert_ne!(last, first);
+        workers.get_mut(&last).unwrap().kill();
+        let killed = Instant::now();
+        let end = drain(&mut rx, &mut ids).await;
         assert!(matches!(end, Some(Event::Error(_))), "{end:?}");
+        assert!(ids.len() < 400, "the kill hit the sequence in flight");
         assert!(
-            tokens < 400,
-            "the kill hit the sequence in flight ({tokens} tokens)"
-        );
-        assert!(
-            killed.elapsed() < DEAD_AFTER + Duration::from_secs(2),
+            killed.elapsed() < DEAD_AFTER + Duration::from_secs(3),
             "{:?}",
             killed.elapsed()
         );

@@ -12,7 +12,9 @@ use std::time::Instant;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
-use nimmer_tiers::{EngineLimits, Event, GenerateRequest, Prompt, TierError};
+use nimmer_tiers::{
+    Completion, EngineLimits, Event, FinishReason, GenerateRequest, Prompt, TierError,
+};
 use tokio::sync::mpsc;
 
 use super::{
@@ -140,18 +142,9 @@ impl LlmTier for NatsLlm {
                     message: format!("trait-LoRAs are not served by remote {tier} workers yet"),
                 });
             }
-            let down = |e: &dyn std::fmt::Display| {
-                tracing::warn!(tier = %tier, error = %e, "remote tier request failed");
-                TierError::EngineDown { tier: tier.clone() }
-            };
-            let inbox = client.new_inbox();
-            let sub = client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|e| down(&e))?;
             let now = Instant::now();
             let msg = GenerateMsg {
-                id: id.clone(),
+                id,
                 prompt: prompt?,
                 params: req.params,
                 deadline_ms: req
@@ -161,27 +154,11 @@ impl LlmTier for NatsLlm {
                 class: req.share.class.to_string(),
                 weight: req.share.weight,
                 priority: req.share.priority,
-                stream_to: inbox,
+                stream_to: String::new(),
             };
-            let body = serde_json::to_vec(&msg).map_err(|e| down(&e))?;
-            let reply = client
-                .request(generate_subject(&tier), body.into())
-                .await
-                .map_err(|e| down(&e))?;
-            if let Some(status) = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Service-Error"))
-            {
-                return Err(match serde_json::from_str::<RemoteError>(status.as_str()) {
-                    Ok(e) => e.into_tier(),
-                    Err(_) => down(&status.as_str()),
-                });
-            }
-            let accepted: Accepted =
-                serde_json::from_slice(&reply.payload).map_err(|e| down(&e))?;
+            let (msg, worker, sub) = send(&client, &tier, msg).await?;
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(follow(client, tier, accepted.worker, id, sub, tx));
+            tokio::spawn(follow(client, tier, msg, worker, sub, tx));
             Ok(rx)
         })
     }
@@ -222,64 +199,160 @@ impl LlmTier for NatsLlm {
     fn unpin(&self, _id: u64) {}
 }
 
-/// Turns a worker's stream into events until it ends, the caller leaves (then cancels it on the worker),
-/// or the worker falls silent.
+/// Sends `msg` to any worker of the tier (with a fresh inbox): the message as sent, the worker that took it
+/// and the subscription its stream arrives on; or the tier's refusal.
+async fn send(
+    client: &async_nats::Client,
+    tier: &str,
+    mut msg: GenerateMsg,
+) -> Result<(GenerateMsg, String, async_nats::Subscriber), TierError> {
+    let down = |e: &dyn std::fmt::Display| {
+        tracing::warn!(tier = %tier, error = %e, "remote tier request failed");
+        TierError::EngineDown {
+            tier: tier.to_string(),
+        }
+    };
+    msg.stream_to = client.new_inbox();
+    let sub = client
+        .subscribe(msg.stream_to.clone())
+        .await
+        .map_err(|e| down(&e))?;
+    let body = serde_json::to_vec(&msg).map_err(|e| down(&e))?;
+    let reply = client
+        .request(generate_subject(tier), body.into())
+        .await
+        .map_err(|e| down(&e))?;
+    if let Some(status) = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error"))
+    {
+        return Err(match serde_json::from_str::<RemoteError>(status.as_str()) {
+            Ok(e) => e.into_tier(),
+            Err(_) => down(&status.as_str()),
+        });
+    }
+    let accepted: Accepted = serde_json::from_slice(&reply.payload).map_err(|e| down(&e))?;
+    Ok((msg, accepted.worker, sub))
+}
+
+/// How many times one sequence moves to another worker after losing its own.
+const MIGRATIONS: usize = 3;
+
+/// Turns a worker's stream into events until it ends or the caller leaves (then cancels it on the worker).
+/// When the worker is lost (silent past [`DEAD_AFTER`], its stream closed or broken), the sequence moves to
+/// another worker with the prompt plus the tokens generated so far (as NVIDIA Dynamo's migration does), so
+/// the caller sees one uninterrupted stream; greedy text is unchanged, since the engines are batch-invariant.
 async fn follow(
     client: async_nats::Client,
     tier: String,
-    worker: String,
-    id: String,
+    mut msg: GenerateMsg,
+    mut worker: String,
     mut sub: async_nats::Subscriber,
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let mut expect = 0u64;
+    // Tokens generated on earlier workers (their prompt is `msg.prompt` minus these).
+    let mut carried: Vec<u32> = Vec::new();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut migrations = 0;
+    let id = msg.id.clone();
     loop {
         let next = tokio::select! {
             m = tokio::time::timeout(DEAD_AFTER, sub.next()) => m,
             _ = tx.closed() => {
                 let subject = worker_subject(&tier, &worker, "cancel");
-                if let Err(e) = client.publish(subject, id.into_bytes().into()).await {
+                if let Err(e) = client.publish(subject, msg.id.clone().into_bytes().into()).await {
                     tracing::warn!(error = %e, "sending a cancel to the tier worker failed");
                 }
                 return;
             }
         };
-        let fail = |why: String| {
-            tracing::warn!(tier = %tier, worker = %worker, "{why}");
-            let _ = tx.send(Event::Error(why));
+        let lost = match &next {
+            Ok(Some(_)) => None,
+            Ok(None) => Some(format!("the stream from {tier} worker {worker} closed")),
+            Err(_) => Some(format!(
+                "{tier} worker {worker} fell silent for {} s",
+                DEAD_AFTER.as_secs()
+            )),
         };
-        let m = match next {
-            Ok(Some(m)) => m,
-            Ok(None) => return fail(format!("the stream from {tier} worker {worker} closed")),
-            Err(_) => {
-                return fail(format!(
-                    "{tier} worker {worker} fell silent for {} s",
-                    DEAD_AFTER.as_secs()
-                ));
-            }
+        let stream = match next {
+            Ok(Some(m)) => serde_json::from_slice::<StreamMsg>(&m.payload).ok(),
+            _ => None,
         };
-        let Ok(msg) = serde_json::from_slice::<StreamMsg>(&m.payload) else {
-            return fail(format!("{tier} worker {worker} sent an unreadable message"));
-        };
-        if msg.seq != expect {
-            return fail(format!(
+        let lost = lost.or_else(|| match &stream {
+            None => Some(format!("{tier} worker {worker} sent an unreadable message")),
+            Some(m) if m.seq != expect => Some(format!(
                 "{tier} worker {worker}'s stream lost messages ({} after {})",
-                msg.seq,
+                m.seq,
                 expect.wrapping_sub(1)
-            ));
+            )),
+            Some(_) => None,
+        });
+        if let Some(why) = lost {
+            tracing::warn!(tier = %tier, worker = %worker, "{why}");
+            if migrations == MIGRATIONS {
+                let _ = tx.send(Event::Error(why));
+                return;
+            }
+            migrations += 1;
+            // The same sequence elsewhere: the prompt now ends with what it generated so far.
+            msg.prompt.extend(&generated);
+            msg.params.max_tokens -= generated.len();
+            carried.append(&mut generated);
+            if msg.params.max_tokens == 0 {
+                // Lost after its last token, before its summary.
+                let _ = tx.send(Event::Done(Completion {
+                    finish_reason: FinishReason::Length,
+                    prompt_tokens: msg.prompt.len() - carried.len(),
+                    cached_tokens: 0,
+                    completion_tokens: carried.len(),
+                    queue_ms: 0.0,
+                    ttft_ms: 0.0,
+                    total_ms: 0.0,
+                }));
+                return;
+            }
+            // It started long ago: its deadline (admission) no longer applies.
+            msg.deadline_ms = None;
+            msg.id = format!("{id}.m{migrations}");
+            match send(&client, &tier, msg.clone()).await {
+                Ok((m, w, s)) => {
+                    tracing::info!(tier = %tier, from = %worker, to = %w, carried = carried.len(), "sequence migrated to another worker");
+                    (msg, worker, sub, expect) = (m, w, s, 0);
+                    continue;
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Error(format!(
+                        "{why}; no other {tier} worker took the sequence: {e}"
+                    )));
+                    return;
+                }
+            }
         }
+        let Some(stream) = stream else { return };
         expect += 1;
-        let (event, last) = match msg.event {
+        let (event, last) = match stream.event {
             StreamEvent::Heartbeat => continue,
-            StreamEvent::Token { id, text } => (Event::Token { id, text }, false),
-            StreamEvent::Done { completion } => (Event::Done(completion), true),
+            StreamEvent::Token { id, text } => {
+                generated.push(id);
+                (Event::Token { id, text }, false)
+            }
+            StreamEvent::Done { mut completion } => {
+                // As if one worker ran it all.
+                completion.prompt_tokens -= carried.len();
+                completion.completion_tokens += carried.len();
+                (Event::Done(completion), true)
+            }
             StreamEvent::Expired => (Event::Expired, true),
             StreamEvent::Error { message } => (Event::Error(message), true),
         };
         if tx.send(event).is_err() || last {
             if !last {
                 let subject = worker_subject(&tier, &worker, "cancel");
-                let _ = client.publish(subject, id.into_bytes().into()).await;
+                let _ = client
+                    .publish(subject, msg.id.clone().into_bytes().into())
+                    .await;
             }
             return;
         }
