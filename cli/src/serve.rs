@@ -48,10 +48,11 @@ fn serve(cfg: Config, opts: nimmer_gateway::Options, listen: std::net::SocketAdd
             .await
             .with_context(|| format!("binding {listen}"))?;
         tracing::info!(config = %cfg.origin, "loading tiers");
-        let dir = opts.config_dir.clone();
-        let gw =
-            tokio::task::spawn_blocking(move || nimmer_gateway::Gateway::start(cfg, dir.as_deref()))
-                .await??;
+        let (dir, nats) = (opts.config_dir.clone(), opts.nats.clone());
+        let gw = tokio::task::spawn_blocking(move || {
+            nimmer_gateway::Gateway::start_with(cfg, dir.as_deref(), nats.as_deref())
+        })
+        .await??;
         tracing::info!(addr = %listener.local_addr()?, nats = ?opts.nats, "nimmer gateway listening");
         nimmer_gateway::run(listener, std::sync::Arc::new(gw), opts, shutdown_signal()).await?;
         tracing::info!("shut down");

@@ -206,3 +206,98 @@ fn worker_processes_serve_the_driver_and_a_sigkilled_one_s_streams_move_to_anoth
         ));
     });
 }
+
+/// A child process with its own log file; SIGKILLed on drop if still running.
+fn child(args: &[&str], log: &std::path::Path, config: &std::path::Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_nimmer"))
+        .args(args)
+        .env("NIMMER_CONFIG", config)
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("starting nimmer")
+}
+
+#[test]
+fn a_gateway_process_serves_its_driver_through_a_worker_process_when_tiers_toml_says_via_nats() {
+    let server = nimmer_services::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    let src = nimmer_config::Sources::embedded();
+    let tiers = src
+        .tiers
+        .replacen("[tiers.driver]\n", "[tiers.driver]\nvia = \"nats\"\n", 1);
+    assert_ne!(tiers, src.tiers);
+    for (name, text) in [
+        ("tiers.toml", tiers.as_str()),
+        ("budgets.toml", src.budgets.as_str()),
+        ("classifiers.toml", src.classifiers.as_str()),
+    ] {
+        std::fs::write(config.join(name), text).unwrap();
+    }
+    let url = server.url.as_str();
+    let mut worker = child(
+        &["tier", "--tier", "driver", "--nats", url, "--worker", "w1"],
+        &dir.path().join("worker.log"),
+        &config,
+    );
+    let mut gateway = child(
+        &["serve", "--nats", url, "--listen", "127.0.0.1:0"],
+        &dir.path().join("gateway.log"),
+        &config,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let logs = || {
+        ["worker.log", "gateway.log"]
+            .map(|f| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default())
+    };
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        let body = serde_json::json!({
+            "uid": "ev1/docks/quay/s1",
+            "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "What did you catch today?" }],
+            "max_tokens": 8,
+        });
+        // Ready when the gateway answers on its NATS front and the worker has reported (probing).
+        let t = Instant::now();
+        let reply = loop {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request("nimmerverse.gateway.dialog.docks-1", body.to_string().into()),
+            )
+            .await;
+            if let Ok(Ok(m)) = r {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                if v.get("text").is_some() {
+                    break v;
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(300), "not ready: {:?}", logs());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(reply["tier"], "driver", "{reply}");
+        assert_eq!(reply["usage"]["completion_tokens"], 8, "{reply}");
+        // The worker ran it: with the worker gone, the gateway's Driver is down (a clear error, no hang).
+        let _ = Command::new("kill")
+            .args(["-9", &worker.id().to_string()])
+            .status();
+        let _ = worker.wait();
+        let m = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request("nimmerverse.gateway.dialog.docks-1", body.to_string().into()),
+        )
+        .await
+        .expect("an answer, not a hang")
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["status"], 503, "{v}");
+    });
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+}

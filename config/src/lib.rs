@@ -20,7 +20,7 @@ pub use classifiers::{ClassifierSpec, ClassifiersFile, LabelSpec};
 pub use error::ConfigError;
 pub use tiers::{
     Backend, Device, FileSpec, LlmTierSpec, ModelFormat, ModelSpec, Precision, SaturnTierSpec,
-    TiersFile, WheelSource,
+    TiersFile, Via, WheelSource,
 };
 pub use transport::{
     CanonSpec, DEFAULT_TRANSPORT_TOML, DeliveryMode, DeliverySpec, FactionsSpec, FeedSpec,

@@ -128,13 +128,28 @@ pub struct LlmTierSpec {
     pub precision: Precision,
     /// Longest sequence (prompt + new tokens) a request may use.
     pub context: usize,
-    /// Most sequences decoding together (the engine's batch capacity; budgets.toml's `slots` may not exceed it).
+    /// Most sequences one engine step runs (budgets.toml's `step_rows` may not exceed it).
     pub max_batch: usize,
     /// Requests waiting for the engine (bounded channel).
     pub queue: usize,
     /// Worker threads for the kernels; 0 = all cores.
     #[serde(default)]
     pub threads: usize,
+    /// Where the engine runs: in this process, or in `nimmer tier` workers reached over NATS.
+    #[serde(default)]
+    pub via: Via,
+}
+
+/// Where an LLM tier's engine runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// In the gateway's process (the default: one process runs everything).
+    #[default]
+    Local,
+    /// In `nimmer tier --tier NAME` workers on the gateway's NATS server (`nimmer serve --nats URL`); the
+    /// gateway reads only the model's tokenizer and shape.
+    Nats,
 }
 
 impl LlmTierSpec {

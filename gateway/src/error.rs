@@ -179,4 +179,8 @@ pub enum GatewayError {
     },
     #[error("serving HTTP: {0}")]
     Http(#[from] std::io::Error),
+    #[error(
+        "tiers.toml: `tiers.{tier}.via = \"nats\"` needs a NATS server (`nimmer serve --nats URL`)"
+    )]
+    RemoteWithoutNats { tier: String },
 }

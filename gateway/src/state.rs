@@ -67,9 +67,19 @@ pub struct PinnedNpc {
 impl Gateway {
     /// Fetches what is missing and loads the three tiers in this process (blocking; minutes on a first run).
     pub fn start(config: Config, config_dir: Option<&Path>) -> Result<Self, GatewayError> {
+        Self::start_with(config, config_dir, None)
+    }
+
+    /// [`Gateway::start`], with the tiers that `tiers.toml` puts on NATS workers reached through `nats`
+    /// (blocking; call it from a blocking thread of a tokio runtime).
+    pub fn start_with(
+        config: Config,
+        config_dir: Option<&Path>,
+        nats: Option<&str>,
+    ) -> Result<Self, GatewayError> {
         // The recorder must exist before the engines take their metric handles.
         let _ = metrics::handle();
-        let tiers = crate::tier::local::start(&config, config_dir)?;
+        let tiers = crate::tier::start(&config, config_dir, nats)?;
         Ok(Self::with_tiers(config, config_dir, tiers))
     }
 

@@ -17,7 +17,7 @@ pub mod tokenizer;
 
 pub use engine::{
     BLOCK_TOKENS, Completion, EngineLimits, Event, FinishReason, GenerateRequest, LlmHandle,
-    PrefixSnapshot, Prompt, Schedule, Share, ZoneServiceView,
+    PrefixSnapshot, Prompt, Schedule, Share, ZoneServiceView, tokenize,
 };
 pub use sampling::SamplingParams;
 pub mod saturn;

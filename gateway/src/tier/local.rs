@@ -1,11 +1,11 @@
 //! The in-process tiers: the engine threads of `nimmer-tiers` ([`LlmHandle`], [`SaturnHandle`]) behind the
-//! tier interface, and starting all three from the configuration (fetching missing models first).
+//! tier interface, and starting each from the configuration (fetching missing models first).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use nimmer_config::Config;
+use nimmer_config::{Config, LlmTierSpec};
 use nimmer_loras::{BaseShape, Blend};
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{
@@ -13,7 +13,8 @@ use nimmer_tiers::{
     TierError, ZoneServiceView,
 };
 
-use super::{ClassifierTier, Events, Health, LlmTier, Tiers};
+use super::{ClassifierTier, Events, Health, LlmTier};
+use crate::Tier;
 
 impl LlmTier for LlmHandle {
     fn lora_base(&self) -> BaseShape {
@@ -84,22 +85,34 @@ impl ClassifierTier for SaturnHandle {
     }
 }
 
-/// Fetches what is missing and loads the three tiers in this process (blocking; minutes on a first run).
-pub fn start(config: &Config, config_dir: Option<&Path>) -> Result<Tiers, TierError> {
+/// Fetches the tier's model when missing and starts its engine in this process (blocking).
+pub fn start_llm(config: &Config, tier: Tier) -> Result<Arc<dyn LlmTier>, TierError> {
     let t = &config.tiers;
-    let b = &config.budgets.tiers;
-    let driver = LlmHandle::start(
-        "driver",
-        &t.tiers.driver,
-        EngineLimits::of(&b.driver),
-        &ensure_llm(t, &t.tiers.driver.model, Verify::Cached)?,
+    let (spec, budget) = llm_spec(config, tier);
+    let handle = LlmHandle::start(
+        tier.as_str(),
+        spec,
+        EngineLimits::of(budget),
+        &ensure_llm(t, &spec.model, Verify::Cached)?,
     )?;
-    let theia = LlmHandle::start(
-        "theia",
-        &t.tiers.theia,
-        EngineLimits::of(&b.theia),
-        &ensure_llm(t, &t.tiers.theia.model, Verify::Cached)?,
-    )?;
+    Ok(Arc::new(handle))
+}
+
+/// An LLM tier's spec (tiers.toml) and budget (budgets.toml).
+pub fn llm_spec(config: &Config, tier: Tier) -> (&LlmTierSpec, &nimmer_config::TierBudget) {
+    let (t, b) = (&config.tiers.tiers, &config.budgets.tiers);
+    match tier {
+        Tier::Theia => (&t.theia, &b.theia),
+        _ => (&t.driver, &b.driver),
+    }
+}
+
+/// Fetches Saturn's model when missing and starts it in this process (blocking).
+pub fn start_saturn(
+    config: &Config,
+    config_dir: Option<&Path>,
+) -> Result<Arc<dyn ClassifierTier>, TierError> {
+    let t = &config.tiers;
     let saturn_dir = ensure_model(t, &t.tiers.saturn.model, Verify::Cached)?;
     let saturn = SaturnHandle::start(
         &t.tiers.saturn,
@@ -107,9 +120,5 @@ pub fn start(config: &Config, config_dir: Option<&Path>) -> Result<Tiers, TierEr
         &config.classifiers,
         config_dir,
     )?;
-    Ok(Tiers {
-        driver: Arc::new(driver),
-        theia: Arc::new(theia),
-        saturn: Arc::new(saturn),
-    })
+    Ok(Arc::new(saturn))
 }

@@ -110,3 +110,58 @@ impl Tiers {
         }
     }
 }
+
+/// Starts the three tiers as `tiers.toml` says (blocking; minutes on a first run): each LLM tier in this
+/// process (`via = "local"`) or through its NATS tier workers (`via = "nats"`, on the server at `nats`;
+/// only the model's tokenizer and shape are read here). Runs on a blocking thread of a tokio runtime.
+pub fn start(
+    config: &nimmer_config::Config,
+    config_dir: Option<&std::path::Path>,
+    nats: Option<&str>,
+) -> Result<Tiers, crate::GatewayError> {
+    let llm = |tier: Tier| -> Result<Arc<dyn LlmTier>, crate::GatewayError> {
+        let (spec, budget) = local::llm_spec(config, tier);
+        if spec.via == nimmer_config::Via::Local {
+            return Ok(local::start_llm(config, tier)?);
+        }
+        let url = nats.ok_or_else(|| crate::GatewayError::RemoteWithoutNats {
+            tier: tier.as_str().into(),
+        })?;
+        let path = nimmer_tiers::fetch::ensure_llm(
+            &config.tiers,
+            &spec.model,
+            nimmer_tiers::fetch::Verify::Cached,
+        )?;
+        let shape = remote::client::RemoteShape(nimmer_tiers::llama::ModelShape::read(&path)?);
+        let limits = EngineLimits::of(budget);
+        let rt = tokio::runtime::Handle::try_current().map_err(|e| {
+            crate::GatewayError::NatsConnect {
+                url: url.into(),
+                message: format!("no async runtime to connect from: {e}"),
+            }
+        })?;
+        rt.block_on(async {
+            let client =
+                async_nats::connect(url)
+                    .await
+                    .map_err(|e| crate::GatewayError::NatsConnect {
+                        url: url.into(),
+                        message: e.to_string(),
+                    })?;
+            tracing::info!(
+                tier = tier.as_str(),
+                nats = url,
+                "tier served by NATS workers"
+            );
+            let tier: Arc<dyn LlmTier> =
+                remote::client::NatsLlm::connect(client, tier.as_str(), Arc::new(shape), limits)
+                    .await?;
+            Ok(tier)
+        })
+    };
+    Ok(Tiers {
+        driver: llm(Tier::Driver)?,
+        theia: llm(Tier::Theia)?,
+        saturn: local::start_saturn(config, config_dir)?,
+    })
+}

@@ -328,47 +328,7 @@ impl LlmHandle {
 
     /// Tokenizes the prompt as the engine will see it.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let tok = &self.info.tokenizer;
-        let ids = match prompt {
-            Prompt::Chat(m) => {
-                if m.is_empty() {
-                    return Err(TierError::InvalidRequest {
-                        field: "messages",
-                        message: "must not be empty".into(),
-                    });
-                }
-                if let Some(bad) = m
-                    .iter()
-                    .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
-                {
-                    return Err(TierError::InvalidRequest {
-                        field: "messages",
-                        message: format!("unknown role `{}` (system, user, assistant)", bad.role),
-                    });
-                }
-                tok.encode(&tok.render_chat(m)?)?
-            }
-            Prompt::Text(t) => tok.encode(t)?,
-            Prompt::Tokens(t) => {
-                if let Some(bad) = t.iter().find(|&&t| t as usize >= self.info.model.vocab) {
-                    return Err(TierError::InvalidRequest {
-                        field: "prompt",
-                        message: format!(
-                            "token id {bad} is outside the vocabulary of {}",
-                            self.info.model.vocab
-                        ),
-                    });
-                }
-                t.clone()
-            }
-        };
-        if ids.is_empty() {
-            return Err(TierError::InvalidRequest {
-                field: "prompt",
-                message: "must not be empty".into(),
-            });
-        }
-        Ok(ids)
+        tokenize(&self.info.tokenizer, self.info.model.vocab, prompt)
     }
 
     /// Validates and queues a request; the returned receiver streams its tokens. Dropping it cancels the request.
@@ -465,4 +425,46 @@ impl LlmHandle {
                 },
             })
     }
+}
+
+/// Tokenizes `prompt` as an engine with `tok` and a vocabulary of `vocab` sees it: chat messages through the
+/// model's template (roles checked), raw text as is, token ids checked against the vocabulary; never empty.
+pub fn tokenize(tok: &ChatTokenizer, vocab: usize, prompt: &Prompt) -> Result<Vec<u32>> {
+    let ids = match prompt {
+        Prompt::Chat(m) => {
+            if m.is_empty() {
+                return Err(TierError::InvalidRequest {
+                    field: "messages",
+                    message: "must not be empty".into(),
+                });
+            }
+            if let Some(bad) = m
+                .iter()
+                .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+            {
+                return Err(TierError::InvalidRequest {
+                    field: "messages",
+                    message: format!("unknown role `{}` (system, user, assistant)", bad.role),
+                });
+            }
+            tok.encode(&tok.render_chat(m)?)?
+        }
+        Prompt::Text(t) => tok.encode(t)?,
+        Prompt::Tokens(t) => {
+            if let Some(bad) = t.iter().find(|&&t| t as usize >= vocab) {
+                return Err(TierError::InvalidRequest {
+                    field: "prompt",
+                    message: format!("token id {bad} is outside the vocabulary of {}", vocab),
+                });
+            }
+            t.clone()
+        }
+    };
+    if ids.is_empty() {
+        return Err(TierError::InvalidRequest {
+            field: "prompt",
+            message: "must not be empty".into(),
+        });
+    }
+    Ok(ids)
 }

@@ -112,6 +112,28 @@ pub fn hf_name(gguf: &str) -> String {
     format!("model.layers.{layer}.{hf}")
 }
 
+/// What a caller that does not run a model needs of it: its tokenizer and configuration (a gateway whose
+/// tier runs on remote workers).
+pub struct ModelShape {
+    pub tokenizer: ChatTokenizer,
+    pub config: LlamaConfig,
+}
+
+impl ModelShape {
+    /// Reads a GGUF's header only (no tensors); a Hugging Face directory is loaded whole.
+    pub fn read(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let (model, tokenizer) = Llama::load(path, Precision::F32, 16)?;
+            return Ok(Self {
+                tokenizer,
+                config: super::Decoder::config(&model).clone(),
+            });
+        }
+        let (_, _, config, tokenizer) = Llama::read_gguf_header(path)?;
+        Ok(Self { tokenizer, config })
+    }
+}
+
 impl Llama {
     /// Loads a llama-family model: a GGUF file, or a Hugging Face model directory.
     /// `max_pos` bounds the RoPE table (the tier's context).

@@ -36,7 +36,7 @@ pub use candle::CandleLlama;
 pub use candle_kv::{CandleBlock, CandleKv};
 pub use candle_lora::LoraTables;
 
-pub use load::hf_name;
+pub use load::{ModelShape, hf_name};
 
 /// Hyper-parameters read from GGUF metadata.
 #[derive(Debug, Clone)]

@@ -43,6 +43,19 @@ impl Shape for ShapeOf {
     }
 }
 
+/// A remote tier's model as the gateway reads it: the GGUF's tokenizer and configuration, no weights.
+pub struct RemoteShape(pub nimmer_tiers::llama::ModelShape);
+
+impl Shape for RemoteShape {
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
+        nimmer_tiers::tokenize(&self.0.tokenizer, self.0.config.vocab, prompt)
+    }
+
+    fn lora_base(&self) -> BaseShape {
+        self.0.config.lora_base()
+    }
+}
+
 /// An LLM tier served by NATS tier workers.
 pub struct NatsLlm {
     client: async_nats::Client,
