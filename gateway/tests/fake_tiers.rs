@@ -470,3 +470,21 @@ async fn slots_admit_into_the_engine_beyond_its_rows_and_each_request_carries_it
     );
     assert!(served["share_ratio"].is_number(), "{served}");
 }
+
+#[test]
+fn a_tier_on_nats_workers_without_a_nats_server_is_a_start_error_naming_the_setting() {
+    let mut sources = Sources::embedded();
+    sources.tiers =
+        sources
+            .tiers
+            .replacen("[tiers.driver]\n", "[tiers.driver]\nvia = \"nats\"\n", 1);
+    let config = Config::parse(sources, "test").expect("valid tiers.toml");
+    let err = match Gateway::start_with(config, None, None) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("started without a NATS server"),
+    };
+    assert!(
+        err.contains("tiers.driver.via") && err.contains("--nats"),
+        "{err}"
+    );
+}

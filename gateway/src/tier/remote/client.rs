@@ -326,6 +326,11 @@ async fn follow(
                 }));
                 return;
             }
+            // A worker that is alive behind a silent stream must not finish the sequence for nobody.
+            let subject = worker_subject(&tier, &worker, "cancel");
+            let _ = client
+                .publish(subject, msg.id.clone().into_bytes().into())
+                .await;
             // It started long ago: its deadline (admission) no longer applies.
             msg.deadline_ms = None;
             msg.id = format!("{id}.m{migrations}");
