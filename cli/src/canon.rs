@@ -22,6 +22,7 @@ pub enum EventsCmd {
 pub enum FeedsCmd {
     /// Create or update the streams of every `[[feeds]]` entry in transport.toml (running consumers continue).
     Apply {
+        /// NATS server URL, or a cluster's URLs separated by commas.
         #[arg(long, env = "NIMMER_NATS", default_value = "nats://127.0.0.1:4222")]
         nats: String,
     },
@@ -36,6 +37,7 @@ pub struct PlayerArgs {
     /// The player's SQLite file (default: players/<id>.sqlite).
     #[arg(long)]
     db: Option<PathBuf>,
+    /// NATS server URL, or a cluster's URLs separated by commas.
     #[arg(long, env = "NIMMER_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
 }
@@ -43,7 +45,7 @@ pub struct PlayerArgs {
 /// `nimmer compositor`: a compositor process.
 #[derive(clap::Args)]
 pub struct CompositorArgs {
-    /// NATS server URL.
+    /// NATS server URL, or a cluster's URLs separated by commas.
     #[arg(long, env = "NIMMER_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// PostgreSQL URL (default: `[postgres] url` of transport.toml).
@@ -74,7 +76,7 @@ pub fn feeds(config_dir: Option<PathBuf>, cmd: FeedsCmd) -> Result<()> {
     let FeedsCmd::Apply { nats } = cmd;
     let transport = crate::files::transport_config(&config_dir)?;
     tokio::runtime::Runtime::new()?.block_on(async move {
-        let client = async_nats::connect(&nats)
+        let client = async_nats::connect(nimmer_wire::nats_urls(&nats))
             .await
             .with_context(|| format!("connecting to NATS at {nats}"))?;
         let js = async_nats::jetstream::new(client);
@@ -105,7 +107,7 @@ pub fn player(config_dir: Option<PathBuf>, a: PlayerArgs) -> Result<()> {
         );
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
-            .connect(&nats)
+            .connect(nimmer_wire::nats_urls(&nats))
             .await
             .with_context(|| format!("connecting to NATS at {nats}"))?;
         let js = async_nats::jetstream::new(client);
@@ -145,7 +147,7 @@ pub fn compositor(config_dir: Option<PathBuf>, a: CompositorArgs) -> Result<()> 
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let client = async_nats::connect(&nats)
+        let client = async_nats::connect(nimmer_wire::nats_urls(&nats))
             .await
             .with_context(|| format!("connecting to NATS at {nats}"))?;
         if let Some(addr) = metrics_listen {

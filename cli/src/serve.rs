@@ -11,8 +11,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "NIMMER_LISTEN", default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
-    /// NATS server URL (e.g. nats://127.0.0.1:4222): serve requests on nimmerverse.gateway.<kind>.<zone>
-    /// and publish finished dialogs to the JetStream results stream (named in transport.toml).
+    /// NATS server URL, or a cluster's URLs separated by commas (e.g. nats://127.0.0.1:4222): serve
+    /// requests on nimmerverse.gateway.<kind>.<zone> and publish finished dialogs to the JetStream results
+    /// stream (named in transport.toml).
     #[arg(long, env = "NIMMER_NATS")]
     nats: Option<String>,
     /// Bearer tokens NPC services must send (comma-separated; none: open).

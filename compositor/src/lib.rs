@@ -41,6 +41,26 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
 }
 
 /// Runs a compositor process until `shutdown`: the compositor loop, a relay candidate and the depth gauge.
+/// The streams and the shared consumer, retried until JetStream answers: a cluster that is still electing
+/// its leaders (or a server that is restarting) times requests out, and a compositor started beside it must
+/// wait for it, not exit.
+async fn ensure_streams(
+    js: &async_nats::jetstream::Context,
+    t: &nimmer_config::TransportFile,
+) -> async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config> {
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        match streams::ensure(js, t).await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "JetStream streams not ready; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 pub async fn serve(
     transport: nimmer_config::TransportFile,
     postgres_url: &str,
@@ -49,7 +69,11 @@ pub async fn serve(
 ) -> Result<()> {
     let pool = connect(postgres_url, transport.postgres.max_connections).await?;
     let js = async_nats::jetstream::new(nats.clone());
-    let consumer = streams::ensure(&js, &transport).await?;
+    tokio::pin!(shutdown);
+    let consumer = tokio::select! {
+        c = ensure_streams(&js, &transport) => c,
+        _ = &mut shutdown => return Ok(()),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -100,7 +124,7 @@ pub async fn serve(
     };
     let trigger = async {
         tokio::select! {
-            _ = shutdown => {
+            _ = &mut shutdown => {
                 tracing::info!("compositor: shutting down after the batch in hand");
                 let _ = stop_tx.send(true);
             }

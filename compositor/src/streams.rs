@@ -19,29 +19,50 @@ pub async fn ensure(
     js: &jetstream::Context,
     t: &TransportFile,
 ) -> Result<consumer::Consumer<consumer::pull::Config>> {
-    let results = js
-        .get_or_create_stream(results_stream(&t.results.stream))
+    let results_err = |e: &dyn std::fmt::Display| {
+        CompositorError::Nats(format!("stream {}: {e}", t.results.stream))
+    };
+    nimmer_wire::subjects::ensure_stream(js, results_stream(&t.results.stream, t.replicas.results))
         .await
-        .map_err(|e| CompositorError::Nats(format!("stream {}: {e}", t.results.stream)))?;
-    js.create_or_update_stream(canon_stream(t))
+        .map_err(|e| results_err(&e))?;
+    let results = js
+        .get_stream(&t.results.stream)
+        .await
+        .map_err(|e| results_err(&e))?;
+    nimmer_wire::subjects::ensure_stream(js, canon_stream(t))
         .await
         .map_err(|e| CompositorError::Nats(format!("stream {}: {e}", t.canon.stream)))?;
     for cfg in [players_stream(t), factions_stream(t)] {
         let name = cfg.name.clone();
-        js.create_or_update_stream(cfg)
+        nimmer_wire::subjects::ensure_stream(js, cfg)
             .await
             .map_err(|e| CompositorError::Nats(format!("stream {name}: {e}")))?;
     }
     ensure_feeds(js, t).await?;
-    js.create_or_update_stream(stream::Config {
-        name: DEAD_LETTER_STREAM.into(),
-        subjects: vec![t.results.dead_letter.clone()],
-        max_age: Duration::from_secs(30 * 24 * 3600),
-        ..Default::default()
-    })
+    nimmer_wire::subjects::ensure_stream(
+        js,
+        stream::Config {
+            name: DEAD_LETTER_STREAM.into(),
+            subjects: vec![t.results.dead_letter.clone()],
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            num_replicas: t.replicas.dead_letter,
+            ..Default::default()
+        },
+    )
     .await
     .map_err(|e| CompositorError::Nats(format!("stream {DEAD_LETTER_STREAM}: {e}")))?;
-    results
+    // A replicated consumer answers once its RAFT group elected a leader: created with a patient context,
+    // then used through the caller's. (Two compositors creating it at once may see no answer on a cluster:
+    // the caller retries `ensure`, and finds it.)
+    let mut patient = js.clone();
+    patient.set_timeout(Duration::from_secs(10));
+    let consumer_err = |e: &dyn std::fmt::Display| {
+        CompositorError::Nats(format!("consumer {}: {e}", t.results.consumer))
+    };
+    patient
+        .get_stream(&t.results.stream)
+        .await
+        .map_err(|e| results_err(&e))?
         .get_or_create_consumer(
             &t.results.consumer,
             consumer::pull::Config {
@@ -55,7 +76,11 @@ pub async fn ensure(
             },
         )
         .await
-        .map_err(|e| CompositorError::Nats(format!("consumer {}: {e}", t.results.consumer)))
+        .map_err(|e| consumer_err(&e))?;
+    results
+        .get_consumer(&t.results.consumer)
+        .await
+        .map_err(|e| consumer_err(&e))
 }
 
 pub use nimmer_wire::subjects::results_stream;
@@ -74,6 +99,7 @@ pub fn canon_stream(t: &TransportFile) -> stream::Config {
         } else {
             -1
         },
+        num_replicas: t.replicas.canon,
         ..Default::default()
     }
 }
@@ -90,6 +116,7 @@ pub fn players_stream(t: &TransportFile) -> stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(t.players.duplicate_window_s),
         max_age: Duration::from_secs(t.players.max_age_h * 3600),
+        num_replicas: t.replicas.players,
         ..Default::default()
     }
 }
@@ -103,6 +130,7 @@ pub fn factions_stream(t: &TransportFile) -> stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(t.canon.duplicate_window_s),
         max_age: Duration::from_secs(t.factions.max_age_h * 3600),
+        num_replicas: t.replicas.factions,
         ..Default::default()
     }
 }
@@ -144,6 +172,7 @@ pub fn feed_stream(t: &TransportFile, f: &FeedSpec) -> stream::Config {
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(t.canon.max_age_h * 3600),
+        num_replicas: t.replicas.feeds,
         ..Default::default()
     }
 }
@@ -153,7 +182,7 @@ pub fn feed_stream(t: &TransportFile, f: &FeedSpec) -> stream::Config {
 pub async fn ensure_feeds(js: &jetstream::Context, t: &TransportFile) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for f in &t.feeds {
-        js.create_or_update_stream(feed_stream(t, f))
+        nimmer_wire::subjects::ensure_stream(js, feed_stream(t, f))
             .await
             .map_err(|e| CompositorError::Nats(format!("feed {}: {e}", f.name)))?;
         names.push(f.name.clone());

@@ -24,8 +24,8 @@ pub use tiers::{
 };
 pub use transport::{
     CanonSpec, DEFAULT_TRANSPORT_TOML, DeliveryMode, DeliverySpec, FactionsSpec, FeedSpec,
-    PlayersSpec, PostgresSpec, PruneRule, RelaySpec, ResultsSpec, TransportFile, valid_subject,
-    valid_token,
+    PlayersSpec, PostgresSpec, PruneRule, RelaySpec, ReplicasSpec, ResultsSpec, TransportFile,
+    valid_subject, valid_token,
 };
 
 use std::path::Path;

@@ -21,7 +21,53 @@ pub struct TransportFile {
     pub delivery: DeliverySpec,
     pub relay: RelaySpec,
     #[serde(default)]
+    pub replicas: ReplicasSpec,
+    #[serde(default)]
     pub feeds: Vec<FeedSpec>,
+}
+
+/// How many copies a JetStream cluster keeps of each stream (`[replicas]`): 1 on a single server, 3 on a
+/// 3-node cluster so that a stream survives the loss of any one node (its leader included). JetStream allows
+/// 1 to 5, and at most the number of servers in the cluster. Applied when the streams are created or updated
+/// (gateway and compositor start, `nimmer feeds apply`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicasSpec {
+    pub results: usize,
+    pub canon: usize,
+    pub players: usize,
+    pub factions: usize,
+    /// Every `[[feeds]]` stream.
+    pub feeds: usize,
+    /// The dead-letter stream.
+    pub dead_letter: usize,
+}
+
+impl Default for ReplicasSpec {
+    fn default() -> Self {
+        Self {
+            results: 1,
+            canon: 1,
+            players: 1,
+            factions: 1,
+            feeds: 1,
+            dead_letter: 1,
+        }
+    }
+}
+
+impl ReplicasSpec {
+    /// Every stream at `n` replicas.
+    pub fn all(n: usize) -> Self {
+        Self {
+            results: n,
+            canon: n,
+            players: n,
+            factions: n,
+            feeds: n,
+            dead_letter: n,
+        }
+    }
 }
 
 /// How canon reaches players.
@@ -283,6 +329,22 @@ impl TransportFile {
         if t.relay.poll_ms == 0 {
             return bad("relay.poll_ms", "must be at least 1");
         }
+        let r = t.replicas;
+        for (key, n) in [
+            ("replicas.results", r.results),
+            ("replicas.canon", r.canon),
+            ("replicas.players", r.players),
+            ("replicas.factions", r.factions),
+            ("replicas.feeds", r.feeds),
+            ("replicas.dead_letter", r.dead_letter),
+        ] {
+            if !(1..=5).contains(&n) {
+                return bad(
+                    key,
+                    "must be 1 to 5 (JetStream's limit; at most the cluster's servers)",
+                );
+            }
+        }
         Ok(t)
     }
 
@@ -401,6 +463,8 @@ mod tests {
                 "max_connections = 0",
                 "postgres.max_connections",
             ),
+            ("canon = 1", "canon = 6", "replicas.canon"),
+            ("results = 1", "results = 0", "replicas.results"),
         ] {
             let text = DEFAULT_TRANSPORT_TOML.replace(from, to);
             assert_ne!(text, DEFAULT_TRANSPORT_TOML, "{from}");

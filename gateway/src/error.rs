@@ -167,8 +167,6 @@ pub enum GatewayError {
     Tiers(#[from] TierError),
     #[error("connecting to NATS at {url}: {message}")]
     NatsConnect { url: String, message: String },
-    #[error("creating the JetStream stream {stream}: {message}")]
-    Stream { stream: String, message: String },
     #[error("subscribing to {subject}: {message}")]
     Subscribe { subject: String, message: String },
     #[error("watching {dir}: {source}")]

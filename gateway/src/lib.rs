@@ -97,14 +97,17 @@ pub async fn run(
         let client = async_nats::ConnectOptions::new()
             .name("nimmer-gateway")
             .retry_on_initial_connect()
-            .connect(url.as_str())
+            .connect(nimmer_wire::nats_urls(url))
             .await
             .map_err(|e| GatewayError::NatsConnect {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
-        let (sink, publisher) =
-            results::start(client.clone(), &opts.transport.results.stream).await?;
+        let (sink, publisher) = results::start(
+            client.clone(),
+            &opts.transport.results.stream,
+            opts.transport.replicas.results,
+        );
         gw.set_results(Some(sink));
         nats_tasks.push(publisher);
         let (gw2, mut rx) = (gw.clone(), stop_rx.clone());

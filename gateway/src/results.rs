@@ -12,7 +12,6 @@ use bytes::Bytes;
 use nimmer_wire::DialogResult;
 use tokio::sync::mpsc;
 
-use crate::error::GatewayError;
 use crate::metrics;
 
 /// Results queued for the publisher at most (then senders wait).
@@ -67,26 +66,30 @@ impl ResultsSink {
     }
 }
 
-/// Creates (or finds) the results stream `stream` and starts the publisher; the returned task ends when
+/// Starts the publisher, which first creates the results stream `stream` with `replicas` copies (or brings
+/// it up to date), retrying while JetStream does not answer (a cluster electing its leaders, a server
+/// restarting): the gateway serves meanwhile and its results wait in the queue. The returned task ends when
 /// every sink is dropped and the queue is drained.
-pub async fn start(
+pub fn start(
     client: async_nats::Client,
     stream: &str,
-) -> Result<(ResultsSink, tokio::task::JoinHandle<()>), GatewayError> {
+    replicas: usize,
+) -> (ResultsSink, tokio::task::JoinHandle<()>) {
     let js = jetstream::new(client);
-    js.get_or_create_stream(nimmer_wire::subjects::results_stream(stream))
-        .await
-        .map_err(|e| GatewayError::Stream {
-            stream: stream.into(),
-            message: e.to_string(),
-        })?;
+    let config = nimmer_wire::subjects::results_stream(stream, replicas);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(QUEUE);
     let task = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(250);
+        while let Err(e) = nimmer_wire::subjects::ensure_stream(&js, config.clone()).await {
+            tracing::warn!(stream = %config.name, error = %e, retry_in = ?backoff, "results stream not ready; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
         while let Some(out) = rx.recv().await {
             publish(&js, out).await;
         }
     });
-    Ok((ResultsSink { tx }, task))
+    (ResultsSink { tx }, task)
 }
 
 /// Publishes one result, retrying with backoff (50 ms doubling to 5 s) until it is acknowledged.

@@ -14,5 +14,5 @@ pub use dialog::{
     Classification, DialogResponse, DialogResult, FinishReason, Kind, Npc, SlotInfo, Timings, Uid,
     Usage,
 };
-pub use subjects::{BODY_LIMIT, QUEUE_GROUP, REQUEST_SUBJECTS, RESULTS_SUBJECTS};
+pub use subjects::{BODY_LIMIT, QUEUE_GROUP, REQUEST_SUBJECTS, RESULTS_SUBJECTS, nats_urls};
 pub use token::{TokenError, check_token, valid_token};

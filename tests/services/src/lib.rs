@@ -1,5 +1,6 @@
 //! The real services tests run against, started on free loopback ports with their data in temporary
-//! directories and stopped on drop: [`NatsServer`] (JetStream, >= 2.10) and [`Postgres`]. `scripts/test.sh`
+//! directories and stopped on drop: [`NatsServer`] (JetStream, >= 2.10), [`NatsCluster`] (three of them
+//! routed into one JetStream cluster) and [`Postgres`]. `scripts/test.sh`
 //! installs both; `NATS_SERVER` and `PG_BIN` point at them, else they are looked up where `scripts/test.sh`
 //! puts them (`.tools/`, `/usr/lib/postgresql/*/bin`) and then on the PATH.
 
@@ -9,10 +10,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports (the listeners are held until all are found, so none is handed out twice).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("free port").port())
+        .collect()
 }
 
 fn wait_listening(port: u16, what: &str) {
@@ -43,13 +51,29 @@ fn tools_nats_server() -> Option<String> {
 pub struct NatsServer {
     pub url: String,
     pub port: u16,
+    /// `server_name` (cluster nodes only).
+    pub name: Option<String>,
     bin: String,
+    /// Arguments after the common ones (a cluster node's name, cluster port and routes).
+    extra: Vec<String>,
+    /// Monitoring port (cluster nodes only: readiness is the JetStream meta leader in `/jsz`).
+    monitor: Option<u16>,
     child: Option<Child>,
     store: tempfile::TempDir,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        let mut s = Self::new(Vec::new(), None, None);
+        s.spawn();
+        s
+    }
+
+    fn new(extra: Vec<String>, name: Option<String>, monitor: Option<u16>) -> Self {
+        Self::new_on(free_port(), extra, name, monitor)
+    }
+
+    fn new_on(port: u16, extra: Vec<String>, name: Option<String>, monitor: Option<u16>) -> Self {
         let bin = std::env::var("NATS_SERVER")
             .ok()
             .or_else(tools_nats_server)
@@ -70,16 +94,16 @@ impl NatsServer {
             v.len() >= 2 && (v[0], v[1]) >= (2, 10),
             "`{bin}` is {version:?}; JetStream features need nats-server >= 2.10"
         );
-        let port = free_port();
-        let mut s = Self {
+        Self {
             url: format!("nats://127.0.0.1:{port}"),
             port,
+            name,
             bin,
+            extra,
+            monitor,
             child: None,
             store: tempfile::tempdir().expect("store dir"),
-        };
-        s.spawn();
-        s
+        }
     }
 
     fn spawn(&mut self) {
@@ -93,6 +117,10 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.store.path())
+            .args(&self.extra)
+            .args(self.monitor.map(|m| format!("-m={m}")))
+            .arg("-l")
+            .arg(self.log_path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -109,6 +137,15 @@ impl NatsServer {
     /// Where JetStream keeps its files.
     pub fn store_path(&self) -> &Path {
         self.store.path()
+    }
+
+    /// The server's log file (appended to across restarts): in `$NIMMER_TEST_LOGS` when set (kept after the
+    /// test, named by port), else in its store.
+    pub fn log_path(&self) -> PathBuf {
+        match std::env::var_os("NIMMER_TEST_LOGS") {
+            Some(d) => PathBuf::from(d).join(format!("nats-server-{}.log", self.port)),
+            None => self.store.path().join("nats-server.log"),
+        }
     }
 
     /// Kills the server (SIGKILL: no graceful shutdown).
@@ -130,6 +167,96 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Three nats-servers on loopback routed into one JetStream cluster (`server_name` n0, n1, n2; cluster
+/// `nimmer`), each with its own store; killed on drop. [`NatsCluster::start`] returns once the cluster has a
+/// JetStream meta leader, so streams with 3 replicas can be created at once.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start() -> Self {
+        let ports = free_ports(9);
+        let cluster_ports = &ports[0..3];
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes: Vec<NatsServer> = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, cp)| {
+                let name = format!("n{i}");
+                let extra = vec![
+                    format!("--server_name={name}"),
+                    "--cluster_name=nimmer".into(),
+                    format!("--cluster=nats://127.0.0.1:{cp}"),
+                    format!("--routes={routes}"),
+                ];
+                NatsServer::new_on(ports[3 + i], extra, Some(name), Some(ports[6 + i]))
+            })
+            .collect();
+        for n in &mut nodes {
+            n.spawn();
+        }
+        let c = Self { nodes };
+        c.wait_meta_leader();
+        c
+    }
+
+    /// Every node's URL, comma-separated (what `--nats` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node named `name` (`n0`..`n2`, as JetStream reports a stream's leader).
+    pub fn node_mut(&mut self, name: &str) -> &mut NatsServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Waits (up to 30 s) until a running node reports a JetStream meta leader.
+    pub fn wait_meta_leader(&self) {
+        for _ in 0..300 {
+            let ready = self.nodes.iter().filter(|n| n.child.is_some()).any(|n| {
+                n.monitor
+                    .and_then(|m| http_get(m, "/jsz"))
+                    .is_some_and(|body| meta_leader(&body).is_some())
+            });
+            if ready {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the NATS cluster elected no JetStream meta leader in 30 s");
+    }
+}
+
+/// The body of `GET path` on a loopback monitoring port.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// `meta_cluster.leader` of a `/jsz` body, when there is one.
+fn meta_leader(jsz: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(jsz).ok()?;
+    let leader = v.get("meta_cluster")?.get("leader")?.as_str()?;
+    (!leader.is_empty()).then(|| leader.to_string())
 }
 
 /// A PostgreSQL server (its own cluster from `initdb`) on a free loopback port; stopped on drop. Runs as the
