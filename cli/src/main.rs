@@ -111,7 +111,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd: train::LorasCmd::Train(a),
         } => train::train(&files::load_config(&dir)?, a),
         Cmd::Serve(a) => serve::run(dir, a),
-        Cmd::Tier(a) => tier::run(&files::load_config(&dir)?, a),
+        Cmd::Tier(a) => tier::run(&files::load_config(&dir)?, dir.as_deref(), a),
         Cmd::Compositor(a) => canon::compositor(dir, a),
         Cmd::Events { cmd } => canon::events(dir, cmd),
         Cmd::Feeds { cmd } => canon::feeds(dir, cmd),

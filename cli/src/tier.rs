@@ -14,7 +14,7 @@ pub struct TierArgs {
     /// driver or theia
     #[arg(long)]
     tier: String,
-    /// NATS server URL.
+    /// NATS server URL, or a cluster's URLs separated by commas.
     #[arg(long, env = "NIMMER_NATS")]
     nats: String,
     /// This worker's name (unique per tier; default: the host name and process id).
@@ -22,7 +22,7 @@ pub struct TierArgs {
     worker: Option<String>,
 }
 
-pub fn run(cfg: &Config, a: TierArgs) -> Result<()> {
+pub fn run(cfg: &Config, config_dir: Option<&std::path::Path>, a: TierArgs) -> Result<()> {
     let (spec, budget) = match a.tier.as_str() {
         "driver" => (&cfg.tiers.tiers.driver, &cfg.budgets.tiers.driver),
         "theia" => (&cfg.tiers.tiers.theia, &cfg.budgets.tiers.theia),
@@ -35,21 +35,42 @@ pub fn run(cfg: &Config, a: TierArgs) -> Result<()> {
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
     let handle = LlmHandle::start(&a.tier, spec, EngineLimits::of(budget), &model)
         .with_context(|| format!("starting the {} tier", a.tier))?;
+    let model_id = handle.info().model_id.clone();
+    let llm: Arc<dyn nimmer_gateway::tier::LlmTier> = Arc::new(handle);
+    // The Driver runs trait-LoRAs: the same adapters directory as a gateway's (`[loras] dir`).
+    let loras = (a.tier == "driver").then(|| {
+        let spec = &cfg.budgets.loras;
+        let reg = Arc::new(nimmer_loras::Registry::new(
+            llm.lora_base(),
+            spec.memory_mib << 20,
+        ));
+        let dir = config_dir
+            .unwrap_or(std::path::Path::new("config"))
+            .join(&spec.dir);
+        if dir.is_dir() {
+            for (name, e) in reg.scan(&dir) {
+                tracing::error!(adapter = %name, error = %e, "adapter rejected");
+            }
+            tracing::info!(dir = %dir.display(), adapters = reg.list().len(), "trait-LoRA adapters loaded");
+        }
+        reg
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let client = async_nats::connect(&a.nats)
+        let client = async_nats::connect(nimmer_wire::nats_urls(&a.nats))
             .await
             .with_context(|| format!("connecting to NATS at {}", a.nats))?;
-        nimmer_gateway::tier::remote::worker::serve(
-            client,
-            &a.tier,
-            &worker,
-            Arc::new(handle),
-            crate::serve::shutdown_signal(),
-        )
-        .await?;
+        let w = nimmer_gateway::tier::remote::worker::Worker {
+            tier: a.tier.clone(),
+            name: worker,
+            model: model_id,
+            llm,
+            loras,
+        };
+        nimmer_gateway::tier::remote::worker::serve(client, w, crate::serve::shutdown_signal())
+            .await?;
         Ok(())
     })
 }

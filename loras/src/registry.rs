@@ -260,6 +260,22 @@ impl Registry {
         g.entries.iter().map(|(n, e)| Self::info_of(n, e)).collect()
     }
 
+    /// The resident adapters with their content digests (does not count as a use: eviction order stays).
+    pub fn resident_digests(&self) -> Vec<(String, [u8; 16])> {
+        let resident: Vec<(String, Arc<Adapter>)> = {
+            let g = self.lock();
+            g.entries
+                .iter()
+                .filter_map(|(n, e)| Some((n.clone(), e.resident.clone()?)))
+                .collect()
+        };
+        // Digests are computed (once per adapter) outside the lock.
+        resident
+            .into_iter()
+            .map(|(n, a)| (n, a.content_hash()))
+            .collect()
+    }
+
     pub fn stats(&self) -> RegistryStats {
         self.lock().stats
     }

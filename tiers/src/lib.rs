@@ -16,8 +16,8 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use engine::{
-    BLOCK_TOKENS, Completion, EngineLimits, Event, FinishReason, GenerateRequest, LlmHandle,
-    PrefixSnapshot, Prompt, Schedule, Share, ZoneServiceView, tokenize,
+    BLOCK_TOKENS, Completion, EngineLimits, EngineLoad, Event, FinishReason, GenerateRequest,
+    LlmHandle, PrefixSnapshot, Prompt, Schedule, Share, ZoneServiceView, tokenize,
 };
 pub use sampling::SamplingParams;
 pub mod saturn;

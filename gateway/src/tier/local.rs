@@ -62,6 +62,10 @@ impl LlmTier for LlmHandle {
     fn zone_service(&self) -> Vec<ZoneServiceView> {
         LlmHandle::zone_service(self)
     }
+
+    fn load(&self) -> Option<nimmer_tiers::EngineLoad> {
+        Some(LlmHandle::load(self))
+    }
 }
 
 impl ClassifierTier for SaturnHandle {

@@ -71,6 +71,10 @@ pub trait LlmTier: Send + Sync {
     fn zone_service(&self) -> Vec<ZoneServiceView> {
         Vec::new()
     }
+    /// What the tier's engine holds now (`None` where the tier does not say: a fake, or remote workers).
+    fn load(&self) -> Option<nimmer_tiers::EngineLoad> {
+        None
+    }
 }
 
 /// A classifier tier (Saturn).
@@ -141,13 +145,12 @@ pub fn start(
             }
         })?;
         rt.block_on(async {
-            let client =
-                async_nats::connect(url)
-                    .await
-                    .map_err(|e| crate::GatewayError::NatsConnect {
-                        url: url.into(),
-                        message: e.to_string(),
-                    })?;
+            let client = async_nats::connect(nimmer_wire::nats_urls(url))
+                .await
+                .map_err(|e| crate::GatewayError::NatsConnect {
+                    url: url.into(),
+                    message: e.to_string(),
+                })?;
             tracing::info!(
                 tier = tier.as_str(),
                 nats = url,

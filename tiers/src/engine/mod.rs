@@ -202,6 +202,24 @@ pub struct TierInfo {
     unpins: std::sync::Mutex<Vec<u64>>,
     /// Tokens served and owed per zone.
     pub service: ZoneService,
+    /// What the engine holds, as of its last loop.
+    load: std::sync::Mutex<EngineLoad>,
+}
+
+/// What an engine holds now (for routing across workers and for views): refreshed by the engine thread
+/// between steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EngineLoad {
+    /// Sequences the last step ran.
+    pub running: usize,
+    /// Sequences holding KV (running or paused by the fair planner).
+    pub resident: usize,
+    /// Sequences queued for admission.
+    pub waiting: usize,
+    /// KV bytes leased by resident sequences and held by the prefix cache.
+    pub kv_used_bytes: usize,
+    /// `kv_memory_mib` in bytes.
+    pub kv_budget_bytes: usize,
 }
 
 enum Command {
@@ -319,6 +337,11 @@ impl LlmHandle {
     pub fn set_limits(&self, l: EngineLimits) {
         self.info.limits.set(l);
         // An idle engine has nothing to apply them to; a busy one reads them before its next step.
+    }
+
+    /// What the engine holds now.
+    pub fn load(&self) -> EngineLoad {
+        *self.info.load.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tokens each zone was served and owed by this engine's steps (zones seen in the last ten minutes).

@@ -130,7 +130,6 @@ impl<C> Queue<C> {
     }
 
     /// KV bytes the running sequences hold.
-    #[cfg(test)]
     pub fn kv_used(&self) -> usize {
         self.kv_used.get()
     }
@@ -175,7 +174,6 @@ impl<C> Queue<C> {
         &mut self.running
     }
 
-    #[cfg(test)]
     pub fn waiting_len(&self) -> usize {
         self.waiting.len()
     }

@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::prefix::{BLOCK_TOKENS, BlockHash, PrefixCache, PrefixStats, extend_chain};
 use super::queue::{Queue, Seq, StepLimits};
 use super::service::ZoneService;
-use super::{Command, Completion, EngineLimits, Event, FinishReason, LiveLimits, TierInfo};
+use super::{
+    Command, Completion, EngineLimits, EngineLoad, Event, FinishReason, LiveLimits, TierInfo,
+};
 use crate::error::Result;
 use crate::llama::{Chunk, Decoder};
 use crate::tokenizer::ChatTokenizer;
@@ -52,6 +54,7 @@ pub(super) fn serve<M: Decoder>(
         prefix: prefix.clone(),
         unpins: Default::default(),
         service: ZoneService::new(&tier),
+        load: Default::default(),
     });
     tracing::info!(tier = %tier, weights_mib = info.weight_bytes >> 20, kernel = %info.kernel, threads = pool.current_num_threads(), "engine ready");
     if spec.device == nimmer_config::Device::Cuda && spec.precision != nimmer_config::Precision::F32
@@ -77,6 +80,7 @@ pub(super) fn serve<M: Decoder>(
         ws: M::Workspace::default(),
         batch_size,
         batch_tokens,
+        last_rows: 0,
     }
     .run(rx);
 }
@@ -95,6 +99,8 @@ struct Engine<M: Decoder> {
     ws: M::Workspace,
     batch_size: metrics::Histogram,
     batch_tokens: metrics::Histogram,
+    /// Rows of the last step (0 once the engine is idle).
+    last_rows: usize,
 }
 
 impl<M: Decoder> Engine<M> {
@@ -116,11 +122,28 @@ impl<M: Decoder> Engine<M> {
                 tracing::debug!(tier = %self.info.name, cancelled = gone.cancelled, expired = gone.expired, "dropped sequences");
             }
             self.admit(now);
-            if !self.queue.running().is_empty() {
+            if self.queue.running().is_empty() {
+                self.last_rows = 0;
+            } else {
                 self.step();
             }
             self.gauges.publish(&self.info.prefix);
+            self.publish_load();
         }
+    }
+
+    /// Shares what the engine holds (read by routing and views on other threads).
+    fn publish_load(&mut self) {
+        let limits = self.info.limits.get();
+        let load = EngineLoad {
+            // Sequences that ended in the last step are gone from `resident`.
+            running: self.last_rows.min(self.queue.running().len()),
+            resident: self.queue.running().len(),
+            waiting: self.queue.waiting_len(),
+            kv_used_bytes: self.queue.kv_used() + self.prefix.bytes(),
+            kv_budget_bytes: limits.kv_memory_bytes,
+        };
+        *self.info.load.lock().unwrap_or_else(|e| e.into_inner()) = load;
     }
 
     fn take(&mut self, cmd: Command) {
@@ -201,8 +224,8 @@ impl<M: Decoder> Engine<M> {
             schedule: limits.schedule,
         });
         self.info.service.record(&service, Instant::now());
-        self.batch_size
-            .record(plan.iter().filter(|&&n| n > 0).count() as f64);
+        self.last_rows = plan.iter().filter(|&&n| n > 0).count();
+        self.batch_size.record(self.last_rows as f64);
         self.batch_tokens.record(plan.iter().sum::<usize>() as f64);
         let mut chunks = Vec::with_capacity(plan.len());
         for (s, &n) in self.queue.running_mut().iter_mut().zip(&plan) {

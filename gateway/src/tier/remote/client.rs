@@ -1,8 +1,10 @@
 //! The gateway side: [`NatsLlm`] is an [`LlmTier`] whose engines are tier workers reached over NATS. It
 //! tokenizes locally (the gateway's admission needs token counts before any tier work), sends each
-//! generation to the tier's shared subject, and turns the worker's numbered stream back into [`Event`]s:
-//! a dropped receiver cancels the sequence on the worker, and silence past [`DEAD_AFTER`] (or a gap in the
-//! numbers) ends the stream with an error. Health follows the workers' load messages.
+//! generation to the worker [`super::route`] picks from their load messages (the least loaded, preferring
+//! one holding the request's adapters; the shared subject's queue group when none reported yet), and turns
+//! the worker's numbered stream back into [`Event`]s: a dropped receiver cancels the sequence on the worker,
+//! and a lost worker (silent past [`DEAD_AFTER`], a gap in the numbers) moves the sequence to another.
+//! Health follows the workers' load messages; pins go to every worker.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +20,8 @@ use nimmer_tiers::{
 use tokio::sync::mpsc;
 
 use super::{
-    Accepted, DEAD_AFTER, GenerateMsg, LoadMsg, RemoteError, StreamEvent, StreamMsg,
-    generate_subject, load_subject, worker_subject,
+    Accepted, Candidate, DEAD_AFTER, GenerateMsg, LoadMsg, LoraRef, PinMsg, RemoteError,
+    StreamEvent, StreamMsg, generate_subject, load_subject, pin_subject, route, worker_subject,
 };
 use crate::error::GatewayError;
 use crate::tier::{Events, Health, LlmTier};
@@ -56,14 +58,88 @@ impl Shape for RemoteShape {
     }
 }
 
+/// A worker as this gateway last heard of it.
+struct Heard {
+    at: Instant,
+    load: LoadMsg,
+    /// Sequences this gateway sent it since that load message.
+    sent: usize,
+}
+
+/// The tier's workers by their load messages; picks where a sequence goes.
+#[derive(Default)]
+pub struct Workers(Mutex<HashMap<String, Heard>>);
+
+impl Workers {
+    fn heard(&self, load: LoadMsg) {
+        self.0.lock().expect("workers lock").insert(
+            load.worker.clone(),
+            Heard {
+                at: Instant::now(),
+                load,
+                sent: 0,
+            },
+        );
+    }
+
+    /// Workers heard from within [`DEAD_AFTER`], by name.
+    pub fn live(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut w: Vec<String> = self
+            .0
+            .lock()
+            .expect("workers lock")
+            .iter()
+            .filter(|(_, h)| now.duration_since(h.at) < DEAD_AFTER)
+            .map(|(w, _)| w.clone())
+            .collect();
+        w.sort();
+        w
+    }
+
+    /// The worker for a sequence with adapters `wanted` (digests), never `avoid`; counted as sent to it.
+    fn pick(&self, wanted: &[&str], avoid: Option<&str>) -> Option<String> {
+        let now = Instant::now();
+        let mut g = self.0.lock().expect("workers lock");
+        let live: Vec<Candidate> = g
+            .iter()
+            .filter(|(_, h)| now.duration_since(h.at) < DEAD_AFTER)
+            .map(|(name, h)| Candidate {
+                worker: name,
+                load: h.load.in_flight + h.sent,
+                adapters: &h.load.adapters,
+            })
+            .collect();
+        let chosen = route(&live, wanted, avoid)?.to_string();
+        if let Some(h) = g.get_mut(&chosen) {
+            h.sent += 1;
+        }
+        Some(chosen)
+    }
+
+    /// The last load message of each live worker.
+    pub fn loads(&self) -> Vec<LoadMsg> {
+        let now = Instant::now();
+        let mut v: Vec<LoadMsg> = self
+            .0
+            .lock()
+            .expect("workers lock")
+            .values()
+            .filter(|h| now.duration_since(h.at) < DEAD_AFTER)
+            .map(|h| h.load.clone())
+            .collect();
+        v.sort_by(|a, b| a.worker.cmp(&b.worker));
+        v
+    }
+}
+
 /// An LLM tier served by NATS tier workers.
 pub struct NatsLlm {
     client: async_nats::Client,
     tier: String,
     shape: Arc<dyn Shape>,
     limits: Mutex<EngineLimits>,
-    /// Workers by the time of their last load message.
-    workers: Arc<Mutex<HashMap<String, Instant>>>,
+    workers: Arc<Workers>,
     /// Names this gateway's sequences (unique per process and connection).
     prefix: String,
     next: AtomicU64,
@@ -92,14 +168,12 @@ impl NatsLlm {
                     subject: load_subject(tier),
                     message: e.to_string(),
                 })?;
-        let workers: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
+        let workers: Arc<Workers> = Default::default();
         let seen = workers.clone();
         let load_task = tokio::spawn(async move {
             while let Some(m) = loads.next().await {
                 if let Ok(l) = serde_json::from_slice::<LoadMsg>(&m.payload) {
-                    seen.lock()
-                        .expect("workers lock")
-                        .insert(l.worker, Instant::now());
+                    seen.heard(l);
                 }
             }
         });
@@ -117,17 +191,22 @@ impl NatsLlm {
 
     /// Workers heard from within [`DEAD_AFTER`].
     pub fn live_workers(&self) -> Vec<String> {
-        let now = Instant::now();
-        let mut w: Vec<String> = self
-            .workers
-            .lock()
-            .expect("workers lock")
-            .iter()
-            .filter(|(_, t)| now.duration_since(**t) < DEAD_AFTER)
-            .map(|(w, _)| w.clone())
-            .collect();
-        w.sort();
-        w
+        self.workers.live()
+    }
+
+    /// The last load message of each live worker.
+    pub fn worker_loads(&self) -> Vec<LoadMsg> {
+        self.workers.loads()
+    }
+
+    fn publish_pin(&self, verb: &str, msg: PinMsg) {
+        let (client, subject) = (self.client.clone(), pin_subject(&self.tier, verb));
+        let body = serde_json::to_vec(&msg).unwrap_or_default();
+        tokio::spawn(async move {
+            if let Err(e) = client.publish(subject, body.into()).await {
+                tracing::warn!(error = %e, "sending a pin to the tier workers failed");
+            }
+        });
     }
 }
 
@@ -148,13 +227,9 @@ impl LlmTier for NatsLlm {
         );
         let (client, tier) = (self.client.clone(), self.tier.clone());
         let prompt = self.shape.tokenize(&req.prompt);
+        let workers = self.workers.clone();
         Box::pin(async move {
-            if req.lora.as_ref().is_some_and(|b| !b.is_empty()) {
-                return Err(TierError::InvalidRequest {
-                    field: "traits",
-                    message: format!("trait-LoRAs are not served by remote {tier} workers yet"),
-                });
-            }
+            let lora = req.lora.as_deref().map(LoraRef::of).unwrap_or_default();
             let now = Instant::now();
             let msg = GenerateMsg {
                 id,
@@ -167,11 +242,13 @@ impl LlmTier for NatsLlm {
                 class: req.share.class.to_string(),
                 weight: req.share.weight,
                 priority: req.share.priority,
+                lora,
                 stream_to: String::new(),
             };
-            let (msg, worker, sub) = send(&client, &tier, msg).await?;
+            let to = workers.pick(&digests(&msg), None);
+            let (msg, worker, sub) = send(&client, &tier, msg, to).await?;
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(follow(client, tier, msg, worker, sub, tx));
+            tokio::spawn(follow(client, tier, workers, msg, worker, sub, tx));
             Ok(rx)
         })
     }
@@ -201,23 +278,51 @@ impl LlmTier for NatsLlm {
 
     fn pin(
         &self,
-        _id: u64,
-        _prompt: Prompt,
-        _lora: Option<Arc<nimmer_loras::Blend>>,
+        id: u64,
+        prompt: Prompt,
+        lora: Option<Arc<nimmer_loras::Blend>>,
     ) -> Result<(), TierError> {
-        // Pins live in each worker's prefix cache; remote pinning comes with worker routing.
+        // Any worker may serve the NPC next: each pins it in its own prefix cache.
+        let prompt = self.shape.tokenize(&prompt)?;
+        let lora = lora.as_deref().map(LoraRef::of).unwrap_or_default();
+        self.publish_pin(
+            "pin",
+            PinMsg {
+                owner: self.prefix.clone(),
+                id,
+                prompt,
+                lora,
+            },
+        );
         Ok(())
     }
 
-    fn unpin(&self, _id: u64) {}
+    fn unpin(&self, id: u64) {
+        self.publish_pin(
+            "unpin",
+            PinMsg {
+                owner: self.prefix.clone(),
+                id,
+                prompt: Vec::new(),
+                lora: Vec::new(),
+            },
+        );
+    }
 }
 
-/// Sends `msg` to any worker of the tier (with a fresh inbox): the message as sent, the worker that took it
-/// and the subscription its stream arrives on; or the tier's refusal.
+/// The adapter digests a message asks for.
+fn digests(msg: &GenerateMsg) -> Vec<&str> {
+    msg.lora.iter().map(|l| l.digest.as_str()).collect()
+}
+
+/// Sends `msg` (with a fresh inbox) to worker `to`, or to any worker of the tier when none is named or the
+/// named one is gone: the message as sent, the worker that took it and the subscription its stream arrives
+/// on; or the tier's refusal.
 async fn send(
     client: &async_nats::Client,
     tier: &str,
     mut msg: GenerateMsg,
+    to: Option<String>,
 ) -> Result<(GenerateMsg, String, async_nats::Subscriber), TierError> {
     let down = |e: &dyn std::fmt::Display| {
         tracing::warn!(tier = %tier, error = %e, "remote tier request failed");
@@ -230,11 +335,27 @@ async fn send(
         .subscribe(msg.stream_to.clone())
         .await
         .map_err(|e| down(&e))?;
-    let body = serde_json::to_vec(&msg).map_err(|e| down(&e))?;
-    let reply = client
-        .request(generate_subject(tier), body.into())
-        .await
-        .map_err(|e| down(&e))?;
+    let body: bytes::Bytes = serde_json::to_vec(&msg).map_err(|e| down(&e))?.into();
+    let direct = match &to {
+        Some(w) => match client
+            .request(worker_subject(tier, w, "generate"), body.clone())
+            .await
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(tier = %tier, worker = %w, error = %e, "worker did not answer; trying any worker");
+                None
+            }
+        },
+        None => None,
+    };
+    let reply = match direct {
+        Some(r) => r,
+        None => client
+            .request(generate_subject(tier), body)
+            .await
+            .map_err(|e| down(&e))?,
+    };
     if let Some(status) = reply
         .headers
         .as_ref()
@@ -259,6 +380,7 @@ const MIGRATIONS: usize = 3;
 async fn follow(
     client: async_nats::Client,
     tier: String,
+    workers: Arc<Workers>,
     mut msg: GenerateMsg,
     mut worker: String,
     mut sub: async_nats::Subscriber,
@@ -334,7 +456,8 @@ async fn follow(
             // It started long ago: its deadline (admission) no longer applies.
             msg.deadline_ms = None;
             msg.id = format!("{id}.m{migrations}");
-            match send(&client, &tier, msg.clone()).await {
+            let to = workers.pick(&digests(&msg), Some(&worker));
+            match send(&client, &tier, msg.clone(), to).await {
                 Ok((m, w, s)) => {
                     tracing::info!(tier = %tier, from = %worker, to = %w, carried = carried.len(), "sequence migrated to another worker");
                     (msg, worker, sub, expect) = (m, w, s, 0);

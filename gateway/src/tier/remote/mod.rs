@@ -11,7 +11,13 @@
 //!   so the caller notices a dead worker within [`DEAD_AFTER`] (a gap in the numbers is an error too).
 //! - **Cancel**: `nimmer.tier.<tier>.w.<worker>.cancel` with the request id drops the sequence on the worker.
 //! - **Load**: every [`LOAD_EVERY`] each worker publishes a [`LoadMsg`] on `nimmer.tier.<tier>.load` (core
-//!   NATS, telemetry only: nothing correct depends on it).
+//!   NATS, telemetry only: nothing correct depends on it). The gateway routes by it ([`route`]): the least
+//!   loaded live worker, preferring one where the request's adapters are resident; with no load heard yet,
+//!   the shared subject's queue group picks.
+//! - **Adapters**: a request's trait-LoRA blend travels as [`LoraRef`]s (name, content digest, weight); a
+//!   worker runs it with the adapters of its own registry, and only when their content matches.
+//! - **Pins**: [`PinMsg`] on `nimmer.tier.<tier>.pin` / `.unpin` reach every worker (plain pub/sub): each
+//!   pins the prompt in its own prefix cache. A worker that starts later holds no earlier pins.
 
 pub mod client;
 pub mod worker;
@@ -48,6 +54,52 @@ pub fn load_subject(tier: &str) -> String {
     format!("nimmer.tier.{tier}.load")
 }
 
+/// Every worker's pins (`verb` = `pin` or `unpin`).
+pub fn pin_subject(tier: &str, verb: &str) -> String {
+    format!("nimmer.tier.{tier}.{verb}")
+}
+
+/// An adapter of a request's blend on the wire: the worker resolves `name` in its own registry and runs it
+/// only when the adapter there has this content `digest` (hex of [`nimmer_loras::Adapter::content_hash`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraRef {
+    pub name: String,
+    pub digest: String,
+    pub weight: f32,
+}
+
+impl LoraRef {
+    /// The refs of a blend.
+    pub fn of(blend: &nimmer_loras::Blend) -> Vec<Self> {
+        blend
+            .parts
+            .iter()
+            .map(|(a, w)| Self {
+                name: a.name.clone(),
+                digest: hex(&a.content_hash()),
+                weight: *w,
+            })
+            .collect()
+    }
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A pin (or, with an empty prompt, an unpin) for every worker of a tier. `owner` names the gateway (pin ids
+/// are per gateway).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinMsg {
+    pub owner: String,
+    pub id: u64,
+    #[serde(default)]
+    pub prompt: Vec<u32>,
+    #[serde(default)]
+    pub lora: Vec<LoraRef>,
+}
+
 /// A generation as it travels to a worker: the prompt already tokenized by the gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerateMsg {
@@ -62,6 +114,9 @@ pub struct GenerateMsg {
     pub class: String,
     pub weight: f64,
     pub priority: i32,
+    /// The trait-LoRA blend (empty: the base model).
+    #[serde(default)]
+    pub lora: Vec<LoraRef>,
     /// The inbox the stream goes to.
     pub stream_to: String,
 }
@@ -98,7 +153,51 @@ pub struct LoadMsg {
     pub tier: String,
     /// Sequences it streams now (queued or resident in its engine).
     pub in_flight: usize,
+    /// nimmer's version.
     pub version: String,
+    /// The model it runs (GGUF file and precision).
+    #[serde(default)]
+    pub model: String,
+    /// Running, resident and waiting sequences, KV used and budgeted.
+    #[serde(default)]
+    pub engine: Option<nimmer_tiers::EngineLoad>,
+    /// Resident adapters: name and content digest (hex).
+    #[serde(default)]
+    pub adapters: Vec<(String, String)>,
+}
+
+/// A worker as routing sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub worker: &'a str,
+    /// Sequences it holds or was sent since it last reported.
+    pub load: usize,
+    /// Its resident adapters' digests.
+    pub adapters: &'a [(String, String)],
+}
+
+/// What a missing adapter costs a worker in routing, in sequences: loading it from disk takes tens of
+/// milliseconds and memory, so a worker holding it wins unless it has this many more sequences in flight.
+pub const ADAPTER_MISS: usize = 4;
+
+/// The worker to send a request with adapters `wanted` (digests) to: the lowest load plus
+/// [`ADAPTER_MISS`] per adapter it does not hold, ties to the first name; never `avoid`. Pure.
+pub fn route<'a>(
+    workers: &[Candidate<'a>],
+    wanted: &[&str],
+    avoid: Option<&str>,
+) -> Option<&'a str> {
+    workers
+        .iter()
+        .filter(|c| Some(c.worker) != avoid)
+        .min_by_key(|c| {
+            let missing = wanted
+                .iter()
+                .filter(|d| !c.adapters.iter().any(|(_, h)| h == *d))
+                .count();
+            (c.load + ADAPTER_MISS * missing, c.worker)
+        })
+        .map(|c| c.worker)
 }
 
 /// A tier error as it crosses the wire (the variants a caller acts on keep their meaning).
@@ -227,10 +326,64 @@ fn static_field(field: &str) -> &'static str {
         "repetition_penalty",
         "stop",
         "sampling",
+        "traits",
     ];
     FIELDS
         .iter()
         .find(|f| **f == field)
         .copied()
         .unwrap_or("request")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(digests: &[&str]) -> Vec<(String, String)> {
+        digests
+            .iter()
+            .map(|d| (format!("a-{d}"), d.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn routing_takes_the_least_loaded_worker_and_prefers_resident_adapters() {
+        let (none, sailor, both) = (held(&[]), held(&["s1"]), held(&["s1", "g1"]));
+        let c = |worker, load, adapters| Candidate {
+            worker,
+            load,
+            adapters,
+        };
+        let ws = [c("w1", 3, &none), c("w2", 1, &none), c("w3", 1, &none)];
+        assert_eq!(
+            route(&ws, &[], None),
+            Some("w2"),
+            "least loaded, ties by name"
+        );
+        assert_eq!(
+            route(&ws, &[], Some("w2")),
+            Some("w3"),
+            "never the one avoided"
+        );
+        assert_eq!(route(&[], &[], None), None);
+        // The adapter's holder wins despite a higher load...
+        let ws = [c("w1", 0, &none), c("w2", 3, &sailor)];
+        assert_eq!(route(&ws, &["s1"], None), Some("w2"));
+        // ...unless it is busier by the cost of a load or more.
+        let ws = [c("w1", 0, &none), c("w2", ADAPTER_MISS, &sailor)];
+        assert_eq!(route(&ws, &["s1"], None), Some("w1"));
+        // A blend: the worker holding more of it.
+        let ws = [c("w1", 0, &sailor), c("w2", 0, &both)];
+        assert_eq!(route(&ws, &["s1", "g1"], None), Some("w2"));
+    }
+
+    #[test]
+    fn old_load_messages_still_parse() {
+        let m: LoadMsg = serde_json::from_str(
+            r#"{"worker":"w1","tier":"driver","in_flight":2,"version":"0.1.0"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.in_flight, 2);
+        assert!(m.engine.is_none() && m.adapters.is_empty());
+    }
 }

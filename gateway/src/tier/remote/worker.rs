@@ -1,7 +1,8 @@
 //! The worker side: serves one [`LlmTier`] over NATS as the service `nimmer-<tier>` (endpoints `generate`
 //! on the tier's shared subject and on the worker's own), streams each sequence to its caller's inbox with
-//! heartbeats, drops a sequence on a cancel message, and publishes its load. `nimmer tier` runs it over an
-//! in-process engine.
+//! heartbeats, drops a sequence on a cancel message, runs trait-LoRA blends with the adapters of its own
+//! registry (when their content matches the caller's), pins prompts in its prefix cache when a gateway asks
+//! every worker to, and publishes its load. `nimmer tier` runs it over an in-process engine.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
+use nimmer_loras::{Blend, Registry};
 use nimmer_tiers::{Event, GenerateRequest, Prompt, Share};
 use tokio::sync::oneshot;
 
 use super::{
-    Accepted, GenerateMsg, HEARTBEAT, LOAD_EVERY, LoadMsg, RemoteError, StreamEvent, StreamMsg,
-    generate_subject, load_subject, service_name, worker_subject,
+    Accepted, GenerateMsg, HEARTBEAT, LOAD_EVERY, LoadMsg, LoraRef, PinMsg, RemoteError,
+    StreamEvent, StreamMsg, generate_subject, hex, load_subject, pin_subject, service_name,
+    worker_subject,
 };
 use crate::error::GatewayError;
 use crate::tier::LlmTier;
@@ -22,15 +25,27 @@ use crate::tier::LlmTier;
 /// Sequences being streamed, by request id: dropping the sender cancels the sequence.
 type Streams = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
 
-/// Serves `llm` as worker `worker` of `tier` until `shutdown` resolves (then stops taking requests; the
-/// sequences in flight are dropped with the process).
+/// One worker: what it serves and under which names.
+#[derive(Clone)]
+pub struct Worker {
+    pub tier: String,
+    /// Unique among the tier's workers (a NATS subject token).
+    pub name: String,
+    /// The model it runs, as its load messages report it.
+    pub model: String,
+    pub llm: Arc<dyn LlmTier>,
+    /// Its trait-LoRA adapters (none: requests with traits are refused).
+    pub loras: Option<Arc<Registry>>,
+}
+
+/// Serves `w` until `shutdown` resolves (then stops taking requests; the sequences in flight are dropped
+/// with the process).
 pub async fn serve(
     client: async_nats::Client,
-    tier: &str,
-    worker: &str,
-    llm: Arc<dyn LlmTier>,
+    w: Worker,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), GatewayError> {
+    let (tier, worker) = (w.tier.as_str(), w.name.as_str());
     let nats_err = |what: &str, e: &dyn std::fmt::Display| GatewayError::Subscribe {
         subject: what.to_string(),
         message: e.to_string(),
@@ -59,22 +74,30 @@ pub async fn serve(
         .subscribe(cancel_subject.clone())
         .await
         .map_err(|e| nats_err(&cancel_subject, &e))?;
+    let mut pins = futures::stream::select(
+        client
+            .subscribe(pin_subject(tier, "pin"))
+            .await
+            .map_err(|e| nats_err(&pin_subject(tier, "pin"), &e))?,
+        client
+            .subscribe(pin_subject(tier, "unpin"))
+            .await
+            .map_err(|e| nats_err(&pin_subject(tier, "unpin"), &e))?,
+    );
+    // Pins by (gateway, its pin id) -> this engine's pin id.
+    let mut pinned: HashMap<(String, u64), u64> = HashMap::new();
+    let mut next_pin = 0u64;
     tracing::info!(tier, worker, subject = %generate_subject(tier), "tier worker serving");
     let streams: Streams = Default::default();
-    let load = tokio::spawn(publish_load(
-        client.clone(),
-        tier.to_string(),
-        worker.to_string(),
-        streams.clone(),
-    ));
+    let load = tokio::spawn(publish_load(client.clone(), w.clone(), streams.clone()));
     let mut requests = futures::stream::select(any, mine);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             r = requests.next() => {
                 let Some(req) = r else { break };
-                let ctx = (client.clone(), tier.to_string(), worker.to_string(), llm.clone(), streams.clone());
-                tokio::spawn(async move { take(ctx, req).await });
+                let (client, w, streams) = (client.clone(), w.clone(), streams.clone());
+                tokio::spawn(async move { take(client, w, streams, req).await });
             }
             c = cancels.next() => {
                 if let Some(m) = c {
@@ -82,6 +105,33 @@ pub async fn serve(
                     if streams.lock().expect("streams lock").remove(&id).is_some() {
                         tracing::debug!(id, "sequence cancelled by its caller");
                     }
+                }
+            }
+            p = pins.next() => {
+                let Some(m) = p else { continue };
+                let Ok(p) = serde_json::from_slice::<PinMsg>(&m.payload) else { continue };
+                let key = (p.owner.clone(), p.id);
+                if p.prompt.is_empty() {
+                    if let Some(local) = pinned.remove(&key) {
+                        w.llm.unpin(local);
+                    }
+                    continue;
+                }
+                next_pin += 1;
+                let blend = match resolve(&w, &p.lora).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(owner = %p.owner, id = p.id, error = ?e, "pin refused");
+                        continue;
+                    }
+                };
+                match w.llm.pin(next_pin, Prompt::Tokens(p.prompt), blend) {
+                    Ok(()) => {
+                        if let Some(old) = pinned.insert(key, next_pin) {
+                            w.llm.unpin(old);
+                        }
+                    }
+                    Err(e) => tracing::warn!(owner = %p.owner, id = p.id, error = %e, "pin failed"),
                 }
             }
             _ = &mut shutdown => break,
@@ -92,16 +142,54 @@ pub async fn serve(
     Ok(())
 }
 
-type Ctx = (
-    async_nats::Client,
-    String,
-    String,
-    Arc<dyn LlmTier>,
-    Streams,
-);
+/// The blend `refs` name, from this worker's registry: refused (400 naming `traits`) when an adapter is
+/// unknown here or its content differs from the caller's.
+async fn resolve(w: &Worker, refs: &[LoraRef]) -> Result<Option<Arc<Blend>>, RemoteError> {
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let refused = |message: String| RemoteError::Invalid {
+        field: "traits".into(),
+        message,
+    };
+    let Some(reg) = w.loras.clone() else {
+        return Err(refused(format!(
+            "{} worker {} has no trait-LoRA adapters",
+            w.tier, w.name
+        )));
+    };
+    let (refs, name) = (refs.to_vec(), w.name.clone());
+    // A cold adapter is read from disk: off the runtime.
+    tokio::task::spawn_blocking(move || {
+        let mut parts = Vec::with_capacity(refs.len());
+        for r in &refs {
+            let adapter = reg
+                .get(&r.name)
+                .map_err(|e| refused(format!("worker {name} could not load adapter `{}`: {e}", r.name)))?
+                .ok_or_else(|| refused(format!("worker {name} has no adapter `{}`", r.name)))?;
+            let digest = hex(&adapter.content_hash());
+            if digest != r.digest {
+                return Err(refused(format!(
+                    "worker {name}'s adapter `{}` differs from the gateway's (content {digest}, asked for {})",
+                    r.name, r.digest
+                )));
+            }
+            parts.push((adapter, r.weight));
+        }
+        Ok(Some(Arc::new(Blend { parts })))
+    })
+    .await
+    .map_err(|e| refused(format!("adapter task: {e}")))?
+}
 
 /// Answers one generate request and, when the tier took it, streams its events.
-async fn take((client, tier, worker, llm, streams): Ctx, req: async_nats::service::Request) {
+async fn take(
+    client: async_nats::Client,
+    w: Worker,
+    streams: Streams,
+    req: async_nats::service::Request,
+) {
+    let (tier, worker, llm) = (&w.tier, &w.name, &w.llm);
     let msg: GenerateMsg = match serde_json::from_slice(&req.message.payload) {
         Ok(m) => m,
         Err(e) => {
@@ -116,17 +204,24 @@ async fn take((client, tier, worker, llm, streams): Ctx, req: async_nats::servic
     let deadline = msg
         .deadline_ms
         .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let lora = match resolve(&w, &msg.lora).await {
+        Ok(b) => b,
+        Err(e) => {
+            respond_err(&req, &e).await;
+            return;
+        }
+    };
     let request = GenerateRequest {
         prompt: Prompt::Tokens(msg.prompt),
         params: msg.params,
-        lora: None,
+        lora,
         deadline,
         share: Share::zone(&msg.zone, &msg.class, msg.weight, msg.priority),
     };
     let events = match llm.submit(request).await {
         Ok(ev) => ev,
         Err(e) => {
-            respond_err(&req, &RemoteError::from_tier(&tier, &e)).await;
+            respond_err(&req, &RemoteError::from_tier(tier, &e)).await;
             return;
         }
     };
@@ -194,18 +289,34 @@ async fn forward(
     }
 }
 
-async fn publish_load(client: async_nats::Client, tier: String, worker: String, streams: Streams) {
+async fn publish_load(client: async_nats::Client, w: Worker, streams: Streams) {
     let mut every = tokio::time::interval(LOAD_EVERY);
     loop {
         every.tick().await;
+        let adapters = match &w.loras {
+            Some(reg) => {
+                let reg = reg.clone();
+                // Digests are computed once per adapter version (ms): off the runtime.
+                tokio::task::spawn_blocking(move || reg.resident_digests())
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(n, d)| (n, hex(&d)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let msg = LoadMsg {
-            worker: worker.clone(),
-            tier: tier.clone(),
+            worker: w.name.clone(),
+            tier: w.tier.clone(),
             in_flight: streams.lock().expect("streams lock").len(),
             version: env!("CARGO_PKG_VERSION").into(),
+            model: w.model.clone(),
+            engine: w.llm.load(),
+            adapters,
         };
         let body = serde_json::to_vec(&msg).unwrap_or_default();
-        if let Err(e) = client.publish(load_subject(&tier), body.into()).await {
+        if let Err(e) = client.publish(load_subject(&w.tier), body.into()).await {
             tracing::debug!(error = %e, "publishing load failed");
         }
     }
