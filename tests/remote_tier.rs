@@ -2,17 +2,19 @@
 //! scripted fake engine (fast): tokens stream through the worker with the request's zone share, tier errors
 //! cross the wire with their meaning, a dropped stream cancels the sequence on the worker, and a tier with no
 //! worker is a clear "down"; requests go to the least loaded worker, those with trait-LoRAs to a worker holding
-//! their adapters (refused when its adapter's content differs), and pins reach every worker. The real engine in a separate process, killed with SIGKILL, is in
+//! their adapters (refused when its adapter's content differs), and pins reach every worker; Saturn classifies
+//! through its worker and is down without one. The real engine in a separate process, killed with SIGKILL, is in
 //! `cli/tests/tier_worker.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use nimmer_gateway::tier::LlmTier;
 use nimmer_gateway::tier::fake::{FakeLlmTier, Fakes};
 use nimmer_gateway::tier::remote::client::{NatsLlm, ShapeOf};
+use nimmer_gateway::tier::remote::saturn::{NatsSaturn, serve as serve_saturn};
 use nimmer_gateway::tier::remote::worker;
+use nimmer_gateway::tier::{ClassifierTier, LlmTier};
 use nimmer_loras::{Adapter, Blend, LoraPair, Module, Registry};
 use nimmer_tiers::{Event, GenerateRequest, Prompt, SamplingParams, Share, TierError};
 
@@ -260,4 +262,42 @@ async fn requests_go_to_the_least_loaded_worker_and_to_the_one_holding_their_ada
         p1.pins.lock().unwrap().is_empty() && p2.pins.lock().unwrap().is_empty()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturn_classifies_through_a_worker_and_is_down_without_one() {
+    let server = nimmer_e2e::NatsServer::start();
+    let fakes = Fakes::new(1, Duration::ZERO);
+    let wc = async_nats::connect(&server.url).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(serve_saturn(
+        wc,
+        "s1",
+        "fake",
+        fakes.saturn.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let saturn = NatsSaturn::connect(client).await.unwrap();
+    let s = saturn.clone();
+    until("the Saturn worker reports", move || s.health().is_ready()).await;
+    assert_eq!(saturn.live_workers(), ["s1"]);
+    let out = saturn
+        .classify("mood", vec!["calm seas".into(), "a storm".into()])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[1].label, "calm");
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    let t = std::time::Instant::now();
+    assert!(matches!(
+        saturn.classify("mood", vec!["x".into()]).await,
+        Err(TierError::EngineDown { .. })
+    ));
+    assert!(t.elapsed() < Duration::from_secs(5), "no hang");
+    let s = saturn.clone();
+    until("Saturn is down", move || !s.health().is_ready()).await;
 }

@@ -53,8 +53,9 @@ enum Cmd {
     },
     /// Serve the HTTP API (loads the three tiers, fetching models when missing).
     Serve(serve::ServeArgs),
-    /// Run one LLM tier worker (driver or theia) served over NATS as the service `nimmer-<tier>`, for
-    /// gateways on other hosts (loads the model, fetching it when missing).
+    /// Run one tier worker (driver, theia or saturn) served over NATS as the service `nimmer-<tier>`, for
+    /// gateways on other hosts (`via = "nats"` in their tiers.toml; loads the model, fetching it when
+    /// missing).
     Tier(tier::TierArgs),
     /// Run a compositor: results from JetStream RESULTS become canon rows in PostgreSQL (with an outbox in
     /// the same transaction), relayed to the JetStream stream CANON (settings in transport.toml).

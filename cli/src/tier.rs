@@ -1,6 +1,6 @@
-//! `nimmer tier`: one LLM tier worker. Loads the tier's model in process (fetching it when missing) and
-//! serves it over NATS as the service `nimmer-<tier>` (see `nimmer_gateway::tier::remote`), until Ctrl-C or
-//! SIGTERM. Several workers may serve one tier; each publishes its load.
+//! `nimmer tier`: one tier worker. Loads the tier's model in process (fetching it when missing) and serves it
+//! over NATS as the service `nimmer-<tier>` (see `nimmer_gateway::tier::remote`), until Ctrl-C or SIGTERM.
+//! Several workers may serve one tier; each publishes its load.
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use nimmer_tiers::{EngineLimits, LlmHandle};
 
 #[derive(clap::Args)]
 pub struct TierArgs {
-    /// driver or theia
+    /// driver, theia or saturn
     #[arg(long)]
     tier: String,
     /// NATS server URL, or a cluster's URLs separated by commas.
@@ -23,15 +23,17 @@ pub struct TierArgs {
 }
 
 pub fn run(cfg: &Config, config_dir: Option<&std::path::Path>, a: TierArgs) -> Result<()> {
+    let worker = a
+        .worker
+        .clone()
+        .unwrap_or_else(|| format!("w{}", std::process::id()));
+    nimmer_wire::check_token(&worker).map_err(|e| anyhow::anyhow!("--worker `{worker}`: {e}"))?;
     let (spec, budget) = match a.tier.as_str() {
         "driver" => (&cfg.tiers.tiers.driver, &cfg.budgets.tiers.driver),
         "theia" => (&cfg.tiers.tiers.theia, &cfg.budgets.tiers.theia),
-        other => bail!("unknown LLM tier `{other}` (driver, theia)"),
+        "saturn" => return saturn(cfg, config_dir, &a.nats, &worker),
+        other => bail!("unknown tier `{other}` (driver, theia, saturn)"),
     };
-    let worker = a
-        .worker
-        .unwrap_or_else(|| format!("w{}", std::process::id()));
-    nimmer_wire::check_token(&worker).map_err(|e| anyhow::anyhow!("--worker `{worker}`: {e}"))?;
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
     let handle = LlmHandle::start(&a.tier, spec, EngineLimits::of(budget), &model)
         .with_context(|| format!("starting the {} tier", a.tier))?;
@@ -71,6 +73,38 @@ pub fn run(cfg: &Config, config_dir: Option<&std::path::Path>, a: TierArgs) -> R
         };
         nimmer_gateway::tier::remote::worker::serve(client, w, crate::serve::shutdown_signal())
             .await?;
+        Ok(())
+    })
+}
+
+/// `nimmer tier --tier saturn`: the classifiers.
+fn saturn(
+    cfg: &Config,
+    config_dir: Option<&std::path::Path>,
+    nats: &str,
+    worker: &str,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (cfg2, dir) = (cfg.clone(), config_dir.map(std::path::Path::to_path_buf));
+        let saturn = tokio::task::spawn_blocking(move || {
+            nimmer_gateway::tier::local::start_saturn(&cfg2, dir.as_deref())
+        })
+        .await??;
+        let client = async_nats::connect(nimmer_wire::nats_urls(nats))
+            .await
+            .with_context(|| format!("connecting to NATS at {nats}"))?;
+        let model = cfg.tiers.tiers.saturn.model.clone();
+        nimmer_gateway::tier::remote::saturn::serve(
+            client,
+            worker,
+            &model,
+            saturn,
+            crate::serve::shutdown_signal(),
+        )
+        .await?;
         Ok(())
     })
 }

@@ -147,8 +147,8 @@ pub enum Via {
     /// In the gateway's process (the default: one process runs everything).
     #[default]
     Local,
-    /// In `nimmer tier --tier NAME` workers on the gateway's NATS server (`nimmer serve --nats URL`); the
-    /// gateway reads only the model's tokenizer and shape.
+    /// In `nimmer tier --tier NAME` workers on the gateway's NATS server (`nimmer serve --nats URL`); for an
+    /// LLM tier the gateway reads only the model's tokenizer and shape, for Saturn nothing.
     Nats,
 }
 
@@ -182,6 +182,9 @@ pub struct SaturnTierSpec {
     /// Longest input, in tokens (longer inputs are truncated, as sentence-transformers does).
     pub max_tokens: usize,
     pub queue: usize,
+    /// Where the classifiers run: in this process, or in `nimmer tier --tier saturn` workers over NATS.
+    #[serde(default)]
+    pub via: Via,
 }
 
 impl TiersFile {

@@ -145,12 +145,7 @@ pub fn start(
             }
         })?;
         rt.block_on(async {
-            let client = async_nats::connect(nimmer_wire::nats_urls(url))
-                .await
-                .map_err(|e| crate::GatewayError::NatsConnect {
-                    url: url.into(),
-                    message: e.to_string(),
-                })?;
+            let client = connect(url).await?;
             tracing::info!(
                 tier = tier.as_str(),
                 nats = url,
@@ -162,9 +157,35 @@ pub fn start(
             Ok(tier)
         })
     };
+    let saturn: Arc<dyn ClassifierTier> = match config.tiers.tiers.saturn.via {
+        nimmer_config::Via::Local => local::start_saturn(config, config_dir)?,
+        nimmer_config::Via::Nats => {
+            let url = nats.ok_or_else(|| crate::GatewayError::RemoteWithoutNats {
+                tier: Tier::Saturn.as_str().into(),
+            })?;
+            let rt = tokio::runtime::Handle::try_current().map_err(|e| {
+                crate::GatewayError::NatsConnect {
+                    url: url.into(),
+                    message: format!("no async runtime to connect from: {e}"),
+                }
+            })?;
+            tracing::info!(tier = "saturn", nats = url, "tier served by NATS workers");
+            rt.block_on(async { remote::saturn::NatsSaturn::connect(connect(url).await?).await })?
+        }
+    };
     Ok(Tiers {
         driver: llm(Tier::Driver)?,
         theia: llm(Tier::Theia)?,
-        saturn: local::start_saturn(config, config_dir)?,
+        saturn,
     })
+}
+
+/// A NATS connection for remote tiers (`url`: one URL or several separated by commas).
+async fn connect(url: &str) -> Result<async_nats::Client, crate::GatewayError> {
+    async_nats::connect(nimmer_wire::nats_urls(url))
+        .await
+        .map_err(|e| crate::GatewayError::NatsConnect {
+            url: url.into(),
+            message: e.to_string(),
+        })
 }

@@ -71,6 +71,31 @@ struct Heard {
 pub struct Workers(Mutex<HashMap<String, Heard>>);
 
 impl Workers {
+    /// Follows the load messages of `tier`'s workers (until the task is aborted).
+    pub async fn follow(
+        client: &async_nats::Client,
+        tier: &str,
+    ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>), GatewayError> {
+        let mut loads =
+            client
+                .subscribe(load_subject(tier))
+                .await
+                .map_err(|e| GatewayError::Subscribe {
+                    subject: load_subject(tier),
+                    message: e.to_string(),
+                })?;
+        let workers: Arc<Self> = Default::default();
+        let seen = workers.clone();
+        let task = tokio::spawn(async move {
+            while let Some(m) = loads.next().await {
+                if let Ok(l) = serde_json::from_slice::<LoadMsg>(&m.payload) {
+                    seen.heard(l);
+                }
+            }
+        });
+        Ok((workers, task))
+    }
+
     fn heard(&self, load: LoadMsg) {
         self.0.lock().expect("workers lock").insert(
             load.worker.clone(),
@@ -160,23 +185,7 @@ impl NatsLlm {
         shape: Arc<dyn Shape>,
         limits: EngineLimits,
     ) -> Result<Arc<Self>, GatewayError> {
-        let mut loads =
-            client
-                .subscribe(load_subject(tier))
-                .await
-                .map_err(|e| GatewayError::Subscribe {
-                    subject: load_subject(tier),
-                    message: e.to_string(),
-                })?;
-        let workers: Arc<Workers> = Default::default();
-        let seen = workers.clone();
-        let load_task = tokio::spawn(async move {
-            while let Some(m) = loads.next().await {
-                if let Ok(l) = serde_json::from_slice::<LoadMsg>(&m.payload) {
-                    seen.heard(l);
-                }
-            }
-        });
+        let (workers, load_task) = Workers::follow(&client, tier).await?;
         Ok(Arc::new(Self {
             prefix: client.new_inbox().replace("_INBOX.", ""),
             client,

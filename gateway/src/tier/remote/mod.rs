@@ -16,10 +16,12 @@
 //!   the shared subject's queue group picks.
 //! - **Adapters**: a request's trait-LoRA blend travels as [`LoraRef`]s (name, content digest, weight); a
 //!   worker runs it with the adapters of its own registry, and only when their content matches.
+//! - **Saturn** (`saturn.rs`): classification is one request/reply on `nimmer.tier.saturn.classify`.
 //! - **Pins**: [`PinMsg`] on `nimmer.tier.<tier>.pin` / `.unpin` reach every worker (plain pub/sub): each
 //!   pins the prompt in its own prefix cache. A worker that starts later holds no earlier pins.
 
 pub mod client;
+pub mod saturn;
 pub mod worker;
 
 use std::time::Duration;
