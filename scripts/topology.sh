@@ -8,6 +8,7 @@
 #   scripts/topology.sh stop      stop everything (SIGTERM, then SIGKILL)
 #
 # State, logs and pids live in $NIMMER_TOPOLOGY (default .topology/ in the checkout); `stop` keeps them.
+# NIMMER_BIN=path runs that nimmer binary instead of building the release one.
 # Ports: NATS 4222-4224 (cluster 6222-6224, monitoring 8222-8224), PostgreSQL 5433, gateways 8080 and 8081.
 # Idempotent: `start` leaves running processes alone and starts the missing ones.
 set -euo pipefail
@@ -96,9 +97,13 @@ if [ -z "$PG_BIN" ]; then
   $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
   PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 fi
-echo "== building nimmer (release)"
-cargo build --release --locked -p nimmer
-NIMMER=$ROOT/target/release/nimmer
+if [ -n "${NIMMER_BIN:-}" ]; then
+  NIMMER=$NIMMER_BIN
+else
+  echo "== building nimmer (release)"
+  cargo build --release --locked -p nimmer
+  NIMMER=$ROOT/target/release/nimmer
+fi
 
 # --- configuration: the repository's, every tier through NATS workers, every stream on 3 replicas
 CFG=$DIR/config
@@ -162,7 +167,7 @@ done
 cat <<EOF
 == ready: gateways on http://127.0.0.1:8080 and http://127.0.0.1:8081, NATS $NATS_URLS
    try:  curl -s localhost:8081/v1/dialog -H 'content-type: application/json' -d '{"uid":"ev1/docks/quay/s1",
-           "zone":"docks-1","participants":["p1"],"max_tokens":24,"messages":[{"role":"system","content":
+           "zone":"docks-1","kind":"dialog","participants":["p1"],"max_tokens":24,"messages":[{"role":"system","content":
            "You are a fisherman in a busy port city."},{"role":"user","content":"What did you catch today?"}]}'
          $NIMMER player --id p1 --nats $NATS_URLS      (its canon, replayed and followed)
    stop: $0 stop
