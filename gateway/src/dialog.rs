@@ -31,18 +31,26 @@ struct Meter {
     completion_tokens: usize,
     /// Whether the generation finished (only those count in the zone's prefix-cache figures).
     done: bool,
+    /// Other gateways' share of the charge (`budget_sync.rs`).
+    shared: Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>>,
 }
 
 impl Drop for Meter {
     fn drop(&mut self) {
+        let tokens = self.prompt_tokens + self.completion_tokens;
+        if let Some(tx) = &self.shared
+            && self.budget.tokens_per_s > 0.0
+            && tokens > 0
+        {
+            let _ = tx.send(crate::budget_sync::Charge {
+                from: String::new(),
+                zone: self.zone.clone(),
+                tier: self.tier,
+                tokens,
+            });
+        }
         let mut zones = self.zones.lock().expect("zones lock");
-        zones.charge(
-            &self.zone,
-            self.tier,
-            self.prompt_tokens + self.completion_tokens,
-            &self.budget,
-            Instant::now(),
-        );
+        zones.charge(&self.zone, self.tier, tokens, &self.budget, Instant::now());
         if self.done {
             zones.record_prefix(&self.zone, self.prompt_tokens, self.cached_tokens);
         }
@@ -143,6 +151,7 @@ async fn submit(
         cached_tokens: 0,
         completion_tokens: 0,
         done: false,
+        shared: gw.charge_sink(),
     };
     let slot_wait = admitted.started.elapsed();
     let (lora, adapters) = match admitted.voice {

@@ -17,6 +17,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod budget_sync;
 pub mod dialog;
 pub mod error;
 pub mod fair;
@@ -110,6 +111,13 @@ pub async fn run(
         );
         gw.set_results(Some(sink));
         nats_tasks.push(publisher);
+        let mut rx = stop_rx.clone();
+        nats_tasks.push(
+            budget_sync::start(client.clone(), gw.clone(), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await?,
+        );
         let (gw2, mut rx) = (gw.clone(), stop_rx.clone());
         nats_tasks.push(tokio::spawn(async move {
             let stop = async move {

@@ -54,6 +54,8 @@ pub struct Gateway {
     /// Per zone, the NPC personas pinned in a tier's prefix cache while the zone is active.
     pins: Mutex<BTreeMap<String, Vec<PinnedNpc>>>,
     next_pin: AtomicU64,
+    /// Where this gateway's zone charges go to the other gateways (`budget_sync.rs`; set while NATS is).
+    charges: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>>>,
 }
 
 /// An NPC persona pinned in an LLM tier's prefix cache (`PUT /v1/zones/{id}` with `npcs`).
@@ -131,6 +133,7 @@ impl Gateway {
             loras_dir,
             pins: Mutex::new(BTreeMap::new()),
             next_pin: AtomicU64::new(1),
+            charges: Mutex::new(None),
         }
     }
 
@@ -171,6 +174,30 @@ impl Gateway {
 
     pub(crate) fn zone_table(&self) -> &Arc<Mutex<ZoneTable>> {
         &self.zones
+    }
+
+    /// Sets where this gateway's zone charges are shared (`None`: kept to itself).
+    pub fn set_charge_sink(
+        &self,
+        tx: Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>>,
+    ) {
+        *self.charges.lock().expect("charges lock") = tx;
+    }
+
+    pub(crate) fn charge_sink(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>> {
+        self.charges.lock().expect("charges lock").clone()
+    }
+
+    /// Charges tokens another gateway's generation used to the zone's bucket here (activating the zone).
+    pub fn apply_charge(&self, zone: &str, tier: Tier, tokens: usize) {
+        let live = self.live();
+        let b = &live.config.budgets;
+        let now = std::time::Instant::now();
+        let mut zones = self.zones.lock().expect("zones lock");
+        let class = zones.touch(zone, b, now);
+        zones.charge(zone, tier, tokens, &b.tier(tier, &class), now);
     }
 
     /// Each tier's health.

@@ -488,3 +488,43 @@ fn a_tier_on_nats_workers_without_a_nats_server_is_a_start_error_naming_the_sett
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_s_token_budget_holds_across_gateways_sharing_nats() {
+    let server = nimmer_services::NatsServer::start();
+    let text = budgets(&[(
+        "tokens_per_s = 0\nburst_tokens = 8192",
+        "tokens_per_s = 1\nburst_tokens = 8",
+    )]);
+    let (fa, fb) = (Fakes::new(3, Duration::ZERO), Fakes::new(3, Duration::ZERO));
+    let (gw_a, app_a) = gateway(&text, &fa);
+    let (gw_b, app_b) = gateway(&text, &fb);
+    for gw in [&gw_a, &gw_b] {
+        let client = async_nats::connect(&server.url).await.unwrap();
+        nimmer_gateway::budget_sync::start(client, gw.clone(), std::future::pending())
+            .await
+            .unwrap();
+    }
+    // docks-1 spends more than its burst (6 prompt + 3 generated tokens > 8) through gateway A...
+    let body = dialog("docks-1", "dialog", "one two three four five six");
+    let (status, _, v) = send(&app_a, "/v1/dialog", &body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // ...so gateway B, which never served it, refuses its next request once A's charge arrived (at most
+    // one request could pass before it did).
+    let mut passed = 0;
+    let (status, headers) = loop {
+        let (status, headers, v) = send(&app_b, "/v1/dialog", &body).await;
+        if status != StatusCode::OK {
+            break (status, headers);
+        }
+        passed += 1;
+        assert!(passed <= 1, "gateway B kept serving the zone: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(fb.driver.submitted(), passed);
+    // Another zone is untouched on both gateways.
+    let (status, _, _) = send(&app_b, "/v1/dialog", &dialog("market-2", "dialog", "hello")).await;
+    assert_eq!(status, StatusCode::OK);
+}
