@@ -11,26 +11,15 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::Tier;
 use crate::error::GatewayError;
 use crate::state::Gateway;
 
 /// Where gateways publish the tokens each zone spent.
 pub const SUBJECT: &str = "nimmer.budget.charges";
 
-/// Tokens a zone spent on a tier, as one gateway charged them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Charge {
-    /// The gateway that charged it (its own charges come back and are skipped).
-    #[serde(default)]
-    pub from: String,
-    pub zone: String,
-    pub tier: Tier,
-    pub tokens: usize,
-}
+pub use crate::zones::Charge;
 
 /// Publishes this gateway's charges and applies the others' until `stop` resolves.
 pub async fn start(

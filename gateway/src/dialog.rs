@@ -32,7 +32,7 @@ struct Meter {
     /// Whether the generation finished (only those count in the zone's prefix-cache figures).
     done: bool,
     /// Other gateways' share of the charge (`budget_sync.rs`).
-    shared: Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>>,
+    shared: Option<tokio::sync::mpsc::UnboundedSender<crate::zones::Charge>>,
 }
 
 impl Drop for Meter {
@@ -42,7 +42,7 @@ impl Drop for Meter {
             && self.budget.tokens_per_s > 0.0
             && tokens > 0
         {
-            let _ = tx.send(crate::budget_sync::Charge {
+            let _ = tx.send(crate::zones::Charge {
                 from: String::new(),
                 zone: self.zone.clone(),
                 tier: self.tier,

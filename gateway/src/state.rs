@@ -55,7 +55,7 @@ pub struct Gateway {
     pins: Mutex<BTreeMap<String, Vec<PinnedNpc>>>,
     next_pin: AtomicU64,
     /// Where this gateway's zone charges go to the other gateways (`budget_sync.rs`; set while NATS is).
-    charges: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>>>,
+    charges: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::zones::Charge>>>,
 }
 
 /// An NPC persona pinned in an LLM tier's prefix cache (`PUT /v1/zones/{id}` with `npcs`).
@@ -179,14 +179,14 @@ impl Gateway {
     /// Sets where this gateway's zone charges are shared (`None`: kept to itself).
     pub fn set_charge_sink(
         &self,
-        tx: Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>>,
+        tx: Option<tokio::sync::mpsc::UnboundedSender<crate::zones::Charge>>,
     ) {
         *self.charges.lock().expect("charges lock") = tx;
     }
 
     pub(crate) fn charge_sink(
         &self,
-    ) -> Option<tokio::sync::mpsc::UnboundedSender<crate::budget_sync::Charge>> {
+    ) -> Option<tokio::sync::mpsc::UnboundedSender<crate::zones::Charge>> {
         self.charges.lock().expect("charges lock").clone()
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nimmer_config::{BudgetsFile, RequestBudget, TierName};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What `GET /v1/zones` shows about one zone: its table entry (once activated) and, per tier, the slots it
 /// holds and the requests it has waiting.
@@ -231,6 +231,18 @@ impl ZoneTable {
             })
             .collect()
     }
+}
+
+/// Tokens a zone spent on a tier, as one gateway charged them (shared with the other gateways by
+/// `budget_sync.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Charge {
+    /// The gateway that charged it (its own charges come back and are skipped).
+    #[serde(default)]
+    pub from: String,
+    pub zone: String,
+    pub tier: TierName,
+    pub tokens: usize,
 }
 
 #[cfg(test)]
