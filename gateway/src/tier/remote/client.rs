@@ -365,15 +365,8 @@ async fn send(
             .await
             .map_err(|e| down(&e))?,
     };
-    if let Some(status) = reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Nats-Service-Error"))
-    {
-        return Err(match serde_json::from_str::<RemoteError>(status.as_str()) {
-            Ok(e) => e.into_tier(),
-            Err(_) => down(&status.as_str()),
-        });
+    if let Some(refused) = RemoteError::of_reply(&reply) {
+        return Err(refused.unwrap_or_else(|status| down(&status)));
     }
     let accepted: Accepted = serde_json::from_slice(&reply.payload).map_err(|e| down(&e))?;
     Ok((msg, accepted.worker, sub))

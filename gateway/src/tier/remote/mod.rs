@@ -243,6 +243,25 @@ impl RemoteError {
         }
     }
 
+    /// As a NATS service error (its status carries the JSON, read back by [`RemoteError::of_reply`]).
+    pub fn to_service(&self) -> async_nats::service::error::Error {
+        async_nats::service::error::Error {
+            status: serde_json::to_string(self).unwrap_or_default(),
+            code: self.code(),
+        }
+    }
+
+    /// The refusal a service reply carries, if it is one: `Ok` with the tier's error, `Err` with the raw
+    /// status when it is not ours.
+    pub fn of_reply(reply: &async_nats::Message) -> Option<Result<TierError, String>> {
+        let status = reply.headers.as_ref()?.get("Nats-Service-Error")?;
+        Some(
+            serde_json::from_str::<RemoteError>(status.as_str())
+                .map(RemoteError::into_tier)
+                .map_err(|_| status.as_str().to_string()),
+        )
+    }
+
     pub fn from_tier(tier: &str, e: &TierError) -> Self {
         match e {
             TierError::InvalidRequest { field, message } => Self::Invalid {
