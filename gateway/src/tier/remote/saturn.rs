@@ -92,7 +92,11 @@ pub async fn serve(
         }
     }
     load.abort();
+    // Unsubscribe and make sure the server has it before returning: a request sent after this worker
+    // stopped then finds no responder (a clear "down" at once), not a subscription nobody reads.
+    drop(requests);
     let _ = service.stop().await;
+    let _ = client.flush().await;
     Ok(())
 }
 
@@ -109,10 +113,7 @@ async fn answer(saturn: &dyn ClassifierTier, req: async_nats::service::Request) 
     };
     let reply = match result {
         Ok(c) => Ok(serde_json::to_vec(&c).unwrap_or_default().into()),
-        Err(e) => Err(async_nats::service::error::Error {
-            status: serde_json::to_string(&e).unwrap_or_default(),
-            code: e.code(),
-        }),
+        Err(e) => Err(e.to_service()),
     };
     if let Err(e) = req.respond(reply).await {
         tracing::warn!(error = %e, "answering a classify request failed");
@@ -184,15 +185,8 @@ impl ClassifierTier for NatsSaturn {
             .await
             .map_err(|e| down(&e))?
             .map_err(|e| down(&e))?;
-            if let Some(status) = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Service-Error"))
-            {
-                return Err(match serde_json::from_str::<RemoteError>(status.as_str()) {
-                    Ok(e) => e.into_tier(),
-                    Err(_) => down(&status.as_str()),
-                });
+            if let Some(refused) = RemoteError::of_reply(&reply) {
+                return Err(refused.unwrap_or_else(|status| down(&status)));
             }
             serde_json::from_slice(&reply.payload).map_err(|e| down(&e))
         })

@@ -138,7 +138,11 @@ pub async fn serve(
         }
     }
     load.abort();
+    // Unsubscribe and make sure the server has it before returning: a request sent after this worker
+    // stopped then finds no responder (a clear "down" at once), not a subscription nobody reads.
+    drop(requests);
     let _ = service.stop().await;
+    let _ = client.flush().await;
     Ok(())
 }
 
@@ -244,11 +248,7 @@ async fn take(
 }
 
 async fn respond_err(req: &async_nats::service::Request, err: &RemoteError) {
-    let e = async_nats::service::error::Error {
-        status: serde_json::to_string(err).unwrap_or_default(),
-        code: err.code(),
-    };
-    if let Err(e) = req.respond(Err(e)).await {
+    if let Err(e) = req.respond(Err(err.to_service())).await {
         tracing::warn!(error = %e, "answering a generate request failed");
     }
 }
