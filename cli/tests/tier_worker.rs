@@ -72,15 +72,16 @@ fn line(user: &str, max_tokens: usize) -> GenerateRequest {
     }
 }
 
-/// The worker that reports a sequence in flight (from the tier's load messages).
-async fn busy_worker(loads: &mut async_nats::Subscriber) -> String {
+/// The worker that reports a sequence in flight (from the tier's load messages), skipping the ones already
+/// killed: their last reports may still wait in the subscription.
+async fn busy_worker(loads: &mut async_nats::Subscriber, killed: &[String]) -> String {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), loads.next())
             .await
             .expect("load messages")
             .expect("subscription open");
         let l: LoadMsg = serde_json::from_slice(&m.payload).unwrap();
-        if l.in_flight > 0 {
+        if l.in_flight > 0 && !killed.contains(&l.worker) {
             return l.worker;
         }
     }
@@ -159,7 +160,7 @@ fn worker_processes_serve_the_driver_and_a_sigkilled_one_s_streams_move_to_anoth
                 other => panic!("before the kill: {other:?}"),
             }
         }
-        let first = busy_worker(&mut loads).await;
+        let first = busy_worker(&mut loads, &[]).await;
         workers.get_mut(&first).unwrap().kill();
         let at_kill = got.len();
         let end = drain(&mut rx, &mut got).await;
@@ -179,7 +180,7 @@ fn worker_processes_serve_the_driver_and_a_sigkilled_one_s_streams_move_to_anoth
                 other => panic!("before the kill: {other:?}"),
             }
         }
-        let last = busy_worker(&mut loads).await;
+        let last = busy_worker(&mut loads, std::slice::from_ref(&first)).await;
         assert_ne!(last, first);
         workers.get_mut(&last).unwrap().kill();
         let killed = Instant::now();
