@@ -47,12 +47,32 @@ pub struct GenerateArgs {
     adapter: Vec<PathBuf>,
 }
 
-pub fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
-    let (spec, budget) = match a.tier.as_str() {
+/// The LLM tier named `tier` to run in this process: its spec and budget (an error for a tier whose model
+/// lives on an OpenAI-compatible server).
+pub fn local_llm<'a>(
+    cfg: &'a Config,
+    tier: &str,
+) -> Result<(
+    &'a nimmer_config::LlmTierSpec,
+    &'a nimmer_config::TierBudget,
+)> {
+    let (spec, budget) = match tier {
         "driver" => (&cfg.tiers.tiers.driver, &cfg.budgets.tiers.driver),
         "theia" => (&cfg.tiers.tiers.theia, &cfg.budgets.tiers.theia),
         other => bail!("unknown tier `{other}` (driver, theia)"),
     };
+    if spec.via == nimmer_config::Via::OpenAi {
+        bail!(
+            "tiers.{tier} runs on the OpenAI-compatible server at {} (via = \"openai\"): no model of it \
+             runs here; use a configuration whose {tier} tier names a model under [models]",
+            spec.url.as_deref().unwrap_or("?")
+        );
+    }
+    Ok((spec, budget))
+}
+
+pub fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
+    let (spec, budget) = local_llm(cfg, &a.tier)?;
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;
     let handle = LlmHandle::start(&a.tier, spec, EngineLimits::of(budget), &model)
         .with_context(|| format!("starting the {} tier", a.tier))?;

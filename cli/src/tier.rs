@@ -29,9 +29,8 @@ pub fn run(cfg: &Config, config_dir: Option<&std::path::Path>, a: TierArgs) -> R
         .unwrap_or_else(|| format!("w{}", std::process::id()));
     nimmer_wire::check_token(&worker).map_err(|e| anyhow::anyhow!("--worker `{worker}`: {e}"))?;
     let (spec, budget) = match a.tier.as_str() {
-        "driver" => (&cfg.tiers.tiers.driver, &cfg.budgets.tiers.driver),
-        "theia" => (&cfg.tiers.tiers.theia, &cfg.budgets.tiers.theia),
         "saturn" => return saturn(cfg, config_dir, &a.nats, &worker),
+        "driver" | "theia" => crate::generate::local_llm(cfg, &a.tier)?,
         other => bail!("unknown tier `{other}` (driver, theia, saturn)"),
     };
     let model = ensure_llm(&cfg.tiers, &spec.model, Verify::Cached)?;

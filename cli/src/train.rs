@@ -60,7 +60,7 @@ pub fn train(cfg: &Config, a: TrainArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let examples = read_examples(&a.data)?;
-    let model_name = &cfg.tiers.tiers.driver.model;
+    let model_name = &crate::generate::local_llm(cfg, "driver")?.0.model;
     let model = ensure_llm(&cfg.tiers, model_name, Verify::Cached)?;
     eprintln!(
         "training a rank-{} LoRA on {} ({} examples, {} steps of {})",

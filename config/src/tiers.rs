@@ -118,6 +118,8 @@ pub enum Backend {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmTierSpec {
+    /// The model under `[models]` that runs the tier; with `via = "openai"`, the name the remote server
+    /// knows its model by (sent as the request's `model`).
     pub model: String,
     #[serde(default = "cpu")]
     pub device: Device,
@@ -135,9 +137,21 @@ pub struct LlmTierSpec {
     /// Worker threads for the kernels; 0 = all cores.
     #[serde(default)]
     pub threads: usize,
-    /// Where the engine runs: in this process, or in `nimmer tier` workers reached over NATS.
+    /// Where the engine runs: in this process, in `nimmer tier` workers reached over NATS, or on an external
+    /// OpenAI-compatible server.
     #[serde(default)]
     pub via: Via,
+    /// `via = "openai"`: the server's API base URL, e.g. `http://gpu-box:8000/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `via = "openai"`: the environment variable holding the server's API key (sent as a bearer token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// `via = "openai"`: a model under `[models]` whose tokenizer counts prompt tokens for admission and
+    /// budgets (the same tokenizer as the remote model's gives exact counts); without it, an estimate of
+    /// one token per 4 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
 }
 
 /// Where an LLM tier's engine runs.
@@ -150,6 +164,10 @@ pub enum Via {
     /// In `nimmer tier --tier NAME` workers on the gateway's NATS server (`nimmer serve --nats URL`); for an
     /// LLM tier the gateway reads only the model's tokenizer and shape, for Saturn nothing.
     Nats,
+    /// On an external OpenAI-compatible server (vLLM, llama-server, another nimmer, a hosted API) at `url`;
+    /// LLM tiers only.
+    #[serde(rename = "openai")]
+    OpenAi,
 }
 
 impl LlmTierSpec {
@@ -272,22 +290,23 @@ impl TiersFile {
         }
         for (tier, spec) in [("driver", &self.tiers.driver), ("theia", &self.tiers.theia)] {
             let key = |k: &str| format!("tiers.{tier}.{k}");
-            match self.models.get(&spec.model) {
-                None => {
-                    return Err(ConfigError::invalid(
-                        file,
-                        key("model"),
-                        format!("no model `{}` under [models]", spec.model),
-                    ));
+            if spec.via == Via::OpenAi {
+                self.check_openai(file, tier, spec)?;
+            } else {
+                for (k, set) in [
+                    ("url", spec.url.is_some()),
+                    ("api_key_env", spec.api_key_env.is_some()),
+                    ("tokenizer", spec.tokenizer.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::invalid(
+                            file,
+                            key(k),
+                            "only a tier with via = \"openai\" takes it",
+                        ));
+                    }
                 }
-                Some(m) if !m.format.is_llm() => {
-                    return Err(ConfigError::invalid(
-                        file,
-                        key("model"),
-                        "an LLM tier needs a gguf or llama-safetensors model",
-                    ));
-                }
-                _ => {}
+                self.check_llm_model(file, &key("model"), &spec.model)?;
             }
             if spec.device == Device::Cuda && spec.backend == Some(Backend::Nimmer) {
                 return Err(ConfigError::invalid(
@@ -301,6 +320,13 @@ impl TiersFile {
             positive(file, &key("queue"), spec.queue)?;
         }
         let s = &self.tiers.saturn;
+        if s.via == Via::OpenAi {
+            return Err(ConfigError::invalid(
+                file,
+                "tiers.saturn.via",
+                "an OpenAI-compatible server serves LLM tiers only (saturn: \"local\" or \"nats\")",
+            ));
+        }
         match self.models.get(&s.model) {
             None => {
                 return Err(ConfigError::invalid(
@@ -321,6 +347,63 @@ impl TiersFile {
         positive(file, "tiers.saturn.max_batch", s.max_batch)?;
         positive(file, "tiers.saturn.max_tokens", s.max_tokens)?;
         positive(file, "tiers.saturn.queue", s.queue)?;
+        Ok(())
+    }
+
+    /// `key` names a model under `[models]` an LLM tier can run.
+    fn check_llm_model(&self, file: &str, key: &str, model: &str) -> Result<(), ConfigError> {
+        match self.models.get(model) {
+            None => Err(ConfigError::invalid(
+                file,
+                key,
+                format!("no model `{model}` under [models]"),
+            )),
+            Some(m) if !m.format.is_llm() => Err(ConfigError::invalid(
+                file,
+                key,
+                "an LLM tier needs a gguf or llama-safetensors model",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A tier on an OpenAI-compatible server: an http(s) URL, a model name, a known tokenizer if named.
+    fn check_openai(&self, file: &str, tier: &str, spec: &LlmTierSpec) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("tiers.{tier}.{k}");
+        match spec.url.as_deref() {
+            None => {
+                return Err(ConfigError::invalid(
+                    file,
+                    key("url"),
+                    "via = \"openai\" needs the server's API base URL, e.g. \"http://gpu-box:8000/v1\"",
+                ));
+            }
+            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    key("url"),
+                    format!("`{u}` is not an http:// or https:// URL"),
+                ));
+            }
+            _ => {}
+        }
+        if spec.model.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                key("model"),
+                "the remote server's model name may not be empty",
+            ));
+        }
+        if let Some(t) = &spec.tokenizer {
+            self.check_llm_model(file, &key("tokenizer"), t)?;
+        }
+        if spec.api_key_env.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::invalid(
+                file,
+                key("api_key_env"),
+                "name an environment variable (or leave the key out for a server without one)",
+            ));
+        }
         Ok(())
     }
 }
@@ -414,5 +497,49 @@ mod tests {
     fn a_bad_sha256_is_rejected() {
         let e = with(|s| s.replacen("sha256 = \"b179", "sha256 = \"zz79", 1)).unwrap_err();
         assert!(rule(e).1.contains("64 hex digits"));
+    }
+
+    fn theia_via(lines: &str) -> impl Fn(&str) -> String + '_ {
+        move |s: &str| s.replacen("[tiers.theia]\n", &format!("[tiers.theia]\n{lines}\n"), 1)
+    }
+
+    #[test]
+    fn an_openai_tier_takes_a_url_a_remote_model_name_and_an_optional_tokenizer() {
+        let t = with(|s| {
+            s.replacen(
+                "[tiers.theia]\nmodel = \"smollm2-135m-instruct-q4_1\"",
+                "[tiers.theia]\nmodel = \"Qwen/Qwen2.5-7B\"\nvia = \"openai\"\nurl = \"http://gpu:8000/v1\"\n\
+                 tokenizer = \"smollm2-135m-instruct-q4_1\"\napi_key_env = \"THEIA_KEY\"",
+                1,
+            )
+        });
+        let t = t.unwrap();
+        assert_eq!(t.tiers.theia.via, Via::OpenAi);
+        assert_eq!(t.tiers.theia.model, "Qwen/Qwen2.5-7B");
+        assert_eq!(t.tiers.theia.url.as_deref(), Some("http://gpu:8000/v1"));
+    }
+
+    #[test]
+    fn an_openai_tier_without_a_url_or_with_an_unknown_tokenizer_is_rejected() {
+        let e = with(theia_via("via = \"openai\"")).unwrap_err();
+        assert_eq!(rule(e).0, "tiers.theia.url");
+        let e = with(theia_via("via = \"openai\"\nurl = \"gpu:8000\"")).unwrap_err();
+        assert_eq!(rule(e).0, "tiers.theia.url");
+        let e = with(theia_via(
+            "via = \"openai\"\nurl = \"http://gpu:8000/v1\"\ntokenizer = \"nope\"",
+        ))
+        .unwrap_err();
+        let (key, rule) = rule(e);
+        assert_eq!(key, "tiers.theia.tokenizer");
+        assert!(rule.contains("nope"), "{rule}");
+    }
+
+    #[test]
+    fn openai_settings_on_a_local_tier_or_saturn_via_openai_are_rejected() {
+        let e = with(theia_via("url = \"http://gpu:8000/v1\"")).unwrap_err();
+        assert_eq!(rule(e).0, "tiers.theia.url");
+        let e = with(|s| s.replacen("[tiers.saturn]\n", "[tiers.saturn]\nvia = \"openai\"\n", 1))
+            .unwrap_err();
+        assert_eq!(rule(e).0, "tiers.saturn.via");
     }
 }

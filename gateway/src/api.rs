@@ -280,6 +280,20 @@ pub struct ChatRequest {
     pub n: Option<u32>,
     #[serde(default)]
     pub user: Option<String>,
+    /// Accepted for clients that ask for the final usage chunk: a stream here always ends with one.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Keep generating past end-of-sequence (an extension vLLM and llama-server share; load tests).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+/// `stream_options` of a chat request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,6 +321,7 @@ impl ChatRequest {
             top_p: self.top_p,
             seed: self.seed,
             stop,
+            ignore_eos: self.ignore_eos,
             ..Sampling::default()
         }
         .params(self.max_completion_tokens.or(self.max_tokens))

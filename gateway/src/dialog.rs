@@ -121,13 +121,16 @@ impl Running {
 /// Admits a generation, submits it and waits for its first event.
 pub async fn start(gw: &Gateway, ask: Ask<'_>) -> Result<Running, ApiError> {
     let params = ask.params.clone();
+    let source = ask.prompt;
     let admitted = admission::admit(gw, ask).await?;
-    submit(gw, admitted, params).await
+    submit(gw, admitted, source, params).await
 }
 
+/// Submits an admitted generation: its token ids, or `source` to a tier that tokenizes for itself.
 async fn submit(
     gw: &Gateway,
     admitted: Admitted,
+    source: &Prompt,
     params: SamplingParams,
 ) -> Result<Running, ApiError> {
     let tier = admitted.tier();
@@ -165,9 +168,14 @@ async fn submit(
         admitted.snapshot.weight,
         admitted.priority,
     );
+    let prompt = if llm.takes_source_prompt() {
+        source.clone()
+    } else {
+        Prompt::Tokens(admitted.prompt)
+    };
     let mut events = llm
         .submit(GenerateRequest {
-            prompt: Prompt::Tokens(admitted.prompt),
+            prompt,
             params,
             lora,
             deadline: deadline.map(|d| d.at),

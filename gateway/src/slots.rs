@@ -91,20 +91,22 @@ impl TierSlots {
             self.gauges(&q);
             rx
         };
+        // Leaving the queue without a slot (timed out, or the caller went away and this future was dropped)
+        // takes our entry out at once, so a gone caller holds no place in the queue.
+        let mut waiting = Waiting {
+            slots: self.clone(),
+            rx: Some(rx),
+        };
         // A slot held in the reserve may be ours (a zone under its share waits only behind others' turns).
         self.dispatch();
+        let rx = waiting.rx.as_mut().expect("waiting");
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(mut p)) => {
+                waiting.rx = None;
                 p.class = class.to_string();
                 Ok(p)
             }
-            _ => {
-                // Our sender (if still queued) is closed now; drop it so it takes no slot.
-                let mut q = self.lock();
-                q.retain(|tx| !tx.is_closed());
-                self.gauges(&q);
-                Err(NoSlot::Timeout)
-            }
+            _ => Err(NoSlot::Timeout),
         }
     }
 
@@ -155,6 +157,24 @@ impl TierSlots {
     }
 }
 
+/// A caller's place in a tier's queue: dropped before a slot came, it closes the channel and removes the
+/// closed entry (a slot sent at that instant finds the channel closed and goes back, see `dispatch`).
+struct Waiting {
+    slots: Arc<TierSlots>,
+    rx: Option<oneshot::Receiver<SlotPermit>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.take() {
+            drop(rx);
+            let mut q = self.slots.lock();
+            q.retain(|tx| !tx.is_closed());
+            self.slots.gauges(&q);
+        }
+    }
+}
+
 /// A slot of a tier, held by one request; returned (and handed to the next waiter) on drop.
 pub struct SlotPermit {
     pub tier: Tier,
@@ -172,5 +192,47 @@ impl Drop for SlotPermit {
             slots.lock().release(&self.zone);
             slots.dispatch();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_whose_caller_went_away_leaves_the_queue_at_once() {
+        let slots = TierSlots::new(Tier::Driver, 1, 1, 0);
+        let held = slots.try_take("z", "street", 1.0).expect("a free slot");
+        let waiter = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                let r = slots.acquire("z", "street", 1.0, 0, Duration::from_secs(60));
+                r.await.is_ok()
+            }
+        });
+        while slots.lock().waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The queue (one place) is full; the caller goes away: its place is free again at once.
+        assert!(matches!(
+            slots.acquire("y", "street", 1.0, 0, Duration::ZERO).await,
+            Err(NoSlot::Full)
+        ));
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(slots.lock().waiting(), 0);
+        // The slot freed later goes to the next caller, not the gone one.
+        let next = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                let r = slots.acquire("y", "street", 1.0, 0, Duration::from_secs(60));
+                r.await.map(|p| p.zone.clone()).ok()
+            }
+        });
+        while slots.lock().waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(next.await.unwrap().as_deref(), Some("y"));
     }
 }

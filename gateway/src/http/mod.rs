@@ -74,7 +74,8 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
     let npc = Router::new()
         .route("/v1/dialog", post(npc::dialog))
         .route("/v1/classify", post(npc::classify))
-        .route("/v1/chat/completions", post(openai::chat));
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/models", get(openai::models));
     let ops = Router::new()
         .route("/v1/zones", get(ops::zones))
         .route("/v1/zones/{id}", put(ops::put_zone))

@@ -1,5 +1,6 @@
 //! `POST /v1/chat/completions`: the OpenAI-compatible chat endpoint (`model` = `driver` or `theia`; the
-//! `user` field, when given, is the zone), whole or streamed as `chat.completion.chunk`s ending in `[DONE]`.
+//! `user` field, when given, is the zone), whole or streamed as `chat.completion.chunk`s ending in `[DONE]`;
+//! `GET /v1/models` lists the two (OpenAI clients and remote-tier probes read it).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +21,12 @@ use crate::api::{ChatRequest, Usage};
 use crate::dialog;
 use crate::error::ApiError;
 use crate::state::Gateway;
+
+pub(super) async fn models() -> Json<serde_json::Value> {
+    let model =
+        |id: &str| json!({ "id": id, "object": "model", "created": 0, "owned_by": "nimmer" });
+    Json(json!({ "object": "list", "data": [model("driver"), model("theia")] }))
+}
 
 pub(super) async fn chat(
     State(gw): State<Arc<Gateway>>,

@@ -1,11 +1,12 @@
 //! The tiers as the gateway sees them: one interface for LLM tiers ([`LlmTier`]: tokenize, submit → a stream
 //! of events that cancels when dropped, engine limits, health) and one for classifier tiers
 //! ([`ClassifierTier`]). Admission, fairness and budgets only ever talk to these traits, so a tier may run in
-//! this process ([`local`]), on another host behind a NATS tier worker ([`remote`]), or be a scripted fake in
-//! tests ([`fake`]).
+//! this process ([`local`]), on another host behind a NATS tier worker ([`remote`]), on an external
+//! OpenAI-compatible server ([`openai`]), or be a scripted fake in tests ([`fake`]).
 
 pub mod fake;
 pub mod local;
+pub mod openai;
 pub mod remote;
 
 use std::sync::Arc;
@@ -75,6 +76,11 @@ pub trait LlmTier: Send + Sync {
     fn load(&self) -> Option<nimmer_tiers::EngineLoad> {
         None
     }
+    /// Whether [`LlmTier::submit`] wants the prompt as the caller gave it (messages or text) rather than
+    /// the token ids [`LlmTier::tokenize`] made of it: a server that tokenizes for itself.
+    fn takes_source_prompt(&self) -> bool {
+        false
+    }
 }
 
 /// A classifier tier (Saturn).
@@ -125,8 +131,10 @@ pub fn start(
 ) -> Result<Tiers, crate::GatewayError> {
     let llm = |tier: Tier| -> Result<Arc<dyn LlmTier>, crate::GatewayError> {
         let (spec, budget) = local::llm_spec(config, tier);
-        if spec.via == nimmer_config::Via::Local {
-            return Ok(local::start_llm(config, tier)?);
+        match spec.via {
+            nimmer_config::Via::Local => return Ok(local::start_llm(config, tier)?),
+            nimmer_config::Via::OpenAi => return start_openai(config, tier),
+            nimmer_config::Via::Nats => {}
         }
         let url = nats.ok_or_else(|| crate::GatewayError::RemoteWithoutNats {
             tier: tier.as_str().into(),
@@ -159,7 +167,8 @@ pub fn start(
     };
     let saturn: Arc<dyn ClassifierTier> = match config.tiers.tiers.saturn.via {
         nimmer_config::Via::Local => local::start_saturn(config, config_dir)?,
-        nimmer_config::Via::Nats => {
+        // Refused by the configuration's validation.
+        nimmer_config::Via::OpenAi | nimmer_config::Via::Nats => {
             let url = nats.ok_or_else(|| crate::GatewayError::RemoteWithoutNats {
                 tier: Tier::Saturn.as_str().into(),
             })?;
@@ -178,6 +187,42 @@ pub fn start(
         theia: llm(Tier::Theia)?,
         saturn,
     })
+}
+
+/// An LLM tier on an OpenAI-compatible server: only the `tokenizer` model's header is read, when named.
+fn start_openai(
+    config: &nimmer_config::Config,
+    tier: Tier,
+) -> Result<Arc<dyn LlmTier>, crate::GatewayError> {
+    let (spec, budget) = local::llm_spec(config, tier);
+    let shape = match &spec.tokenizer {
+        Some(model) => {
+            let path = nimmer_tiers::fetch::ensure_llm(
+                &config.tiers,
+                model,
+                nimmer_tiers::fetch::Verify::Cached,
+            )?;
+            let shape = nimmer_tiers::llama::ModelShape::read(&path)?;
+            Some(Arc::new(remote::client::RemoteShape(shape)) as Arc<dyn remote::client::Shape>)
+        }
+        None => None,
+    };
+    tracing::info!(
+        tier = tier.as_str(),
+        url = spec.url.as_deref().unwrap_or_default(),
+        model = %spec.model,
+        tokens = if shape.is_some() { "counted" } else { "estimated" },
+        "tier served by an OpenAI-compatible server"
+    );
+    let rt = tokio::runtime::Handle::try_current().map_err(|e| {
+        crate::GatewayError::Tiers(nimmer_tiers::TierError::Spawn {
+            what: format!("the {} tier's health probe", tier.as_str()),
+            message: format!("no async runtime: {e}"),
+        })
+    })?;
+    let _in_rt = rt.enter();
+    let llm = openai::OpenAiLlm::start(tier.as_str(), spec, shape, EngineLimits::of(budget))?;
+    Ok(Arc::new(llm))
 }
 
 /// A NATS connection for remote tiers (`url`: one URL or several separated by commas).

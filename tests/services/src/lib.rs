@@ -14,7 +14,7 @@ fn free_port() -> u16 {
 }
 
 /// `n` distinct free ports (the listeners are held until all are found, so none is handed out twice).
-fn free_ports(n: usize) -> Vec<u16> {
+pub fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
         .collect();

@@ -1,0 +1,559 @@
+//! An LLM tier served by an external OpenAI-compatible server (`via = "openai"`: vLLM, llama-server,
+//! another nimmer, a hosted API). The gateway keeps everything that is its own (slots, admission, fairness
+//! between zones, deadlines, degradation, token budgets); this tier only posts each generation to the
+//! server's `/chat/completions` as a stream and turns the server-sent events back into [`Event`]s.
+//!
+//! - **Prompt tokens** are counted with the tokenizer of the `[models]` entry `tokenizer` names, or
+//!   estimated (one token per 4 bytes) without one; budgets are then charged from the server's reported
+//!   usage (`stream_options.include_usage`).
+//! - **Cancellation**: dropping the events receiver drops the HTTP response, so the server sees the client
+//!   go away and stops the sequence.
+//! - **Deadlines** bound the wait for the first token, as the local engine bounds admission: past it the
+//!   stream ends with [`Event::Expired`] (504) and the request is dropped on the server.
+//! - **Errors keep their meaning**: a 429 is a full queue (429 here), a 504 an expired request, a refused
+//!   connection or a 5xx a down tier (503, or degradation to the Driver), a 4xx an invalid request (422).
+//! - **Health** follows a probe of `GET /models` every second and the outcome of each request, so a
+//!   server that goes away turns the tier down within about a second.
+//!
+//! Token ids are not part of the OpenAI protocol: streamed tokens carry id 0. Trait-LoRAs and prefix pins
+//! are refused (the server's weights and prefix cache are its own).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use nimmer_config::LlmTierSpec;
+use nimmer_loras::{BaseShape, Blend};
+use nimmer_tiers::{
+    Completion, EngineLimits, Event, FinishReason, GenerateRequest, Prompt, TierError,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::remote::client::Shape;
+use super::{Events, Health, LlmTier};
+
+/// How often the server is probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait to connect to the server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// An LLM tier on an OpenAI-compatible server.
+pub struct OpenAiLlm {
+    inner: Arc<Inner>,
+    probe: tokio::task::JoinHandle<()>,
+}
+
+struct Inner {
+    tier: String,
+    /// The API base URL, without a trailing `/`.
+    base: String,
+    /// The server's name for its model.
+    model: String,
+    api_key: Option<String>,
+    http: reqwest::Client,
+    /// Counts prompt tokens exactly; `None`: estimated.
+    shape: Option<Arc<dyn Shape>>,
+    /// Reported as the capacity of a 429.
+    max_batch: usize,
+    limits: Mutex<EngineLimits>,
+    health: Mutex<Health>,
+}
+
+impl OpenAiLlm {
+    /// The tier `tier` as `spec` describes it (`via = "openai"`), counting tokens with `shape` when given.
+    /// Starts the health probe on the current tokio runtime; the tier is down until the server answers it.
+    pub fn start(
+        tier: &str,
+        spec: &LlmTierSpec,
+        shape: Option<Arc<dyn Shape>>,
+        limits: EngineLimits,
+    ) -> Result<Self, TierError> {
+        let url = spec
+            .url
+            .as_deref()
+            .ok_or_else(|| TierError::InvalidRequest {
+                field: "url",
+                message: format!("tiers.{tier}: via = \"openai\" needs a url"),
+            })?;
+        let api_key = match spec.api_key_env.as_deref() {
+            None => None,
+            Some(var) => Some(std::env::var(var).map_err(|_| TierError::Spawn {
+                what: format!("the {tier} tier on {url}"),
+                message: format!("tiers.{tier}.api_key_env names `{var}`, which is not set"),
+            })?),
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| TierError::Spawn {
+                what: format!("an HTTP client for the {tier} tier"),
+                message: e.to_string(),
+            })?;
+        let inner = Arc::new(Inner {
+            tier: tier.into(),
+            base: url.trim_end_matches('/').into(),
+            model: spec.model.clone(),
+            api_key,
+            http,
+            shape,
+            max_batch: spec.max_batch,
+            limits: Mutex::new(limits),
+            health: Mutex::new(Health::Down {
+                reason: format!("{url} not reached yet"),
+            }),
+        });
+        let probe = tokio::spawn(probe(Arc::downgrade(&inner)));
+        Ok(Self { inner, probe })
+    }
+}
+
+impl Drop for OpenAiLlm {
+    fn drop(&mut self) {
+        self.probe.abort();
+    }
+}
+
+/// Probes the server's model list until the tier is dropped.
+async fn probe(inner: std::sync::Weak<Inner>) {
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(t) = inner.upgrade() else { return };
+        let req = t.authorized(t.http.get(format!("{}/models", t.base)));
+        let health = match tokio::time::timeout(PROBE_TIMEOUT, req.send()).await {
+            Err(_) => Health::Down {
+                reason: format!("{} did not answer within {PROBE_TIMEOUT:?}", t.base),
+            },
+            Ok(Err(e)) => Health::Down {
+                reason: format!("{}: {}", t.base, short(&e)),
+            },
+            Ok(Ok(r)) if r.status().is_success() => Health::Ready,
+            Ok(Ok(r)) => Health::Down {
+                reason: format!("{}/models answered {}", t.base, r.status()),
+            },
+        };
+        t.set_health(health);
+    }
+}
+
+impl Inner {
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(k) => req.bearer_auth(k),
+            None => req,
+        }
+    }
+
+    fn set_health(&self, h: Health) {
+        let mut cur = self.health.lock().expect("health lock");
+        if *cur != h {
+            match &h {
+                Health::Ready => {
+                    tracing::info!(tier = %self.tier, url = %self.base, "remote tier up")
+                }
+                Health::Down { reason } => {
+                    tracing::warn!(tier = %self.tier, reason = %reason, "remote tier down")
+                }
+            }
+            *cur = h;
+        }
+    }
+
+    fn down(&self) -> TierError {
+        TierError::EngineDown {
+            tier: self.tier.clone(),
+        }
+    }
+
+    fn count(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
+        match &self.shape {
+            Some(s) => s.tokenize(prompt),
+            None => Ok(vec![0; estimate(prompt)]),
+        }
+    }
+
+    /// The request body: a chat completion for messages, a completion for text or token ids.
+    fn body(&self, req: &GenerateRequest) -> (&'static str, Value) {
+        let p = &req.params;
+        let mut body = json!({
+            "model": self.model,
+            "stream": true,
+            "stream_options": { "include_usage": true },
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+        });
+        if let Some(seed) = p.seed {
+            body["seed"] = json!(seed);
+        }
+        if !p.stop.is_empty() {
+            body["stop"] = json!(p.stop);
+        }
+        if p.ignore_eos {
+            // An extension vLLM, llama-server and nimmer share.
+            body["ignore_eos"] = json!(true);
+        }
+        if !req.share.zone.is_empty() {
+            // The zone travels as the OpenAI `user`: a nimmer server shares its steps by it.
+            body["user"] = json!(&*req.share.zone);
+        }
+        match &req.prompt {
+            Prompt::Chat(messages) => {
+                body["messages"] = json!(messages);
+                ("chat/completions", body)
+            }
+            Prompt::Text(text) => {
+                body["prompt"] = json!(text);
+                ("completions", body)
+            }
+            Prompt::Tokens(ids) => {
+                body["prompt"] = json!(ids);
+                ("completions", body)
+            }
+        }
+    }
+
+    /// What a non-success status means for the caller.
+    async fn refusal(&self, r: reqwest::Response) -> Result<Events, TierError> {
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        let message = error_message(&text);
+        tracing::warn!(tier = %self.tier, %status, message = %message, "remote tier refused a generation");
+        match status.as_u16() {
+            429 => Err(TierError::QueueFull {
+                tier: self.tier.clone(),
+                capacity: self.max_batch,
+            }),
+            408 | 504 => Ok(ended(Event::Expired)),
+            400..=499 => Err(TierError::InvalidRequest {
+                field: "messages",
+                message: format!("the {} server refused it: {message}", self.tier),
+            }),
+            _ => Err(self.down()),
+        }
+    }
+}
+
+impl LlmTier for OpenAiLlm {
+    fn lora_base(&self) -> BaseShape {
+        // No adapter fits a server's model: without a tokenizer's shape, one nothing matches.
+        self.inner.shape.as_ref().map_or(
+            BaseShape {
+                n_layer: 0,
+                dim: 0,
+                n_head: 0,
+                n_kv_head: 0,
+                head_dim: 0,
+                ffn: 0,
+                rope_interleaved: false,
+            },
+            |s| s.lora_base(),
+        )
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
+        self.inner.count(prompt)
+    }
+
+    fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>> {
+        let t = self.inner.clone();
+        Box::pin(async move {
+            if req.lora.is_some() {
+                return Err(TierError::InvalidRequest {
+                    field: "traits",
+                    message: format!(
+                        "the {} tier runs on an OpenAI-compatible server, which takes no trait-LoRAs",
+                        t.tier
+                    ),
+                });
+            }
+            if !t.health.lock().expect("health lock").is_ready() {
+                return Err(t.down());
+            }
+            let started = Instant::now();
+            let prompt_tokens = t.count(&req.prompt)?.len();
+            let (path, body) = t.body(&req);
+            let send = t
+                .authorized(t.http.post(format!("{}/{path}", t.base)))
+                .json(&body)
+                .send();
+            // The deadline bounds the wait for the first token (the server may hold the headers until then).
+            let deadline = req.deadline.map(tokio::time::Instant::from_std);
+            let resp = match until(deadline, send).await {
+                None => return Ok(ended(Event::Expired)),
+                Some(Err(e)) => {
+                    t.set_health(Health::Down {
+                        reason: format!("{}: {}", t.base, short(&e)),
+                    });
+                    return Err(t.down());
+                }
+                Some(Ok(r)) if !r.status().is_success() => return t.refusal(r).await,
+                Some(Ok(r)) => r,
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(relay(t, resp, tx, deadline, started, prompt_tokens));
+            Ok(rx)
+        })
+    }
+
+    fn limits(&self) -> EngineLimits {
+        *self.inner.limits.lock().expect("limits lock")
+    }
+
+    fn set_limits(&self, limits: EngineLimits) {
+        *self.inner.limits.lock().expect("limits lock") = limits;
+    }
+
+    fn health(&self) -> Health {
+        self.inner.health.lock().expect("health lock").clone()
+    }
+
+    fn pin(&self, _id: u64, _prompt: Prompt, _lora: Option<Arc<Blend>>) -> Result<(), TierError> {
+        Err(TierError::InvalidRequest {
+            field: "npcs",
+            message: format!(
+                "the {} tier runs on an OpenAI-compatible server: its prefix cache is its own, nothing to pin",
+                self.inner.tier
+            ),
+        })
+    }
+
+    fn unpin(&self, _id: u64) {}
+
+    fn takes_source_prompt(&self) -> bool {
+        true
+    }
+}
+
+/// `fut`'s output, or `None` once `deadline` passed first.
+async fn until<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// A stream that holds only `ev`.
+fn ended(ev: Event) -> Events {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(ev);
+    rx
+}
+
+/// One streamed chunk of a (chat) completion, the fields we read.
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    /// `completions` streams the text here.
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: usize,
+}
+
+/// Reads the server-sent events into `tx` until the stream ends, the receiver goes away (dropping the
+/// response cancels on the server) or the deadline passes before the first token.
+async fn relay(
+    t: Arc<Inner>,
+    resp: reqwest::Response,
+    tx: mpsc::UnboundedSender<Event>,
+    mut deadline: Option<tokio::time::Instant>,
+    started: Instant,
+    prompt_tokens: usize,
+) {
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut tokens = 0usize;
+    let mut ttft_ms = 0.0;
+    let mut finish: Option<String> = None;
+    let mut usage: Option<Usage> = None;
+    let end = loop {
+        let next = tokio::select! {
+            _ = tx.closed() => return,
+            n = until(deadline, body.next()) => n,
+        };
+        let bytes = match next {
+            None => break Some(Event::Expired),
+            // A server that closes after its last chunk without `[DONE]` still finished.
+            Some(None) if finish.is_some() => break None,
+            Some(None) => break Some(closed(&t, "the stream ended")),
+            Some(Some(Err(e))) => break Some(closed(&t, &short(&e))),
+            Some(Some(Ok(b))) => b,
+        };
+        buf.extend_from_slice(&bytes);
+        let mut done = false;
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(data) = line.trim_end().strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim_start();
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            let chunk: Chunk = match serde_json::from_str(data) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(tier = %t.tier, error = %e, "an unreadable chunk from the remote tier");
+                    continue;
+                }
+            };
+            if let Some(e) = chunk.error {
+                let _ = tx.send(Event::Error(format!(
+                    "the {} server failed mid-stream: {e}",
+                    t.tier
+                )));
+                return;
+            }
+            if let Some(u) = chunk.usage {
+                usage = Some(u);
+            }
+            for c in chunk.choices {
+                let text = c.delta.and_then(|d| d.content).or(c.text);
+                if let Some(text) = text.filter(|s| !s.is_empty()) {
+                    if tokens == 0 {
+                        ttft_ms = started.elapsed().as_secs_f64() * 1e3;
+                        // Running now: the deadline no longer applies (as in the local engine).
+                        deadline = None;
+                    }
+                    tokens += 1;
+                    if tx.send(Event::Token { id: 0, text }).is_err() {
+                        return;
+                    }
+                }
+                if c.finish_reason.is_some() {
+                    finish = c.finish_reason;
+                }
+            }
+        }
+        if done {
+            break None;
+        }
+    };
+    let _ = tx.send(end.unwrap_or_else(|| {
+        Event::Done(Completion {
+            finish_reason: match finish.as_deref() {
+                Some("length") => FinishReason::Length,
+                _ => FinishReason::Stop,
+            },
+            prompt_tokens: usage.as_ref().map_or(prompt_tokens, |u| u.prompt_tokens),
+            cached_tokens: usage
+                .as_ref()
+                .and_then(|u| u.prompt_tokens_details.as_ref())
+                .map_or(0, |d| d.cached_tokens),
+            completion_tokens: usage.as_ref().map_or(tokens, |u| u.completion_tokens),
+            queue_ms: 0.0,
+            ttft_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }));
+}
+
+/// The stream closed before the generation ended: the server or the connection went away.
+fn closed(t: &Inner, why: &str) -> Event {
+    t.set_health(Health::Down {
+        reason: format!("{}: {why} mid-generation", t.base),
+    });
+    Event::Error(format!(
+        "the {} server: {why} before the generation ended",
+        t.tier
+    ))
+}
+
+/// The message of an OpenAI-style (`{"error": {"message"}}`) or nimmer-style (`{"error": "..."}`) body.
+fn error_message(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let e = &v["error"];
+    e["message"]
+        .as_str()
+        .or(e.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| body.chars().take(200).collect())
+}
+
+/// A reqwest error with its causes (a refused connection says so only in its source).
+fn short(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s = format!("{s}: {cause}");
+        src = cause.source();
+    }
+    s
+}
+
+/// Prompt tokens without a tokenizer: one per 4 bytes of text, plus 4 per message for the template.
+fn estimate(prompt: &Prompt) -> usize {
+    match prompt {
+        Prompt::Chat(m) => m.iter().map(|m| m.content.len().div_ceil(4) + 4).sum(),
+        Prompt::Text(t) => t.len().div_ceil(4),
+        Prompt::Tokens(ids) => ids.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_of_both_styles_give_their_message() {
+        assert_eq!(
+            error_message(r#"{"error":{"message":"bad model","type":"invalid_request_error"}}"#),
+            "bad model"
+        );
+        assert_eq!(
+            error_message(r#"{"error":"`messages`: empty","kind":"invalid"}"#),
+            "`messages`: empty"
+        );
+        assert_eq!(error_message("plain text"), "plain text");
+    }
+
+    #[test]
+    fn the_estimate_counts_a_token_per_four_bytes_and_four_per_message() {
+        let m = nimmer_tiers::tokenizer::Message::new("user", "12345678");
+        assert_eq!(estimate(&Prompt::Chat(vec![m])), 6);
+        assert_eq!(estimate(&Prompt::Text("12345".into())), 2);
+        assert_eq!(estimate(&Prompt::Tokens(vec![1, 2, 3])), 3);
+    }
+}
