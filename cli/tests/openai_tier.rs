@@ -5,66 +5,41 @@
 //! B's queue); a client that drops its stream cancels the sequence on B; B killed with SIGKILL turns A's
 //! Theia down, deep dialogs degrade to A's own Driver and Theia requests get a 503.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::{Value, json};
+use support::{Proc, Sse, config, edit, metric, until};
 
 const SYSTEM: &str = "You are a fisherman in a busy port city.";
 
-/// A `nimmer serve` process with its own log; SIGKILLed on drop.
+/// A `nimmer serve` process on `port` with that configuration.
 struct Gateway {
-    child: Child,
-    log: std::path::PathBuf,
+    proc: Proc,
     url: String,
 }
 
 impl Gateway {
     fn start(dir: &std::path::Path, name: &str, tiers: &str, budgets: &str, port: u16) -> Self {
-        let config = dir.join(format!("{name}-config"));
-        std::fs::create_dir(&config).unwrap();
-        let src = nimmer_config::Sources::embedded();
-        for (file, text) in [
-            ("tiers.toml", tiers),
-            ("budgets.toml", budgets),
-            ("classifiers.toml", src.classifiers.as_str()),
-        ] {
-            std::fs::write(config.join(file), text).unwrap();
-        }
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nimmer"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .env("NIMMER_CONFIG", &config)
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("starting nimmer serve");
+        let cfg = config(dir, &format!("{name}-config"), tiers, budgets);
+        let listen = format!("127.0.0.1:{port}");
         Self {
-            child,
-            log,
-            url: format!("http://127.0.0.1:{port}"),
+            proc: Proc::start(
+                &["serve", "--listen", &listen],
+                &cfg,
+                dir.join(format!("{name}.log")),
+            ),
+            url: format!("http://{listen}"),
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log()
     }
 
     fn kill(&mut self) {
-        // SIGKILL by pid: no shutdown path runs.
-        let _ = Command::new("kill")
-            .args(["-9", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill()
     }
 }
 
@@ -80,106 +55,28 @@ fn chat(model: &str, user: &str, max_tokens: usize, stream: bool) -> Value {
     })
 }
 
-/// A server-sent-events response read chunk by chunk.
-struct Sse {
-    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buf: String,
-}
-
-impl Sse {
-    fn of(r: reqwest::Response) -> Self {
-        Self {
-            body: Box::pin(r.bytes_stream()),
-            buf: String::new(),
-        }
-    }
-
-    /// The next `data:` payload (`None` at the end of the stream).
-    async fn next(&mut self) -> Option<String> {
-        loop {
-            if let Some(nl) = self.buf.find('\n') {
-                let line: String = self.buf.drain(..=nl).collect();
-                if let Some(d) = line.trim_end().strip_prefix("data:") {
-                    return Some(d.trim().to_string());
-                }
-                continue;
-            }
-            let b = tokio::time::timeout(Duration::from_secs(30), self.body.next())
-                .await
-                .expect("the stream hung")?;
-            self.buf.push_str(&String::from_utf8_lossy(&b.unwrap()));
-        }
-    }
-
-    /// The next chunk with content: its text (`None` when the stream ended first).
-    async fn content(&mut self) -> Option<String> {
-        while let Some(d) = self.next().await {
-            if d == "[DONE]" {
-                return None;
-            }
-            let v: Value = serde_json::from_str(&d).unwrap();
-            if let Some(t) = v["choices"][0]["delta"]["content"].as_str()
-                && !t.is_empty()
-            {
-                return Some(t.to_string());
-            }
-        }
-        None
-    }
-}
-
-/// A gauge or counter of a gateway's `/metrics` (the line starting with `series`), 0 when absent.
-async fn metric(http: &reqwest::Client, url: &str, series: &str) -> f64 {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Polls until `f` holds (probing, never a fixed sleep), failing with `what` after `limit`.
-async fn until<F: std::future::Future<Output = bool>>(
-    limit: Duration,
-    what: &str,
-    mut f: impl FnMut() -> F,
-) {
-    let t = Instant::now();
-    while !f().await {
-        assert!(t.elapsed() < limit, "{what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[test]
 fn a_tier_on_an_openai_server_streams_cancels_refuses_expires_and_degrades_when_it_dies() {
     let dir = tempfile::tempdir().unwrap();
     let ports = nimmer_services::free_ports(2);
     let src = nimmer_config::Sources::embedded();
     // B: the server. Its Driver takes one sequence at a time and one waiting; long sequences allowed.
-    let budgets_b = src.budgets.replacen(
+    let budgets_b = edit(
+        &src.budgets,
         "slots = 128\nreserved_slots = 32\nqueue = 256",
         "slots = 1\nreserved_slots = 0\nqueue = 1",
-        1,
     );
-    assert_ne!(budgets_b, src.budgets);
-    let budgets_b = budgets_b.replacen("max_new_tokens = 512", "max_new_tokens = 1900", 1);
+    let budgets_b = edit(&budgets_b, "max_new_tokens = 512", "max_new_tokens = 1900");
     // A: Theia is B's Driver, counted with the same tokenizer; A's Theia budget allows the long ones too.
-    let tiers_a = src.tiers.replacen(
+    let tiers_a = edit(
+        &src.tiers,
         "[tiers.theia]\nmodel = \"smollm2-135m-instruct-q4_1\"\n",
         &format!(
             "[tiers.theia]\nmodel = \"driver\"\nvia = \"openai\"\nurl = \"http://127.0.0.1:{}/v1\"\n\
              tokenizer = \"smollm2-135m-instruct-q4_1\"\n",
             ports[1]
         ),
-        1,
     );
-    assert_ne!(tiers_a, src.tiers);
     let budgets_a = src
         .budgets
         .replace("max_new_tokens = 512", "max_new_tokens = 1900");
