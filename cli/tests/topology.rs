@@ -1,6 +1,7 @@
-//! The many-hosts topology as child processes: a nats-server, two Driver workers (`nimmer tier`) and two
-//! gateways (`nimmer serve --nats`), each with its own log, sharing one configuration (the Driver's step runs
-//! 4 rows, so a small flood contends). Dialogs run through both gateways; then:
+//! The many-hosts topology as child processes: a 3-node NATS cluster, two Driver workers, a Theia and a
+//! Saturn worker (`nimmer tier`) and two gateways (`nimmer serve --nats` with the cluster's URLs), each with
+//! its own log, sharing one configuration (the Driver's step runs 4 rows, so a small flood contends).
+//! Dialogs, deep dialogs and classifications run through both gateways; then:
 //! - (d) a zone that spent its token burst through gateway A is refused (429) by gateway B;
 //! - (c) a zone flooding the workers through A does not hold back a quiet zone entering through B: the
 //!   quiet zone's answer comes back while the flood has streamed less than a quarter of its tokens (the
@@ -9,6 +10,9 @@
 //! - (a) the worker serving a stream through A is SIGKILLed mid-stream: the stream completes on the other
 //!   worker with the text of an uninterrupted greedy run (through B); with the last worker killed, both
 //!   gateways answer 503 at once.
+//!
+//! The canon path of the same topology (PostgreSQL, two compositors, a player, leaders killed) is
+//! `canon_cluster.rs`.
 
 mod support;
 
@@ -71,7 +75,7 @@ async fn busy_worker(loads: &mut async_nats::Subscriber, killed: &[String]) -> S
 
 #[test]
 fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigkill() {
-    let server = nimmer_services::NatsServer::start();
+    let cluster = nimmer_services::NatsCluster::start();
     let dir = tempfile::tempdir().unwrap();
     let src = nimmer_config::Sources::embedded();
     let mut tiers = src.tiers.clone();
@@ -89,21 +93,21 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
          [classes.metered.driver]\ntokens_per_s = 1\nburst_tokens = 64\n\n[routing]",
     );
     let cfg = config(dir.path(), "config", &tiers, &budgets);
-    let nats = server.url.as_str();
-    let mut workers: Vec<(String, Proc)> = ["w1", "w2"]
-        .into_iter()
-        .map(|w| {
-            let args = ["tier", "--tier", "driver", "--nats", nats, "--worker", w];
-            let log = dir.path().join(format!("{w}.log"));
-            (w.to_string(), Proc::start(&args, &cfg, log))
-        })
-        .collect();
+    let urls = cluster.urls();
+    let nats = urls.as_str();
+    let worker = |tier: &str, w: &str| {
+        let args = ["tier", "--tier", tier, "--nats", nats, "--worker", w];
+        let log = dir.path().join(format!("{w}.log"));
+        (w.to_string(), Proc::start(&args, &cfg, log))
+    };
+    let mut workers: Vec<(String, Proc)> = vec![worker("driver", "w1"), worker("driver", "w2")];
+    let _others = [worker("theia", "t1"), worker("saturn", "s1")];
     let ports = nimmer_services::free_ports(2);
-    let urls: Vec<String> = ports
+    let gateway_urls: Vec<String> = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
         .collect();
-    let _gateways: Vec<Proc> = ports
+    let gateways: Vec<Proc> = ports
         .iter()
         .zip(["a", "b"])
         .map(|(p, name)| {
@@ -112,7 +116,7 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
             Proc::start(&args, &cfg, dir.path().join(format!("gateway-{name}.log")))
         })
         .collect();
-    let (a, b) = (urls[0].as_str(), urls[1].as_str());
+    let (a, b) = (gateway_urls[0].as_str(), gateway_urls[1].as_str());
     let logs =
         |procs: &[(String, Proc)]| -> Vec<String> { procs.iter().map(|(_, p)| p.log()).collect() };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -121,7 +125,7 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
         .build()
         .unwrap();
     rt.block_on(async {
-        let client = async_nats::connect(nats).await.unwrap();
+        let client = async_nats::connect(nimmer_wire::nats_urls(nats)).await.unwrap();
         let mut loads = client.subscribe(load_subject("driver")).await.unwrap();
         // Ready: both workers report their load, both gateways answer a dialog (probing, not sleeping).
         let t = Instant::now();
@@ -138,23 +142,52 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
             }
         }
         let http = reqwest::Client::new();
+        // Both gateways see every tier up (Theia and Saturn through their workers).
         for url in [a, b] {
             let t = Instant::now();
             loop {
-                let r = http
-                    .post(format!("{url}/v1/chat/completions"))
-                    .json(&chat("docks-1", "Hello.", 2, false))
-                    .send()
-                    .await;
+                let r = http.get(format!("{url}/readyz")).send().await;
                 if r.is_ok_and(|r| r.status() == 200) {
                     break;
                 }
                 assert!(
-                    t.elapsed() < Duration::from_secs(120),
-                    "gateway {url} not ready"
+                    t.elapsed() < Duration::from_secs(300),
+                    "gateway {url} not ready: {:?}",
+                    logs(&workers)
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        for (i, url) in [a, b].into_iter().enumerate() {
+            let hello = text(post(&http, url, &chat("docks-1", "Hello.", 2, false)).await).await;
+            assert!(!hello.is_empty());
+            let deep: Value = http
+                .post(format!("{url}/v1/dialog"))
+                .json(&json!({
+                    "uid": format!("ev1/docks/quay/deep{i}"),
+                    "zone": "docks-1",
+                    "kind": "deep",
+                    "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Any news?" }],
+                    "max_tokens": 4,
+                }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(deep["tier"], "theia", "{deep}");
+            assert_eq!(deep["degraded"], false, "{deep}");
+            let class: Value = http
+                .post(format!("{url}/v1/classify"))
+                .json(&json!({ "classifier": "ternary-gate", "inputs": ["A storm is coming."] }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert!(class.to_string().contains("label"), "{class}");
         }
 
         // (d) A zone's token budget holds across both gateways.
@@ -169,6 +202,27 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
             assert_eq!(r.status(), 200);
         }
         assert!(refused, "gateway A never refused the metered zone");
+        // A's charges reach B asynchronously (a few ms): wait for B's bucket to show the debt, then B refuses.
+        let level = |url: String| {
+            let http = http.clone();
+            async move {
+                let v: Value = http
+                    .get(format!("{url}/v1/zones"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v["zones"]["metered-1"]["tokens"]["driver"].as_f64()
+            }
+        };
+        assert!(level(a.to_string()).await.is_some_and(|l| l <= 0.0));
+        support::until(Duration::from_secs(10), "A's charges reached B", || {
+            let l = level(b.to_string());
+            async move { l.await.is_some_and(|l| l <= 0.0) }
+        })
+        .await;
         let r = post(&http, b, &metered).await;
         assert_eq!(
             r.status(),
@@ -269,13 +323,16 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
         // The last worker killed: both gateways answer 503 at once, no hang.
         let last = workers.iter_mut().find(|(w, _)| *w != first).unwrap();
         last.1.kill();
-        for url in [a, b] {
+        for (url, g) in [a, b].into_iter().zip(&gateways) {
+            let started = Instant::now();
             let r = tokio::time::timeout(
                 Duration::from_secs(10),
                 post(&http, url, &chat("docks-1", "Hello?", 4, false)),
             )
-            .await
-            .expect("an answer, not a hang");
+            .await;
+            let Ok(r) = r else {
+                panic!("{url}: a hang past {:?}:\n{}", started.elapsed(), g.log())
+            };
             assert_eq!(r.status(), 503, "{url}: {}", r.text().await.unwrap());
         }
     });

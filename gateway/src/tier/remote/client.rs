@@ -345,11 +345,20 @@ async fn send(
         .await
         .map_err(|e| down(&e))?;
     let body: bytes::Bytes = serde_json::to_vec(&msg).map_err(|e| down(&e))?.into();
+    // A worker accepts at once. The wait is bounded by the heartbeat deadline, not the client's request
+    // timeout: in a cluster, a worker killed a moment ago may still have interest on a route, and a request
+    // sent there is dropped without a "no responders" answer.
+    let ask = |subject: String| {
+        let (client, body) = (client.clone(), body.clone());
+        async move {
+            match tokio::time::timeout(DEAD_AFTER, client.request(subject, body)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", DEAD_AFTER.as_secs())),
+            }
+        }
+    };
     let direct = match &to {
-        Some(w) => match client
-            .request(worker_subject(tier, w, "generate"), body.clone())
-            .await
-        {
+        Some(w) => match ask(worker_subject(tier, w, "generate")).await {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::debug!(tier = %tier, worker = %w, error = %e, "worker did not answer; trying any worker");
@@ -360,10 +369,7 @@ async fn send(
     };
     let reply = match direct {
         Some(r) => r,
-        None => client
-            .request(generate_subject(tier), body)
-            .await
-            .map_err(|e| down(&e))?,
+        None => ask(generate_subject(tier)).await.map_err(|e| down(&e))?,
     };
     if let Some(refused) = RemoteError::of_reply(&reply) {
         return Err(refused.unwrap_or_else(|status| down(&status)));
