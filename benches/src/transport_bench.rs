@@ -2,7 +2,8 @@
 //! directories): end-to-end canon rows/s (results published to `RESULTS` → compositors → PostgreSQL → relay →
 //! `CANON`), result → player SQLite latency at a steady 1k rows/s, a player's replay rate over 100k missed
 //! rows, and nats-server memory, file handles and disk for 1,000 durable player consumers. Writes a table into
-//! `benches/RESULTS.md`.
+//! `benches/RESULTS.md`. With `--cluster`: the end-to-end throughput on one nats-server (every stream one
+//! replica) against a 3-node JetStream cluster on loopback (every stream three replicas).
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use clap::Parser;
 use nimmer_benches::{machine, pct, write_block};
 use nimmer_compositor::{Canon, PlayerStore, follow};
 use nimmer_config::TransportFile;
-use nimmer_services::{NatsServer, Postgres};
+use nimmer_services::{NatsCluster, NatsServer, Postgres};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,9 @@ struct Args {
     /// Durable player consumers created.
     #[arg(long, default_value_t = 1000)]
     consumers: usize,
+    /// Measure only the end-to-end throughput, on one server and on a 3-node cluster (3 replicas).
+    #[arg(long)]
+    cluster: bool,
     #[arg(long)]
     write: Option<std::path::PathBuf>,
 }
@@ -122,7 +126,9 @@ async fn start_compositors(n: usize, t: &TransportFile, pg: &str, nats: &str) ->
     let (stop, rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let client = async_nats::connect(nats).await.unwrap();
+        let client = async_nats::connect(nimmer_wire::nats_urls(nats))
+            .await
+            .unwrap();
         let (t, url, mut rx) = (t.clone(), pg.to_string(), rx.clone());
         tasks.push(tokio::spawn(async move {
             nimmer_compositor::serve(t, &url, client, async move {
@@ -144,33 +150,15 @@ impl Compositors {
     }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<()> {
-    let args = Args::parse();
-    let pg = Postgres::start();
-    let nats = NatsServer::start();
-    let client = async_nats::connect(&nats.url).await?;
-    let js = jetstream::new(client.clone());
-    let mut t = TransportFile::embedded();
-    t.relay.poll_ms = 50;
-    t.results.batch = 256;
-    let mut out = format!(
-        "Machine: {}. PostgreSQL 15 (fsync off, loopback), nats-server {} (JetStream, file store). \
-         Command: `cargo run --release -p nimmer-benches --bin transport-bench -- --write benches/RESULTS.md`.\n\n",
-        machine(),
-        std::process::Command::new(std::env::var("NATS_SERVER").unwrap_or("nats-server".into()))
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .trim_start_matches("nats-server: ")
-                .to_string())
-            .unwrap_or_default()
-    );
-    out += "| measure | figure |\n|---|---|\n";
-
-    // 1. Throughput: a backlog of results drained by the compositors; canon rows/s until CANON holds all.
-    let comps = start_compositors(args.compositors, &t, &pg.url, &nats.url).await;
+/// Publishes `args.rows` results at once and waits until `CANON` holds them all: canon rows/s and seconds.
+/// The streams are created first (compositors racing to create them on a cluster would time out).
+async fn throughput(args: &Args, t: &TransportFile, pg: &str, nats: &str) -> (f64, f64) {
+    let client = async_nats::connect(nimmer_wire::nats_urls(nats))
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    nimmer_compositor::streams::ensure(&js, t).await.unwrap();
+    let comps = start_compositors(args.compositors, t, pg, nats).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     publish_results(&js, 0, args.rows, &["p1", "p2"]).await;
@@ -185,10 +173,93 @@ async fn main() -> Result<()> {
         args.rows,
         published.as_secs_f64()
     );
+    comps.stop().await;
+    (rate, took)
+}
+
+/// `--cluster`: the throughput on one server (1 replica) and on a 3-node cluster (3 replicas).
+async fn cluster(args: &Args) -> Result<()> {
+    let mut out = format!(
+        "Machine: {}. PostgreSQL 15 (fsync off, loopback), nats-server {} (JetStream, file store), every process \
+         on the same cores. Command: `cargo run --release -p nimmer-benches --bin transport-bench -- --cluster \
+         --write benches/RESULTS.md`.\n\n| NATS | end to end, {} results published at once, {} compositors |\n|---|---|\n",
+        machine(),
+        nats_version(),
+        args.rows,
+        args.compositors
+    );
+    let mut t = TransportFile::embedded();
+    t.relay.poll_ms = 50;
+    t.results.batch = 256;
+    let mut rates = Vec::new();
+    for (label, replicas) in [
+        ("one server, 1 replica", 1),
+        ("3-node cluster, 3 replicas", 3),
+    ] {
+        let pg = Postgres::start();
+        t.replicas = nimmer_config::ReplicasSpec::all(replicas);
+        let (rate, took) = if replicas == 1 {
+            let nats = NatsServer::start();
+            throughput(args, &t, &pg.url, &nats.url).await
+        } else {
+            let nats = NatsCluster::start();
+            throughput(args, &t, &pg.url, &nats.urls()).await
+        };
+        rates.push(rate);
+        out += &format!("| {label} | {rate:.0} canon rows/s ({took:.1} s) |\n");
+    }
+    out += &format!(
+        "\nThe cluster keeps {:.0}% of the single server's rate.\n",
+        100.0 * rates[1] / rates[0]
+    );
+    println!("{out}");
+    if let Some(path) = &args.write {
+        write_block(path, "transport-bench-cluster", &out)?;
+    }
+    Ok(())
+}
+
+fn nats_version() -> String {
+    std::process::Command::new(std::env::var("NATS_SERVER").unwrap_or("nats-server".into()))
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .trim_start_matches("nats-server: ")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.cluster {
+        return cluster(&args).await;
+    }
+    let pg = Postgres::start();
+    let nats = NatsServer::start();
+    let client = async_nats::connect(&nats.url).await?;
+    let js = jetstream::new(client.clone());
+    let mut t = TransportFile::embedded();
+    t.relay.poll_ms = 50;
+    t.results.batch = 256;
+    let mut out = format!(
+        "Machine: {}. PostgreSQL 15 (fsync off, loopback), nats-server {} (JetStream, file store). \
+         Command: `cargo run --release -p nimmer-benches --bin transport-bench -- --write benches/RESULTS.md`.\n\n",
+        machine(),
+        nats_version()
+    );
+    out += "| measure | figure |\n|---|---|\n";
+
+    // 1. Throughput: a backlog of results drained by the compositors; canon rows/s until CANON holds all.
+    let (rate, took) = throughput(&args, &t, &pg.url, &nats.url).await;
     out += &format!(
         "| end to end, {} results (2 participants + faction: 4 outbox rows each) published at once, {} compositors | {rate:.0} canon rows/s ({took:.1} s until `CANON` held all) |\n",
         args.rows, args.compositors
     );
+    let comps = start_compositors(args.compositors, &t, &pg.url, &nats.url).await;
 
     // 2. Latency at 1k rows/s: result published → row committed in the player's SQLite.
     let dir = tempfile::tempdir()?;
