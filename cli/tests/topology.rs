@@ -1,7 +1,9 @@
 //! The many-hosts topology as child processes: a 3-node NATS cluster, two Driver workers, a Theia and a
 //! Saturn worker (`nimmer tier`) and two gateways (`nimmer serve --nats` with the cluster's URLs), each with
 //! its own log, sharing one configuration (the Driver's step runs 4 rows, so a small flood contends).
-//! Dialogs, deep dialogs and classifications run through both gateways; then:
+//! PostgreSQL and two compositors (`nimmer compositor`) take the results, every stream on 3 replicas. Dialogs,
+//! deep dialogs and classifications run through both gateways (each dialog with participants one canon row);
+//! then:
 //! - (d) a zone that spent its token burst through gateway A is refused (429) by gateway B;
 //! - (c) a zone flooding the workers through A does not hold back a quiet zone entering through B: the
 //!   quiet zone's answer comes back while the flood has streamed less than a quarter of its tokens (the
@@ -11,8 +13,7 @@
 //!   worker with the text of an uninterrupted greedy run (through B); with the last worker killed, both
 //!   gateways answer 503 at once.
 //!
-//! The canon path of the same topology (PostgreSQL, two compositors, a player, leaders killed) is
-//! `canon_cluster.rs`.
+//! Killing the JetStream leaders of the canon path, with a player, is `canon_cluster.rs`.
 
 mod support;
 
@@ -93,6 +94,29 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
          [classes.metered.driver]\ntokens_per_s = 1\nburst_tokens = 64\n\n[routing]",
     );
     let cfg = config(dir.path(), "config", &tiers, &budgets);
+    // Canon: PostgreSQL and every stream at 3 replicas.
+    let pg = nimmer_services::Postgres::start();
+    let mut transport = edit(
+        nimmer_config::DEFAULT_TRANSPORT_TOML,
+        "url = \"postgres://nimmer@127.0.0.1:5432/nimmer\"",
+        &format!("url = \"{}\"", pg.url),
+    );
+    for key in [
+        "results",
+        "canon",
+        "players",
+        "factions",
+        "feeds",
+        "dead_letter",
+    ] {
+        transport = edit(
+            &transport,
+            &format!("\n{key} = 1\n"),
+            &format!("\n{key} = 3\n"),
+        );
+    }
+    nimmer_config::TransportFile::parse("transport.toml", &transport).unwrap();
+    std::fs::write(cfg.join("transport.toml"), &transport).unwrap();
     let urls = cluster.urls();
     let nats = urls.as_str();
     let worker = |tier: &str, w: &str| {
@@ -101,7 +125,26 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
         (w.to_string(), Proc::start(&args, &cfg, log))
     };
     let mut workers: Vec<(String, Proc)> = vec![worker("driver", "w1"), worker("driver", "w2")];
-    let _others = [worker("theia", "t1"), worker("saturn", "s1")];
+    let _others = [
+        worker("theia", "t1"),
+        worker("saturn", "s1"),
+        (
+            "c1".to_string(),
+            Proc::start(
+                &["compositor", "--nats", nats],
+                &cfg,
+                dir.path().join("c1.log"),
+            ),
+        ),
+        (
+            "c2".to_string(),
+            Proc::start(
+                &["compositor", "--nats", nats],
+                &cfg,
+                dir.path().join("c2.log"),
+            ),
+        ),
+    ];
     let ports = nimmer_services::free_ports(2);
     let gateway_urls: Vec<String> = ports
         .iter()
@@ -167,6 +210,7 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
                     "uid": format!("ev1/docks/quay/deep{i}"),
                     "zone": "docks-1",
                     "kind": "deep",
+                    "npc": { "id": "brannoch" }, "participants": ["p1"], "faction": "dockers",
                     "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Any news?" }],
                     "max_tokens": 4,
                 }))
@@ -178,6 +222,23 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
                 .unwrap();
             assert_eq!(deep["tier"], "theia", "{deep}");
             assert_eq!(deep["degraded"], false, "{deep}");
+            let line: Value = http
+                .post(format!("{url}/v1/dialog"))
+                .json(&json!({
+                    "uid": format!("ev1/docks/quay/line{i}"),
+                    "zone": "docks-1",
+                    "kind": "dialog",
+                    "npc": { "id": "brannoch" }, "participants": ["p1"], "faction": "dockers",
+                    "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "And the weather?" }],
+                    "max_tokens": 4,
+                }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(line["tier"], "driver", "{line}");
             let class: Value = http
                 .post(format!("{url}/v1/classify"))
                 .json(&json!({ "classifier": "ternary-gate", "inputs": ["A storm is coming."] }))
@@ -189,6 +250,23 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
                 .unwrap();
             assert!(class.to_string().contains("label"), "{class}");
         }
+        // The four dialogs with participants, two through each gateway: exactly four canon rows.
+        let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+        let rows = || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM canon")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or(0)
+            }
+        };
+        support::until(Duration::from_secs(120), "four canon rows", || {
+            let n = rows();
+            async move { n.await >= 4 }
+        })
+        .await;
+        assert_eq!(rows().await, 4);
 
         // (d) A zone's token budget holds across both gateways.
         let metered = chat("metered-1", "What did you catch today?", 24, false);
