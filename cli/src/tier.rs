@@ -60,6 +60,22 @@ pub fn run(cfg: &Config, config_dir: Option<&std::path::Path>, a: TierArgs) -> R
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // The engine's budgets follow budgets.toml, as a gateway's do.
+        let _watch = match config_dir {
+            Some(dir) => {
+                let (engine, tier) = (llm.clone(), a.tier.clone());
+                Some(nimmer_gateway::reload::watch_budgets(
+                    dir,
+                    cfg.clone(),
+                    move |c| {
+                        if let Ok((_, budget)) = crate::generate::local_llm(c, &tier) {
+                            engine.set_limits(EngineLimits::of(budget));
+                        }
+                    },
+                )?)
+            }
+            None => None,
+        };
         let client = async_nats::connect(nimmer_wire::nats_urls(&a.nats))
             .await
             .with_context(|| format!("connecting to NATS at {}", a.nats))?;

@@ -284,6 +284,28 @@ fn a_gateway_process_serves_its_driver_through_a_worker_process_when_tiers_toml_
         };
         assert_eq!(reply["tier"], "driver", "{reply}");
         assert_eq!(reply["usage"]["completion_tokens"], 8, "{reply}");
+        // The worker follows budgets.toml as a gateway does: its engine's KV budget changes with an edit.
+        let mut loads = client.subscribe(load_subject("driver")).await.unwrap();
+        let budgets = std::fs::read_to_string(config.join("budgets.toml")).unwrap();
+        assert!(budgets.contains("kv_memory_mib = 1024"));
+        let budgets = budgets.replacen("kv_memory_mib = 1024", "kv_memory_mib = 512", 1);
+        std::fs::write(config.join("budgets.toml"), budgets).unwrap();
+        let t = Instant::now();
+        loop {
+            // (the engine reports its limits after a step)
+            let _ = client
+                .request("nimmerverse.gateway.dialog.docks-1", body.to_string().into())
+                .await;
+            let m = tokio::time::timeout(Duration::from_secs(5), loads.next())
+                .await
+                .expect("load messages")
+                .unwrap();
+            let l: LoadMsg = serde_json::from_slice(&m.payload).unwrap();
+            if l.engine.is_some_and(|e| e.kv_budget_bytes == 512 << 20) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "budget not applied: {:?}", logs());
+        }
         // The worker ran it: with the worker gone, the gateway's Driver is down (a clear error, no hang).
         let _ = Command::new("kill")
             .args(["-9", &worker.id().to_string()])

@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::metrics;
 use crate::slots::SlotPermit;
 use crate::state::Gateway;
-use crate::tier::Events;
+use crate::tier::{Events, LlmTier};
 use crate::zones::ZoneTable;
 
 /// Charges a generation's tokens to its zone's bucket when dropped, however the generation ends.
@@ -68,6 +68,8 @@ pub struct Running {
     /// Time spent waiting for the slot.
     pub slot_wait: Duration,
     events: Events,
+    /// The tier it runs on (its health tells a failure from a tier that went away).
+    llm: Arc<dyn LlmTier>,
     /// The first event, already received (so a failure before it could still become the status code).
     first: Option<Event>,
     meter: Meter,
@@ -107,7 +109,7 @@ impl Running {
             match self.next().await {
                 Some(Event::Token { text: t, .. }) => text.push_str(&t),
                 Some(Event::Done(c)) => return Ok((text, c)),
-                Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
+                Some(Event::Error(e)) => return Err(failed(&*self.llm, self.tier, e)),
                 Some(Event::Expired) | None => {
                     return Err(ApiError::Unavailable {
                         tier: self.tier.as_str().into(),
@@ -192,7 +194,7 @@ async fn submit(
             metrics::rejected(tier, &class, "deadline");
             return Err(deadline.map_or(ApiError::Deadline { deadline_ms: 0 }, |d| d.error()));
         }
-        Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
+        Some(Event::Error(e)) => return Err(failed(&**llm, tier, e)),
         Some(ev) => ev,
     };
     Ok(Running {
@@ -202,9 +204,23 @@ async fn submit(
         permit: admitted.permit,
         slot_wait,
         events,
+        llm: llm.clone(),
         first: Some(first),
         meter,
     })
+}
+
+/// A generation that failed: a 503 when its tier is down now (its worker or server went away and none is
+/// left), else an internal error (logged, not sent).
+fn failed(llm: &dyn LlmTier, tier: Tier, e: String) -> ApiError {
+    if llm.health().is_ready() {
+        ApiError::Internal(e)
+    } else {
+        tracing::warn!(tier = tier.as_str(), error = %e, "generation failed: the tier is down");
+        ApiError::Unavailable {
+            tier: tier.as_str().into(),
+        }
+    }
 }
 
 /// Where a generation ran: what a response reports besides the text and the completion.

@@ -1,7 +1,8 @@
 //! Hot reload: watches the config directory (inotify through `notify`) and applies edits within a second.
 //! Events are debounced (editors write in several steps); then `budgets.toml` is parsed and checked against
 //! the tiers in effect. A valid change is applied to the gateway as a new config version; an invalid one is
-//! logged with its file, key and rule, counted, and the configuration in effect stays whole.
+//! logged with its file, key and rule, counted, and the configuration in effect stays whole. A tier worker
+//! (`nimmer tier`) watches its own configuration the same way for its engine's budgets ([`watch_budgets`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +35,45 @@ pub fn watch(dir: &Path, gw: Arc<Gateway>) -> Result<notify::RecommendedWatcher,
         },
     )?;
     tracing::info!(dir = %dir.display(), "watching config for changes");
+    Ok(w)
+}
+
+/// For a process without a gateway (a tier worker): watches `dir`'s `budgets.toml` and calls `apply` with each
+/// valid new configuration (`config` is the one in effect at start); an invalid edit is logged and skipped.
+pub fn watch_budgets(
+    dir: &Path,
+    config: nimmer_config::Config,
+    apply: impl Fn(&nimmer_config::Config) + Send + Sync + 'static,
+) -> Result<notify::RecommendedWatcher, GatewayError> {
+    let d = dir.to_path_buf();
+    let current = std::sync::Mutex::new(config);
+    let w = watch_dir(
+        dir,
+        RecursiveMode::NonRecursive,
+        |p| p.file_name().is_some_and(|n| n == "budgets.toml"),
+        move || {
+            let mut cur = current.lock().expect("config lock");
+            let next = Sources::read(&d).and_then(|s| {
+                if s.budgets == cur.sources.budgets {
+                    Ok(None)
+                } else {
+                    cur.with_budgets(&s.budgets).map(Some)
+                }
+            });
+            match next {
+                Ok(Some(next)) => {
+                    apply(&next);
+                    *cur = next;
+                    tracing::info!("budgets applied");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "budgets edit rejected; the budgets in effect stay")
+                }
+            }
+        },
+    )?;
+    tracing::info!(dir = %dir.display(), "watching budgets.toml for changes");
     Ok(w)
 }
 

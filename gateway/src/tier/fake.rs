@@ -71,7 +71,7 @@ impl FakeLlm {
         })
     }
 
-    /// From now on the tier is down: submissions fail, running generations end without `Done`.
+    /// From now on the tier is down: submissions fail, running generations end with an error.
     pub fn kill(&self) {
         self.alive.store(false, Ordering::SeqCst);
         self.release.notify_waiters();
@@ -123,6 +123,8 @@ impl FakeLlm {
         let n = self.words.min(req.params.max_tokens);
         for i in 0..n {
             if !self.alive.load(Ordering::SeqCst) {
+                // As a remote tier reports a lost worker with none left.
+                let _ = tx.send(Event::Error(format!("the {} tier went away", self.name)));
                 return;
             }
             if i > 0 && !self.token_delay.is_zero() {

@@ -267,7 +267,8 @@ impl LlmTier for NatsLlm {
     }
 
     fn set_limits(&self, limits: EngineLimits) {
-        // The workers' engines run on their own budgets; the gateway keeps the value for its views.
+        // Each worker's engine follows its own budgets.toml (hot-reloaded: `reload::watch_budgets`); the
+        // gateway keeps the value for its views.
         *self.limits.lock().expect("limits lock") = limits;
     }
 
