@@ -83,6 +83,15 @@ async fn tokens_stream_through_a_worker_with_the_zone_s_share() {
         (&*share.zone, &*share.class, share.weight, share.priority),
         ("plaza-3", "plaza", 2.0, 1)
     );
+    // The worker's engine books (3 prompt + 3 generated tokens) reach the gateway's views (every few load
+    // messages).
+    let l = llm.clone();
+    until("the zone's service is reported", move || {
+        l.zone_service()
+            .iter()
+            .any(|z| z.zone == "plaza-3" && z.tokens_served == 6)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

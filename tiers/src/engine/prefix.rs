@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use nimmer_loras::Blend;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Positions per block.
@@ -96,7 +96,7 @@ pub struct PrefixStats {
 }
 
 /// A snapshot of [`PrefixStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct PrefixSnapshot {
     /// Sequences that looked for a cached prefix, and how many found one.
     pub lookups: u64,

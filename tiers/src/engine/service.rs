@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How long a zone's figures outlive its last step.
 const KEEP: Duration = Duration::from_secs(600);
@@ -46,7 +46,7 @@ pub struct ZoneService {
 }
 
 /// A zone's figures.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ZoneServiceView {
     pub zone: String,
     pub class: String,

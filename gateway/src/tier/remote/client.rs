@@ -20,8 +20,9 @@ use nimmer_tiers::{
 use tokio::sync::mpsc;
 
 use super::{
-    Accepted, Candidate, DEAD_AFTER, GenerateMsg, LoadMsg, LoraRef, PinMsg, RemoteError,
-    StreamEvent, StreamMsg, generate_subject, load_subject, pin_subject, route, worker_subject,
+    Accepted, Candidate, DEAD_AFTER, EngineViews, GenerateMsg, LoadMsg, LoraRef, PinMsg,
+    RemoteError, StreamEvent, StreamMsg, generate_subject, load_subject, pin_subject, route,
+    worker_subject,
 };
 use crate::error::GatewayError;
 use crate::tier::{Events, Health, LlmTier};
@@ -96,8 +97,14 @@ impl Workers {
         Ok((workers, task))
     }
 
-    fn heard(&self, load: LoadMsg) {
-        self.0.lock().expect("workers lock").insert(
+    fn heard(&self, mut load: LoadMsg) {
+        let mut g = self.0.lock().expect("workers lock");
+        // Views come every few load messages: keep the last.
+        let old = g.remove(&load.worker);
+        if load.views.is_none() {
+            load.views = old.and_then(|h| h.load.views);
+        }
+        g.insert(
             load.worker.clone(),
             Heard {
                 at: Instant::now(),
@@ -105,6 +112,18 @@ impl Workers {
                 sent: 0,
             },
         );
+    }
+
+    /// The last engine views of each live worker.
+    fn views(&self) -> Vec<EngineViews> {
+        let now = Instant::now();
+        self.0
+            .lock()
+            .expect("workers lock")
+            .values()
+            .filter(|h| now.duration_since(h.at) < DEAD_AFTER)
+            .filter_map(|h| h.load.views.clone())
+            .collect()
     }
 
     /// Workers heard from within [`DEAD_AFTER`], by name.
@@ -305,6 +324,14 @@ impl LlmTier for NatsLlm {
             },
         );
         Ok(())
+    }
+
+    fn prefix_cache(&self) -> Option<nimmer_tiers::PrefixSnapshot> {
+        EngineViews::prefix(self.workers.views().iter())
+    }
+
+    fn zone_service(&self) -> Vec<nimmer_tiers::ZoneServiceView> {
+        EngineViews::zones(self.workers.views().iter())
     }
 
     fn unpin(&self, id: u64) {

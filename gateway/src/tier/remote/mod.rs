@@ -166,6 +166,78 @@ pub struct LoadMsg {
     /// Resident adapters: name and content digest (hex).
     #[serde(default)]
     pub adapters: Vec<(String, String)>,
+    /// Every [`VIEWS_EVERY`] load messages: the engine's books for the ops views (the gateway keeps the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<EngineViews>,
+}
+
+/// Load messages between two that carry [`EngineViews`] (about 2 s).
+pub const VIEWS_EVERY: u64 = 8;
+
+/// A worker engine's books as a gateway's `/v1/zones` shows them, summed over the tier's workers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EngineViews {
+    /// Tokens each zone was served against its weighted fair share.
+    pub zones: Vec<nimmer_tiers::ZoneServiceView>,
+    /// The prefix cache's figures.
+    pub prefix: Option<nimmer_tiers::PrefixSnapshot>,
+}
+
+impl EngineViews {
+    /// The tier's books: each zone's service summed over the workers' engines.
+    pub fn zones<'a>(
+        all: impl Iterator<Item = &'a EngineViews>,
+    ) -> Vec<nimmer_tiers::ZoneServiceView> {
+        let mut by: std::collections::BTreeMap<&str, nimmer_tiers::ZoneServiceView> =
+            Default::default();
+        for z in all.flat_map(|v| &v.zones) {
+            let e = by
+                .entry(&z.zone)
+                .or_insert_with(|| nimmer_tiers::ZoneServiceView {
+                    tokens_served: 0,
+                    tokens_owed: 0.0,
+                    share_ratio: None,
+                    ..z.clone()
+                });
+            e.tokens_served += z.tokens_served;
+            e.tokens_owed += z.tokens_owed;
+        }
+        by.into_values()
+            .map(|mut z| {
+                z.share_ratio =
+                    (z.tokens_owed > 0.0).then(|| z.tokens_served as f64 / z.tokens_owed);
+                z
+            })
+            .collect()
+    }
+
+    /// The tier's prefix caches added up (`None` when no worker reported one).
+    pub fn prefix<'a>(
+        all: impl Iterator<Item = &'a EngineViews>,
+    ) -> Option<nimmer_tiers::PrefixSnapshot> {
+        all.filter_map(|v| v.prefix).reduce(|a, b| {
+            let prompt_tokens = a.prompt_tokens + b.prompt_tokens;
+            let cached_tokens = a.cached_tokens + b.cached_tokens;
+            nimmer_tiers::PrefixSnapshot {
+                lookups: a.lookups + b.lookups,
+                hits: a.hits + b.hits,
+                prompt_tokens,
+                cached_tokens,
+                token_hit_rate: if prompt_tokens == 0 {
+                    0.0
+                } else {
+                    cached_tokens as f64 / prompt_tokens as f64
+                },
+                inserted_blocks: a.inserted_blocks + b.inserted_blocks,
+                evicted_blocks: a.evicted_blocks + b.evicted_blocks,
+                blocks: a.blocks + b.blocks,
+                pinned_blocks: a.pinned_blocks + b.pinned_blocks,
+                bytes: a.bytes + b.bytes,
+                budget_bytes: a.budget_bytes + b.budget_bytes,
+                block_tokens: a.block_tokens.max(b.block_tokens),
+            }
+        })
+    }
 }
 
 /// A worker as routing sees it.
@@ -406,5 +478,30 @@ mod tests {
         .unwrap();
         assert_eq!(m.in_flight, 2);
         assert!(m.engine.is_none() && m.adapters.is_empty());
+    }
+
+    #[test]
+    fn workers_books_add_up_per_zone_and_their_share_is_recomputed() {
+        let z = |zone: &str, served: u64, owed: f64| nimmer_tiers::ZoneServiceView {
+            zone: zone.into(),
+            class: "street".into(),
+            tokens_served: served,
+            tokens_owed: owed,
+            share_ratio: Some(served as f64 / owed),
+        };
+        let w1 = EngineViews {
+            zones: vec![z("a", 10, 20.0), z("b", 30, 30.0)],
+            prefix: None,
+        };
+        let w2 = EngineViews {
+            zones: vec![z("a", 30, 20.0)],
+            prefix: None,
+        };
+        let all = EngineViews::zones([&w1, &w2].into_iter());
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].tokens_served, all[0].tokens_owed), (40, 40.0));
+        assert_eq!(all[0].share_ratio, Some(1.0));
+        assert_eq!(all[1].zone, "b");
+        assert!(EngineViews::prefix([&w1, &w2].into_iter()).is_none());
     }
 }

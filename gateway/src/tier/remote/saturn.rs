@@ -73,6 +73,7 @@ pub async fn serve(
             model: model.to_string(),
             engine: None,
             adapters: Vec::new(),
+            views: None,
         },
         in_flight.clone(),
     ));

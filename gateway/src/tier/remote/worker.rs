@@ -15,9 +15,9 @@ use nimmer_tiers::{Event, GenerateRequest, Prompt, Share};
 use tokio::sync::oneshot;
 
 use super::{
-    Accepted, GenerateMsg, HEARTBEAT, LOAD_EVERY, LoadMsg, LoraRef, PinMsg, RemoteError,
-    StreamEvent, StreamMsg, generate_subject, hex, load_subject, pin_subject, service_name,
-    worker_subject,
+    Accepted, EngineViews, GenerateMsg, HEARTBEAT, LOAD_EVERY, LoadMsg, LoraRef, PinMsg,
+    RemoteError, StreamEvent, StreamMsg, VIEWS_EVERY, generate_subject, hex, load_subject,
+    pin_subject, service_name, worker_subject,
 };
 use crate::error::GatewayError;
 use crate::tier::LlmTier;
@@ -291,7 +291,7 @@ async fn forward(
 
 async fn publish_load(client: async_nats::Client, w: Worker, streams: Streams) {
     let mut every = tokio::time::interval(LOAD_EVERY);
-    loop {
+    for n in 0u64.. {
         every.tick().await;
         let adapters = match &w.loras {
             Some(reg) => {
@@ -314,6 +314,10 @@ async fn publish_load(client: async_nats::Client, w: Worker, streams: Streams) {
             model: w.model.clone(),
             engine: w.llm.load(),
             adapters,
+            views: (n % VIEWS_EVERY == 0).then(|| EngineViews {
+                zones: w.llm.zone_service(),
+                prefix: w.llm.prefix_cache(),
+            }),
         };
         let body = serde_json::to_vec(&msg).unwrap_or_default();
         if let Err(e) = client.publish(load_subject(&w.tier), body.into()).await {
