@@ -265,10 +265,28 @@ async fn requests_go_to_the_least_loaded_worker_and_to_the_one_holding_their_ada
         p1.pins.lock().unwrap().len() == 1 && p2.pins.lock().unwrap().len() == 1
     })
     .await;
+    // A worker that starts after the pin gets it too.
+    let f3 = Fakes::new(3, Duration::ZERO);
+    let w = worker::Worker {
+        tier: "driver".into(),
+        name: "w3".into(),
+        model: "fake".into(),
+        llm: Arc::new(FakeLlmTier(f3.driver.clone())),
+        loras: None,
+    };
+    let wc = async_nats::connect(&server.url).await.unwrap();
+    tokio::spawn(async move { worker::serve(wc, w, std::future::pending()).await });
+    let p3 = f3.driver.clone();
+    until("the late worker pinned", move || {
+        p3.pins.lock().unwrap().len() == 1
+    })
+    .await;
     llm.unpin(7);
-    let (p1, p2) = (f1.driver.clone(), f2.driver.clone());
-    until("both workers unpinned", move || {
-        p1.pins.lock().unwrap().is_empty() && p2.pins.lock().unwrap().is_empty()
+    let (p1, p2, p3) = (f1.driver.clone(), f2.driver.clone(), f3.driver.clone());
+    until("every worker unpinned", move || {
+        [&p1, &p2, &p3]
+            .iter()
+            .all(|p| p.pins.lock().unwrap().is_empty())
     })
     .await;
 }

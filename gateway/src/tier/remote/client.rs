@@ -71,12 +71,15 @@ struct Heard {
 #[derive(Default)]
 pub struct Workers(Mutex<HashMap<String, Heard>>);
 
+/// A worker heard of for the first time (or again after falling silent): it holds none of our pins yet.
+pub type Arrivals = mpsc::UnboundedReceiver<String>;
+
 impl Workers {
     /// Follows the load messages of `tier`'s workers (until the task is aborted).
     pub async fn follow(
         client: &async_nats::Client,
         tier: &str,
-    ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>), GatewayError> {
+    ) -> Result<(Arc<Self>, Arrivals, tokio::task::JoinHandle<()>), GatewayError> {
         let mut loads =
             client
                 .subscribe(load_subject(tier))
@@ -87,20 +90,26 @@ impl Workers {
                 })?;
         let workers: Arc<Self> = Default::default();
         let seen = workers.clone();
+        let (arrived, arrivals) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             while let Some(m) = loads.next().await {
                 if let Ok(l) = serde_json::from_slice::<LoadMsg>(&m.payload) {
-                    seen.heard(l);
+                    let name = l.worker.clone();
+                    if seen.heard(l) {
+                        let _ = arrived.send(name);
+                    }
                 }
             }
         });
-        Ok((workers, task))
+        Ok((workers, arrivals, task))
     }
 
-    fn heard(&self, mut load: LoadMsg) {
+    /// Records a load message; true when the worker is new (or back after falling silent).
+    fn heard(&self, mut load: LoadMsg) -> bool {
         let mut g = self.0.lock().expect("workers lock");
         // Views come every few load messages: keep the last.
         let old = g.remove(&load.worker);
+        let new = old.as_ref().is_none_or(|h| h.at.elapsed() >= DEAD_AFTER);
         if load.views.is_none() {
             load.views = old.and_then(|h| h.load.views);
         }
@@ -112,6 +121,7 @@ impl Workers {
                 sent: 0,
             },
         );
+        new
     }
 
     /// The last engine views of each live worker.
@@ -187,12 +197,16 @@ pub struct NatsLlm {
     /// Names this gateway's sequences (unique per process and connection).
     prefix: String,
     next: AtomicU64,
+    /// What this gateway pinned, replayed to a worker that arrives later.
+    pins: Arc<Mutex<HashMap<u64, PinMsg>>>,
     load_task: tokio::task::JoinHandle<()>,
+    replay_task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for NatsLlm {
     fn drop(&mut self) {
         self.load_task.abort();
+        self.replay_task.abort();
     }
 }
 
@@ -204,7 +218,28 @@ impl NatsLlm {
         shape: Arc<dyn Shape>,
         limits: EngineLimits,
     ) -> Result<Arc<Self>, GatewayError> {
-        let (workers, load_task) = Workers::follow(&client, tier).await?;
+        let (workers, mut arrivals, load_task) = Workers::follow(&client, tier).await?;
+        let pins: Arc<Mutex<HashMap<u64, PinMsg>>> = Default::default();
+        // A worker that arrives after a pin holds none: the pins are sent again (by broadcast; a worker
+        // that holds one already skips it).
+        let replay_task = tokio::spawn({
+            let (client, tier, pins) = (client.clone(), tier.to_string(), pins.clone());
+            async move {
+                while let Some(worker) = arrivals.recv().await {
+                    let all: Vec<PinMsg> =
+                        pins.lock().expect("pins lock").values().cloned().collect();
+                    if !all.is_empty() {
+                        tracing::info!(tier = %tier, worker = %worker, pins = all.len(), "pins sent to a new worker");
+                    }
+                    for msg in all {
+                        // (not if unpinned meanwhile)
+                        if pins.lock().expect("pins lock").contains_key(&msg.id) {
+                            publish_pin(&client, &tier, "pin", &msg).await;
+                        }
+                    }
+                }
+            }
+        });
         Ok(Arc::new(Self {
             prefix: client.new_inbox().replace("_INBOX.", ""),
             client,
@@ -213,7 +248,9 @@ impl NatsLlm {
             limits: Mutex::new(limits),
             workers,
             next: AtomicU64::new(0),
+            pins,
             load_task,
+            replay_task,
         }))
     }
 
@@ -227,14 +264,25 @@ impl NatsLlm {
         self.workers.loads()
     }
 
-    fn publish_pin(&self, verb: &str, msg: PinMsg) {
-        let (client, subject) = (self.client.clone(), pin_subject(&self.tier, verb));
-        let body = serde_json::to_vec(&msg).unwrap_or_default();
-        tokio::spawn(async move {
-            if let Err(e) = client.publish(subject, body.into()).await {
-                tracing::warn!(error = %e, "sending a pin to the tier workers failed");
+    fn publish_pin(&self, verb: &'static str, msg: PinMsg) {
+        {
+            let mut pins = self.pins.lock().expect("pins lock");
+            if verb == "pin" {
+                pins.insert(msg.id, msg.clone());
+            } else {
+                pins.remove(&msg.id);
             }
-        });
+        }
+        let (client, tier) = (self.client.clone(), self.tier.clone());
+        tokio::spawn(async move { publish_pin(&client, &tier, verb, &msg).await });
+    }
+}
+
+/// Sends a pin (or unpin) to every worker of `tier`.
+async fn publish_pin(client: &async_nats::Client, tier: &str, verb: &str, msg: &PinMsg) {
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    if let Err(e) = client.publish(pin_subject(tier, verb), body.into()).await {
+        tracing::warn!(error = %e, "sending a pin to the tier workers failed");
     }
 }
 

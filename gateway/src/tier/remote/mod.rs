@@ -86,6 +86,19 @@ impl LoraRef {
 }
 
 /// Lower-case hex of a digest.
+/// Waits until the server has processed everything this connection sent before (an unsubscribe): a message
+/// to our own fresh inbox comes back only after it. (`flush` only writes the socket: a request another
+/// connection sends a moment later could still find the old subscription.)
+pub async fn barrier(client: &async_nats::Client) {
+    let inbox = client.new_inbox();
+    let Ok(mut sub) = client.subscribe(inbox.clone()).await else {
+        return;
+    };
+    if client.publish(inbox, bytes::Bytes::new()).await.is_ok() {
+        let _ = tokio::time::timeout(DEAD_AFTER, futures::StreamExt::next(&mut sub)).await;
+    }
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

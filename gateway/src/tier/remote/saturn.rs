@@ -97,7 +97,7 @@ pub async fn serve(
     // stopped then finds no responder (a clear "down" at once), not a subscription nobody reads.
     drop(requests);
     let _ = service.stop().await;
-    let _ = client.flush().await;
+    super::barrier(&client).await;
     Ok(())
 }
 
@@ -148,7 +148,7 @@ impl Drop for NatsSaturn {
 
 impl NatsSaturn {
     pub async fn connect(client: async_nats::Client) -> Result<Arc<Self>, GatewayError> {
-        let (workers, load_task) = Workers::follow(&client, TIER).await?;
+        let (workers, _arrivals, load_task) = Workers::follow(&client, TIER).await?;
         Ok(Arc::new(Self {
             client,
             workers,

@@ -85,7 +85,9 @@ pub async fn serve(
             .map_err(|e| nats_err(&pin_subject(tier, "unpin"), &e))?,
     );
     // Pins by (gateway, its pin id) -> this engine's pin id.
-    let mut pinned: HashMap<(String, u64), u64> = HashMap::new();
+    // Pins by (gateway, id): the local pin id and what it holds (a gateway replays its pins to a new
+    // worker by broadcast; a worker that holds one already skips it).
+    let mut pinned: HashMap<(String, u64), Held> = HashMap::new();
     let mut next_pin = 0u64;
     tracing::info!(tier, worker, subject = %generate_subject(tier), "tier worker serving");
     let streams: Streams = Default::default();
@@ -112,9 +114,15 @@ pub async fn serve(
                 let Ok(p) = serde_json::from_slice::<PinMsg>(&m.payload) else { continue };
                 let key = (p.owner.clone(), p.id);
                 if p.prompt.is_empty() {
-                    if let Some(local) = pinned.remove(&key) {
+                    if let Some((local, ..)) = pinned.remove(&key) {
                         w.llm.unpin(local);
                     }
+                    continue;
+                }
+                if pinned
+                    .get(&key)
+                    .is_some_and(|(_, prompt, lora)| *prompt == p.prompt && *lora == p.lora)
+                {
                     continue;
                 }
                 next_pin += 1;
@@ -125,9 +133,9 @@ pub async fn serve(
                         continue;
                     }
                 };
-                match w.llm.pin(next_pin, Prompt::Tokens(p.prompt), blend) {
+                match w.llm.pin(next_pin, Prompt::Tokens(p.prompt.clone()), blend) {
                     Ok(()) => {
-                        if let Some(old) = pinned.insert(key, next_pin) {
+                        if let Some((old, ..)) = pinned.insert(key, (next_pin, p.prompt, p.lora)) {
                             w.llm.unpin(old);
                         }
                     }
@@ -142,9 +150,12 @@ pub async fn serve(
     // stopped then finds no responder (a clear "down" at once), not a subscription nobody reads.
     drop(requests);
     let _ = service.stop().await;
-    let _ = client.flush().await;
+    super::barrier(&client).await;
     Ok(())
 }
+
+/// A pin this worker holds: its local pin id, the prompt and the adapters.
+type Held = (u64, Vec<u32>, Vec<LoraRef>);
 
 /// The blend `refs` name, from this worker's registry: refused (400 naming `traits`) when an adapter is
 /// unknown here or its content differs from the caller's.
