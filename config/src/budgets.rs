@@ -20,6 +20,25 @@ pub struct BudgetsFile {
     /// NPC trait → adapter name.
     #[serde(default)]
     pub traits: BTreeMap<String, String>,
+    #[serde(default)]
+    pub dialogs: DialogLimits,
+}
+
+/// Limits on what one dialog may carry into canon (a request over them is refused with a 422 naming the
+/// field): every participant gets the line on their own feed, so their number bounds a result's fan-out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialogLimits {
+    /// Most participants one dialog may name.
+    pub max_participants: usize,
+}
+
+impl Default for DialogLimits {
+    fn default() -> Self {
+        Self {
+            max_participants: 64,
+        }
+    }
 }
 
 /// Where the Driver's trait-LoRA adapters live and how much memory they may hold.
@@ -259,6 +278,9 @@ impl BudgetsFile {
         let bad = |key: String, rule: &str| Err(ConfigError::invalid(file, key, rule));
         if self.loras.memory_mib == 0 {
             return bad("loras.memory_mib".into(), "must be greater than 0");
+        }
+        if self.dialogs.max_participants == 0 {
+            return bad("dialogs.max_participants".into(), "must be greater than 0");
         }
         for (t, a) in &self.traits {
             if a.is_empty() || a.contains('/') || a.contains("..") {

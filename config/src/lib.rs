@@ -13,8 +13,8 @@ mod tiers;
 mod transport;
 
 pub use budgets::{
-    BudgetsFile, ClassOverride, LorasSpec, RequestBudget, Routing, Schedule, TierBudget,
-    TierBudgets, TierName, UnknownTrait, ZoneClass, ZonesSpec,
+    BudgetsFile, ClassOverride, DialogLimits, LorasSpec, RequestBudget, Routing, Schedule,
+    TierBudget, TierBudgets, TierName, UnknownTrait, ZoneClass, ZonesSpec,
 };
 pub use classifiers::{ClassifierSpec, ClassifiersFile, LabelSpec};
 pub use error::ConfigError;

@@ -268,6 +268,16 @@ pub enum Streamed {
 
 /// Runs a validated dialog: classify on Saturn, generate whole, or generate as a stream (`d.stream`).
 pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
+    let max = gw.live().config.budgets.dialogs.max_participants;
+    if d.participants.len() > max {
+        return Err(ApiError::invalid(
+            "participants",
+            format!(
+                "{} participants; a dialog may name at most {max} (budgets.toml [dialogs] max_participants)",
+                d.participants.len()
+            ),
+        ));
+    }
     let Work::Generate { prompt, params } = &d.work else {
         return Ok(Reply::Whole(Box::new(classify(gw, &d).await?)));
     };

@@ -528,3 +528,22 @@ async fn a_zone_s_token_budget_holds_across_gateways_sharing_nats() {
     let (status, _, _) = send(&app_b, "/v1/dialog", &dialog("market-2", "dialog", "hello")).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_dialog_naming_more_participants_than_the_budget_allows_is_refused_naming_the_field() {
+    let fakes = Fakes::new(2, Duration::ZERO);
+    let budgets =
+        Sources::embedded()
+            .budgets
+            .replacen("max_participants = 64", "max_participants = 3", 1);
+    let (_gw, app) = gateway(&budgets, &fakes);
+    let mut body = dialog("a", "dialog", "x");
+    body["participants"] = json!(["p1", "p2", "p3", "p4"]);
+    let (status, _, v) = send(&app, "/v1/dialog", &body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["field"], "participants", "{v}");
+    assert_eq!(fakes.driver.submitted(), 0);
+    body["participants"] = json!(["p1", "p2", "p3"]);
+    let (status, _, v) = send(&app, "/v1/dialog", &body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}
