@@ -8,6 +8,9 @@ use futures::StreamExt;
 use nimmer_e2e::http::{client, sse};
 use serde_json::{Value, json};
 
+/// Each dialog its own slot: a repeated UID is a repeat of one line (it gets the first answer).
+static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 const SYSTEM: &str = "You are a helpful assistant.";
 
 fn base() -> &'static str {
@@ -17,7 +20,7 @@ fn base() -> &'static str {
 
 fn dialog(kind: &str, user: &str) -> Value {
     json!({
-        "uid": "ev7/harbour/pier/slot1", "zone": "harbour-3", "kind": kind,
+        "uid": format!("ev7/harbour/pier/slot{}", NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), "zone": "harbour-3", "kind": kind,
         "npc": { "id": "mira" },
         "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": user }],
         "max_tokens": 24, "participants": ["p1", "p2"], "faction": "guild",

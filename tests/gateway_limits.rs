@@ -6,6 +6,9 @@ use std::time::Duration;
 use nimmer_e2e::http::{client, hold_stream};
 use serde_json::{Value, json};
 
+/// Each dialog its own slot: a repeated UID is a repeat of one line (it gets the first answer).
+static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 fn small(driver_queue: usize) -> String {
     let cfg = nimmer_e2e::config_with_budgets(
         |t| t.to_string(),
@@ -21,7 +24,7 @@ fn small(driver_queue: usize) -> String {
 
 /// A request that generates exactly `max_tokens` tokens (`ignore_eos`), so slot holders never finish early.
 fn body(zone: &str, kind: &str, stream: bool, max_tokens: usize) -> Value {
-    json!({ "uid": "e/d/s/k", "zone": zone, "kind": kind, "stream": stream, "max_tokens": max_tokens,
+    json!({ "uid": format!("e/d/s/k{}", NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), "zone": zone, "kind": kind, "stream": stream, "max_tokens": max_tokens,
             "messages": [{ "role": "system", "content": "You are a helpful assistant." }, { "role": "user", "content": "Count from one to five hundred." }],
             "sampling": { "temperature": 0.7, "seed": 1, "ignore_eos": true } })
 }

@@ -11,6 +11,9 @@ use nimmer_e2e::http::{client, eventually, get, post};
 use nimmer_loras::{Adapter, LoraPair, Module, peft::save_peft};
 use serde_json::{Value, json};
 
+/// Each dialog its own slot: a repeated UID is a repeat of one line (it gets the first answer).
+static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 const SYSTEM: &str = "You are a helpful assistant.";
 
 /// Writes a random rank-8 adapter for the Driver's shape (read from its GGUF) into `dir`.
@@ -66,7 +69,7 @@ fn write_adapter(dir: &Path, seed: u32) {
 
 fn body(traits: Value, max_tokens: usize, stream: bool) -> Value {
     json!({
-        "uid": "ev/dist/scene/s1", "zone": "tavern", "kind": "dialog", "max_tokens": max_tokens, "stream": stream,
+        "uid": format!("ev/dist/scene/s{}", NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), "zone": "tavern", "kind": "dialog", "max_tokens": max_tokens, "stream": stream,
         "npc": { "id": "bram", "traits": traits },
         "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Tell me about the harbour." }],
         "sampling": { "temperature": 0.0, "ignore_eos": true },

@@ -7,11 +7,14 @@ use std::time::Duration;
 use nimmer_e2e::http::{client, eventually, get, get_text, post};
 use serde_json::{Value, json};
 
+/// Each dialog its own slot: a repeated UID is a repeat of one line (it gets the first answer).
+static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 const SYSTEM: &str = "You are a helpful assistant.";
 
 fn dialog(zone: &str, max_tokens: usize) -> Value {
     json!({
-        "uid": "ev1/market/stall/s1", "zone": zone, "kind": "dialog", "max_tokens": max_tokens,
+        "uid": format!("ev1/market/stall/s{}", NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), "zone": zone, "kind": "dialog", "max_tokens": max_tokens,
         "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Say hello to a traveller." }],
         "sampling": { "temperature": 0.7, "seed": 3, "ignore_eos": true },
     })

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use futures::StreamExt;
-use nimmer_benches::{machine, pct, write_block};
+use nimmer_benches::{machine, next_slot, pct, run_id, write_block};
 use nimmer_config::Config;
 use nimmer_gateway::{Gateway, Tier};
 use nimmer_tiers::tokenizer::Message;
@@ -150,11 +150,11 @@ fn body(kind: Kind, zone: &str, i: usize, max_tokens: usize) -> Value {
     let line = LINES[i % LINES.len()];
     match kind {
         Kind::Classify => json!({
-            "uid": format!("city/d{}/s{}/k{i}", i % 12, i % 40), "zone": zone, "kind": "classify",
+            "uid": format!("city{}/d{}/s{}/k{}", run_id(), i % 12, i % 40, next_slot()), "zone": zone, "kind": "classify",
             "classifier": "ternary-gate", "prompt": line,
         }),
         _ => json!({
-            "uid": format!("city/d{}/s{}/k{i}", i % 12, i % 40), "zone": zone, "kind": kind.name(),
+            "uid": format!("city{}/d{}/s{}/k{}", run_id(), i % 12, i % 40, next_slot()), "zone": zone, "kind": kind.name(),
             "stream": true, "max_tokens": max_tokens,
             "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": line }],
             "sampling": { "temperature": 0.7, "seed": i, "ignore_eos": true },
@@ -428,7 +428,7 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
         let t = Instant::now();
         let r = client
             .post(format!("{base}/v1/dialog"))
-            .json(&json!({ "uid": "o/d/s/k", "zone": "overhead", "kind": "classify", "classifier": "ternary-gate", "prompt": CLASSIFY_TEXT }))
+            .json(&json!({ "uid": format!("o{}/d/s/k{}", run_id(), next_slot()), "zone": "overhead", "kind": "classify", "classifier": "ternary-gate", "prompt": CLASSIFY_TEXT }))
             .send()
             .await?;
         anyhow::ensure!(r.status().is_success(), "status {}", r.status());
@@ -486,7 +486,7 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
     ];
     let mut d = Vec::new();
     let mut h = Vec::new();
-    for i in 0..n.min(100) {
+    for _ in 0..n.min(100) {
         let t = Instant::now();
         let mut rx = driver
             .submit(GenerateRequest {
@@ -506,7 +506,7 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
         let t = Instant::now();
         let r = client
             .post(format!("{base}/v1/dialog"))
-            .json(&json!({ "uid": format!("o/d/s/k{i}"), "zone": "overhead", "kind": "dialog", "max_tokens": 1,
+            .json(&json!({ "uid": format!("o{}/d/s/k{}", run_id(), next_slot()), "zone": "overhead", "kind": "dialog", "max_tokens": 1,
                 "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Hello!" }],
                 "sampling": { "temperature": 0.0 } }))
             .send()

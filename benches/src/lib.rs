@@ -90,3 +90,16 @@ pub fn write_block(path: &std::path::Path, name: &str, table: &str) -> Result<()
     std::fs::write(path, new)?;
     Ok(())
 }
+
+/// This run's id (random hex), part of every dialog UID a bench sends: a repeated UID is a repeat of one line
+/// and gets the first answer from the gateway, so runs and rounds must not reuse one.
+pub fn run_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{:08x}", rand::random::<u32>()))
+}
+
+/// A fresh number per call (with [`run_id`], a UID no other request of any run has).
+pub fn next_slot() -> usize {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}

@@ -236,6 +236,15 @@ fn killing_the_leaders_of_results_and_canon_mid_flight_loses_and_duplicates_noth
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        // The canon path is warm (the compositors made their streams and consumer, a relay leads): dialog 0
+        // is a canon row. (On a fresh cluster this can take tens of seconds; dialogs sent meanwhile would
+        // all be answered before the faults below.)
+        let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+        let t = Instant::now();
+        while canon_rows(&pool).await < 1 {
+            assert!(t.elapsed() < Duration::from_secs(180), "no canon row:\n{}", logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         // Dialogs 1..DIALOGS at a steady pace, while the leaders die.
         let answered = Arc::new(AtomicUsize::new(1));
         let sender = {
@@ -262,7 +271,6 @@ fn killing_the_leaders_of_results_and_canon_mid_flight_loses_and_duplicates_noth
                 }
             })
         };
-        let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
         for (stream, at) in [("RESULTS", DIALOGS / 8), ("CANON", DIALOGS / 2)] {
             answered_at_least(&answered, at).await;
             if stream == "CANON" {

@@ -208,6 +208,13 @@ fn worker_processes_serve_the_driver_and_a_sigkilled_one_s_streams_move_to_anoth
     });
 }
 
+/// `body` as another dialog (a repeated UID would be a repeat of one line: it gets the first answer).
+fn with_uid(body: &serde_json::Value, uid: &str) -> String {
+    let mut b = body.clone();
+    b["uid"] = uid.into();
+    b.to_string()
+}
+
 /// A child process with its own log file; SIGKILLed on drop if still running.
 fn child(args: &[&str], log: &std::path::Path, config: &std::path::Path) -> Child {
     let out = std::fs::File::create(log).unwrap();
@@ -294,7 +301,7 @@ fn a_gateway_process_serves_its_driver_through_a_worker_process_when_tiers_toml_
         loop {
             // (the engine reports its limits after a step)
             let _ = client
-                .request("nimmerverse.gateway.dialog.docks-1", body.to_string().into())
+                .request("nimmerverse.gateway.dialog.docks-1", with_uid(&body, &format!("ev1/docks/quay/b{}", t.elapsed().as_nanos())).into())
                 .await;
             let m = tokio::time::timeout(Duration::from_secs(5), loads.next())
                 .await
@@ -313,7 +320,7 @@ fn a_gateway_process_serves_its_driver_through_a_worker_process_when_tiers_toml_
         let _ = worker.wait();
         let m = tokio::time::timeout(
             Duration::from_secs(10),
-            client.request("nimmerverse.gateway.dialog.docks-1", body.to_string().into()),
+            client.request("nimmerverse.gateway.dialog.docks-1", with_uid(&body, "ev1/docks/quay/s2").into()),
         )
         .await
         .expect("an answer, not a hang")

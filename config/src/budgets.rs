@@ -31,12 +31,21 @@ pub struct BudgetsFile {
 pub struct DialogLimits {
     /// Most participants one dialog may name.
     pub max_participants: usize,
+    /// How long a repeat of a dialog (same idempotency key: by default its UID) gets the first answer
+    /// instead of running again; 0 turns it off.
+    #[serde(default = "idempotency_window_s")]
+    pub idempotency_window_s: u64,
+}
+
+fn idempotency_window_s() -> u64 {
+    600
 }
 
 impl Default for DialogLimits {
     fn default() -> Self {
         Self {
             max_participants: 64,
+            idempotency_window_s: idempotency_window_s(),
         }
     }
 }

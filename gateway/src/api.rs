@@ -98,6 +98,9 @@ pub struct DialogRequest {
     /// For `kind = "classify"`: which classifier.
     #[serde(default)]
     pub classifier: Option<String>,
+    /// Repeats with the same key get the first answer (default: the UID, one line of one slot).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// What a dialog request asks for, validated.
@@ -126,6 +129,8 @@ pub struct Dialog {
     pub deadline_ms: Option<u64>,
     pub participants: Vec<String>,
     pub faction: Option<String>,
+    /// The idempotency key: the request's `idempotency_key`, else the UID.
+    pub key: String,
 }
 
 /// Largest `max_tokens` a request may ask for (tiers may cap lower by context).
@@ -232,7 +237,18 @@ impl DialogRequest {
                 }
             }
         };
+        let key = match self.idempotency_key {
+            Some(k) if k.is_empty() || k.len() > 256 => {
+                return Err(ApiError::invalid(
+                    "idempotency_key",
+                    "must be 1 to 256 bytes",
+                ));
+            }
+            Some(k) => k,
+            None => uid.to_string(),
+        };
         Ok(Dialog {
+            key,
             uid,
             zone: self.zone,
             kind: self.kind,

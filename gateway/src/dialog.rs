@@ -14,6 +14,7 @@ use crate::Tier;
 use crate::admission::{self, Admitted, Ask, Deadline, Target};
 use crate::api::{Dialog, DialogResponse, DialogResult, SlotInfo, Timings, Usage, Work};
 use crate::error::ApiError;
+use crate::idempotency::{self, Claim, Ticket};
 use crate::metrics;
 use crate::slots::SlotPermit;
 use crate::state::Gateway;
@@ -278,8 +279,51 @@ pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
             ),
         ));
     }
+    let window = Duration::from_secs(gw.live().config.budgets.dialogs.idempotency_window_s);
+    if window.is_zero() {
+        return fresh(gw, d, None).await;
+    }
+    loop {
+        let mut rx = match gw.idempotency().claim(&d.key, window) {
+            Claim::First(ticket) => return fresh(gw, d, Some(ticket)).await,
+            Claim::Done(answer) => return Ok(repeat(&answer, d.stream)),
+            Claim::Running(rx) => rx,
+        };
+        // The first is running: its answer, or (it failed and freed the key) a claim of our own.
+        loop {
+            if let Some(answer) = rx.borrow_and_update().clone() {
+                return Ok(repeat(&answer, d.stream));
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// A repeat's reply: the first answer, whole or as a stream of just its final event.
+fn repeat(answer: &DialogResponse, stream: bool) -> Reply {
+    let answer = Box::new(answer.clone());
+    if stream {
+        Reply::Stream(Box::pin(futures::stream::once(async move {
+            Streamed::Done(answer)
+        })))
+    } else {
+        Reply::Whole(answer)
+    }
+}
+
+/// Runs a dialog (not a repeat); its answer settles `ticket`.
+async fn fresh(gw: &Arc<Gateway>, d: Dialog, ticket: Option<Ticket>) -> Result<Reply, ApiError> {
+    let settle = |ticket: Option<Ticket>, resp: &DialogResponse| {
+        if let Some(t) = ticket {
+            t.finish(Arc::new(resp.clone()));
+        }
+    };
     let Work::Generate { prompt, params } = &d.work else {
-        return Ok(Reply::Whole(Box::new(classify(gw, &d).await?)));
+        let resp = classify(gw, &d).await?;
+        settle(ticket, &resp);
+        return Ok(Reply::Whole(Box::new(resp)));
     };
     let mut running = start(
         gw,
@@ -298,9 +342,9 @@ pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
         let (text, done) = running.collect().await?;
         let served = Served::of(&running);
         drop(running);
-        return Ok(Reply::Whole(Box::new(
-            end(gw, &d, &served, text, &done).await,
-        )));
+        let resp = end(gw, &d, &served, text, &done).await;
+        settle(ticket, &resp);
+        return Ok(Reply::Whole(Box::new(resp)));
     }
     let gw = gw.clone();
     Ok(Reply::Stream(Box::pin(async_stream::stream! {
@@ -314,7 +358,9 @@ pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
                 }
                 Event::Done(c) => {
                     drop(running);
-                    yield Streamed::Done(Box::new(end(&gw, &d, &served, text, &c).await));
+                    let resp = end(&gw, &d, &served, text, &c).await;
+                    settle(ticket, &resp);
+                    yield Streamed::Done(Box::new(resp));
                     return;
                 }
                 Event::Error(e) => {
@@ -415,7 +461,8 @@ async fn publish(gw: &Gateway, d: &Dialog, resp: &DialogResponse) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |t| t.as_millis() as u64);
     let result = DialogResult {
-        result_id: format!("{:032x}", rand::random::<u128>()),
+        // The same for every repeat, on every gateway: canon keeps one row.
+        result_id: idempotency::result_id(&d.key),
         uid: d.uid.clone(),
         zone: d.zone.clone(),
         kind: d.kind,

@@ -22,6 +22,7 @@ pub mod dialog;
 pub mod error;
 pub mod fair;
 pub mod http;
+pub mod idempotency;
 pub mod metrics;
 pub mod nats;
 pub mod personas;

@@ -56,6 +56,8 @@ pub struct Gateway {
     next_pin: AtomicU64,
     /// Where this gateway's zone charges go to the other gateways (`budget_sync.rs`; set while NATS is).
     charges: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::zones::Charge>>>,
+    /// Dialogs by idempotency key: repeats get the first answer.
+    idempotency: Arc<crate::idempotency::Idempotency>,
 }
 
 /// An NPC persona pinned in an LLM tier's prefix cache (`PUT /v1/zones/{id}` with `npcs`).
@@ -134,7 +136,13 @@ impl Gateway {
             pins: Mutex::new(BTreeMap::new()),
             next_pin: AtomicU64::new(1),
             charges: Mutex::new(None),
+            idempotency: Default::default(),
         }
+    }
+
+    /// Dialogs by idempotency key.
+    pub fn idempotency(&self) -> &Arc<crate::idempotency::Idempotency> {
+        &self.idempotency
     }
 
     /// A fresh id for [`crate::tier::LlmTier::pin`].

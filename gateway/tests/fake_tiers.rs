@@ -16,6 +16,9 @@ use nimmer_gateway::{Auth, Gateway, http};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+/// Each dialog its own slot: a repeated UID is a repeat of one line (it gets the first answer).
+static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 /// The embedded budgets with each `(from, to)` replaced once.
 fn budgets(edits: &[(&str, &str)]) -> String {
     let mut text = Sources::embedded().budgets;
@@ -44,7 +47,7 @@ fn gateway(budgets_toml: &str, fakes: &Fakes) -> (Arc<Gateway>, Router) {
 }
 
 fn dialog(zone: &str, kind: &str, prompt: &str) -> Value {
-    json!({ "uid": "ev1/docks/pier/s1", "zone": zone, "kind": kind, "npc": { "id": "mira" },
+    json!({ "uid": format!("ev1/docks/pier/s{}", NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), "zone": zone, "kind": kind, "npc": { "id": "mira" },
             "prompt": prompt, "max_tokens": 4 })
 }
 
@@ -546,4 +549,55 @@ async fn a_dialog_naming_more_participants_than_the_budget_allows_is_refused_nam
     body["participants"] = json!(["p1", "p2", "p3"]);
     let (status, _, v) = send(&app, "/v1/dialog", &body).await;
     assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn a_repeated_dialog_gets_the_first_answer_whether_it_still_runs_or_is_done() {
+    let fakes = Fakes::new(3, Duration::ZERO);
+    let (gw, app) = gateway(&Sources::embedded().budgets, &fakes);
+    let mut body = dialog("a", "dialog", "x");
+    body["uid"] = json!("ev1/docks/pier/repeat");
+    // Twice at once: one runs, the other waits for its answer.
+    fakes.driver.hold();
+    let first = spawn_send(&app, body.clone());
+    until("the first runs", || fakes.driver.submitted() == 1).await;
+    let second = spawn_send(&app, body.clone());
+    until("the repeat waits", || gw.idempotency().len() == 1).await;
+    fakes.driver.release();
+    let ((s1, v1), (s2, v2)) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK), "{v1} {v2}");
+    assert_eq!(v1, v2, "the same answer to both callers");
+    // Later: the stored answer, as a stream too (its final event).
+    let (s3, _, v3) = send(&app, "/v1/dialog", &body).await;
+    assert_eq!((s3, &v3), (StatusCode::OK, &v1));
+    body["stream"] = json!(true);
+    let req = Request::post("/v1/dialog")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let sse = String::from_utf8_lossy(&bytes);
+    assert!(sse.contains("event: done"), "{sse}");
+    assert!(sse.contains(v1["text"].as_str().unwrap()), "{sse}");
+    assert_eq!(fakes.driver.submitted(), 1, "one generation for all four");
+    // Another idempotency key is another line.
+    body["stream"] = json!(false);
+    body["idempotency_key"] = json!("retry-2");
+    let (s4, _, _) = send(&app, "/v1/dialog", &body).await;
+    assert_eq!(s4, StatusCode::OK);
+    assert_eq!(fakes.driver.submitted(), 2);
+}
+
+#[tokio::test]
+async fn a_repeat_of_a_refused_dialog_runs_afresh() {
+    let fakes = Fakes::new(3, Duration::ZERO);
+    let (_gw, app) = gateway(&Sources::embedded().budgets, &fakes);
+    let mut body = dialog("a", "dialog", "x");
+    body["uid"] = json!("ev1/docks/pier/refused");
+    fakes.driver.kill();
+    let (s1, _, _) = send(&app, "/v1/dialog", &body).await;
+    assert_eq!(s1, StatusCode::SERVICE_UNAVAILABLE);
+    let (s2, _, _) = send(&app, "/v1/dialog", &body).await;
+    assert_eq!(s2, StatusCode::SERVICE_UNAVAILABLE, "tried again, not the stored failure");
 }

@@ -70,7 +70,7 @@ async fn stream(client: &reqwest::Client, base: &str, body: Value) -> Result<Str
 
 fn line(zone: &str, i: usize, max_tokens: usize) -> Value {
     json!({
-        "uid": format!("burst/d0/s{}/k{i}", i % 40), "zone": zone, "kind": "dialog", "stream": true,
+        "uid": format!("burst{}/d0/s{}/k{}", nimmer_benches::run_id(), i % 40, nimmer_benches::next_slot()), "zone": zone, "kind": "dialog", "stream": true,
         "max_tokens": max_tokens,
         "messages": [{ "role": "system", "content": super::SYSTEM },
                      { "role": "user", "content": super::LINES[i % super::LINES.len()] }],

@@ -201,7 +201,7 @@ fn body(
                 npc_json["traits"] = json!(npc.voice);
             }
             json!({
-                "uid": format!("personas/{zone}/c/k{k}"), "zone": zone, "kind": "dialog", "npc": npc_json,
+                "uid": format!("personas{}/{zone}/c/k{k}n{}", nimmer_benches::run_id(), nimmer_benches::next_slot()), "zone": zone, "kind": "dialog", "npc": npc_json,
                 "messages": messages, "max_tokens": plan.max_tokens, "stream": true,
                 "sampling": { "temperature": 0.0 },
             })
