@@ -592,12 +592,13 @@ async fn a_repeated_dialog_gets_the_first_answer_whether_it_still_runs_or_is_don
 #[tokio::test]
 async fn a_repeat_of_a_refused_dialog_runs_afresh() {
     let fakes = Fakes::new(3, Duration::ZERO);
-    let (_gw, app) = gateway(&Sources::embedded().budgets, &fakes);
+    let (gw, app) = gateway(&Sources::embedded().budgets, &fakes);
     let mut body = dialog("a", "dialog", "x");
     body["uid"] = json!("ev1/docks/pier/refused");
     fakes.driver.kill();
     let (s1, _, _) = send(&app, "/v1/dialog", &body).await;
     assert_eq!(s1, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(gw.idempotency().is_empty(), "a failure keeps no answer");
     let (s2, _, _) = send(&app, "/v1/dialog", &body).await;
-    assert_eq!(s2, StatusCode::SERVICE_UNAVAILABLE, "tried again, not the stored failure");
+    assert_eq!(s2, StatusCode::SERVICE_UNAVAILABLE);
 }
