@@ -82,6 +82,8 @@ async fn classify_is_served_by_saturn() {
 async fn a_streamed_dialog_sends_tokens_then_the_same_response() {
     let mut body = dialog("dialog", "What is the capital of France?");
     let (_, plain) = post("/v1/dialog", &body).await;
+    // Another line (the same UID would be a repeat, answered with the first answer).
+    body["idempotency_key"] = json!("streamed-again");
     body["stream"] = json!(true);
     let resp = client()
         .post(format!("{}/v1/dialog", base()))
@@ -172,7 +174,10 @@ async fn a_repeated_persona_is_served_from_the_prefix_cache_and_shows_in_zones_a
     });
     let (status, first) = post("/v1/dialog", &body).await;
     assert_eq!(status, 200, "{first}");
-    let (status, again) = post("/v1/dialog", &body).await;
+    // The persona's next line (another slot): its prompt's KV comes from the prefix cache.
+    let mut next = body.clone();
+    next["uid"] = json!("ev7/saltmarket/square/slot3");
+    let (status, again) = post("/v1/dialog", &next).await;
     assert_eq!(status, 200, "{again}");
     let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(
