@@ -516,6 +516,8 @@ async fn a_zone_s_token_budget_holds_across_gateways_sharing_nats() {
     // one request could pass before it did).
     let mut passed = 0;
     let (status, headers) = loop {
+        // (each its own line: a repeat of one UID would get B's first answer)
+        let body = dialog("docks-1", "dialog", "one two three four five six");
         let (status, headers, v) = send(&app_b, "/v1/dialog", &body).await;
         if status != StatusCode::OK {
             break (status, headers);
