@@ -26,10 +26,20 @@ enum Entry {
     },
 }
 
+/// Answers kept at most (about 1 KB each): past it the oldest are forgotten first, so a repeat that late runs
+/// again (canon still keeps one row: the result id is the same).
+pub const MAX_ANSWERS: usize = 100_000;
+
 /// The keys claimed within the window, and their answers.
-#[derive(Default)]
 pub struct Idempotency {
     entries: Mutex<HashMap<String, Entry>>,
+    cap: usize,
+}
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Self::with_cap(MAX_ANSWERS)
+    }
 }
 
 /// What a claim found.
@@ -50,6 +60,14 @@ pub struct Ticket {
 }
 
 impl Idempotency {
+    /// A store that keeps at most `cap` answers.
+    pub fn with_cap(cap: usize) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            cap: cap.max(1),
+        }
+    }
+
     /// Claims `key`; answers older than `window` are forgotten.
     pub fn claim(self: &Arc<Self>, key: &str, window: Duration) -> Claim {
         let now = Instant::now();
@@ -66,6 +84,21 @@ impl Idempotency {
                 return Claim::Done(answer.clone());
             }
             _ => {}
+        }
+        if e.len() >= self.cap {
+            // Over the cap: the oldest answers go (down to 90% of it); running dialogs stay.
+            let mut done: Vec<(Instant, String)> = e
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    Entry::Done { at, .. } => Some((*at, k.clone())),
+                    Entry::Running(_) => None,
+                })
+                .collect();
+            done.sort_unstable();
+            let excess = (e.len() + 1).saturating_sub(self.cap * 9 / 10);
+            for (_, k) in done.into_iter().take(excess) {
+                e.remove(&k);
+            }
         }
         e.insert(key.to_string(), Entry::Running(watch::channel(None).0));
         Claim::First(Ticket {
@@ -166,6 +199,21 @@ mod tests {
         assert!(rx.changed().await.is_err(), "the waiter's channel closed");
         assert!(t.is_empty());
         assert!(matches!(t.claim("k", w), Claim::First(_)));
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_answers_are_forgotten() {
+        let t = Arc::new(Idempotency::with_cap(10));
+        let w = Duration::from_secs(60);
+        for i in 0..25 {
+            let Claim::First(ticket) = t.claim(&format!("k{i}"), w) else {
+                panic!("first")
+            };
+            ticket.finish(answer(&format!("a{i}")));
+            assert!(t.len() <= 10, "{}", t.len());
+        }
+        assert!(matches!(t.claim("k24", w), Claim::Done(a) if a.text == "a24"));
+        assert!(matches!(t.claim("k0", w), Claim::First(_)));
     }
 
     #[test]
