@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Proc, Sse, config, edit, metric, until};
+use support::{Proc, Sse, config, edit, metric, post_json, until};
 
 const SYSTEM: &str = "You are a fisherman in a busy port city.";
 
@@ -107,15 +107,7 @@ fn a_tier_on_an_openai_server_streams_cancels_refuses_expires_and_degrades_when_
 
         // Streaming: token by token through A, B's greedy text and B's usage.
         let user = "What did you catch today?";
-        let direct: Value = http
-            .post(format!("{}/v1/chat/completions", b.url))
-            .json(&chat("driver", user, 24, false))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, direct) = post_json(&http, &b.url, "/v1/chat/completions", &chat("driver", user, 24, false)).await;
         let want = direct["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
@@ -249,21 +241,13 @@ fn a_tier_on_an_openai_server_streams_cancels_refuses_expires_and_degrades_when_
             }
         })
         .await;
-        let v: Value = http
-            .post(format!("{}/v1/dialog", a.url))
-            .json(&json!({
+        let (_, v) = post_json(&http, &a.url, "/v1/dialog", &json!({
                 "uid": "ev1/docks/quay/s2",
                 "zone": "docks-2",
                 "kind": "deep",
                 "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Any news?" }],
                 "max_tokens": 8,
-            }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            })).await;
         assert_eq!(v["tier"], "driver", "{v}");
         assert_eq!(v["degraded"], true, "{v}");
         let r = http

@@ -5,6 +5,8 @@
 //! ends with an error within the heartbeat deadline (never a hang), the tier turns unhealthy and new requests
 //! are refused at once.
 
+mod support;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use nimmer_gateway::tier::remote::{DEAD_AFTER, LoadMsg, load_subject, service_na
 use nimmer_tiers::fetch::{Verify, ensure_llm};
 use nimmer_tiers::tokenizer::Message;
 use nimmer_tiers::{EngineLimits, Event, GenerateRequest, LlmHandle, Prompt, SamplingParams};
+use support::busy_worker;
 
 const SYSTEM: &str = "You are a fisherman in a busy port city.";
 
@@ -69,21 +72,6 @@ fn line(user: &str, max_tokens: usize) -> GenerateRequest {
         lora: None,
         deadline: None,
         share: Default::default(),
-    }
-}
-
-/// The worker that reports a sequence in flight (from the tier's load messages), skipping the ones already
-/// killed: their last reports may still wait in the subscription.
-async fn busy_worker(loads: &mut async_nats::Subscriber, killed: &[String]) -> String {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), loads.next())
-            .await
-            .expect("load messages")
-            .expect("subscription open");
-        let l: LoadMsg = serde_json::from_slice(&m.payload).unwrap();
-        if l.in_flight > 0 && !killed.contains(&l.worker) {
-            return l.worker;
-        }
     }
 }
 

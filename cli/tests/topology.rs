@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use nimmer_gateway::tier::remote::{LoadMsg, load_subject};
 use serde_json::{Value, json};
-use support::{Proc, Sse, config, edit};
+use support::{Proc, Sse, busy_worker, config, edit, post_json};
 
 const SYSTEM: &str = "You are a fisherman in a busy port city.";
 
@@ -57,21 +57,6 @@ async fn text(r: reqwest::Response) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-/// The worker that reports a sequence in flight, skipping the ones named in `killed` (their last reports
-/// may still wait in the subscription).
-async fn busy_worker(loads: &mut async_nats::Subscriber, killed: &[String]) -> String {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), loads.next())
-            .await
-            .expect("load messages")
-            .expect("subscription open");
-        let l: LoadMsg = serde_json::from_slice(&m.payload).unwrap();
-        if l.in_flight > 0 && !killed.contains(&l.worker) {
-            return l.worker;
-        }
-    }
 }
 
 #[test]
@@ -204,50 +189,26 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
         for (i, url) in [a, b].into_iter().enumerate() {
             let hello = text(post(&http, url, &chat("docks-1", "Hello.", 2, false)).await).await;
             assert!(!hello.is_empty());
-            let deep: Value = http
-                .post(format!("{url}/v1/dialog"))
-                .json(&json!({
+            let (_, deep) = post_json(&http, url, "/v1/dialog", &json!({
                     "uid": format!("ev1/docks/quay/deep{i}"),
                     "zone": "docks-1",
                     "kind": "deep",
                     "npc": { "id": "brannoch" }, "participants": ["p1"], "faction": "dockers",
                     "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Any news?" }],
                     "max_tokens": 4,
-                }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                })).await;
             assert_eq!(deep["tier"], "theia", "{deep}");
             assert_eq!(deep["degraded"], false, "{deep}");
-            let line: Value = http
-                .post(format!("{url}/v1/dialog"))
-                .json(&json!({
+            let (_, line) = post_json(&http, url, "/v1/dialog", &json!({
                     "uid": format!("ev1/docks/quay/line{i}"),
                     "zone": "docks-1",
                     "kind": "dialog",
                     "npc": { "id": "brannoch" }, "participants": ["p1"], "faction": "dockers",
                     "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "And the weather?" }],
                     "max_tokens": 4,
-                }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                })).await;
             assert_eq!(line["tier"], "driver", "{line}");
-            let class: Value = http
-                .post(format!("{url}/v1/classify"))
-                .json(&json!({ "classifier": "ternary-gate", "inputs": ["A storm is coming."] }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let (_, class) = post_json(&http, url, "/v1/classify", &json!({ "classifier": "ternary-gate", "inputs": ["A storm is coming."] })).await;
             assert!(class.to_string().contains("label"), "{class}");
         }
         // The four dialogs with participants, two through each gateway: exactly four canon rows.

@@ -148,3 +148,35 @@ pub async fn until<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// POSTs `body` as JSON to `url` + `path`: the status and the JSON answer (`null` when not JSON).
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = http
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The worker that reports a sequence in flight on a tier's load subject, skipping the ones named in
+/// `killed` (their last reports may still wait in the subscription).
+pub async fn busy_worker(loads: &mut async_nats::Subscriber, killed: &[String]) -> String {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), loads.next())
+            .await
+            .expect("load messages")
+            .expect("subscription open");
+        let l: nimmer_gateway::tier::remote::LoadMsg = serde_json::from_slice(&m.payload).unwrap();
+        if l.in_flight > 0 && !killed.contains(&l.worker) {
+            return l.worker;
+        }
+    }
+}
