@@ -11,7 +11,8 @@
 //! - **Deadlines** bound the wait for the first token, as the local engine bounds admission: past it the
 //!   stream ends with [`Event::Expired`] (504) and the request is dropped on the server.
 //! - **Errors keep their meaning**: a 429 is a full queue (429 here), a 504 an expired request, a refused
-//!   connection or a 5xx a down tier (503, or degradation to the Driver), a 4xx an invalid request (422).
+//!   connection, a refused API key (401/403) or a 5xx a down tier (503, or degradation to the Driver), another
+//!   4xx an invalid request (422).
 //! - **Health** follows a probe of `GET /models` every second and the outcome of each request, so a
 //!   server that goes away turns the tier down within about a second.
 //!
@@ -220,22 +221,42 @@ impl Inner {
 
     /// What a non-success status means for the caller.
     async fn refusal(&self, r: reqwest::Response) -> Result<Events, TierError> {
-        let status = r.status();
+        let status = r.status().as_u16();
         let text = r.text().await.unwrap_or_default();
         let message = error_message(&text);
-        tracing::warn!(tier = %self.tier, %status, message = %message, "remote tier refused a generation");
-        match status.as_u16() {
-            429 => Err(TierError::QueueFull {
-                tier: self.tier.clone(),
-                capacity: self.max_batch,
-            }),
-            408 | 504 => Ok(ended(Event::Expired)),
-            400..=499 => Err(TierError::InvalidRequest {
-                field: "messages",
-                message: format!("the {} server refused it: {message}", self.tier),
-            }),
-            _ => Err(self.down()),
+        tracing::warn!(tier = %self.tier, status, message = %message, "remote tier refused a generation");
+        let refusal = refusal(&self.tier, self.max_batch, status, &message);
+        if let Err(TierError::EngineDown { .. }) = refusal
+            && matches!(status, 401 | 403)
+        {
+            // Our key, not the caller's request: the tier is down until the configuration is fixed.
+            self.set_health(Health::Down {
+                reason: format!("{} refused the API key ({status}): {message}", self.base),
+            });
         }
+        refusal
+    }
+}
+
+/// What a server's refusal (`status`, its `message`) means for the caller: a 429 is a full queue, a
+/// 408/504 an expired request, a refused key (401/403) or a 5xx a down tier, another 4xx an invalid request.
+fn refusal(tier: &str, max_batch: usize, status: u16, message: &str) -> Result<Events, TierError> {
+    match status {
+        429 => Err(TierError::QueueFull {
+            tier: tier.to_string(),
+            capacity: max_batch,
+        }),
+        408 | 504 => Ok(ended(Event::Expired)),
+        401 | 403 => Err(TierError::EngineDown {
+            tier: tier.to_string(),
+        }),
+        400..=499 => Err(TierError::InvalidRequest {
+            field: "messages",
+            message: format!("the {tier} server refused it: {message}"),
+        }),
+        _ => Err(TierError::EngineDown {
+            tier: tier.to_string(),
+        }),
     }
 }
 
@@ -547,6 +568,36 @@ mod tests {
             "`messages`: empty"
         );
         assert_eq!(error_message("plain text"), "plain text");
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_meaning() {
+        let r = |status| refusal("theia", 4, status, "no");
+        assert!(matches!(
+            r(429),
+            Err(TierError::QueueFull { capacity: 4, .. })
+        ));
+        assert!(matches!(
+            r(504).map(|mut e| e.try_recv()),
+            Ok(Ok(Event::Expired))
+        ));
+        assert!(matches!(
+            r(408).map(|mut e| e.try_recv()),
+            Ok(Ok(Event::Expired))
+        ));
+        for down in [401, 403, 500, 502, 503] {
+            assert!(
+                matches!(r(down), Err(TierError::EngineDown { .. })),
+                "{down}"
+            );
+        }
+        match r(400) {
+            Err(TierError::InvalidRequest { field, message }) => {
+                assert_eq!(field, "messages");
+                assert!(message.contains("theia server refused it: no"), "{message}");
+            }
+            _ => panic!("400 is the caller's"),
+        }
     }
 
     #[test]
