@@ -22,12 +22,31 @@ pub struct ServeArgs {
     /// Bearer tokens for ops endpoints: zones, config, metrics (comma-separated; none: open).
     #[arg(long, env = "NIMMER_OPS_TOKENS", value_delimiter = ',')]
     ops_token: Vec<String>,
+    /// With --nats: the directory where finished dialogs wait, fsync'd, while JetStream does not acknowledge
+    /// them (a dialog is answered only once JetStream or the spool holds its result); published from at the
+    /// next start. One per gateway process (it is locked). Default: <cache_dir>/spool/gateway-<listen port>.
+    #[arg(long, env = "NIMMER_SPOOL")]
+    spool: Option<PathBuf>,
 }
 
 /// Loads the configuration and serves until Ctrl-C or SIGTERM.
 pub fn run(config_dir: Option<PathBuf>, a: ServeArgs) -> Result<()> {
     let cfg = crate::files::load_config(&config_dir)?;
     let transport = crate::files::transport_config(&config_dir)?;
+    let spool = a.nats.as_ref().map(|_| {
+        a.spool.clone().unwrap_or_else(|| {
+            let name = match a.listen.port() {
+                0 => {
+                    tracing::warn!("listening on port 0 without --spool: this process's spool is named by its pid, so a restart will not find it");
+                    format!("gateway-pid-{}", std::process::id())
+                }
+                port => format!("gateway-{port}"),
+            };
+            nimmer_tiers::fetch::cache_dir(&cfg.tiers)
+                .join("spool")
+                .join(name)
+        })
+    });
     let opts = nimmer_gateway::Options {
         config_dir,
         auth: nimmer_gateway::Auth {
@@ -36,6 +55,7 @@ pub fn run(config_dir: Option<PathBuf>, a: ServeArgs) -> Result<()> {
         },
         nats: a.nats,
         transport,
+        spool,
     };
     serve(cfg, opts, a.listen)
 }

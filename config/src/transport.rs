@@ -123,6 +123,22 @@ pub struct ResultsSpec {
     pub batch: usize,
     pub ack_wait_s: u64,
     pub dead_letter: String,
+    /// How long a gateway's answer waits for JetStream to acknowledge its result before the result is synced
+    /// to the gateway's spool instead (the answer goes out once either holds it).
+    #[serde(default = "default_durable_wait_ms")]
+    pub durable_wait_ms: u64,
+    /// Attempts a result gets when composing it fails for a reason that is not the database being away; then
+    /// it is dead-lettered with that reason.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u64,
+}
+
+fn default_durable_wait_ms() -> u64 {
+    500
+}
+
+fn default_max_attempts() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +230,12 @@ impl TransportFile {
         }
         if t.results.ack_wait_s == 0 {
             return bad("results.ack_wait_s", "must be at least 1");
+        }
+        if t.results.durable_wait_ms == 0 {
+            return bad("results.durable_wait_ms", "must be at least 1");
+        }
+        if t.results.max_attempts == 0 {
+            return bad("results.max_attempts", "must be at least 1");
         }
         if !valid_subject(&t.results.dead_letter) {
             return bad(

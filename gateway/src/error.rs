@@ -167,6 +167,8 @@ pub enum GatewayError {
     Tiers(#[from] TierError),
     #[error("connecting to NATS at {url}: {message}")]
     NatsConnect { url: String, message: String },
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
     #[error("subscribing to {subject}: {message}")]
     Subscribe { subject: String, message: String },
     #[error("watching {dir}: {source}")]

@@ -29,6 +29,7 @@ pub mod personas;
 pub mod reload;
 pub mod results;
 pub mod slots;
+pub mod spool;
 pub mod state;
 pub mod tier;
 pub mod voice;
@@ -54,6 +55,9 @@ pub struct Options {
     pub nats: Option<String>,
     /// `transport.toml`: the results stream's name.
     pub transport: nimmer_config::TransportFile,
+    /// Where finished dialogs wait, fsync'd, while JetStream does not acknowledge them (with `nats`); none:
+    /// they wait in memory only and are lost if the process dies first.
+    pub spool: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -63,6 +67,7 @@ impl Default for Options {
             auth: Auth::default(),
             nats: None,
             transport: nimmer_config::TransportFile::embedded(),
+            spool: None,
         }
     }
 }
@@ -105,10 +110,21 @@ pub async fn run(
                 url: url.clone(),
                 message: e.to_string(),
             })?;
+        let spool = match &opts.spool {
+            Some(dir) => Some(results::Spool::open(dir)?),
+            None => {
+                tracing::warn!("no results spool: dialogs answered while JetStream is unreachable are held in memory only");
+                None
+            }
+        };
         let (sink, publisher) = results::start(
             client.clone(),
-            &opts.transport.results.stream,
-            opts.transport.replicas.results,
+            results::PublisherConfig {
+                stream: opts.transport.results.stream.clone(),
+                replicas: opts.transport.replicas.results,
+                durable_wait: Duration::from_millis(opts.transport.results.durable_wait_ms),
+            },
+            spool,
         );
         gw.set_results(Some(sink));
         nats_tasks.push(publisher);

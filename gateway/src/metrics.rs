@@ -5,7 +5,8 @@
 //! `nimmer_tokens_total{kind=prompt|completion}` (tokens/s is its rate), `nimmer_slot_wait_seconds` and
 //! `nimmer_ttft_seconds` histograms, `nimmer_degraded_total`. Per tier: `nimmer_slots_in_use`,
 //! `nimmer_slots_capacity`, `nimmer_queue_depth`. Gateway-wide: `nimmer_zones_active`,
-//! `nimmer_config_version`, `nimmer_config_reloads_total{result}`, `nimmer_results_published_total{result}`;
+//! `nimmer_config_version`, `nimmer_config_reloads_total{result}`, `nimmer_results_published_total{result}`,
+//! `nimmer_results_durable_seconds{via=jetstream|spool|memory}` (what an answer waited for), `nimmer_results_spooled`;
 //! trait-LoRAs: `nimmer_lora_resident`, `nimmer_lora_resident_bytes`, `nimmer_lora_loads_total`,
 //! `nimmer_lora_evictions_total`, `nimmer_lora_load_seconds`.
 
@@ -101,6 +102,17 @@ pub fn lora_load(secs: f64) {
 pub fn result_published(ok: bool) {
     counter!("nimmer_results_published_total", "result" => if ok { "acked" } else { "failed" })
         .increment(1);
+}
+
+/// A finished dialog became durable (acked by JetStream, or synced to the spool, or only held in memory when
+/// there is no spool) after `secs`.
+pub fn result_durable(via: &'static str, secs: f64) {
+    histogram!("nimmer_results_durable_seconds", "via" => via).record(secs);
+}
+
+/// Results in the spool waiting for JetStream.
+pub fn results_spooled(n: usize) {
+    gauge!("nimmer_results_spooled").set(n as f64);
 }
 
 /// A finished dialog waited for room in the results queue.
