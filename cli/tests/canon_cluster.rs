@@ -185,7 +185,15 @@ fn killing_the_leaders_of_results_and_canon_mid_flight_loses_and_duplicates_noth
         "player.log",
     );
     let _gateway = start(
-        &["serve", "--nats", &urls, "--listen", "127.0.0.1:0"],
+        &[
+            "serve",
+            "--nats",
+            &urls,
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            log("spool").to_str().unwrap(),
+        ],
         "gateway.log",
     );
     let logs = || {

@@ -240,7 +240,15 @@ fn a_gateway_process_serves_its_driver_through_a_worker_process_when_tiers_toml_
         &config,
     );
     let mut gateway = child(
-        &["serve", "--nats", url, "--listen", "127.0.0.1:0"],
+        &[
+            "serve",
+            "--nats",
+            url,
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            dir.path().join("spool").to_str().unwrap(),
+        ],
         &dir.path().join("gateway.log"),
         &config,
     );

@@ -140,7 +140,11 @@ fn two_gateways_share_two_workers_budgets_and_fairness_and_survive_a_worker_sigk
         .zip(["a", "b"])
         .map(|(p, name)| {
             let listen = format!("127.0.0.1:{p}");
-            let args = ["serve", "--nats", nats, "--listen", &listen];
+            let spool = dir.path().join(format!("spool-{name}"));
+            let spool = spool.to_str().unwrap();
+            let args = [
+                "serve", "--nats", nats, "--listen", &listen, "--spool", spool,
+            ];
             Proc::start(&args, &cfg, dir.path().join(format!("gateway-{name}.log")))
         })
         .collect();

@@ -129,19 +129,21 @@ fn canon_of(r: &DialogResult, seq: i64) -> Canon {
 }
 
 /// The messages a canon row goes out as: `(msg ids, subjects)` — the scene subject, one per distinct
-/// participant, one for its faction.
+/// participant, one for its faction. The message ids derive from the result id (the dialog's idempotency
+/// key), never from the scene's sequence number, which a database that lost its last commits would hand out
+/// again.
 fn outbox_rows(canon: &Canon, transport: &TransportFile) -> (Vec<String>, Vec<String>) {
-    let mut msg_ids = vec![canon.canon_uid.clone()];
+    let mut msg_ids = vec![canon.result_id.clone()];
     let mut subjects =
         vec![transport.canon_subject(&canon.gm_event, &canon.district, &canon.scene)];
     if transport.delivery.mode == DeliveryMode::Jetstream {
         for p in distinct(&canon.participants) {
-            msg_ids.push(format!("{}@{p}", canon.canon_uid));
+            msg_ids.push(format!("{}@{p}", canon.result_id));
             subjects.push(transport.player_subject(p));
         }
     }
     if let Some(f) = &canon.faction {
-        msg_ids.push(format!("{}#{f}", canon.canon_uid));
+        msg_ids.push(format!("{}#{f}", canon.result_id));
         subjects.push(transport.faction_subject(f));
     }
     (msg_ids, subjects)

@@ -66,7 +66,7 @@ async fn results_become_canon_exactly_once() {
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map(|v| v.as_str()),
-            Some(c.canon_uid.as_str())
+            Some(c.result_id.as_str())
         );
         assert_eq!(c.participants, ["p1", "p2"]);
         assert_eq!(c.adapters, ["sailor@v1"]);

@@ -113,7 +113,9 @@ pub async fn run(
         let spool = match &opts.spool {
             Some(dir) => Some(results::Spool::open(dir)?),
             None => {
-                tracing::warn!("no results spool: dialogs answered while JetStream is unreachable are held in memory only");
+                tracing::warn!(
+                    "no results spool: dialogs answered while JetStream is unreachable are held in memory only"
+                );
                 None
             }
         };

@@ -273,7 +273,10 @@ impl Publisher {
             && !done.is_empty()
         {
             let r = tokio::task::spawn_blocking(move || {
-                spool.lock().expect("spool lock").done(done.iter().map(String::as_str))
+                spool
+                    .lock()
+                    .expect("spool lock")
+                    .done(done.iter().map(String::as_str))
             })
             .await;
             if let Ok(Err(e)) = r {
@@ -464,7 +467,11 @@ mod tests {
                 .unwrap()
         };
         let client = connect().await;
-        let (sink, task) = start(client.clone(), cfg.clone(), Some(Spool::open(dir.path()).unwrap()));
+        let (sink, task) = start(
+            client.clone(),
+            cfg.clone(),
+            Some(Spool::open(dir.path()).unwrap()),
+        );
         assert_eq!(sink.send(&result("up-1")).await.unwrap(), Durable::Acked);
         nats.kill();
         for i in 0..5 {
@@ -485,7 +492,10 @@ mod tests {
         let (sink, task) = start(client, cfg, Some((spool, pending)));
         let t = Instant::now();
         while messages(&js).await < 6 {
-            assert!(t.elapsed() < Duration::from_secs(20), "the spool was not published");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the spool was not published"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Published once each, and the spool is empty once they are acked.

@@ -28,7 +28,9 @@ pub enum SpoolError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("spool {0} is in use by another gateway (each gateway needs its own `--spool` directory)")]
+    #[error(
+        "spool {0} is in use by another gateway (each gateway needs its own `--spool` directory)"
+    )]
     Locked(PathBuf),
 }
 
@@ -105,7 +107,8 @@ impl Spool {
     pub fn put(&mut self, entries: &[Entry]) -> Result<(), SpoolError> {
         let mut buf = Vec::new();
         for e in entries {
-            let mut body = Vec::with_capacity(e.payload.len() + e.subject.len() + e.msg_id.len() + 4);
+            let mut body =
+                Vec::with_capacity(e.payload.len() + e.subject.len() + e.msg_id.len() + 4);
             for part in [e.msg_id.as_bytes(), e.subject.as_bytes()] {
                 body.extend_from_slice(&(part.len() as u16).to_le_bytes());
                 body.extend_from_slice(part);
@@ -121,7 +124,10 @@ impl Spool {
 
     /// Records that `msg_ids` were acknowledged by JetStream (not synced: a lost mark republishes, and
     /// JetStream and canon deduplicate by message id). Empties the file when nothing is pending.
-    pub fn done<'a>(&mut self, msg_ids: impl IntoIterator<Item = &'a str>) -> Result<(), SpoolError> {
+    pub fn done<'a>(
+        &mut self,
+        msg_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), SpoolError> {
         let mut buf = Vec::new();
         for id in msg_ids {
             if self.pending.remove(id) {
@@ -177,11 +183,9 @@ fn recover(bytes: &[u8]) -> (Vec<Entry>, usize) {
     while let Some((kind, body)) = next_record(&bytes[at..]) {
         let parsed = match kind {
             PUT => parse_put(body).map(|e| puts.push(e)),
-            DONE => std::str::from_utf8(body)
-                .ok()
-                .map(|id| {
-                    done.insert(id.to_string());
-                }),
+            DONE => std::str::from_utf8(body).ok().map(|id| {
+                done.insert(id.to_string());
+            }),
             _ => None,
         };
         if parsed.is_none() {
@@ -252,7 +256,12 @@ mod tests {
         s.done(["r1", "r3"]).unwrap();
         drop(s);
         // Nothing pending: the file is emptied.
-        assert_eq!(std::fs::metadata(dir.path().join("results.spool")).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("results.spool"))
+                .unwrap()
+                .len(),
+            0
+        );
         assert!(Spool::open(dir.path()).unwrap().1.is_empty());
     }
 
