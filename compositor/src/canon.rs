@@ -153,7 +153,8 @@ fn outbox_rows(canon: &Canon, transport: &TransportFile) -> (Vec<String>, Vec<St
 const SEP: &str = "\u{1f}";
 
 /// Composes `results` in `tx` (canon rows, outbox rows and, in district mode, delivery rows) with a fixed
-/// number of statements: known results are skipped, each scene's
+/// number of statements: known results are skipped (after waiting for a transaction composing the same
+/// result elsewhere), each scene's
 /// sequence numbers are reserved with one upsert (scenes locked in a fixed order), and canon and outbox rows
 /// are inserted from arrays. One result per entry of the returned list, in order. A value the schema rejects
 /// fails the whole call: the caller then composes the results one by one to find it.
@@ -163,6 +164,17 @@ pub async fn compose_batch(
     transport: &TransportFile,
 ) -> Result<Vec<Composed>> {
     let ids: Vec<&str> = results.iter().map(|r| r.result_id.as_str()).collect();
+    // A result redelivered to another compositor while the first still composes it: wait for that
+    // transaction (one lock per result id, taken in a fixed order before any scene is locked), so that the
+    // check below sees its row and no sequence number is reserved for a result that turns out to be a
+    // duplicate (a gap in the scene).
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(h)
+         FROM (SELECT DISTINCT hashtextextended(r, 0) AS h FROM unnest($1::text[]) AS r ORDER BY 1) AS s",
+    )
+    .bind(&ids)
+    .execute(&mut **tx)
+    .await?;
     let known: std::collections::HashSet<String> =
         sqlx::query_scalar("SELECT result_id FROM canon WHERE result_id = ANY($1)")
             .bind(&ids)

@@ -12,6 +12,8 @@ pub enum CompositorError {
     Config(String),
     #[error("{0}")]
     Store(String),
+    #[error("postgres did not answer within {0} ms")]
+    DbTimeout(u64),
 }
 
 impl CompositorError {

@@ -19,7 +19,7 @@ use nimmer_config::TransportFile;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::error::Result;
+use crate::error::{CompositorError, Result};
 
 /// The advisory lock key of the relay leader ("nimmer r" in ASCII).
 pub const LEADER_LOCK: i64 = 0x6e69_6d6d_6572_2072;
@@ -51,12 +51,13 @@ impl Relay {
 
     /// Waits to become leader, then drains until an error.
     async fn lead(&self) -> Result<()> {
-        let mut conn = PgConnection::connect(&self.url).await?;
+        let mut conn = self.db(PgConnection::connect(&self.url)).await?;
         let poll = Duration::from_millis(self.transport.relay.poll_ms);
         loop {
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
-                .fetch_one(&mut conn)
+            let got: bool = self
+                .db(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(LEADER_LOCK)
+                    .fetch_one(&mut conn))
                 .await?;
             if got {
                 break;
@@ -76,8 +77,8 @@ impl Relay {
         let poll = Duration::from_millis(self.transport.relay.poll_ms);
         // Rows up to here may have been published by an earlier leader (or by this process before it lost
         // its connection) without being deleted: their subjects are checked before they are published.
-        let inherited: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM outbox")
-            .fetch_one(&mut *conn)
+        let inherited: Option<i64> = self
+            .db(sqlx::query_scalar("SELECT max(id) FROM outbox").fetch_one(&mut *conn))
             .await?;
         let mut suspects = Suspects {
             up_to: inherited.unwrap_or(0),
@@ -105,11 +106,13 @@ impl Relay {
         conn: &mut PgConnection,
         suspects: &mut Suspects,
     ) -> Result<Round> {
-        let rows: Vec<Row> =
-            sqlx::query_as("SELECT id, msg_id, subject, payload FROM outbox ORDER BY id LIMIT $1")
-                .bind(self.transport.relay.batch as i64)
-                .fetch_all(&mut *conn)
-                .await?;
+        let rows: Vec<Row> = self
+            .db(sqlx::query_as(
+                "SELECT id, msg_id, subject, payload FROM outbox ORDER BY id LIMIT $1",
+            )
+            .bind(self.transport.relay.batch as i64)
+            .fetch_all(&mut *conn))
+            .await?;
         if rows.is_empty() {
             return Ok(Round::default());
         }
@@ -145,9 +148,9 @@ impl Relay {
             }
         }
         if !acked.is_empty() {
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            self.db(sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind(&acked)
-                .execute(&mut *conn)
+                .execute(&mut *conn))
                 .await?;
         }
         round.published = acked.len() - round.skipped;
@@ -235,6 +238,18 @@ impl Relay {
         Ok(id
             .and_then(|id| rows.iter().position(|r| r.msg_id == id))
             .map_or(0, |at| at + 1))
+    }
+
+    /// `fut` (a PostgreSQL call), failing when it takes longer than `db_timeout_ms`.
+    async fn db<T>(
+        &self,
+        fut: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+    ) -> Result<T> {
+        let ms = self.transport.relay.db_timeout_ms;
+        match tokio::time::timeout(Duration::from_millis(ms), fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(CompositorError::DbTimeout(ms)),
+        }
     }
 
     /// The stream a subject of the transport's templates goes to (by the template's literal prefix).

@@ -176,6 +176,14 @@ pub struct PruneRule {
 pub struct RelaySpec {
     pub batch: usize,
     pub poll_ms: u64,
+    /// A relay whose PostgreSQL does not answer within this gives up its leadership (drops its connection,
+    /// so the advisory lock is released once the server notices) instead of holding it while stalled.
+    #[serde(default = "default_db_timeout_ms")]
+    pub db_timeout_ms: u64,
+}
+
+fn default_db_timeout_ms() -> u64 {
+    5000
 }
 
 const PLACEHOLDERS: [&str; 3] = ["{gm_event}", "{district}", "{scene}"];
@@ -230,6 +238,9 @@ impl TransportFile {
         }
         if t.results.ack_wait_s == 0 {
             return bad("results.ack_wait_s", "must be at least 1");
+        }
+        if t.relay.db_timeout_ms == 0 {
+            return bad("relay.db_timeout_ms", "must be at least 1");
         }
         if t.results.durable_wait_ms == 0 {
             return bad("results.durable_wait_ms", "must be at least 1");

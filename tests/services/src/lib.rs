@@ -1,6 +1,6 @@
 //! The real services tests run against, started on free loopback ports with their data in temporary
 //! directories and stopped on drop: [`NatsServer`] (JetStream, >= 2.10), [`NatsCluster`] (three of them
-//! routed into one JetStream cluster) and [`Postgres`]. `scripts/test.sh`
+//! routed into one JetStream cluster) and [`Postgres`] (which tests may SIGKILL, restart, SIGSTOP and SIGCONT). `scripts/test.sh`
 //! installs both; `NATS_SERVER` and `PG_BIN` point at them, else they are looked up where `scripts/test.sh`
 //! puts them (`.tools/`, `/usr/lib/postgresql/*/bin`) and then on the PATH.
 
@@ -266,6 +266,9 @@ pub struct Postgres {
     pub url: String,
     pub port: u16,
     child: Option<Child>,
+    bin: PathBuf,
+    root: bool,
+    durable: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -315,8 +318,19 @@ fn as_pg_user(bin: &Path, root: bool) -> Command {
     }
 }
 
+/// How a test's PostgreSQL runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PgOptions {
+    /// `fsync` and `synchronous_commit` on (durable commits, as in production); off by default (faster tests).
+    pub durable: bool,
+}
+
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with(PgOptions::default())
+    }
+
+    pub fn start_with(opts: PgOptions) -> Self {
         let bin = pg_bin();
         let root = is_root();
         let dir = tempfile::Builder::new()
@@ -352,21 +366,20 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let child = as_pg_user(&bin.join("postgres"), root)
-            .arg("-D")
-            .arg(&data)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
-            .arg(dir.path())
-            .args(["-c", "fsync=off", "-c", "max_connections=200"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("postgres starts");
-        wait_listening(port, "postgres");
+        let mut pg = Self {
+            url: format!("postgres://nimmer@127.0.0.1:{port}/nimmer"),
+            port,
+            child: None,
+            bin,
+            root,
+            durable: opts.durable,
+            _dir: dir,
+        };
+        pg.spawn();
         // Accepting connections is not the same as being ready: wait until `nimmer` can be created.
         let mut ready = false;
         for _ in 0..200 {
-            let st = Command::new(bin.join("psql"))
+            let st = Command::new(pg.bin.join("psql"))
                 .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "nimmer"])
                 .args(["-d", "postgres", "-qtc", "CREATE DATABASE nimmer"])
                 .stdout(Stdio::null())
@@ -379,17 +392,106 @@ impl Postgres {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert!(ready, "postgres on {port} did not accept CREATE DATABASE");
-        Self {
-            url: format!("postgres://nimmer@127.0.0.1:{port}/nimmer"),
-            port,
-            child: Some(child),
-            _dir: dir,
+        pg
+    }
+
+    /// Starts the server on the data directory, in its own process group.
+    fn spawn(&mut self) {
+        self.spawn_only();
+        wait_listening(self.port, "postgres");
+    }
+
+    fn spawn_only(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let sync = if self.durable { "on" } else { "off" };
+        let child = as_pg_user(&self.bin.join("postgres"), self.root)
+            .arg("-D")
+            .arg(self._dir.path().join("data"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-k"])
+            .arg(self._dir.path())
+            .args(["-c", &format!("fsync={sync}")])
+            .args(["-c", &format!("synchronous_commit={sync}")])
+            .args(["-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("postgres starts");
+        self.child = Some(child);
+    }
+
+    /// Sends `signal` to the postmaster and then to every process it forked (its backends and helpers put
+    /// themselves in their own sessions, so a process-group signal would miss them).
+    fn signal_all(&self, signal: &str) {
+        let Some(c) = &self.child else { return };
+        let pid = c.id().to_string();
+        let children = Command::new("pgrep")
+            .args(["-P", &pid])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let _ = Command::new("kill").args([signal, &pid]).status();
+        let children: Vec<&str> = children.split_whitespace().collect();
+        if !children.is_empty() {
+            let _ = Command::new("kill").arg(signal).args(children).status();
         }
+    }
+
+    /// SIGKILLs the server and its backends (no shutdown, no checkpoint: a crash).
+    pub fn kill(&mut self) {
+        self.signal_all("-KILL");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        // Backends that outlive the postmaster hold its shared memory; wait until they are gone.
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts it again after [`Postgres::kill`] on the same data (crash recovery runs) and port.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            self.spawn_only();
+            // A start refused (the killed server's processes still hold its shared memory) exits at once.
+            loop {
+                match self.child.as_mut().map(|c| c.try_wait()) {
+                    Some(Ok(None)) => {
+                        if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                            return;
+                        }
+                    }
+                    _ => {
+                        self.child = None;
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("postgres did not start again on {}", self.port);
+    }
+
+    /// SIGSTOPs the server and its backends: connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// SIGCONT after [`Postgres::pause`].
+    pub fn resume(&self) {
+        self.signal_all("-CONT");
     }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.resume();
         if let Some(mut c) = self.child.take() {
             // SIGINT: fast shutdown.
             let _ = Command::new("kill")
