@@ -28,6 +28,29 @@ pub struct Compositor {
     pub transport: TransportFile,
 }
 
+/// Failures of the database or the broker, not of a result: connection trouble, the server shutting down or
+/// out of resources, serialization conflicts, timeouts. A batch that fails so is redelivered whole; anything
+/// else is the fault of some result in it, found by composing each alone.
+fn is_transient(e: &CompositorError) -> bool {
+    match e {
+        CompositorError::Db(sqlx::Error::Database(d)) => d.code().is_some_and(|c| {
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|k| c.starts_with(k))
+        }),
+        CompositorError::Db(
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_),
+        ) => true,
+        CompositorError::DbTimeout(_) | CompositorError::Nats(_) => true,
+        _ => false,
+    }
+}
+
 /// SQLSTATE classes that blame the data, not the database: data exceptions (22) and integrity violations (23).
 fn is_data_error(e: &sqlx::Error) -> bool {
     match e {
@@ -154,7 +177,14 @@ impl Compositor {
                 tracing::info!(error = %e, "a result in the batch was rejected; composing one by one");
                 self.one_by_one(&results).await?
             }
-            Err(e) => return Err(e),
+            Err(e) if is_transient(&e) => return Err(e),
+            Err(e) => {
+                // Not the database's fault, not a value the schema names: some result cannot be composed.
+                // Each alone, so the others commit now instead of waiting for its redeliveries.
+                drop(tx);
+                tracing::warn!(error = %e, "composing a batch failed; composing its results one at a time");
+                return self.alone(good, dead, stats).await;
+            }
         };
         let mut done = Vec::with_capacity(good.len());
         for ((m, _), c) in good.into_iter().zip(composed) {
@@ -180,6 +210,64 @@ impl Compositor {
         for (m, reason) in dead {
             self.dead_letter(&m, &reason).await?;
         }
+        Ok(stats)
+    }
+
+    /// Composes each result in its own transaction. One that fails for a reason of its own is retried later
+    /// (a NAK with a delay: its batch-mates are not held) and dead-lettered with the reason once it has been
+    /// delivered `max_attempts` times; a transient failure fails the call (everything not yet acked is
+    /// redelivered).
+    async fn alone(
+        &self,
+        good: Vec<(Message, DialogResult)>,
+        mut dead: Vec<(Message, String)>,
+        mut stats: BatchStats,
+    ) -> Result<BatchStats> {
+        let mut retried = 0;
+        for (m, r) in good {
+            let mut tx = self.pool.begin().await?;
+            let outcome =
+                match compose_batch(&mut tx, std::slice::from_ref(&r), &self.transport).await {
+                    Ok(mut c) => {
+                        tx.commit().await?;
+                        Ok(c.pop().expect("one result in, one out"))
+                    }
+                    Err(e) if is_transient(&e) => return Err(e),
+                    Err(e) => Err(format!("cannot be composed: {e}")),
+                };
+            match outcome {
+                Ok(Composed::New(_)) | Ok(Composed::Duplicate) => {
+                    if matches!(outcome, Ok(Composed::New(_))) {
+                        stats.composed += 1;
+                    } else {
+                        stats.duplicates += 1;
+                    }
+                    if let Err(e) = m.ack().await {
+                        tracing::warn!(error = %e, "ack after commit failed; the result will be redelivered and skipped");
+                    }
+                }
+                Ok(Composed::Rejected(reason)) => dead.push((m, reason)),
+                Err(reason) => {
+                    let attempts = m.info().map_or(1, |i| i.delivered.max(1) as u64);
+                    if attempts >= self.transport.results.max_attempts {
+                        dead.push((m, format!("{reason} (after {attempts} attempts)")));
+                    } else {
+                        retried += 1;
+                        tracing::warn!(result_id = %r.result_id, attempts, reason, "a result failed to compose; retrying it later");
+                        let delay =
+                            Duration::from_secs(attempts.min(self.transport.results.ack_wait_s));
+                        if let Err(e) = m.ack_with(AckKind::Nak(Some(delay))).await {
+                            tracing::warn!(error = %e, "nak failed; the result is redelivered after ack_wait");
+                        }
+                    }
+                }
+            }
+        }
+        stats.dead = dead.len();
+        for (m, reason) in dead {
+            self.dead_letter(&m, &reason).await?;
+        }
+        metrics::counter!("nimmer_canon_rows_total", "result" => "retried").increment(retried);
         Ok(stats)
     }
 
