@@ -134,8 +134,25 @@ pub fn start(
         }
         None => (None, VecDeque::new()),
     };
+    let js = jetstream::new(client);
+    // The stream exists as soon as JetStream answers (consumers bind to it before any result), not only at
+    // the first publish.
+    tokio::spawn({
+        let (js, config) = (
+            js.clone(),
+            nimmer_wire::subjects::results_stream(&cfg.stream, cfg.replicas),
+        );
+        async move {
+            let mut backoff = Duration::from_millis(250);
+            while let Err(e) = nimmer_wire::subjects::ensure_stream(&js, config.clone()).await {
+                tracing::warn!(stream = %config.name, error = %e, retry_in = ?backoff, "results stream not ready; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    });
     let publisher = Publisher {
-        js: jetstream::new(client),
+        js,
         stream: nimmer_wire::subjects::results_stream(&cfg.stream, cfg.replicas),
         ready: false,
         wait: cfg.durable_wait,
