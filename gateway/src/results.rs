@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use nimmer_wire::DialogResult;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics;
 pub use crate::spool::{Entry, Spool, SpoolError};
@@ -112,8 +112,8 @@ pub struct PublisherConfig {
     pub durable_wait: Duration,
 }
 
-/// Starts the publisher, which creates the results stream (or brings it up to date) before its first
-/// publish, and publishes `pending` (what `spool` held at open) before anything new. Without a spool, results
+/// Starts the publisher and a task that creates the results stream (or brings it up to date), retrying until
+/// JetStream answers; the publisher publishes `pending` (what `spool` held at open) before anything new. Without a spool, results
 /// JetStream does not take wait in memory. The returned task ends when every sink is dropped and the queue is
 /// drained (with a spool: after a last few seconds of retries, leaving the rest spooled).
 pub fn start(
@@ -137,6 +137,7 @@ pub fn start(
     let js = jetstream::new(client);
     // The stream exists as soon as JetStream answers (consumers bind to it before any result), not only at
     // the first publish.
+    let (ready_tx, ready) = watch::channel(false);
     tokio::spawn({
         let (js, config) = (
             js.clone(),
@@ -149,12 +150,12 @@ pub fn start(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            ready_tx.send_replace(true);
         }
     });
     let publisher = Publisher {
         js,
-        stream: nimmer_wire::subjects::results_stream(&cfg.stream, cfg.replicas),
-        ready: false,
+        ready,
         wait: cfg.durable_wait,
         spool,
         backlog,
@@ -165,9 +166,8 @@ pub fn start(
 
 struct Publisher {
     js: jetstream::Context,
-    stream: jetstream::stream::Config,
-    /// The stream exists (created or updated once).
-    ready: bool,
+    /// Whether the results stream exists yet.
+    ready: watch::Receiver<bool>,
     wait: Duration,
     spool: Option<Arc<Mutex<Spool>>>,
     /// Durable (spooled or in memory) and not yet acked, oldest first.
@@ -331,25 +331,16 @@ impl Publisher {
     }
 
     /// Publishes `entries` together and waits up to `wait` for their acks; which were acked.
-    async fn publish(&mut self, entries: &[Entry]) -> Vec<bool> {
+    async fn publish(&self, entries: &[Entry]) -> Vec<bool> {
         let deadline = tokio::time::Instant::now() + self.wait;
-        if !self.ready {
-            match tokio::time::timeout_at(
-                deadline,
-                nimmer_wire::subjects::ensure_stream(&self.js, self.stream.clone()),
-            )
-            .await
-            {
-                Ok(Ok(())) => self.ready = true,
-                Ok(Err(e)) => {
-                    tracing::warn!(stream = %self.stream.name, error = %e, "results stream not ready");
-                    return vec![false; entries.len()];
-                }
-                Err(_) => {
-                    tracing::warn!(stream = %self.stream.name, "results stream not ready: JetStream did not answer");
-                    return vec![false; entries.len()];
-                }
-            }
+        // Until the stream exists (the task `start` spawns creates it), results are spooled as in any outage.
+        let mut ready = self.ready.clone();
+        if !matches!(
+            tokio::time::timeout_at(deadline, ready.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        ) {
+            tracing::warn!("results stream not ready");
+            return vec![false; entries.len()];
         }
         let js = &self.js;
         let sent = tokio::time::timeout_at(deadline, async {
