@@ -68,16 +68,10 @@ impl Idempotency {
         }
     }
 
-    /// Claims `key`; answers older than `window` are forgotten.
+    /// Claims `key`; answers older than `window` no longer count (and are dropped once the table is full).
     pub fn claim(self: &Arc<Self>, key: &str, window: Duration) -> Claim {
         let now = Instant::now();
         let mut e = self.entries.lock().expect("idempotency lock");
-        // Expired answers go on the way (amortized: only when the table grew since the last sweep).
-        if e.len() >= 1024 && e.len().is_power_of_two() {
-            e.retain(
-                |_, v| !matches!(v, Entry::Done { at, .. } if now.duration_since(*at) > window),
-            );
-        }
         match e.get(key) {
             Some(Entry::Running(tx)) => return Claim::Running(tx.subscribe()),
             Some(Entry::Done { answer, at }) if now.duration_since(*at) <= window => {
@@ -86,7 +80,10 @@ impl Idempotency {
             _ => {}
         }
         if e.len() >= self.cap {
-            // Over the cap: the oldest answers go (down to 90% of it); running dialogs stay.
+            // Full: expired answers go, then the oldest (down to 90% of the cap); running dialogs stay.
+            e.retain(
+                |_, v| !matches!(v, Entry::Done { at, .. } if now.duration_since(*at) > window),
+            );
             let mut done: Vec<(Instant, String)> = e
                 .iter()
                 .filter_map(|(k, v)| match v {
@@ -108,7 +105,7 @@ impl Idempotency {
         })
     }
 
-    /// Keys held (running or answered within their window, until swept).
+    /// Keys held (running or answered; expired answers until the table fills).
     pub fn len(&self) -> usize {
         self.entries.lock().expect("idempotency lock").len()
     }
