@@ -161,7 +161,8 @@ impl Compositor {
         }
         let results: Vec<DialogResult> = good.iter().map(|(_, r)| r.clone()).collect();
         let mut tx = self.pool.begin().await?;
-        let composed: Vec<std::result::Result<Composed, String>> = match compose_batch(
+        // Per result: what composing it did, or why it is dead; `None`: it is retried later (NAKed).
+        let composed: Vec<Option<std::result::Result<Composed, String>>> = match compose_batch(
             &mut tx,
             &results,
             &self.transport,
@@ -170,34 +171,39 @@ impl Compositor {
         {
             Ok(c) => {
                 tx.commit().await?;
-                c.into_iter().map(Ok).collect()
+                c.into_iter().map(|c| Some(Ok(c))).collect()
             }
             Err(CompositorError::Db(e)) if is_data_error(&e) => {
                 drop(tx);
                 tracing::info!(error = %e, "a result in the batch was rejected; composing one by one");
-                self.one_by_one(&results).await?
+                self.one_by_one(&results)
+                    .await?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
             }
             Err(e) if is_transient(&e) => return Err(e),
             Err(e) => {
-                // Not the database's fault, not a value the schema names: some result cannot be composed.
-                // Each alone, so the others commit now instead of waiting for its redeliveries.
+                // Not the database's fault, not a value the schema names: some result cannot be
+                // composed. Each alone, so the others commit now instead of waiting for its redeliveries.
                 drop(tx);
                 tracing::warn!(error = %e, "composing a batch failed; composing its results one at a time");
-                return self.alone(good, dead, stats).await;
+                self.alone(&good).await?
             }
         };
         let mut done = Vec::with_capacity(good.len());
         for ((m, _), c) in good.into_iter().zip(composed) {
             match c {
-                Ok(Composed::New(_)) => {
+                Some(Ok(Composed::New(_))) => {
                     stats.composed += 1;
                     done.push(m);
                 }
-                Ok(Composed::Duplicate) => {
+                Some(Ok(Composed::Duplicate)) => {
                     stats.duplicates += 1;
                     done.push(m);
                 }
-                Ok(Composed::Rejected(reason)) | Err(reason) => dead.push((m, reason)),
+                Some(Ok(Composed::Rejected(reason)) | Err(reason)) => dead.push((m, reason)),
+                None => {}
             }
         }
         for m in &done {
@@ -213,62 +219,41 @@ impl Compositor {
         Ok(stats)
     }
 
-    /// Composes each result in its own transaction. One that fails for a reason of its own is retried later
-    /// (a NAK with a delay: its batch-mates are not held) and dead-lettered with the reason once it has been
-    /// delivered `max_attempts` times; a transient failure fails the call (everything not yet acked is
-    /// redelivered).
+    /// Composes each result in its own transaction. One that fails for a reason of its own is NAKed with a
+    /// delay (`None`: retried later, its batch-mates not held) until it has been delivered `max_attempts`
+    /// times, then its reason is returned (dead-lettered); a transient failure fails the call (everything not
+    /// yet acked is redelivered).
     async fn alone(
         &self,
-        good: Vec<(Message, DialogResult)>,
-        mut dead: Vec<(Message, String)>,
-        mut stats: BatchStats,
-    ) -> Result<BatchStats> {
-        let mut retried = 0;
+        good: &[(Message, DialogResult)],
+    ) -> Result<Vec<Option<std::result::Result<Composed, String>>>> {
+        let mut out = Vec::with_capacity(good.len());
         for (m, r) in good {
             let mut tx = self.pool.begin().await?;
-            let outcome =
-                match compose_batch(&mut tx, std::slice::from_ref(&r), &self.transport).await {
+            let reason =
+                match compose_batch(&mut tx, std::slice::from_ref(r), &self.transport).await {
                     Ok(mut c) => {
                         tx.commit().await?;
-                        Ok(c.pop().expect("one result in, one out"))
+                        out.push(Some(Ok(c.pop().expect("one result in, one out"))));
+                        continue;
                     }
                     Err(e) if is_transient(&e) => return Err(e),
-                    Err(e) => Err(format!("cannot be composed: {e}")),
+                    Err(e) => format!("cannot be composed: {e}"),
                 };
-            match outcome {
-                Ok(Composed::New(_)) | Ok(Composed::Duplicate) => {
-                    if matches!(outcome, Ok(Composed::New(_))) {
-                        stats.composed += 1;
-                    } else {
-                        stats.duplicates += 1;
-                    }
-                    if let Err(e) = m.ack().await {
-                        tracing::warn!(error = %e, "ack after commit failed; the result will be redelivered and skipped");
-                    }
-                }
-                Ok(Composed::Rejected(reason)) => dead.push((m, reason)),
-                Err(reason) => {
-                    let attempts = m.info().map_or(1, |i| i.delivered.max(1) as u64);
-                    if attempts >= self.transport.results.max_attempts {
-                        dead.push((m, format!("{reason} (after {attempts} attempts)")));
-                    } else {
-                        retried += 1;
-                        tracing::warn!(result_id = %r.result_id, attempts, reason, "a result failed to compose; retrying it later");
-                        let delay =
-                            Duration::from_secs(attempts.min(self.transport.results.ack_wait_s));
-                        if let Err(e) = m.ack_with(AckKind::Nak(Some(delay))).await {
-                            tracing::warn!(error = %e, "nak failed; the result is redelivered after ack_wait");
-                        }
-                    }
-                }
+            let attempts = m.info().map_or(1, |i| i.delivered.max(1) as u64);
+            if attempts >= self.transport.results.max_attempts {
+                out.push(Some(Err(format!("{reason} (after {attempts} attempts)"))));
+                continue;
             }
+            tracing::warn!(result_id = %r.result_id, attempts, reason, "a result failed to compose; retrying it later");
+            metrics::counter!("nimmer_canon_rows_total", "result" => "retried").increment(1);
+            let delay = Duration::from_secs(attempts.min(self.transport.results.ack_wait_s));
+            if let Err(e) = m.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::warn!(error = %e, "nak failed; the result is redelivered after ack_wait");
+            }
+            out.push(None);
         }
-        stats.dead = dead.len();
-        for (m, reason) in dead {
-            self.dead_letter(&m, &reason).await?;
-        }
-        metrics::counter!("nimmer_canon_rows_total", "result" => "retried").increment(retried);
-        Ok(stats)
+        Ok(out)
     }
 
     /// Composes `results` one savepoint each in one transaction; a result the schema rejects gets its reason.
