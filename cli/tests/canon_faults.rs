@@ -75,6 +75,29 @@ async fn publish(js: &jetstream::Context, from: usize, to: usize) {
     }
 }
 
+/// Publishes results `from..from + n` in the background; returns the moment the relay is seen publishing
+/// (`CANON` grows), so that a fault injected now falls between the relay's publish and its delete.
+async fn feed_while_relaying(
+    js: &jetstream::Context,
+    from: usize,
+    n: usize,
+) -> tokio::task::JoinHandle<()> {
+    let before = messages(js, "CANON").await;
+    let feeding = tokio::spawn({
+        let js = js.clone();
+        async move { publish(&js, from, from + n).await }
+    });
+    let t = Instant::now();
+    while messages(js, "CANON").await <= before {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the relay never published"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    feeding
+}
+
 async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
     match js.get_stream(stream).await {
         Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
@@ -238,22 +261,8 @@ fn compositor_and_postgres_faults_mid_stream_lose_and_duplicate_nothing() {
         let mut sent = batch;
         let mut hit = false;
         for attempt in 0..5 {
-            let before = messages(&js, "CANON").await;
-            let feeding = tokio::spawn({
-                let js = js.clone();
-                let from = sent;
-                async move { publish(&js, from, from + batch).await }
-            });
+            let feeding = feed_while_relaying(&js, sent, batch).await;
             sent += batch;
-            // The moment the relay is seen publishing (CANON grows): its delete comes after.
-            let t = Instant::now();
-            while messages(&js, "CANON").await <= before {
-                assert!(
-                    t.elapsed() < Duration::from_secs(30),
-                    "the relay never published"
-                );
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
             let (pending, _) = in_flight(&js).await;
             pg.kill();
             eprintln!("PostgreSQL SIGKILLed with {pending} results in flight");
@@ -284,21 +293,8 @@ fn compositor_and_postgres_faults_mid_stream_lose_and_duplicate_nothing() {
 
         // (3) PostgreSQL stalled (SIGSTOP) for 3 s while the relay publishes: compositors and relay wait or
         // time out and resume; still exactly once, in order.
-        let before = messages(&js, "CANON").await;
-        let feeding = tokio::spawn({
-            let js = js.clone();
-            let from = sent;
-            async move { publish(&js, from, from + batch).await }
-        });
+        let feeding = feed_while_relaying(&js, sent, batch).await;
         sent += batch;
-        let t = Instant::now();
-        while messages(&js, "CANON").await <= before {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the relay never published"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
         pg.pause();
         tokio::time::sleep(Duration::from_secs(3)).await;
         pg.resume();
