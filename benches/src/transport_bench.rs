@@ -13,7 +13,7 @@ use clap::Parser;
 use nimmer_benches::{machine, pct, write_block};
 use nimmer_compositor::{Canon, PlayerStore, follow};
 use nimmer_config::TransportFile;
-use nimmer_services::{NatsCluster, NatsServer, Postgres};
+use nimmer_services::{NatsCluster, NatsServer, PgOptions, Postgres};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +38,13 @@ struct Args {
     /// Measure only the end-to-end throughput, on one server and on a 3-node cluster (3 replicas).
     #[arg(long)]
     cluster: bool,
+    /// PostgreSQL with durable commits (fsync and synchronous_commit on, as in production), and measure only
+    /// end-to-end throughput and latency (written as the `transport-bench-durable` block, labelled `--label`).
+    #[arg(long)]
+    durable_pg: bool,
+    /// A label for the run (e.g. the commit), printed in the durable block.
+    #[arg(long, default_value = "")]
+    label: String,
     #[arg(long)]
     write: Option<std::path::PathBuf>,
 }
@@ -238,7 +245,9 @@ async fn main() -> Result<()> {
     if args.cluster {
         return cluster(&args).await;
     }
-    let pg = Postgres::start();
+    let pg = Postgres::start_with(PgOptions {
+        durable: args.durable_pg,
+    });
     let nats = NatsServer::start();
     let client = async_nats::connect(&nats.url).await?;
     let js = jetstream::new(client.clone());
@@ -246,10 +255,21 @@ async fn main() -> Result<()> {
     t.relay.poll_ms = 50;
     t.results.batch = 256;
     let mut out = format!(
-        "Machine: {}. PostgreSQL 15 (fsync off, loopback), nats-server {} (JetStream, file store). \
-         Command: `cargo run --release -p nimmer-benches --bin transport-bench -- --write benches/RESULTS.md`.\n\n",
+        "Machine: {}. PostgreSQL 15 (fsync {}, loopback), nats-server {} (JetStream, file store). \
+         Command: `cargo run --release -p nimmer-benches --bin transport-bench -- {}--write benches/RESULTS.md`.{}\n\n",
         machine(),
-        nats_version()
+        if args.durable_pg {
+            "and synchronous_commit on"
+        } else {
+            "off"
+        },
+        nats_version(),
+        if args.durable_pg { "--durable-pg " } else { "" },
+        if args.label.is_empty() {
+            String::new()
+        } else {
+            format!(" Run: {}.", args.label)
+        },
     );
     out += "| measure | figure |\n|---|---|\n";
 
@@ -331,6 +351,18 @@ async fn main() -> Result<()> {
         args.latency_s
     );
     comps.stop().await;
+    if args.durable_pg {
+        println!("{out}");
+        if let Some(path) = &args.write {
+            let name = if args.label.is_empty() {
+                "transport-bench-durable".to_string()
+            } else {
+                format!("transport-bench-durable-{}", args.label)
+            };
+            write_block(path, &name, &out)?;
+        }
+        return Ok(());
+    }
 
     // 3. Replay: a player offline while `replay` rows accumulated on its feed.
     let feed = t.player_subject("offline");

@@ -485,9 +485,21 @@ mod tests {
     fn bad_values_name_their_key() {
         for (from, to, key) in [
             ("batch = 128", "batch = 0", "results.batch / relay.batch"),
-            ("durable_wait_ms = 500", "durable_wait_ms = 0", "results.durable_wait_ms"),
-            ("max_attempts = 5", "max_attempts = 0", "results.max_attempts"),
-            ("db_timeout_ms = 5000", "db_timeout_ms = 0", "relay.db_timeout_ms"),
+            (
+                "durable_wait_ms = 500",
+                "durable_wait_ms = 0",
+                "results.durable_wait_ms",
+            ),
+            (
+                "max_attempts = 5",
+                "max_attempts = 0",
+                "results.max_attempts",
+            ),
+            (
+                "db_timeout_ms = 5000",
+                "db_timeout_ms = 0",
+                "relay.db_timeout_ms",
+            ),
             ("scene.{scene}\"", "scene\"", "canon.subject"),
             (
                 "dead_letter = \"nimmerverse.deadletter.results\"",
