@@ -1,7 +1,7 @@
 //! The relay never stores an outbox row twice, however long after its first publish the republish comes:
 //! rows an earlier leader published without deleting them (it died, or PostgreSQL was away) are checked
 //! against what JetStream holds, not against the duplicate window. And a subject's rows are stored in
-//! outbox order.
+//! outbox order: after a row that was not stored, JetStream refuses the rest of the round.
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::{Stack, read_all};
 use nimmer_compositor::Relay;
-use nimmer_compositor::relay::{Round, Suspects};
+use nimmer_compositor::relay::{LeaderState, Round};
 use sqlx::Connection;
 
 const SCENE_A: &str = "nimmerverse.events.ev1.district.docks.scene.a";
@@ -93,7 +93,7 @@ async fn a_republish_after_the_duplicate_window_stores_nothing_twice() {
     publish(&js, &[rows[0], rows[1], rows[2], rows[4]]).await;
     // Longer than JetStream's duplicate window: a republish would be stored again.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut suspects = Suspects {
+    let mut suspects = LeaderState {
         up_to: max_id(&pool).await,
         ..Default::default()
     };
@@ -129,7 +129,7 @@ async fn a_republish_after_the_duplicate_window_stores_nothing_twice() {
     publish(&js, &[("c1", SCENE_B)]).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let round = relay
-        .drain_once(&mut conn, &mut Suspects::default())
+        .drain_once(&mut conn, &mut LeaderState::default())
         .await
         .unwrap();
     assert_eq!(round.published, 1);
@@ -137,5 +137,63 @@ async fn a_republish_after_the_duplicate_window_stores_nothing_twice() {
         canon_messages(&js).await,
         7,
         "unchecked, c1 is stored twice"
+    );
+}
+
+/// The chain: when a row of a round is not stored (lost on the way, refused), JetStream refuses every row
+/// after it, so nothing is stored out of order. Here the relay's idea of `CANON`'s last sequence is ahead of
+/// the stream, as after a lost row: the whole round is refused, and the next round asks JetStream where the
+/// stream stands and stores every row once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_sequence_chain_refuses_the_rest_of_the_round() {
+    let stack = Stack::start();
+    let pool = nimmer_compositor::connect(&stack.pg.url, 4).await.unwrap();
+    let js = jetstream::new(stack.client().await);
+    nimmer_compositor::streams::ensure(&js, &stack.t)
+        .await
+        .unwrap();
+    let relay = Relay {
+        pool: pool.clone(),
+        url: stack.pg.url.clone(),
+        js: js.clone(),
+        transport: stack.t.clone(),
+    };
+    let mut conn = sqlx::PgConnection::connect(&stack.pg.url).await.unwrap();
+    outbox(&pool, &[("a1", SCENE_A), ("b1", SCENE_B)]).await;
+    let mut state = LeaderState::default();
+    let round = relay.drain_once(&mut conn, &mut state).await.unwrap();
+    assert_eq!((round.published, round.failed), (2, false));
+    assert_eq!(state.last_seq.get("CANON"), Some(&2));
+
+    // As if a row the relay sent after seq 2 never reached the stream.
+    state.last_seq.insert("CANON".into(), 3);
+    outbox(&pool, &[("a2", SCENE_A), ("b2", SCENE_B), ("a3", SCENE_A)]).await;
+    let round = relay.drain_once(&mut conn, &mut state).await.unwrap();
+    assert_eq!((round.published, round.failed), (0, true), "{round:?}");
+    assert_eq!(
+        canon_messages(&js).await,
+        2,
+        "nothing of the refused round was stored"
+    );
+    assert!(
+        !state.last_seq.contains_key("CANON"),
+        "the stale sequence is forgotten"
+    );
+
+    let round = relay.drain_once(&mut conn, &mut state).await.unwrap();
+    assert_eq!(
+        (round.published, round.skipped, round.failed),
+        (3, 0, false),
+        "{round:?}"
+    );
+    assert_eq!(canon_messages(&js).await, 5);
+    let a: Vec<String> = read_all(&js, "CANON", SCENE_A, 3, Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(
+        a,
+        ["a1", "a2", "a3"].map(|r| format!("{{\"row\": \"{r}\"}}"))
     );
 }
