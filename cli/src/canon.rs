@@ -118,6 +118,15 @@ pub fn player(config_dir: Option<PathBuf>, a: PlayerArgs) -> Result<()> {
             &store,
             crate::serve::shutdown_signal(),
             |a| {
+                if let Some(g) = &a.gap {
+                    eprintln!(
+                        "player {id}: gap in {feed} (checkpoint {}, the stream now starts at {}{}): {} rows read back from canon",
+                        g.checkpoint,
+                        g.first_available,
+                        if g.recreated { ", recreated" } else { "" },
+                        a.new.len()
+                    );
+                }
                 for c in &a.new {
                     println!(
                         "[{} #{}] {}: {}",

@@ -5,7 +5,9 @@
 //!   commit, dead letters for bad input, the queue-depth gauge.
 //! - [`relay`]: outbox → JetStream `CANON`, one leader by advisory lock, woken by LISTEN/NOTIFY.
 //! - [`district`]: the district-distribution fallback: per-district distributors push queued deliveries.
-//! - [`player`]: the player client: a player's feed from its checkpoint into its SQLite file, idempotently.
+//! - [`player`]: the player client: a player's feed from its checkpoint into its SQLite file, idempotently,
+//!   gaps (a checkpoint behind the stream's first message, a recreated stream) filled from canon.
+//! - [`resync`]: canon a player's feed no longer holds, served by every compositor from PostgreSQL.
 //! - [`streams`]: the streams and consumer, from `transport.toml`.
 //!
 //! The schema is in `migrations/` and applied by [`connect`].
@@ -15,12 +17,13 @@ pub mod district;
 mod error;
 pub mod player;
 pub mod relay;
+pub mod resync;
 pub mod streams;
 pub mod worker;
 
 pub use canon::{Canon, Composed, DialogResult, complete_event};
 pub use error::{CompositorError, Result};
-pub use player::{PlayerStore, follow, follow_district};
+pub use player::{Applied, Gap, PlayerStore, follow, follow_district};
 pub use relay::Relay;
 pub use worker::{BatchStats, Compositor};
 
@@ -90,6 +93,8 @@ pub async fn serve(
         js: js.clone(),
         transport: transport.clone(),
     };
+    let resync_pool = pool.clone();
+    let resync_transport = transport.clone();
     let compositor = Compositor {
         pool,
         js,
@@ -116,6 +121,19 @@ pub async fn serve(
         let _ = stop_tx.send(true);
         r
     };
+    // Players' gap resyncs: served while the compositor runs; a failure to serve is logged, not fatal.
+    let resync = async {
+        if let Err(e) = resync::serve(
+            resync_pool,
+            nats.clone(),
+            &resync_transport,
+            stopped(stop_rx.clone()),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "compositor: not serving player resyncs");
+        }
+    };
     let depth = async {
         tokio::select! {
             _ = worker::report_depth(consumer.clone(), std::time::Duration::from_secs(2)) => {}
@@ -131,7 +149,7 @@ pub async fn serve(
             _ = stopped(stop_rx.clone()) => {}
         }
     };
-    let (w, r, d, (), ()) = tokio::join!(work, relay, distribute, depth, trigger);
+    let (w, r, d, (), (), ()) = tokio::join!(work, relay, distribute, resync, depth, trigger);
     w?;
     r?;
     d?;

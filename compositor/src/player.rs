@@ -2,6 +2,9 @@
 //! file and applies canon there idempotently (the canon UID is the key), storing the new checkpoint (the last
 //! applied stream sequence) in the same SQLite transaction. A crash between apply and checkpoint cannot happen;
 //! a redelivery is ignored by the key. A late joiner starts from sequence 1 and catches up on its whole feed.
+//! Each time the feed (re)starts, the client checks that the stream still holds everything after its
+//! checkpoint: a checkpoint behind the stream's first message (retention, a purge) or a recreated stream is a
+//! gap, reported and filled from PostgreSQL canon through the compositors ([`crate::resync`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +40,8 @@ const SCHEMA: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS canon_scene ON canon (gm_event, district, scene, seq)",
     "CREATE TABLE IF NOT EXISTS checkpoint (feed TEXT PRIMARY KEY, stream_seq INTEGER NOT NULL)",
+    // Which stream the checkpoint counts in (its creation time): a recreated stream starts counting again.
+    "CREATE TABLE IF NOT EXISTS feed_stream (feed TEXT PRIMARY KEY, created TEXT NOT NULL)",
 ];
 
 impl PlayerStore {
@@ -111,50 +116,56 @@ impl PlayerStore {
         let Some((last, _)) = rows.last() else {
             return Ok(Vec::new());
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
         let mut tx = self.pool.begin().await?;
-        let mut inserted = std::collections::HashSet::new();
-        // Multi-row inserts (64 rows, 768 parameters each): one statement per chunk, not per row.
-        for chunk in rows.chunks(64) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO canon (canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
-                                    finished_at_ms, applied_at_ms, row) ",
-            );
-            q.push_values(chunk, |mut b, (_, c)| {
-                b.push_bind(&c.canon_uid)
-                    .push_bind(&c.gm_event)
-                    .push_bind(&c.district)
-                    .push_bind(&c.scene)
-                    .push_bind(c.seq)
-                    .push_bind(&c.kind)
-                    .push_bind(&c.npc)
-                    .push_bind(&c.text)
-                    .push_bind(&c.faction)
-                    .push_bind(c.finished_at_ms)
-                    .push_bind(now)
-                    .push_bind(serde_json::to_string(c).expect("canon serializes"));
-            });
-            q.push(" ON CONFLICT (canon_uid) DO NOTHING RETURNING canon_uid");
-            let uids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
-            inserted.extend(uids);
-        }
-        // New: inserted now, and the first of its UID in this batch.
-        let new = rows
-            .iter()
-            .map(|(_, c)| inserted.remove(&c.canon_uid))
-            .collect();
-        sqlx::query(
-            "INSERT INTO checkpoint (feed, stream_seq) VALUES (?, ?)
-             ON CONFLICT (feed) DO UPDATE SET stream_seq = excluded.stream_seq",
-        )
-        .bind(feed)
-        .bind(*last as i64)
-        .execute(&mut *tx)
-        .await?;
+        let new = insert(&mut tx, rows.iter().map(|(_, c)| c)).await?;
+        set_checkpoint(&mut tx, feed, *last).await?;
         tx.commit().await?;
         Ok(new)
+    }
+
+    /// Applies rows read back from canon after a gap, sets `feed`'s checkpoint to `checkpoint` and records
+    /// which stream (by its creation time) it counts in, in one transaction. Returns, per row, whether it
+    /// was new.
+    pub async fn resync(
+        &self,
+        feed: &str,
+        rows: &[Canon],
+        checkpoint: u64,
+        stream_created: &str,
+    ) -> Result<Vec<bool>> {
+        let mut tx = self.pool.begin().await?;
+        let new = insert(&mut tx, rows.iter()).await?;
+        set_checkpoint(&mut tx, feed, checkpoint).await?;
+        set_stream(&mut tx, feed, stream_created).await?;
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// The creation time of the stream `feed`'s checkpoint counts in (none: not recorded yet).
+    pub async fn stream_created(&self, feed: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT created FROM feed_stream WHERE feed = ?")
+                .bind(feed)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Records the stream `feed`'s checkpoint counts in.
+    pub async fn set_stream_created(&self, feed: &str, created: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        set_stream(&mut tx, feed, created).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The canon UID of the row applied last (none: the store is empty).
+    pub async fn newest(&self) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT canon_uid FROM canon ORDER BY rowid DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Deletes rows older than their kind's rule (`now_ms` - `max_age_h`); how many were deleted.
@@ -213,6 +224,76 @@ fn is_busy(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517")))
 }
 
+/// Inserts `rows` (new canon UIDs only); per row, whether it was new.
+async fn insert<'a>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    rows: impl Iterator<Item = &'a Canon>,
+) -> Result<Vec<bool>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let all: Vec<&Canon> = rows.collect();
+    let mut inserted = std::collections::HashSet::new();
+    // Multi-row inserts (64 rows, 768 parameters each): one statement per chunk, not per row.
+    for chunk in all.chunks(64) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO canon (canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
+                                finished_at_ms, applied_at_ms, row) ",
+        );
+        q.push_values(chunk, |mut b, c| {
+            b.push_bind(&c.canon_uid)
+                .push_bind(&c.gm_event)
+                .push_bind(&c.district)
+                .push_bind(&c.scene)
+                .push_bind(c.seq)
+                .push_bind(&c.kind)
+                .push_bind(&c.npc)
+                .push_bind(&c.text)
+                .push_bind(&c.faction)
+                .push_bind(c.finished_at_ms)
+                .push_bind(now)
+                .push_bind(serde_json::to_string(c).expect("canon serializes"));
+        });
+        q.push(" ON CONFLICT (canon_uid) DO NOTHING RETURNING canon_uid");
+        let uids: Vec<String> = q.build_query_scalar().fetch_all(&mut **tx).await?;
+        inserted.extend(uids);
+    }
+    // New: inserted now, and the first of its UID in this batch.
+    Ok(all.iter().map(|c| inserted.remove(&c.canon_uid)).collect())
+}
+
+async fn set_checkpoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    feed: &str,
+    seq: u64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO checkpoint (feed, stream_seq) VALUES (?, ?)
+         ON CONFLICT (feed) DO UPDATE SET stream_seq = excluded.stream_seq",
+    )
+    .bind(feed)
+    .bind(seq as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn set_stream(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    feed: &str,
+    created: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO feed_stream (feed, created) VALUES (?, ?)
+         ON CONFLICT (feed) DO UPDATE SET created = excluded.created",
+    )
+    .bind(feed)
+    .bind(created)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// A player id must be one subject token.
 fn check_player(player: &str) -> Result<()> {
     if valid_token(player) {
@@ -225,10 +306,10 @@ fn check_player(player: &str) -> Result<()> {
 }
 
 /// The rows [`PlayerStore::apply`] found new.
-fn only_new(rows: Vec<(u64, Canon)>, new: Vec<bool>) -> Vec<Canon> {
+fn only_new(rows: impl IntoIterator<Item = Canon>, new: Vec<bool>) -> Vec<Canon> {
     rows.into_iter()
         .zip(new)
-        .filter_map(|((_, c), n)| n.then_some(c))
+        .filter_map(|(c, n)| n.then_some(c))
         .collect()
 }
 
@@ -237,6 +318,19 @@ fn only_new(rows: Vec<(u64, Canon)>, new: Vec<bool>) -> Vec<Canon> {
 pub struct Applied {
     pub new: Vec<Canon>,
     pub checkpoint: u64,
+    /// Set when this batch filled a gap from canon (the rows the feed no longer held).
+    pub gap: Option<Gap>,
+}
+
+/// A gap in a player's feed: the stream no longer holds everything after the player's checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// The player's checkpoint when the gap was found.
+    pub checkpoint: u64,
+    /// The stream's first sequence then (the feed resumes there).
+    pub first_available: u64,
+    /// The stream was recreated since the checkpoint (it counts from the start again).
+    pub recreated: bool,
 }
 
 /// Follows `player`'s feed from its checkpoint, applying batches into `store`, until `stop` resolves.
@@ -260,7 +354,18 @@ pub async fn follow(
             prune_now(store, &t.players.prune).await;
             last_prune = std::time::Instant::now();
         }
-        let from = store.checkpoint(&feed).await? + 1;
+        let from = match resume_point(js, t, player, &feed, store, &mut on_batch).await {
+            Ok(from) => from,
+            Err(e) => {
+                tracing::warn!(error = %e, player, "checking the player feed for gaps failed; retrying");
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
         let run = follow_from(js, t, &feed, from, store, &mut on_batch);
         tokio::select! {
             _ = &mut stop => return Ok(()),
@@ -274,6 +379,64 @@ pub async fn follow(
             }
         }
     }
+}
+
+/// Where `feed` resumes: after the checkpoint, unless the stream no longer holds everything after it; then
+/// the gap is reported, the player's rows are read back from canon (from just before the newest one it
+/// holds) and applied, and the feed resumes at the stream's first message (what it still holds is applied
+/// again as no-ops).
+async fn resume_point(
+    js: &jetstream::Context,
+    t: &TransportFile,
+    player: &str,
+    feed: &str,
+    store: &PlayerStore,
+    on_batch: &mut impl FnMut(&Applied),
+) -> Result<u64> {
+    let checkpoint = store.checkpoint(feed).await?;
+    let stream = js
+        .get_stream(&t.players.stream)
+        .await
+        .map_err(CompositorError::nats)?;
+    let info = stream.cached_info();
+    let created = info.created.unix_timestamp_nanos().to_string();
+    let first = info.state.first_sequence.max(1);
+    let known = store.stream_created(feed).await?;
+    let recreated =
+        known.as_ref().is_some_and(|k| *k != created) || checkpoint > info.state.last_sequence;
+    if !recreated && checkpoint + 1 >= first {
+        if known.is_none() {
+            store.set_stream_created(feed, &created).await?;
+        }
+        return Ok(checkpoint + 1);
+    }
+    let gap = Gap {
+        checkpoint,
+        first_available: first,
+        recreated,
+    };
+    tracing::warn!(
+        player,
+        ?gap,
+        "player feed gap: the stream no longer holds everything after the checkpoint; resyncing from canon"
+    );
+    metrics::counter!("nimmer_player_gaps_total").increment(1);
+    let rows = crate::resync::fetch(&js.client(), t, player, store.newest().await?).await?;
+    let resume = first - 1;
+    let new = store.resync(feed, &rows, resume, &created).await?;
+    let new = only_new(rows, new);
+    tracing::info!(
+        player,
+        rows = new.len(),
+        resume_at = first,
+        "player feed gap filled from canon"
+    );
+    on_batch(&Applied {
+        new,
+        checkpoint: resume,
+        gap: Some(gap),
+    });
+    Ok(first)
 }
 
 async fn follow_from(
@@ -325,8 +488,9 @@ async fn follow_from(
             .map_or(0, |i| i.stream_sequence);
         let new = store.apply(feed, &rows).await?;
         on_batch(&Applied {
-            new: only_new(rows, new),
+            new: only_new(rows.into_iter().map(|(_, c)| c), new),
             checkpoint,
+            gap: None,
         });
     }
 }
@@ -383,8 +547,9 @@ pub async fn follow_district(
                 let new = store.apply(DISTRICT_FEED, &push.rows).await?;
                 let checkpoint = push.rows.last().map_or(0, |(s, _)| *s);
                 on_batch(&Applied {
-                    new: only_new(push.rows, new),
+                    new: only_new(push.rows.into_iter().map(|(_, c)| c), new),
                     checkpoint,
+                    gap: None,
                 });
                 "ok".to_string()
             }

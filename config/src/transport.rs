@@ -159,8 +159,16 @@ pub struct PlayersSpec {
     pub max_age_h: u64,
     pub duplicate_window_s: u64,
     pub max_consumers: i32,
+    /// Where a player client asks the compositors for canon its feed no longer holds (a gap: its checkpoint
+    /// fell behind the stream's first message, or the stream was recreated). `{player}` is the player id.
+    #[serde(default = "default_resync_subject")]
+    pub resync_subject: String,
     #[serde(default)]
     pub prune: Vec<PruneRule>,
+}
+
+fn default_resync_subject() -> String {
+    "nimmerverse.player.{player}.resync".into()
 }
 
 /// Player store pruning: rows of `kind` ("*": any kind without its own rule) older than `max_age_h`.
@@ -315,6 +323,7 @@ impl TransportFile {
         for (key, v) in [
             ("delivery.push_subject", &t.delivery.push_subject),
             ("delivery.presence_subject", &t.delivery.presence_subject),
+            ("players.resync_subject", &t.players.resync_subject),
         ] {
             if !v.contains("{player}") || !valid_subject(&v.replace("{player}", "p")) {
                 return bad(
@@ -322,6 +331,12 @@ impl TransportFile {
                     "must be a NATS subject without wildcards using {player}",
                 );
             }
+        }
+        if t.players.resync_subject == t.players.subject {
+            return bad(
+                "players.resync_subject",
+                "must differ from players.subject (PLAYERS would store the requests)",
+            );
         }
         if t.delivery.sweep_s == 0 {
             return bad("delivery.sweep_s", "must be at least 1");
@@ -415,6 +430,16 @@ impl TransportFile {
         self.delivery.presence_subject.replace("{player}", player)
     }
 
+    /// Where `player` asks for canon its feed no longer holds.
+    pub fn resync_subject(&self, player: &str) -> String {
+        self.players.resync_subject.replace("{player}", player)
+    }
+
+    /// Every player's resync subject (what the compositors serve).
+    pub fn resync_filter(&self) -> String {
+        self.resync_subject("*")
+    }
+
     /// The subjects `PLAYERS` stores.
     pub fn players_filter(&self) -> String {
         self.players.subject.replace("{player}", "*")
@@ -501,6 +526,16 @@ mod tests {
                 "relay.db_timeout_ms",
             ),
             ("scene.{scene}\"", "scene\"", "canon.subject"),
+            (
+                "resync_subject = \"nimmerverse.player.{player}.resync\"",
+                "resync_subject = \"nimmerverse.player.{player}.canon\"",
+                "players.resync_subject",
+            ),
+            (
+                "resync_subject = \"nimmerverse.player.{player}.resync\"",
+                "resync_subject = \"nimmerverse.resync\"",
+                "players.resync_subject",
+            ),
             (
                 "dead_letter = \"nimmerverse.deadletter.results\"",
                 "dead_letter = \"a.>\"",

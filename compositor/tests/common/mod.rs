@@ -174,6 +174,7 @@ pub enum Delivery {
 pub struct Follower {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<usize>,
+    gaps: std::sync::Arc<std::sync::Mutex<Vec<nimmer_compositor::Gap>>>,
 }
 
 impl Follower {
@@ -182,13 +183,18 @@ impl Follower {
         let t = stack.t.clone();
         let db = db.to_path_buf();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let gaps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = gaps.clone();
         let task = tokio::spawn(async move {
             let store = nimmer_compositor::PlayerStore::open(&db).await.unwrap();
             let mut applied = 0;
             let stopped = async {
                 let _ = rx.await;
             };
-            let count = |a: &nimmer_compositor::player::Applied| applied += a.new.len();
+            let count = |a: &nimmer_compositor::player::Applied| {
+                applied += a.new.len();
+                seen.lock().unwrap().extend(a.gap.clone());
+            };
             match delivery {
                 Delivery::Feed => {
                     let js = jetstream::new(client);
@@ -203,7 +209,12 @@ impl Follower {
             store.close().await;
             applied
         });
-        Self { stop, task }
+        Self { stop, task, gaps }
+    }
+
+    /// The gaps reported so far.
+    pub fn gaps(&self) -> Vec<nimmer_compositor::Gap> {
+        self.gaps.lock().unwrap().clone()
     }
 
     pub async fn stop(self) -> usize {
