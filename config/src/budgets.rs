@@ -31,6 +31,13 @@ pub struct BudgetsFile {
 pub struct DialogLimits {
     /// Most participants one dialog may name.
     pub max_participants: usize,
+    /// Most chat messages one dialog may carry.
+    #[serde(default = "max_messages")]
+    pub max_messages: usize,
+    /// Most characters of prompt one dialog may carry: its messages' contents (or its raw prompt, or its
+    /// classifier input) together; a prompt of token ids counts one per token.
+    #[serde(default = "max_prompt_chars")]
+    pub max_prompt_chars: usize,
     /// How long a repeat of a dialog (same idempotency key: by default its UID) gets the first answer
     /// instead of running again; 0 turns it off.
     #[serde(default = "idempotency_window_s")]
@@ -41,10 +48,20 @@ fn idempotency_window_s() -> u64 {
     600
 }
 
+fn max_messages() -> usize {
+    256
+}
+
+fn max_prompt_chars() -> usize {
+    65_536
+}
+
 impl Default for DialogLimits {
     fn default() -> Self {
         Self {
             max_participants: 64,
+            max_messages: max_messages(),
+            max_prompt_chars: max_prompt_chars(),
             idempotency_window_s: idempotency_window_s(),
         }
     }
@@ -288,8 +305,14 @@ impl BudgetsFile {
         if self.loras.memory_mib == 0 {
             return bad("loras.memory_mib".into(), "must be greater than 0");
         }
-        if self.dialogs.max_participants == 0 {
-            return bad("dialogs.max_participants".into(), "must be greater than 0");
+        for (key, v) in [
+            ("dialogs.max_participants", self.dialogs.max_participants),
+            ("dialogs.max_messages", self.dialogs.max_messages),
+            ("dialogs.max_prompt_chars", self.dialogs.max_prompt_chars),
+        ] {
+            if v == 0 {
+                return bad(key.into(), "must be greater than 0");
+            }
         }
         for (t, a) in &self.traits {
             if a.is_empty() || a.contains('/') || a.contains("..") {
@@ -531,6 +554,16 @@ mod tests {
                 "tiers.driver.reserved_slots",
             ),
             ("resident = 128", "resident = 0", "tiers.driver.resident"),
+            (
+                "max_messages = 256",
+                "max_messages = 0",
+                "dialogs.max_messages",
+            ),
+            (
+                "max_prompt_chars = 65536",
+                "max_prompt_chars = 0",
+                "dialogs.max_prompt_chars",
+            ),
             (
                 "max_new_tokens = 1024",
                 "max_new_tokens = 0",

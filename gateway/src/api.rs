@@ -133,6 +133,70 @@ pub struct Dialog {
     pub key: String,
 }
 
+/// Checks what a dialog carries against budgets.toml `[dialogs]`: participants, chat messages and characters
+/// of prompt (a classifier's input counts as its prompt). The error names the field.
+pub fn check_limits(
+    participants: usize,
+    work: &Work,
+    limits: &nimmer_config::DialogLimits,
+) -> Result<(), ApiError> {
+    if participants > limits.max_participants {
+        return Err(ApiError::invalid(
+            "participants",
+            format!(
+                "{participants} participants; a dialog may name at most {} (budgets.toml [dialogs] max_participants)",
+                limits.max_participants
+            ),
+        ));
+    }
+    match work {
+        Work::Generate { prompt, .. } => check_prompt(prompt, limits),
+        Work::Classify { input, .. } => check_chars("input", input.chars().count(), limits),
+    }
+}
+
+/// Checks a prompt against budgets.toml `[dialogs]` `max_messages` and `max_prompt_chars`.
+pub fn check_prompt(prompt: &Prompt, limits: &nimmer_config::DialogLimits) -> Result<(), ApiError> {
+    match prompt {
+        Prompt::Chat(m) => {
+            if m.len() > limits.max_messages {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "{} messages; a dialog may carry at most {} (budgets.toml [dialogs] max_messages)",
+                        m.len(),
+                        limits.max_messages
+                    ),
+                ));
+            }
+            check_chars(
+                "messages",
+                m.iter().map(|m| m.content.chars().count()).sum(),
+                limits,
+            )
+        }
+        Prompt::Text(t) => check_chars("prompt", t.chars().count(), limits),
+        Prompt::Tokens(t) => check_chars("prompt", t.len(), limits),
+    }
+}
+
+fn check_chars(
+    field: &str,
+    n: usize,
+    limits: &nimmer_config::DialogLimits,
+) -> Result<(), ApiError> {
+    if n > limits.max_prompt_chars {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{n} characters of prompt; a dialog may carry at most {} (budgets.toml [dialogs] max_prompt_chars)",
+                limits.max_prompt_chars
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Largest `max_tokens` a request may ask for (tiers may cap lower by context).
 pub const MAX_NEW_TOKENS: usize = 4096;
 

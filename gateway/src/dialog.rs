@@ -123,6 +123,7 @@ impl Running {
 
 /// Admits a generation, submits it and waits for its first event.
 pub async fn start(gw: &Gateway, ask: Ask<'_>) -> Result<Running, ApiError> {
+    crate::api::check_prompt(ask.prompt, &gw.live().config.budgets.dialogs)?;
     let params = ask.params.clone();
     let source = ask.prompt;
     let admitted = admission::admit(gw, ask).await?;
@@ -269,16 +270,11 @@ pub enum Streamed {
 
 /// Runs a validated dialog: classify on Saturn, generate whole, or generate as a stream (`d.stream`).
 pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
-    let max = gw.live().config.budgets.dialogs.max_participants;
-    if d.participants.len() > max {
-        return Err(ApiError::invalid(
-            "participants",
-            format!(
-                "{} participants; a dialog may name at most {max} (budgets.toml [dialogs] max_participants)",
-                d.participants.len()
-            ),
-        ));
-    }
+    crate::api::check_limits(
+        d.participants.len(),
+        &d.work,
+        &gw.live().config.budgets.dialogs,
+    )?;
     let window = Duration::from_secs(gw.live().config.budgets.dialogs.idempotency_window_s);
     if window.is_zero() {
         return fresh(gw, d, None).await;

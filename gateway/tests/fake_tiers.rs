@@ -2,104 +2,20 @@
 //! saturation (429 + Retry-After), deadlines (504 before any tier work), degradation, client cancellation, a
 //! budgets reload under load, fairness between zones, and a dead tier (503, `/readyz` 503).
 
-use std::sync::Arc;
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use common::*;
 use http_body_util::BodyExt;
 use nimmer_config::{Config, Sources};
+use nimmer_gateway::Gateway;
 use nimmer_gateway::tier::fake::Fakes;
-use nimmer_gateway::{Auth, Gateway, http};
-use serde_json::{Value, json};
+use serde_json::json;
 use tower::ServiceExt;
-
-/// Each dialog its own slot: a repeated UID is a repeat of one line (it gets the first answer).
-static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
-/// The embedded budgets with each `(from, to)` replaced once.
-fn budgets(edits: &[(&str, &str)]) -> String {
-    let mut text = Sources::embedded().budgets;
-    for (from, to) in edits {
-        assert!(text.contains(from), "budgets.toml has no `{from}`");
-        text = text.replacen(from, to, 1);
-    }
-    text
-}
-
-/// The Driver with one slot and a queue of `queue`.
-fn one_driver_slot(queue: usize) -> String {
-    budgets(&[(
-        "[tiers.driver]\nslots = 128\nreserved_slots = 32\nqueue = 256",
-        &format!("[tiers.driver]\nslots = 1\nqueue = {queue}"),
-    )])
-}
-
-fn gateway(budgets_toml: &str, fakes: &Fakes) -> (Arc<Gateway>, Router) {
-    let mut sources = Sources::embedded();
-    sources.budgets = budgets_toml.to_string();
-    let config = Config::parse(sources, "test").expect("test budgets are valid");
-    let gw = Arc::new(Gateway::with_tiers(config, None, fakes.tiers()));
-    let app = http::app(gw.clone(), Auth::default());
-    (gw, app)
-}
-
-fn dialog(zone: &str, kind: &str, prompt: &str) -> Value {
-    json!({ "uid": format!("ev1/docks/pier/s{}", NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), "zone": zone, "kind": kind, "npc": { "id": "mira" },
-            "prompt": prompt, "max_tokens": 4 })
-}
-
-/// Sends `body` to `path`; the status, the headers and the JSON answer (`null` when not JSON).
-async fn send(app: &Router, path: &str, body: &Value) -> (StatusCode, header::HeaderMap, Value) {
-    let req = Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("infallible");
-    let (parts, body) = resp.into_parts();
-    let bytes = body.collect().await.expect("body").to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (parts.status, parts.headers, json)
-}
-
-async fn get(app: &Router, path: &str) -> (StatusCode, Value) {
-    let req = Request::get(path).body(Body::empty()).expect("request");
-    let resp = app.clone().oneshot(req).await.expect("infallible");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-/// Polls `check` every 5 ms until it holds (panics after 10 s).
-async fn until(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..2000 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
-fn queued(gw: &Gateway, zone: &str) -> usize {
-    gw.zones()
-        .get(zone)
-        .and_then(|z| z.queued.get(&nimmer_gateway::Tier::Driver).copied())
-        .unwrap_or(0)
-}
-
-fn spawn_send(app: &Router, body: Value) -> tokio::task::JoinHandle<(StatusCode, Value)> {
-    let app = app.clone();
-    tokio::spawn(async move {
-        let (s, _, v) = send(&app, "/v1/dialog", &body).await;
-        (s, v)
-    })
-}
 
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after_and_the_others_finish() {
@@ -324,20 +240,6 @@ async fn a_tier_that_dies_mid_generation_answers_503_not_a_hang() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }
 
-async fn put(app: &Router, path: &str, body: &Value) -> (StatusCode, Value) {
-    let req = Request::put(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("infallible");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 #[tokio::test]
 async fn a_zones_npcs_are_pinned_in_their_voice_while_it_is_active_and_released_when_it_idles_out()
 {
@@ -532,75 +434,4 @@ async fn a_zone_s_token_budget_holds_across_gateways_sharing_nats() {
     // Another zone is untouched on both gateways.
     let (status, _, _) = send(&app_b, "/v1/dialog", &dialog("market-2", "dialog", "hello")).await;
     assert_eq!(status, StatusCode::OK);
-}
-
-#[tokio::test]
-async fn a_dialog_naming_more_participants_than_the_budget_allows_is_refused_naming_the_field() {
-    let fakes = Fakes::new(2, Duration::ZERO);
-    let budgets =
-        Sources::embedded()
-            .budgets
-            .replacen("max_participants = 64", "max_participants = 3", 1);
-    let (_gw, app) = gateway(&budgets, &fakes);
-    let mut body = dialog("a", "dialog", "x");
-    body["participants"] = json!(["p1", "p2", "p3", "p4"]);
-    let (status, _, v) = send(&app, "/v1/dialog", &body).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
-    assert_eq!(v["field"], "participants", "{v}");
-    assert_eq!(fakes.driver.submitted(), 0);
-    body["participants"] = json!(["p1", "p2", "p3"]);
-    let (status, _, v) = send(&app, "/v1/dialog", &body).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-}
-
-#[tokio::test]
-async fn a_repeated_dialog_gets_the_first_answer_whether_it_still_runs_or_is_done() {
-    let fakes = Fakes::new(3, Duration::ZERO);
-    let (gw, app) = gateway(&Sources::embedded().budgets, &fakes);
-    let mut body = dialog("a", "dialog", "x");
-    body["uid"] = json!("ev1/docks/pier/repeat");
-    // Twice at once: one runs, the other waits for its answer.
-    fakes.driver.hold();
-    let first = spawn_send(&app, body.clone());
-    until("the first runs", || fakes.driver.submitted() == 1).await;
-    let second = spawn_send(&app, body.clone());
-    until("the repeat waits", || gw.idempotency().len() == 1).await;
-    fakes.driver.release();
-    let ((s1, v1), (s2, v2)) = (first.await.unwrap(), second.await.unwrap());
-    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK), "{v1} {v2}");
-    assert_eq!(v1, v2, "the same answer to both callers");
-    // Later: the stored answer, as a stream too (its final event).
-    let (s3, _, v3) = send(&app, "/v1/dialog", &body).await;
-    assert_eq!((s3, &v3), (StatusCode::OK, &v1));
-    body["stream"] = json!(true);
-    let req = Request::post("/v1/dialog")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let sse = String::from_utf8_lossy(&bytes);
-    assert!(sse.contains("event: done"), "{sse}");
-    assert!(sse.contains(v1["text"].as_str().unwrap()), "{sse}");
-    assert_eq!(fakes.driver.submitted(), 1, "one generation for all four");
-    // Another idempotency key is another line.
-    body["stream"] = json!(false);
-    body["idempotency_key"] = json!("retry-2");
-    let (s4, _, _) = send(&app, "/v1/dialog", &body).await;
-    assert_eq!(s4, StatusCode::OK);
-    assert_eq!(fakes.driver.submitted(), 2);
-}
-
-#[tokio::test]
-async fn a_repeat_of_a_refused_dialog_runs_afresh() {
-    let fakes = Fakes::new(3, Duration::ZERO);
-    let (gw, app) = gateway(&Sources::embedded().budgets, &fakes);
-    let mut body = dialog("a", "dialog", "x");
-    body["uid"] = json!("ev1/docks/pier/refused");
-    fakes.driver.kill();
-    let (s1, _, _) = send(&app, "/v1/dialog", &body).await;
-    assert_eq!(s1, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(gw.idempotency().is_empty(), "a failure keeps no answer");
-    let (s2, _, _) = send(&app, "/v1/dialog", &body).await;
-    assert_eq!(s2, StatusCode::SERVICE_UNAVAILABLE);
 }
