@@ -16,6 +16,7 @@ use crate::api::{Dialog, DialogResponse, DialogResult, SlotInfo, Timings, Usage,
 use crate::error::ApiError;
 use crate::idempotency::{self, Claim, Ticket};
 use crate::metrics;
+use crate::shared_answers::Shared;
 use crate::slots::SlotPermit;
 use crate::state::Gateway;
 use crate::tier::{Events, LlmTier};
@@ -281,7 +282,21 @@ pub async fn run(gw: &Arc<Gateway>, d: Dialog) -> Result<Reply, ApiError> {
     }
     loop {
         let mut rx = match gw.idempotency().claim(&d.key, window) {
-            Claim::First(ticket) => return fresh(gw, d, Some(ticket)).await,
+            Claim::First(mut ticket) => {
+                if let Some(shared) = gw.shared_answers() {
+                    match shared.claim(&idempotency::result_id(&d.key)).await {
+                        Shared::Owner(lease) => ticket.share(lease),
+                        Shared::Answer(answer) => {
+                            ticket.finish(answer.clone());
+                            return Ok(repeat(&answer, d.stream));
+                        }
+                        Shared::Unavailable(why) => {
+                            tracing::debug!(why, "answering from this gateway alone");
+                        }
+                    }
+                }
+                return fresh(gw, d, Some(ticket)).await;
+            }
             Claim::Done(answer) => return Ok(repeat(&answer, d.stream)),
             Claim::Running(rx) => rx,
         };

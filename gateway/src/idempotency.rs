@@ -4,7 +4,8 @@
 //! `budgets.toml [dialogs] idempotency_window_s`. A first that fails (refused, cut off) leaves nothing behind,
 //! so its retry runs afresh. The result id a dialog publishes is derived from the same key
 //! ([`result_id`]), so a repeat through another gateway is still one canon row (JetStream drops the
-//! duplicate message, canon's unique `result_id` the duplicate row).
+//! duplicate message, canon's unique `result_id` the duplicate row); with NATS, the first answer is shared
+//! with the other gateways too ([`crate::shared_answers`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -57,6 +58,8 @@ pub struct Ticket {
     table: Arc<Idempotency>,
     key: String,
     finished: bool,
+    /// The claim across gateways, when this gateway holds it: finished and freed with this one.
+    shared: Option<crate::shared_answers::Lease>,
 }
 
 impl Idempotency {
@@ -102,6 +105,7 @@ impl Idempotency {
             table: self.clone(),
             key: key.to_string(),
             finished: false,
+            shared: None,
         })
     }
 
@@ -116,9 +120,17 @@ impl Idempotency {
 }
 
 impl Ticket {
-    /// Stores the answer for repeats and hands it to those waiting.
+    /// Holds the claim across gateways too: [`Ticket::finish`] puts the answer there, a drop frees it.
+    pub fn share(&mut self, lease: crate::shared_answers::Lease) {
+        self.shared = Some(lease);
+    }
+
+    /// Stores the answer for repeats and hands it to those waiting (on other gateways too, when shared).
     pub fn finish(mut self, answer: Arc<DialogResponse>) {
         self.finished = true;
+        if let Some(lease) = self.shared.take() {
+            lease.finish(&answer);
+        }
         let mut e = self.table.entries.lock().expect("idempotency lock");
         let done = Entry::Done {
             answer: answer.clone(),

@@ -28,6 +28,7 @@ pub mod nats;
 pub mod personas;
 pub mod reload;
 pub mod results;
+pub mod shared_answers;
 pub mod slots;
 pub mod spool;
 pub mod state;
@@ -130,6 +131,14 @@ pub async fn run(
         );
         gw.set_results(Some(sink));
         nats_tasks.push(publisher);
+        let window = gw.live().config.budgets.dialogs.idempotency_window_s;
+        if window > 0 {
+            gw.share_answers(shared_answers::SharedAnswers::start(
+                client.clone(),
+                Duration::from_secs(window),
+                opts.transport.replicas.results,
+            ));
+        }
         let mut rx = stop_rx.clone();
         nats_tasks.push(
             budget_sync::start(client.clone(), gw.clone(), async move {

@@ -58,6 +58,8 @@ pub struct Gateway {
     charges: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::zones::Charge>>>,
     /// Dialogs by idempotency key: repeats get the first answer.
     idempotency: Arc<crate::idempotency::Idempotency>,
+    /// The same across gateways (set while NATS is).
+    shared_answers: std::sync::OnceLock<crate::shared_answers::SharedAnswers>,
 }
 
 /// An NPC persona pinned in an LLM tier's prefix cache (`PUT /v1/zones/{id}` with `npcs`).
@@ -137,12 +139,23 @@ impl Gateway {
             next_pin: AtomicU64::new(1),
             charges: Mutex::new(None),
             idempotency: Default::default(),
+            shared_answers: std::sync::OnceLock::new(),
         }
     }
 
     /// Dialogs by idempotency key.
     pub fn idempotency(&self) -> &Arc<crate::idempotency::Idempotency> {
         &self.idempotency
+    }
+
+    /// Shares first answers with the other gateways on the same NATS (once; later calls are ignored).
+    pub fn share_answers(&self, shared: crate::shared_answers::SharedAnswers) {
+        let _ = self.shared_answers.set(shared);
+    }
+
+    /// First answers shared across gateways, when NATS is configured.
+    pub fn shared_answers(&self) -> Option<&crate::shared_answers::SharedAnswers> {
+        self.shared_answers.get()
     }
 
     /// A fresh id for [`crate::tier::LlmTier::pin`].

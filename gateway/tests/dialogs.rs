@@ -143,3 +143,67 @@ async fn a_repeat_of_a_refused_dialog_runs_afresh() {
     let (s2, _, _) = send(&app, "/v1/dialog", &body).await;
     assert_eq!(s2, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// Two gateways (and later a third) on one nats-server share first answers: a repeat on B while A runs the
+/// dialog gets A's answer without running it, a gateway started later gets it from the bucket, and a first
+/// that fails frees the key everywhere, so the repeat on B runs it.
+#[tokio::test]
+async fn a_repeat_on_another_gateway_gets_the_first_answer_and_runs_when_the_first_failed() {
+    use nimmer_gateway::shared_answers::SharedAnswers;
+    let server = nimmer_services::NatsServer::start();
+    let budgets = Sources::embedded().budgets;
+    let start = |fakes: &Fakes| {
+        let (gw, app) = gateway(&budgets, fakes);
+        let url = server.url.clone();
+        async move {
+            let client = async_nats::connect(&url).await.unwrap();
+            gw.share_answers(SharedAnswers::start(client, Duration::from_secs(600), 1));
+            until("the answers bucket exists", || {
+                gw.shared_answers().unwrap().ready()
+            })
+            .await;
+            (gw, app)
+        }
+    };
+    let (fa, fb) = (Fakes::new(3, Duration::ZERO), Fakes::new(3, Duration::ZERO));
+    let (_gw_a, app_a) = start(&fa).await;
+    let (gw_b, app_b) = start(&fb).await;
+
+    let mut body = dialog("a", "dialog", "x");
+    body["uid"] = json!("ev1/docks/pier/shared");
+    fa.driver.hold();
+    let first = spawn_send(&app_a, body.clone());
+    until("A runs it", || fa.driver.submitted() == 1).await;
+    let second = spawn_send(&app_b, body.clone());
+    until("B waits", || gw_b.idempotency().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fa.driver.release();
+    let ((s1, v1), (s2, v2)) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK), "{v1} {v2}");
+    assert_eq!(v1, v2, "the same answer through both gateways");
+    assert_eq!(fb.driver.submitted(), 0, "B did not run it");
+
+    let fc = Fakes::new(3, Duration::ZERO);
+    let (_gw_c, app_c) = start(&fc).await;
+    let (s3, _, v3) = send(&app_c, "/v1/dialog", &body).await;
+    assert_eq!((s3, &v3), (StatusCode::OK, &v1));
+    assert_eq!(fc.driver.submitted(), 0, "C answered from the bucket");
+
+    // The first fails on A while B waits: B runs it.
+    body["uid"] = json!("ev1/docks/pier/shared-2");
+    fa.driver.hold();
+    let first = spawn_send(&app_a, body.clone());
+    until("A runs the second", || fa.driver.submitted() == 2).await;
+    let second = spawn_send(&app_b, body.clone());
+    until("B waits", || gw_b.idempotency().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fa.driver.kill();
+    let ((s1, _), (s2, v2)) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(s1, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(s2, StatusCode::OK, "{v2}");
+    assert_eq!(
+        fb.driver.submitted(),
+        1,
+        "B ran it once A's claim was freed"
+    );
+}
