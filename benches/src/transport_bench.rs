@@ -38,10 +38,14 @@ struct Args {
     /// Measure only the end-to-end throughput, on one server and on a 3-node cluster (3 replicas).
     #[arg(long)]
     cluster: bool,
-    /// PostgreSQL with durable commits (fsync and synchronous_commit on, as in production), and measure only
-    /// end-to-end throughput and latency (written as the `transport-bench-durable` block, labelled `--label`).
+    /// Measure only end-to-end throughput and latency (written as the `transport-bench-durable` block,
+    /// labelled `--label`).
     #[arg(long)]
     durable_pg: bool,
+    /// PostgreSQL without fsync and synchronous_commit (how figures before session 11 were taken); by default
+    /// every mode runs it with durable commits, as in production.
+    #[arg(long)]
+    pg_fsync_off: bool,
     /// A label for the run (e.g. the commit), printed in the durable block.
     #[arg(long, default_value = "")]
     label: String,
@@ -187,10 +191,11 @@ async fn throughput(args: &Args, t: &TransportFile, pg: &str, nats: &str) -> (f6
 /// `--cluster`: the throughput on one server (1 replica) and on a 3-node cluster (3 replicas).
 async fn cluster(args: &Args) -> Result<()> {
     let mut out = format!(
-        "Machine: {}. PostgreSQL 15 (fsync off, loopback), nats-server {} (JetStream, file store), every process \
+        "Machine: {}. PostgreSQL 15 ({}, loopback), nats-server {} (JetStream, file store), every process \
          on the same cores. Command: `cargo run --release -p nimmer-benches --bin transport-bench -- --cluster \
          --write benches/RESULTS.md`.\n\n| NATS | end to end, {} results published at once, {} compositors |\n|---|---|\n",
         machine(),
+        pg_mode(args),
         nats_version(),
         args.rows,
         args.compositors
@@ -203,7 +208,9 @@ async fn cluster(args: &Args) -> Result<()> {
         ("one server, 1 replica", 1),
         ("3-node cluster, 3 replicas", 3),
     ] {
-        let pg = Postgres::start();
+        let pg = Postgres::start_with(PgOptions {
+            durable: !args.pg_fsync_off,
+        });
         t.replicas = nimmer_config::ReplicasSpec::all(replicas);
         let (rate, took) = if replicas == 1 {
             let nats = NatsServer::start();
@@ -224,6 +231,14 @@ async fn cluster(args: &Args) -> Result<()> {
         write_block(path, "transport-bench-cluster", &out)?;
     }
     Ok(())
+}
+
+fn pg_mode(args: &Args) -> &'static str {
+    if args.pg_fsync_off {
+        "fsync off"
+    } else {
+        "fsync and synchronous_commit on"
+    }
 }
 
 fn nats_version() -> String {
@@ -252,7 +267,7 @@ async fn main() -> Result<()> {
         return cluster(&args).await;
     }
     let pg = Postgres::start_with(PgOptions {
-        durable: args.durable_pg,
+        durable: !args.pg_fsync_off,
     });
     let nats = NatsServer::start();
     let client = async_nats::connect(&nats.url).await?;
@@ -261,14 +276,10 @@ async fn main() -> Result<()> {
     t.relay.poll_ms = 50;
     t.results.batch = 256;
     let mut out = format!(
-        "Machine: {}. PostgreSQL 15 (fsync {}, loopback), nats-server {} (JetStream, file store). \
+        "Machine: {}. PostgreSQL 15 ({}, loopback), nats-server {} (JetStream, file store). \
          Command: `cargo run --release -p nimmer-benches --bin transport-bench -- {}--write benches/RESULTS.md`.{}\n\n",
         machine(),
-        if args.durable_pg {
-            "and synchronous_commit on"
-        } else {
-            "off"
-        },
+        pg_mode(&args),
         nats_version(),
         if args.durable_pg { "--durable-pg " } else { "" },
         if args.label.is_empty() {
