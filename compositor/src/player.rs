@@ -1,5 +1,5 @@
 //! The player client: follows a player's subject on `PLAYERS` from the checkpoint stored in the player's SQLite
-//! file and applies canon there idempotently (the canon UID is the key), storing the new checkpoint (the last
+//! file and applies canon there idempotently (the result id is the key), storing the new checkpoint (the last
 //! applied stream sequence) in the same SQLite transaction. A crash between apply and checkpoint cannot happen;
 //! a redelivery is ignored by the key. A late joiner starts from sequence 1 and catches up on its whole feed.
 //! Each time the feed (re)starts, the client checks that the stream still holds everything after its
@@ -23,9 +23,11 @@ pub struct PlayerStore {
     path: PathBuf,
 }
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS canon (
-        canon_uid TEXT PRIMARY KEY,
+/// Rows are keyed by result id (the dialog's idempotency key, never handed out twice), not by canon UID (a
+/// scene sequence, which a PostgreSQL failover that lost commits hands out again).
+const CANON_TABLE: &str = "CREATE TABLE IF NOT EXISTS canon (
+        result_id TEXT PRIMARY KEY,
+        canon_uid TEXT NOT NULL,
         gm_event TEXT NOT NULL,
         district TEXT NOT NULL,
         scene TEXT NOT NULL,
@@ -37,11 +39,30 @@ const SCHEMA: &[&str] = &[
         finished_at_ms INTEGER NOT NULL,
         applied_at_ms INTEGER NOT NULL,
         row TEXT NOT NULL
-    )",
+    )";
+
+/// The schema version this code writes (`PRAGMA user_version`): 0 keyed canon by canon UID.
+const VERSION: i64 = 1;
+
+const SCHEMA: &[&str] = &[
+    CANON_TABLE,
+    "CREATE INDEX IF NOT EXISTS canon_uid ON canon (canon_uid)",
     "CREATE INDEX IF NOT EXISTS canon_scene ON canon (gm_event, district, scene, seq)",
     "CREATE TABLE IF NOT EXISTS checkpoint (feed TEXT PRIMARY KEY, stream_seq INTEGER NOT NULL)",
     // Which stream the checkpoint counts in (its creation time): a recreated stream starts counting again.
     "CREATE TABLE IF NOT EXISTS feed_stream (feed TEXT PRIMARY KEY, created TEXT NOT NULL)",
+];
+
+/// Rebuilds a version-0 store (canon keyed by canon UID) keyed by result id, in one transaction.
+const FROM_V0: &[&str] = &[
+    "ALTER TABLE canon RENAME TO canon_v0",
+    "DROP INDEX IF EXISTS canon_scene",
+    CANON_TABLE,
+    "INSERT OR IGNORE INTO canon (result_id, canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
+                                  finished_at_ms, applied_at_ms, row)
+     SELECT json_extract(row, '$.result_id'), canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
+            finished_at_ms, applied_at_ms, row FROM canon_v0",
+    "DROP TABLE canon_v0",
 ];
 
 impl PlayerStore {
@@ -88,9 +109,27 @@ impl PlayerStore {
             .max_connections(1)
             .connect_with(opts)
             .await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&pool)
+            .await?;
+        let has_canon: bool = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'canon'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if version < 1 && has_canon {
+            let mut tx = pool.begin().await?;
+            for stmt in FROM_V0 {
+                sqlx::query(stmt).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
         }
+        sqlx::query(&format!("PRAGMA user_version = {VERSION}"))
+            .execute(&pool)
+            .await?;
         let ok: String = sqlx::query_scalar("PRAGMA quick_check")
             .fetch_one(&pool)
             .await?;
@@ -159,10 +198,10 @@ impl PlayerStore {
         Ok(())
     }
 
-    /// The canon UID of the row applied last (none: the store is empty).
+    /// The result id of the row applied last (none: the store is empty).
     pub async fn newest(&self) -> Result<Option<String>> {
         Ok(
-            sqlx::query_scalar("SELECT canon_uid FROM canon ORDER BY rowid DESC LIMIT 1")
+            sqlx::query_scalar("SELECT result_id FROM canon ORDER BY rowid DESC LIMIT 1")
                 .fetch_optional(&self.pool)
                 .await?,
         )
@@ -224,7 +263,7 @@ fn is_busy(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517")))
 }
 
-/// Inserts `rows` (new canon UIDs only); per row, whether it was new.
+/// Inserts `rows` (new result ids only); per row, whether it was new.
 async fn insert<'a>(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     rows: impl Iterator<Item = &'a Canon>,
@@ -237,11 +276,12 @@ async fn insert<'a>(
     // Multi-row inserts (64 rows, 768 parameters each): one statement per chunk, not per row.
     for chunk in all.chunks(64) {
         let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO canon (canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
+            "INSERT INTO canon (result_id, canon_uid, gm_event, district, scene, seq, kind, npc, text, faction,
                                 finished_at_ms, applied_at_ms, row) ",
         );
         q.push_values(chunk, |mut b, c| {
-            b.push_bind(&c.canon_uid)
+            b.push_bind(&c.result_id)
+                .push_bind(&c.canon_uid)
                 .push_bind(&c.gm_event)
                 .push_bind(&c.district)
                 .push_bind(&c.scene)
@@ -254,12 +294,12 @@ async fn insert<'a>(
                 .push_bind(now)
                 .push_bind(serde_json::to_string(c).expect("canon serializes"));
         });
-        q.push(" ON CONFLICT (canon_uid) DO NOTHING RETURNING canon_uid");
+        q.push(" ON CONFLICT (result_id) DO NOTHING RETURNING result_id");
         let uids: Vec<String> = q.build_query_scalar().fetch_all(&mut **tx).await?;
         inserted.extend(uids);
     }
     // New: inserted now, and the first of its UID in this batch.
-    Ok(all.iter().map(|c| inserted.remove(&c.canon_uid)).collect())
+    Ok(all.iter().map(|c| inserted.remove(&c.result_id)).collect())
 }
 
 async fn set_checkpoint(

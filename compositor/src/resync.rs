@@ -16,13 +16,13 @@ use crate::error::{CompositorError, Result};
 pub const MAX_PAGE: usize = 1000;
 
 /// Canon ids are taken at insert, so rows commit slightly out of id order: a resync starts this many ids
-/// before the player's newest row (rows sent again are no-ops in the player's store, which keys by canon UID).
+/// before the player's newest row (rows sent again are no-ops in the player's store, which keys by result id).
 const MARGIN: i64 = 10_000;
 
 /// A player's request for a page.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ResyncRequest {
-    /// The canon UID of the newest row the player holds (none: from the first).
+    /// The result id of the newest row the player holds (none: from the first).
     #[serde(default)]
     pub after: Option<String>,
     /// Where the previous page ended (from its answer); takes precedence over `after`.
@@ -68,7 +68,7 @@ pub async fn page(pool: &PgPool, player: &str, req: &ResyncRequest) -> Result<Re
     let from = match (req.cursor, &req.after) {
         (Some(c), _) => c,
         (None, Some(uid)) => {
-            sqlx::query_scalar::<_, i64>("SELECT id FROM canon WHERE canon_uid = $1")
+            sqlx::query_scalar::<_, i64>("SELECT id FROM canon WHERE result_id = $1")
                 .bind(uid)
                 .fetch_optional(pool)
                 .await?
@@ -182,7 +182,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// Asks the compositors for every page of `player`'s canon after `after` (the canon UID of the newest row
+/// Asks the compositors for every page of `player`'s canon after `after` (the result id of the newest row
 /// the player holds; none: all of it).
 pub async fn fetch(
     client: &async_nats::Client,

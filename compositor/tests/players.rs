@@ -182,3 +182,68 @@ async fn player_store_prunes_by_kind_and_age() {
     assert_eq!(store.canon_uids().await.unwrap(), ["e/d/s/1", "e/d/s/3"]);
     assert_eq!(store.checkpoint("feed").await.unwrap(), 5);
 }
+
+/// A store written before rows were keyed by result id (version 0: keyed by canon UID) is rebuilt at open,
+/// keeping its rows and checkpoint; after that, a row reusing a canon UID for another result (a PostgreSQL
+/// failover that lost commits hands scene sequences out again) is kept, not dropped as a repeat.
+#[tokio::test]
+async fn an_old_store_is_rebuilt_keyed_by_result_id_and_a_reused_canon_uid_is_not_dropped() {
+    use sqlx::sqlite::SqliteConnectOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.sqlite");
+    {
+        let opts = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        for stmt in [
+            "CREATE TABLE canon (canon_uid TEXT PRIMARY KEY, gm_event TEXT NOT NULL, district TEXT NOT NULL,
+                scene TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, npc TEXT, text TEXT NOT NULL,
+                faction TEXT, finished_at_ms INTEGER NOT NULL, applied_at_ms INTEGER NOT NULL, row TEXT NOT NULL)",
+            "CREATE INDEX canon_scene ON canon (gm_event, district, scene, seq)",
+            "CREATE TABLE checkpoint (feed TEXT PRIMARY KEY, stream_seq INTEGER NOT NULL)",
+            "INSERT INTO checkpoint VALUES ('feed', 7)",
+            r#"INSERT INTO canon VALUES ('e/d/s/1', 'e', 'd', 's', 1, 'dialog', NULL, 'old line', NULL, 1, 1,
+                '{"canon_uid":"e/d/s/1","result_id":"r-old"}')"#,
+        ] {
+            sqlx::query(stmt).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    }
+    let store = PlayerStore::open(&path).await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 1);
+    assert_eq!(store.checkpoint("feed").await.unwrap(), 7);
+    assert_eq!(store.newest().await.unwrap().as_deref(), Some("r-old"));
+    let row = |result_id: &str, text: &str| nimmer_compositor::Canon {
+        canon_uid: "e/d/s/1".into(),
+        result_id: result_id.into(),
+        gm_event: "e".into(),
+        district: "d".into(),
+        scene: "s".into(),
+        slot: "s1".into(),
+        seq: 1,
+        zone: "z".into(),
+        kind: "dialog".into(),
+        tier: "driver".into(),
+        npc: None,
+        text: text.into(),
+        participants: vec!["p".into()],
+        faction: None,
+        adapters: vec![],
+        finished_at_ms: 2,
+    };
+    let new = store
+        .apply(
+            "feed",
+            &[(8, row("r-old", "old line")), (9, row("r-new", "new line"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        new,
+        [false, true],
+        "the repeat is a no-op, the other result is kept"
+    );
+    assert_eq!(store.count().await.unwrap(), 2);
+    store.close().await;
+}
