@@ -16,6 +16,7 @@ pub mod canon;
 pub mod district;
 mod error;
 pub mod player;
+mod player_store;
 pub mod relay;
 pub mod resync;
 pub mod streams;
