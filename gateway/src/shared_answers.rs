@@ -3,8 +3,9 @@
 //! creates the key owns the dialog and keeps its claim alive with a heartbeat; a repeat elsewhere watches the
 //! key until the answer is put (it answers with it), the key is deleted (the first failed: it claims the key
 //! and runs), or no heartbeat comes within [`LEASE`] (the owner died: it takes the key over by revision and
-//! runs). Without NATS, or before the bucket exists, each gateway answers repeats from its own store alone
-//! ([`crate::idempotency`]); canon keeps one row either way (the result id is the same).
+//! runs). Without NATS (disconnected, or no answer within 500 ms), or before the bucket exists, each gateway
+//! answers repeats from its own store alone ([`crate::idempotency`]); canon keeps one row either way (the
+//! result id is the same).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -22,11 +23,14 @@ const RUNNING: &[u8] = b"running";
 const BEAT: Duration = Duration::from_secs(1);
 /// ...and a claim not refreshed for this long is taken over (its gateway is gone).
 pub const LEASE: Duration = Duration::from_secs(5);
+/// Longest a claim waits for the bucket to answer: past it (NATS slow or away) the gateway answers alone.
+const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The bucket, once it exists.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SharedAnswers {
     store: Arc<OnceLock<Arc<kv::Store>>>,
+    client: async_nats::Client,
 }
 
 /// What a shared claim found.
@@ -51,7 +55,10 @@ impl SharedAnswers {
     /// Creates (or opens) the bucket in the background, retrying until JetStream answers; answers older than
     /// `window` expire, and it keeps `replicas` copies.
     pub fn start(client: async_nats::Client, window: Duration, replicas: usize) -> Self {
-        let shared = Self::default();
+        let shared = Self {
+            store: Default::default(),
+            client: client.clone(),
+        };
         let store = shared.store.clone();
         tokio::spawn(async move {
             let js = jetstream::new(client);
@@ -98,10 +105,16 @@ impl SharedAnswers {
             return Shared::Unavailable("the answers bucket is not ready".into());
         };
         loop {
-            match store.create(key, RUNNING.into()).await {
-                Ok(rev) => return Shared::Owner(Lease::start(store.clone(), key, rev)),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Shared::Unavailable(e.to_string()),
+            if self.client.connection_state() != async_nats::connection::State::Connected {
+                return Shared::Unavailable("not connected to NATS".into());
+            }
+            match tokio::time::timeout(CLAIM_TIMEOUT, store.create(key, RUNNING.into())).await {
+                Ok(Ok(rev)) => return Shared::Owner(Lease::start(store.clone(), key, rev)),
+                Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Ok(Err(e)) => return Shared::Unavailable(e.to_string()),
+                Err(_) => {
+                    return Shared::Unavailable("the answers bucket did not answer in time".into());
+                }
             }
             match wait(store, key).await {
                 Ok(Waited::Answer(a)) => return Shared::Answer(a),
