@@ -4,8 +4,8 @@
 //! key until the answer is put (it answers with it), the key is deleted (the first failed: it claims the key
 //! and runs), or no heartbeat comes within [`LEASE`] (the owner died: it takes the key over by revision and
 //! runs). Without NATS (disconnected, or no answer within 500 ms), or before the bucket exists, each gateway
-//! answers repeats from its own store alone ([`crate::idempotency`]); canon keeps one row either way (the
-//! result id is the same).
+//! answers repeats from its own store alone (`idempotency.rs`, whose tickets hold these leases); canon keeps
+//! one row either way (the result id is the same).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
