@@ -199,7 +199,7 @@ impl Lease {
         self.beat.abort();
         let (store, key) = (self.store.clone(), self.key.clone());
         let value = serde_json::to_vec(answer).expect("an answer serializes");
-        tokio::spawn(async move {
+        background(async move {
             if let Err(e) = store.put(&key, value.into()).await {
                 tracing::warn!(key, error = %e, "shared answers: storing the answer failed");
             }
@@ -213,9 +213,17 @@ impl Drop for Lease {
         if !self.finished {
             // Unanswered (refused, failed): free the key so a repeat anywhere runs afresh.
             let (store, key) = (self.store.clone(), self.key.clone());
-            tokio::spawn(async move {
+            background(async move {
                 let _ = store.delete(&key).await;
             });
         }
+    }
+}
+
+/// Runs `work` on the current runtime, if there still is one (a lease dropped while the runtime shuts down
+/// leaves its key to expire: repeats elsewhere take it over after [`LEASE`]).
+fn background(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(work);
     }
 }
