@@ -4,19 +4,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{Delivery, Follower, Stack, eventually, publish, read_all, result};
-use nimmer_compositor::PlayerStore;
-
-async fn count(db: &Path) -> u64 {
-    let s = PlayerStore::open(db).await.unwrap();
-    let n = s.count().await.unwrap();
-    s.close().await;
-    n
-}
+use common::{Delivery, Follower, Stack, count, eventually, publish, read_all, result};
 
 /// Publishes results `from..to` in `scene` with `participants`.
 async fn results(js: &jetstream::Context, scene: &str, from: u32, to: u32, participants: &[&str]) {
@@ -50,26 +41,34 @@ async fn players_hold(js: &jetstream::Context, n: usize) {
     );
 }
 
-/// p1 follows 10 rows and goes offline; then 15 more rows with p1 and 3 without are published.
-async fn offline_with_15_missed(stack: &Stack, js: &jetstream::Context, db: &Path) {
-    let p1 = Follower::start(stack, "p1", db, Delivery::Feed).await;
-    results(js, "sc0", 0, 10, &["p1", "p2"]).await;
-    assert!(eventually(20, || async { count(db).await == 10 }).await);
+/// A stack with a compositor where p1 followed 10 rows and went offline; then 15 more rows with p1 and 3
+/// without were published, and `PLAYERS` holds p1's 25. Returns the stack, p1's store and what keeps them.
+async fn offline_with_15_missed() -> (
+    Stack,
+    jetstream::Context,
+    common::Running,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let stack = Stack::start();
+    let js = jetstream::new(stack.client().await);
+    let compositor = stack.compositor().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p1.sqlite");
+    let p1 = Follower::start(&stack, "p1", &db, Delivery::Feed).await;
+    results(&js, "sc0", 0, 10, &["p1", "p2"]).await;
+    assert!(eventually(20, || async { count(&db).await == 10 }).await);
     assert!(p1.gaps().is_empty());
     assert_eq!(p1.stop().await, 10);
-    results(js, "sc1", 10, 25, &["p2", "p1"]).await;
-    results(js, "sc1", 25, 28, &["p2"]).await;
+    results(&js, "sc1", 10, 25, &["p2", "p1"]).await;
+    results(&js, "sc1", 25, 28, &["p2"]).await;
+    players_hold(&js, 25).await;
+    (stack, js, compositor, dir, db)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_player_behind_a_purged_feed_reports_the_gap_and_gets_what_it_missed_from_canon() {
-    let stack = Stack::start();
-    let js = jetstream::new(stack.client().await);
-    let _compositor = stack.compositor().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("p1.sqlite");
-    offline_with_15_missed(&stack, &js, &db).await;
-    players_hold(&js, 25).await;
+    let (stack, js, _compositor, _dir, db) = offline_with_15_missed().await;
     // Everything the stream held is purged: p1's checkpoint is now behind its first sequence.
     let mut players = js.get_stream("PLAYERS").await.unwrap();
     players.purge().await.unwrap();
@@ -101,13 +100,7 @@ async fn a_player_behind_a_purged_feed_reports_the_gap_and_gets_what_it_missed_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_player_whose_stream_was_recreated_reports_the_gap_and_gets_what_it_missed_from_canon() {
-    let stack = Stack::start();
-    let js = jetstream::new(stack.client().await);
-    let _compositor = stack.compositor().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("p1.sqlite");
-    offline_with_15_missed(&stack, &js, &db).await;
-    players_hold(&js, 25).await;
+    let (stack, js, _compositor, _dir, db) = offline_with_15_missed().await;
     // The stream is deleted and made again: it counts from 1, below p1's checkpoint.
     js.delete_stream("PLAYERS").await.unwrap();
     nimmer_compositor::streams::ensure(&js, &stack.t)

@@ -5,19 +5,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{Delivery, Follower, Stack, eventually, publish, read_all, result};
+use common::{Delivery, Follower, Stack, count, eventually, publish, read_all, result};
 use nimmer_compositor::PlayerStore;
-
-async fn count(db: &Path) -> u64 {
-    let s = PlayerStore::open(db).await.unwrap();
-    let n = s.count().await.unwrap();
-    s.close().await;
-    n
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_player_replays_what_it_missed_and_late_joiner_catches_up() {

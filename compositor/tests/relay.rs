@@ -56,6 +56,23 @@ async fn canon_messages(js: &jetstream::Context) -> u64 {
         .messages
 }
 
+/// The streams, and a relay on `stack` with its pool, JetStream context and own connection.
+async fn relay_on(stack: &Stack) -> (sqlx::PgPool, jetstream::Context, Relay, sqlx::PgConnection) {
+    let pool = nimmer_compositor::connect(&stack.pg.url, 4).await.unwrap();
+    let js = jetstream::new(stack.client().await);
+    nimmer_compositor::streams::ensure(&js, &stack.t)
+        .await
+        .unwrap();
+    let relay = Relay {
+        pool: pool.clone(),
+        url: stack.pg.url.clone(),
+        js: js.clone(),
+        transport: stack.t.clone(),
+    };
+    let conn = sqlx::PgConnection::connect(&stack.pg.url).await.unwrap();
+    (pool, js, relay, conn)
+}
+
 async fn max_id(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar::<_, Option<i64>>("SELECT max(id) FROM outbox")
         .fetch_one(pool)
@@ -68,18 +85,7 @@ async fn max_id(pool: &sqlx::PgPool) -> i64 {
 async fn a_republish_after_the_duplicate_window_stores_nothing_twice() {
     let mut stack = Stack::start();
     stack.t.canon.duplicate_window_s = 2;
-    let pool = nimmer_compositor::connect(&stack.pg.url, 4).await.unwrap();
-    let js = jetstream::new(stack.client().await);
-    nimmer_compositor::streams::ensure(&js, &stack.t)
-        .await
-        .unwrap();
-    let relay = Relay {
-        pool: pool.clone(),
-        url: stack.pg.url.clone(),
-        js: js.clone(),
-        transport: stack.t.clone(),
-    };
-    let mut conn = sqlx::PgConnection::connect(&stack.pg.url).await.unwrap();
+    let (pool, js, relay, mut conn) = relay_on(&stack).await;
 
     let rows = [
         ("a1", SCENE_A),
@@ -147,18 +153,7 @@ async fn a_republish_after_the_duplicate_window_stores_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_sequence_chain_refuses_the_rest_of_the_round() {
     let stack = Stack::start();
-    let pool = nimmer_compositor::connect(&stack.pg.url, 4).await.unwrap();
-    let js = jetstream::new(stack.client().await);
-    nimmer_compositor::streams::ensure(&js, &stack.t)
-        .await
-        .unwrap();
-    let relay = Relay {
-        pool: pool.clone(),
-        url: stack.pg.url.clone(),
-        js: js.clone(),
-        transport: stack.t.clone(),
-    };
-    let mut conn = sqlx::PgConnection::connect(&stack.pg.url).await.unwrap();
+    let (pool, js, relay, mut conn) = relay_on(&stack).await;
     outbox(&pool, &[("a1", SCENE_A), ("b1", SCENE_B)]).await;
     let mut state = LeaderState::default();
     let round = relay.drain_once(&mut conn, &mut state).await.unwrap();

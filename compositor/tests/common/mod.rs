@@ -222,3 +222,11 @@ impl Follower {
         self.task.await.unwrap()
     }
 }
+
+/// Canon rows in the player store at `db`.
+pub async fn count(db: &Path) -> u64 {
+    let s = nimmer_compositor::PlayerStore::open(db).await.unwrap();
+    let n = s.count().await.unwrap();
+    s.close().await;
+    n
+}
