@@ -198,6 +198,49 @@ unsafe fn half_rows<const NR: usize>(
     }
 }
 
+/// [`super::transpose_dwords`] on AVX2: the 8x8 dword transpose of one block of a panel's rows.
+///
+/// # Safety
+/// The CPU must support AVX2; `src` must be readable for 8 rows of 32 bytes at `stride`, `dst` writable
+/// for 256 bytes.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn transpose_dwords(src: *const i8, stride: usize, dst: *mut i8) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let r: [__m256; 8] =
+            std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride) as *const f32));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, o) in out.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * 32) as *mut f32, *o);
+        }
+    }
+}
+
 /// [`super::scalar::quantize_block`] on AVX2, bit-identical to it: the same `amax`, `1/d` and products, and
 /// rounding half away from zero built from truncation (`x - trunc(x)` is exact).
 ///
@@ -214,9 +257,11 @@ pub(super) unsafe fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
         for x in &v[1..] {
             m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *x));
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-        let amax = lanes.iter().fold(0f32, |a, &x| a.max(x));
+        // Horizontal maximum in registers (exact whatever the order).
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+        let amax = _mm_cvtss_f32(m1).max(0.0);
         let dd = amax / 127.0;
         let id = _mm256_set1_ps(if dd != 0.0 { 1.0 / dd } else { 0.0 });
         let half = _mm256_set1_ps(0.5);
@@ -239,8 +284,13 @@ pub(super) unsafe fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
             _mm256_add_epi32(ints[0], ints[1]),
             _mm256_add_epi32(ints[2], ints[3]),
         );
-        let mut t = [0i32; 8];
-        _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, total);
-        (dd, t.iter().sum())
+        // Horizontal integer sum in registers (exact).
+        let t4 = _mm_add_epi32(
+            _mm256_castsi256_si128(total),
+            _mm256_extracti128_si256::<1>(total),
+        );
+        let t2 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
+        let t1 = _mm_add_epi32(t2, _mm_shuffle_epi32::<0b01>(t2));
+        (dd, _mm_cvtsi128_si32(t1))
     }
 }

@@ -13,8 +13,9 @@
 //! sequence gets bit-identical logits alone or in a batch (batch invariance).
 //!
 //! Prefill chunks are matrix-matrix products: quantization also lays the rows out in panels of [`PANEL`]
-//! (their quants interleaved dword by dword), and on AVX2 a panel kernel multiplies eight rows per pass over
-//! a weight tile with every row's quants and scales behind one pointer (`avx2::q4_panel`).
+//! (their quants interleaved dword by dword, written while the rows are in cache), and a panel kernel
+//! multiplies eight rows per pass over a Q4 weight tile with every row's quants and scales behind one pointer
+//! (`avx2::q4_panel`, `x86::q4_panel`: on AVX-512 each activation dword is an embedded broadcast).
 //!
 //! [`level`] picks the kernel at run time: AVX-512 VNNI, else AVX2, else portable code; all three give
 //! bit-identical results.
@@ -264,76 +265,94 @@ impl QuantActs {
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         self.s_exact.resize(nb, 0.0);
+        // Only the SIMD prefill kernels read panels: the portable level skips them.
+        let panels = if level() >= KernelLevel::Avx2 {
+            rows / PANEL
+        } else {
+            0
+        };
+        self.size_panels(panels);
         let simd = level() >= KernelLevel::Avx2;
-        let quantize_block =
-            move |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut f32, s_exact: &mut f32| {
+        let (kb, pk) = (k / QK, PANEL * k);
+        // Rows `PANEL` at a time (the last group may be shorter and has no panel); a full group also fills its
+        // panel while its quants are in cache.
+        let group = move |g: RowGroup<'_>| {
+            for ((((xb, qb), d), s), se) in
+                g.x.chunks_exact(QK)
+                    .zip(g.q.chunks_exact_mut(QK))
+                    .zip(g.d.iter_mut())
+                    .zip(g.s.iter_mut())
+                    .zip(g.s_exact.iter_mut())
+            {
                 let (dd, sum) = match simd {
                     // SAFETY: AVX2 is present (the kernel level checks it); blocks are 32 values.
                     #[cfg(target_arch = "x86_64")]
-                    true => unsafe { avx2::quantize_block(xs, q) },
-                    _ => scalar::quantize_block(xs, q),
+                    true => unsafe { avx2::quantize_block(xb, qb) },
+                    _ => scalar::quantize_block(xb, qb),
                 };
                 let d16 = f16::from_f32(dd);
                 *d = d16.to_f32();
                 *s = (f16::from_f32(sum as f32) * d16).to_f32();
-                *s_exact = d16.to_f32() * sum as f32;
-            };
-        let blocks = x
-            .par_chunks(QK)
-            .zip(self.q.par_chunks_mut(QK))
-            .zip(self.d.par_iter_mut())
-            .zip(self.s.par_iter_mut())
-            .zip(self.s_exact.par_iter_mut());
+                *se = d16.to_f32() * sum as f32;
+            }
+            if let Some((pq, pds)) = g.panel {
+                fill_panel(g.q, g.d, g.s, kb, pq, pds);
+            }
+        };
+        let mut panel_parts = self
+            .panel_q
+            .chunks_mut(pk)
+            .zip(self.panel_ds.chunks_mut(kb * 2 * PANEL));
+        let groups = x
+            .chunks(pk)
+            .zip(self.q.chunks_mut(pk))
+            .zip(self.d.chunks_mut(PANEL * kb))
+            .zip(self.s.chunks_mut(PANEL * kb))
+            .zip(self.s_exact.chunks_mut(PANEL * kb))
+            .map(|((((x, q), d), s), s_exact)| RowGroup {
+                x,
+                q,
+                d,
+                s,
+                s_exact,
+                panel: panel_parts.next(),
+            });
         // Small inputs are not worth waking another thread for.
-        if rows * k >= 4 * 1024 {
-            blocks
-                .with_min_len(64)
-                .for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
+        if rows > PANEL && rows * k >= 4 * 1024 {
+            groups.par_bridge().for_each(group);
         } else {
-            x.chunks_exact(QK)
-                .zip(self.q.chunks_exact_mut(QK))
-                .zip(self.d.iter_mut())
-                .zip(self.s.iter_mut())
-                .zip(self.s_exact.iter_mut())
-                .for_each(|((((xs, q), d), s), se)| quantize_block(xs, q, d, s, se));
-        }
-        // Only the AVX2 prefill kernel reads panels: other levels skip the copy.
-        self.panels = 0;
-        if level() == KernelLevel::Avx2 {
-            self.interleave();
+            groups.for_each(group);
         }
     }
 
-    /// Fills the panels from the row-major quants and scales.
-    fn interleave(&mut self) {
-        let (panels, nb) = (self.rows / PANEL, self.k / QK);
+    /// Sizes the panel buffers for `panels` panels.
+    fn size_panels(&mut self, panels: usize) {
         self.panels = panels;
         self.panel_q.resize(panels * PANEL * self.k, 0);
-        self.panel_ds.resize(panels * nb * 2 * PANEL, 0.0);
-        let (q, d, s) = (&self.q, &self.d, &self.s);
-        let fill = |(p, (pq, pds)): (usize, (&mut [i8], &mut [f32]))| {
-            for b in 0..nb {
-                let dst = &mut pq[b * QK * PANEL..(b + 1) * QK * PANEL];
-                for r in 0..PANEL {
-                    let row = (p * PANEL + r) * self.k + b * QK;
-                    for dw in 0..QK / 4 {
-                        dst[(dw * PANEL + r) * 4..(dw * PANEL + r) * 4 + 4]
-                            .copy_from_slice(&q[row + dw * 4..row + dw * 4 + 4]);
-                    }
-                    pds[b * 2 * PANEL + r] = d[(p * PANEL + r) * nb + b];
-                    pds[b * 2 * PANEL + PANEL + r] = s[(p * PANEL + r) * nb + b];
-                }
-            }
-        };
-        let pieces = self
+        self.panel_ds
+            .resize(panels * (self.k / QK) * 2 * PANEL, 0.0);
+    }
+
+    /// Fills the panels from the row-major quants and scales whatever the kernel level (tests).
+    #[cfg(test)]
+    fn interleave(&mut self) {
+        self.size_panels(self.rows / PANEL);
+        let (kb, pk) = (self.k / QK, PANEL * self.k);
+        for (p, (pq, pds)) in self
             .panel_q
-            .chunks_mut(PANEL * self.k)
-            .zip(self.panel_ds.chunks_mut(nb * 2 * PANEL))
-            .enumerate();
-        if panels > 4 {
-            pieces.par_bridge().for_each(fill);
-        } else {
-            pieces.for_each(fill);
+            .chunks_mut(pk)
+            .zip(self.panel_ds.chunks_mut(kb * 2 * PANEL))
+            .enumerate()
+        {
+            let sc = p * PANEL * kb..(p + 1) * PANEL * kb;
+            fill_panel(
+                &self.q[p * pk..(p + 1) * pk],
+                &self.d[sc.clone()],
+                &self.s[sc],
+                kb,
+                pq,
+                pds,
+            );
         }
     }
 
@@ -350,6 +369,52 @@ impl QuantActs {
             &self.d[r * nb..(r + 1) * nb],
             &self.s_exact[r * nb..(r + 1) * nb],
         )
+    }
+}
+
+/// Up to [`PANEL`] rows of a quantization: their input, quants and scales, and their panel if the group is full
+/// and panels are wanted.
+struct RowGroup<'a> {
+    x: &'a [f32],
+    q: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    s_exact: &'a mut [f32],
+    panel: Option<(&'a mut [i8], &'a mut [f32])>,
+}
+
+/// One panel from its [`PANEL`] rows' row-major quants `q` and scales `d`, `s` (`kb` blocks a row): per block,
+/// the rows' quants dword by dword (`pq`) and their `d`, then their `s` (`pds`).
+fn fill_panel(q: &[i8], d: &[f32], s: &[f32], kb: usize, pq: &mut [i8], pds: &mut [f32]) {
+    let k = kb * QK;
+    assert!(q.len() == PANEL * k && d.len() == PANEL * kb && s.len() == PANEL * kb);
+    assert!(pq.len() == PANEL * k && pds.len() == 2 * PANEL * kb);
+    for b in 0..kb {
+        let dst = &mut pq[b * QK * PANEL..(b + 1) * QK * PANEL];
+        #[cfg(target_arch = "x86_64")]
+        if level() >= KernelLevel::Avx2 {
+            // SAFETY: AVX2 is present; 8 rows of 32 bytes at stride `k` are read from `q` and 256 bytes
+            // written to `dst` (lengths asserted above).
+            unsafe { avx2::transpose_dwords(q.as_ptr().add(b * QK), k, dst.as_mut_ptr()) };
+        } else {
+            transpose_dwords(&q[b * QK..], k, dst);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        transpose_dwords(&q[b * QK..], k, dst);
+        for r in 0..PANEL {
+            pds[b * 2 * PANEL + r] = d[r * kb + b];
+            pds[b * 2 * PANEL + PANEL + r] = s[r * kb + b];
+        }
+    }
+}
+
+/// `dst[(dw · PANEL + r) · 4 ..][..4] = src[r · stride + dw · 4 ..][..4]` for 8 dwords of [`PANEL`] rows.
+fn transpose_dwords(src: &[i8], stride: usize, dst: &mut [i8]) {
+    for r in 0..PANEL {
+        for dw in 0..QK / 4 {
+            dst[(dw * PANEL + r) * 4..(dw * PANEL + r) * 4 + 4]
+                .copy_from_slice(&src[r * stride + dw * 4..r * stride + dw * 4 + 4]);
+        }
     }
 }
 
@@ -436,6 +501,13 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
                     unsafe {
                         nr = PANEL;
                         avx2::q4_panel(w, t, x, r0 / PANEL, &mut tile_out)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx512Vnni
+                        if w.format == QFormat::Q4 && r0 % PANEL == 0 && r0 / PANEL < x.panels =>
+                    unsafe {
+                        nr = PANEL;
+                        x86::q4_panel(w, t, x, r0 / PANEL, &mut tile_out)
                     },
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx512Vnni => unsafe {

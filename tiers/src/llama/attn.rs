@@ -36,6 +36,8 @@ struct Scratch {
     s: Vec<f32>,
     /// `L` keys of one head, `[L][d]`, before transposition.
     row: Vec<f32>,
+    /// Softmax sums, one per query vector.
+    sums: Vec<f32>,
 }
 
 thread_local! {
@@ -127,7 +129,13 @@ fn task<T: KvElem>(
     let group = cfg.n_head / cfg.n_kv_head;
     let n = t.pos0 + t.rows;
     let blocks = n.div_ceil(L);
-    let Scratch { kt, v, s, row } = sc;
+    let Scratch {
+        kt,
+        v,
+        s,
+        row,
+        sums,
+    } = sc;
     kt.resize(blocks * hd * L, 0.0);
     v.resize(n * hd, 0.0);
     row.resize(L * hd, 0.0);
@@ -180,15 +188,22 @@ fn task<T: KvElem>(
             }
             i += QV;
         }
+        sums.clear();
         for i in 0..nq {
             let m = seen(i);
-            let sv = &mut s[i * width..i * width + m];
-            let sum = softmax_unnormalized(sv);
-            let (r, h) = (i / group, g * group + i % group);
-            let o = &mut out[r * qd + h * hd..r * qd + (h + 1) * hd];
-            weighted_values(sv, v, hd, o);
-            for oi in o.iter_mut() {
-                *oi /= sum;
+            sums.push(softmax_unnormalized(&mut s[i * width..i * width + m]));
+        }
+        // The group's heads of one row see the same positions: their value sums share each load.
+        for r in 0..t.rows {
+            let m = seen(r * group);
+            let o = &mut out[r * qd + g * group * hd..r * qd + (g + 1) * group * hd];
+            let e = |k: usize| &s[(r * group + k) * width..(r * group + k) * width + m];
+            weighted_values_group(group, e, v, hd, o);
+            for (k, oh) in o.chunks_exact_mut(hd).enumerate() {
+                let sum = sums[r * group + k];
+                for oi in oh.iter_mut() {
+                    *oi /= sum;
+                }
             }
         }
     }
@@ -340,6 +355,83 @@ unsafe fn transpose8_avx2(src: *const f32, stride: usize, dst: *mut f32) {
     }
 }
 
+/// [`weighted_values`] for the `group` query vectors `e(0..group)` (same length) into `o` (`[group, hd]`). With
+/// AVX-512 (and `hd` a multiple of 64) the vectors share every load of `v`; each output element is the same
+/// FMA chain as [`weighted_values`] computes.
+fn weighted_values_group<'a>(
+    group: usize,
+    e: impl Fn(usize) -> &'a [f32],
+    v: &[f32],
+    hd: usize,
+    o: &mut [f32],
+) {
+    assert!(o.len() == group * hd);
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(64) && crate::kernels::level() >= crate::kernels::KernelLevel::Avx512Vnni {
+        let mut k = 0;
+        while k < group {
+            let n = (group - k).min(4);
+            let o = &mut o[k * hd..(k + n) * hd];
+            // SAFETY: AVX-512 F is present (the kernel level checks it); the callee checks its slices.
+            unsafe {
+                match n {
+                    4 => {
+                        weighted_values_avx512::<4>([e(k), e(k + 1), e(k + 2), e(k + 3)], v, hd, o)
+                    }
+                    3 => weighted_values_avx512::<3>([e(k), e(k + 1), e(k + 2)], v, hd, o),
+                    2 => weighted_values_avx512::<2>([e(k), e(k + 1)], v, hd, o),
+                    _ => weighted_values_avx512::<1>([e(k)], v, hd, o),
+                }
+            }
+            k += n;
+        }
+        return;
+    }
+    for (k, oh) in o.chunks_exact_mut(hd).enumerate() {
+        weighted_values(e(k), v, hd, oh);
+    }
+}
+
+/// [`weighted_values_group`] on AVX-512 for `G` vectors: 64 output values per vector in registers, each
+/// value vector loaded once for all `G`.
+///
+/// # Safety
+/// AVX-512 F must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_values_avx512<const G: usize>(
+    e: [&[f32]; G],
+    v: &[f32],
+    hd: usize,
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = e[0].len();
+    assert!(e.iter().all(|x| x.len() == n) && v.len() >= n * hd && o.len() >= G * hd);
+    assert!(hd.is_multiple_of(64));
+    // SAFETY: loads stay within `v[..n · hd]` and `e[g][..n]`, stores within `o[..G · hd]` (asserted above).
+    unsafe {
+        for d0 in (0..hd).step_by(64) {
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for j in 0..n {
+                let p = v.as_ptr().add(j * hd + d0);
+                let x: [__m512; 4] = std::array::from_fn(|r| _mm512_loadu_ps(p.add(16 * r)));
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*e[g].as_ptr().add(j));
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        *ar = _mm512_fmadd_ps(w, x[r], *ar);
+                    }
+                }
+            }
+            for (g, a) in acc.iter().enumerate() {
+                for (r, ar) in a.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add(g * hd + d0 + 16 * r), *ar);
+                }
+            }
+        }
+    }
+}
+
 /// `o = Σ_j e[j] · v[j]`: per output element one FMA chain over positions, starting from zero.
 fn weighted_values(e: &[f32], v: &[f32], hd: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -402,7 +494,14 @@ unsafe fn weighted_values_avx2<const R: usize>(
 /// Replaces scores by `exp(s - max)` and returns their sum (accumulated in `L` lanes, then added in a fixed
 /// order).
 fn softmax_unnormalized(s: &mut [f32]) -> f32 {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // The maximum in `L` lanes (vectorizes; the maximum of finite scores does not depend on the order).
+    let mut top = [f32::NEG_INFINITY; L];
+    for c in s.chunks(L) {
+        for (x, t) in c.iter().zip(top.iter_mut()) {
+            *t = t.max(*x);
+        }
+    }
+    let max = top.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     for x in s.iter_mut() {
         *x -= max;
     }
@@ -472,6 +571,32 @@ mod tests {
         cache.len = n;
         let q = (0..n * cfg.q_dim()).map(|_| 2.0 * lcg(&mut s)).collect();
         (cache, q)
+    }
+
+    #[test]
+    fn a_groups_value_sums_equal_one_vector_at_a_time() {
+        // hd 64 and 128 take the shared-load path where the CPU has AVX-512.
+        let mut seed = 5u64;
+        for hd in [16, 64, 128] {
+            for group in 1..=5 {
+                let n = 37;
+                let v: Vec<f32> = (0..n * hd).map(|_| lcg(&mut seed)).collect();
+                let e: Vec<Vec<f32>> = (0..group)
+                    .map(|_| (0..n).map(|_| lcg(&mut seed).abs()).collect())
+                    .collect();
+                let mut got = vec![0f32; group * hd];
+                weighted_values_group(group, |k| &e[k], &v, hd, &mut got);
+                for (k, ek) in e.iter().enumerate() {
+                    let mut want = vec![0f32; hd];
+                    weighted_values(ek, &v, hd, &mut want);
+                    assert_eq!(
+                        &got[k * hd..(k + 1) * hd],
+                        &want[..],
+                        "hd {hd} group {group}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

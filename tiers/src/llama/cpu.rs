@@ -8,7 +8,7 @@ use nimmer_loras::{Adapter, Blend, Module};
 
 use super::attn;
 use super::kv::KvCache;
-use super::ops::{add_lora, exp_in_place, rms_norm};
+use super::ops::{PAR_ROWS, add_in_place, add_lora, exp_in_place, rms_norm};
 use super::{Chunk, Decoder, LlamaConfig};
 use crate::error::{Result, TierError};
 use crate::kernels::{self, QuantActs, TiledWeight};
@@ -293,9 +293,31 @@ impl Llama {
                 r += 1;
             }
         }
+        // The rows that need logits: the last row of each chunk that asks for them, as one-row spans.
+        let logit_spans: Vec<(usize, usize, usize)> = {
+            let mut i = 0;
+            spans
+                .iter()
+                .zip(chunks.iter())
+                .map(|(&(_, n, pos0), ch)| {
+                    let wanted = ch.logits && n > 0;
+                    let span = (i, wanted as usize, pos0 + n.saturating_sub(1));
+                    i += wanted as usize;
+                    span
+                })
+                .collect()
+        };
+        let logit_rows: Vec<usize> = spans
+            .iter()
+            .zip(&logit_spans)
+            .filter(|(_, l)| l.1 == 1)
+            .map(|(&(row0, n, _), _)| row0 + n - 1)
+            .collect();
+        let (mut rows, mut tasks, mut blends) = (rows, tasks, blends);
         let scale = (hd as f32).sqrt();
+        let last_layer = self.layers.len() - 1;
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(x, &layer.attn_norm, cfg.eps, h);
+            rms_norm(&x[..rows * dim], &layer.attn_norm, cfg.eps, h);
             layer.qkv.forward(h, rows, qa, qkv)?;
             let w = qd + 2 * kvd;
             if lora {
@@ -313,12 +335,38 @@ impl Llama {
                     w,
                 );
             }
-            // RoPE on q and k, then append k and v to each sequence's cache.
-            for (r, &(c, pos)) in row_of.iter().enumerate() {
-                let row = &mut qkv[r * w..(r + 1) * w];
-                self.rope(&mut row[..qd + kvd], pos);
-                let (k, v) = row[qd..].split_at(kvd);
+            // RoPE on q and k (rows in parallel), then append k and v to each sequence's cache.
+            let rope = |(row, &(_, pos)): (&mut [f32], &(usize, usize))| {
+                self.rope(&mut row[..qd + kvd], pos)
+            };
+            if rows >= PAR_ROWS {
+                qkv[..rows * w]
+                    .par_chunks_mut(w)
+                    .zip(row_of.par_iter())
+                    .for_each(rope);
+            } else {
+                qkv[..rows * w]
+                    .chunks_mut(w)
+                    .zip(row_of.iter())
+                    .for_each(rope);
+            }
+            for (r, &(c, _)) in row_of.iter().enumerate() {
+                let (k, v) = qkv[r * w + qd..(r + 1) * w].split_at(kvd);
                 chunks[c].kv.append(li, k, v);
+            }
+            if li == last_layer && logit_rows.len() < rows {
+                // Past its keys and values, only the rows that need logits go on through the last layer
+                // (every row's operations are its own, so their results are unchanged).
+                for (i, &r) in logit_rows.iter().enumerate() {
+                    x.copy_within(r * dim..(r + 1) * dim, i * dim);
+                    qkv.copy_within(r * w..(r + 1) * w, i * w);
+                }
+                rows = logit_rows.len();
+                blends = logit_rows.iter().map(|&r| blends[r]).collect();
+                tasks = attn::tasks(&logit_spans);
+                if rows == 0 {
+                    break;
+                }
             }
             attn.resize(rows * qd, 0.0);
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.kv).collect();
@@ -327,10 +375,8 @@ impl Llama {
             if lora {
                 add_lora(&blends, li, &[(Module::O, 0..dim)], attn, qd, proj, dim);
             }
-            for (xi, pi) in x.iter_mut().zip(proj.iter()) {
-                *xi += pi;
-            }
-            rms_norm(x, &layer.ffn_norm, cfg.eps, h);
+            add_in_place(&mut x[..rows * dim], proj, dim);
+            rms_norm(&x[..rows * dim], &layer.ffn_norm, cfg.eps, h);
             layer.gate_up.forward(h, rows, qa, gu)?;
             if lora {
                 let f = cfg.ffn;
@@ -377,32 +423,18 @@ impl Llama {
                     dim,
                 );
             }
-            for (xi, pi) in x.iter_mut().zip(proj.iter()) {
-                *xi += pi;
-            }
+            add_in_place(&mut x[..rows * dim], proj, dim);
         }
         for ch in chunks.iter_mut() {
             ch.kv.len += ch.tokens.len();
         }
-        // Final norm and LM head only for the rows that need logits.
-        let mut last_rows = Vec::new();
-        let mut r = 0;
-        for ch in chunks.iter() {
-            r += ch.tokens.len();
-            if ch.logits && !ch.tokens.is_empty() {
-                last_rows.push(r - 1);
-            }
-        }
-        if last_rows.is_empty() {
+        // Final norm and LM head for the rows that need logits (the first rows of `x` now, in order).
+        let n = logit_rows.len();
+        if n == 0 {
             return Ok(Vec::new());
         }
-        let n = last_rows.len();
-        let mut sel = vec![0f32; n * dim];
-        for (i, &r) in last_rows.iter().enumerate() {
-            sel[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
-        }
         h.resize(n * dim, 0.0);
-        rms_norm(&sel, &self.norm, cfg.eps, &mut h[..n * dim]);
+        rms_norm(&x[..n * dim], &self.norm, cfg.eps, &mut h[..n * dim]);
         self.lm_head.forward(h, n, qa, proj)?;
         let v = self.lm_head.n();
         Ok((0..n)

@@ -5,12 +5,40 @@ use rayon::prelude::*;
 
 pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
-    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+    let one = |(xr, or): (&[f32], &mut [f32])| {
         let sum2: f32 = xr.iter().map(|v| v * v).sum();
         let m = (sum2 / n as f32 + eps).sqrt();
         for ((o, &v), &a) in or.iter_mut().zip(xr).zip(w) {
             *o = v / m * a;
         }
+    };
+    // Rows are independent and each keeps its own order of operations: in parallel for a prefill chunk.
+    if x.len() >= PAR_ROWS * n {
+        x.par_chunks_exact(n)
+            .zip(out.par_chunks_exact_mut(n))
+            .with_min_len(PAR_ROWS / 2)
+            .for_each(one);
+    } else {
+        x.chunks_exact(n).zip(out.chunks_exact_mut(n)).for_each(one);
+    }
+}
+
+/// Rows from which a row-wise operation is split across the kernel threads.
+pub(super) const PAR_ROWS: usize = 16;
+
+/// `x[i] += y[i]` over `x`'s length (the residual add), row chunks of `width` in parallel for many rows.
+pub(super) fn add_in_place(x: &mut [f32], y: &[f32], width: usize) {
+    let add = |(a, b): (&mut [f32], &[f32])| {
+        for (ai, bi) in a.iter_mut().zip(b) {
+            *ai += bi;
+        }
+    };
+    if x.len() >= PAR_ROWS * width {
+        x.par_chunks_mut(PAR_ROWS / 2 * width)
+            .zip(y.par_chunks(PAR_ROWS / 2 * width))
+            .for_each(add);
+    } else {
+        add((x, y));
     }
 }
 
@@ -57,12 +85,8 @@ pub(super) fn add_lora(
 pub(super) fn exp_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::level() >= crate::kernels::KernelLevel::Avx2 {
-        let mut c = x.chunks_exact_mut(4);
-        for v in c.by_ref() {
-            // SAFETY: AVX2 and FMA are present (the kernel level checks them); `v` is 4 floats.
-            unsafe { exp4_avx2(v) };
-        }
-        c.into_remainder().iter_mut().for_each(|v| *v = exp1(*v));
+        // SAFETY: AVX2 and FMA are present (the kernel level checks them).
+        unsafe { exp_avx2(x) };
         return;
     }
     x.iter_mut().for_each(|v| *v = exp1(*v));
@@ -102,33 +126,65 @@ fn exp1(x: f32) -> f32 {
     (p * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
-/// Four lanes of [`exp_in_place`].
+/// [`exp_in_place`] on AVX2: 16 lanes per iteration as four independent polynomial chains (one chain is
+/// latency-bound), then four at a time, then [`exp1`]; every lane runs the same operations.
+///
+/// # Safety
+/// AVX2 and FMA must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp4_avx2(v: &mut [f32]) {
+unsafe fn exp_avx2(x: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert_eq!(v.len(), 4);
-    // SAFETY: `v` holds 4 floats (asserted).
-    unsafe {
-        let x = _mm_loadu_ps(v.as_ptr());
-        let x = _mm_min_ps(_mm_max_ps(x, _mm_set1_ps(EXP_LO)), _mm_set1_ps(EXP_HI));
-        let x = _mm256_cvtps_pd(x);
-        let n = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_pd(x, _mm256_set1_pd(LOG2E)),
-        );
-        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_HI), x);
-        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_LO), r);
-        let mut p = _mm256_set1_pd(EXP_P[0]);
-        for &c in &EXP_P[1..] {
-            p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
+    #[inline(always)]
+    unsafe fn lanes<const V: usize>(v: &mut [f32]) {
+        assert_eq!(v.len(), 4 * V);
+        // SAFETY: `v` holds 4·V floats (asserted); the caller has AVX2 and FMA.
+        unsafe {
+            let x: [__m256d; V] = std::array::from_fn(|i| {
+                let x = _mm_loadu_ps(v.as_ptr().add(4 * i));
+                let x = _mm_min_ps(_mm_max_ps(x, _mm_set1_ps(EXP_LO)), _mm_set1_ps(EXP_HI));
+                _mm256_cvtps_pd(x)
+            });
+            let n: [__m256d; V] = std::array::from_fn(|i| {
+                _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
+                    x[i],
+                    _mm256_set1_pd(LOG2E),
+                ))
+            });
+            let r: [__m256d; V] = std::array::from_fn(|i| {
+                let r = _mm256_fnmadd_pd(n[i], _mm256_set1_pd(LN2_HI), x[i]);
+                _mm256_fnmadd_pd(n[i], _mm256_set1_pd(LN2_LO), r)
+            });
+            let mut p = [_mm256_set1_pd(EXP_P[0]); V];
+            for &c in &EXP_P[1..] {
+                for i in 0..V {
+                    p[i] = _mm256_fmadd_pd(p[i], r[i], _mm256_set1_pd(c));
+                }
+            }
+            for i in 0..V {
+                let e = _mm256_add_epi64(
+                    _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n[i])),
+                    _mm256_set1_epi64x(1023),
+                );
+                let pow2 = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(e));
+                _mm_storeu_ps(
+                    v.as_mut_ptr().add(4 * i),
+                    _mm256_cvtpd_ps(_mm256_mul_pd(p[i], pow2)),
+                );
+            }
         }
-        let e = _mm256_add_epi64(
-            _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)),
-            _mm256_set1_epi64x(1023),
-        );
-        let pow2 = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(e));
-        _mm_storeu_ps(v.as_mut_ptr(), _mm256_cvtpd_ps(_mm256_mul_pd(p, pow2)));
     }
+    let mut c16 = x.chunks_exact_mut(16);
+    for v in c16.by_ref() {
+        // SAFETY: AVX2 and FMA are present (this function's contract); `v` is 16 floats.
+        unsafe { lanes::<4>(v) };
+    }
+    let mut c4 = c16.into_remainder().chunks_exact_mut(4);
+    for v in c4.by_ref() {
+        // SAFETY: as above; `v` is 4 floats.
+        unsafe { lanes::<1>(v) };
+    }
+    c4.into_remainder().iter_mut().for_each(|v| *v = exp1(*v));
 }
 
 #[cfg(test)]
