@@ -5,7 +5,9 @@
 //! picks, again and again, the next sequence of the zone with the lowest counter (charging it tentatively),
 //! until the step's rows or tokens run out; sequences not picked are paused for the step and keep their KV. A
 //! zone that becomes active is lifted to the lowest counter among the active zones, so it is served at once but
-//! cannot hoard credit from its idle time. Within a zone, higher priority goes first, then earlier arrival.
+//! cannot hoard credit from its idle time; the step that prefills it carries no prefill chunk of the zones
+//! that stayed active, so its first token is not held up behind their prompts. Within a zone, higher priority
+//! goes first, then earlier arrival.
 //! Counters of zones that are neither active nor owed anything are forgotten (bounded state).
 
 use std::collections::{HashMap, HashSet};
@@ -31,6 +33,8 @@ pub struct FairClock<Z> {
     served: HashMap<Z, f64>,
     /// The zones of the last step.
     active: HashSet<Z>,
+    /// Whether the last step deferred the prefill of continuing zones (never two steps in a row).
+    deferred: bool,
 }
 
 impl<Z: Eq + Hash + Clone> Default for FairClock<Z> {
@@ -44,6 +48,7 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
         Self {
             served: HashMap::new(),
             active: HashSet::new(),
+            deferred: false,
         }
     }
 
@@ -68,6 +73,7 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
         if cands.is_empty() {
             self.served.clear();
             self.active.clear();
+            self.deferred = false;
             return plan;
         }
         // Per zone: its candidates in run order, and its weight.
@@ -117,6 +123,14 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
                 (*z, v)
             })
             .collect();
+        // A zone that just became active and waits for its first token makes this step latency-critical: the
+        // prefill chunks of the zones that stayed active wait one step, so the newcomer's step is short. Never
+        // two steps in a row, so a stream of newcomers cannot starve a long prompt.
+        let newcomer_prefill = keep_ahead
+            && !self.deferred
+            && cands
+                .iter()
+                .any(|c| c.prefill_left > 0 && !self.active.contains(&c.zone));
         let mut decoders_left = cands.iter().filter(|c| c.prefill_left == 0).count();
         let (mut rows, mut budget) = (max_rows, token_budget);
         while rows > 0 && budget > 0 {
@@ -137,6 +151,8 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
             let n = if c.prefill_left == 0 {
                 decoders_left -= 1;
                 1
+            } else if newcomer_prefill && self.active.contains(&c.zone) {
+                0
             } else {
                 let reserve = decoders_left.min(rows - 1);
                 c.prefill_left.min(budget.saturating_sub(reserve))
@@ -149,6 +165,7 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
             budget -= n;
             t[k].1 += n as f64 / *w;
         }
+        self.deferred = newcomer_prefill;
         self.active.clear();
         for (z, v) in t {
             self.served.insert(z.clone(), v);
@@ -313,6 +330,44 @@ mod tests {
         let plan = clock.plan(&cands, 32, 64);
         assert_eq!(plan[0], 54);
         assert!(plan[1..].iter().all(|&n| n == 1), "{plan:?}");
+    }
+
+    #[test]
+    fn a_newcomer_s_prefill_step_defers_the_prefill_of_zones_that_stayed_active() {
+        let mut clock = FairClock::new();
+        let pre = |zone, arrival| Candidate {
+            prefill_left: 200,
+            ..dec(zone, 1.0, arrival)
+        };
+        // Zone 1 decodes and prefills, step after step.
+        let mut cands: Vec<_> = (0..8).map(|i| dec(1, 1.0, i)).collect();
+        cands.push(pre(1, 8));
+        for _ in 0..5 {
+            assert_eq!(clock.plan(&cands, 32, 256)[8], 200);
+        }
+        // A quiet zone arrives with a 40-token prompt: its step runs its prompt and every decoding row only.
+        cands.push(Candidate {
+            prefill_left: 40,
+            ..dec(2, 1.0, 100)
+        });
+        let plan = clock.plan(&cands, 32, 256);
+        assert_eq!(plan[9], 40, "{plan:?}");
+        assert_eq!(plan[8], 0, "the flood's prompt waits a step: {plan:?}");
+        assert!(plan[..8].iter().all(|&n| n == 1), "{plan:?}");
+        // The next step (zone 2 now decoding) prefills zone 1 again.
+        cands[9].prefill_left = 0;
+        assert_eq!(clock.plan(&cands, 32, 256)[8], 200);
+        // Newcomers at every step: zone 1's prompt still runs every other step.
+        let mut ran = 0;
+        for k in 0..10 {
+            let mut now = cands.clone();
+            now.push(Candidate {
+                prefill_left: 40,
+                ..dec(100 + k, 1.0, 200 + k as u64)
+            });
+            ran += (clock.plan(&now, 32, 256)[8] > 0) as usize;
+        }
+        assert_eq!(ran, 5);
     }
 
     #[test]
