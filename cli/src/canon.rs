@@ -8,6 +8,9 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum EventsCmd {
+    /// Check the event templates (`events/*.toml` in the config directory, else the embedded ones) and list
+    /// them with their shard keys, scenes and slots; a broken file is an error naming its key.
+    Templates,
     /// Mark an event completed: its register entries (scenes) are pruned and later results for it are
     /// dead-lettered.
     Complete {
@@ -58,7 +61,10 @@ pub struct CompositorArgs {
 }
 
 pub fn events(config_dir: Option<PathBuf>, cmd: EventsCmd) -> Result<()> {
-    let EventsCmd::Complete { gm_event, postgres } = cmd;
+    let (gm_event, postgres) = match cmd {
+        EventsCmd::Templates => return templates(&config_dir),
+        EventsCmd::Complete { gm_event, postgres } => (gm_event, postgres),
+    };
     let transport = crate::files::transport_config(&config_dir)?;
     let url = postgres.unwrap_or_else(|| transport.postgres.url.clone());
     tokio::runtime::Runtime::new()?.block_on(async move {
@@ -70,6 +76,48 @@ pub fn events(config_dir: Option<PathBuf>, cmd: EventsCmd) -> Result<()> {
         println!("{gm_event}: completed ({pruned} scene entries pruned)");
         anyhow::Ok(())
     })
+}
+
+/// `nimmer events templates`.
+fn templates(config_dir: &Option<PathBuf>) -> Result<()> {
+    let config = crate::files::load_config(config_dir)?;
+    let catalog = crate::files::event_catalog(config_dir, &config.classifiers)?;
+    for (name, e) in &catalog.events {
+        let faction = e.faction.as_deref().unwrap_or("-");
+        println!(
+            "{name}: district {}, theme {}, tier {:?}, faction {faction}; values {:?}",
+            e.district, e.theme, e.tier, e.values
+        );
+        println!("  {}", e.description);
+        for s in &e.scenes {
+            let start = if s.branch_target {
+                "when a branch picks it".to_string()
+            } else if s.after.is_empty() {
+                "at open".to_string()
+            } else {
+                format!("after {}", s.after.join(", "))
+            };
+            let slots: Vec<String> = s
+                .slots
+                .iter()
+                .map(|x| {
+                    let gate = x.gate.as_ref().map_or(String::new(), |g| {
+                        format!(" [gate {}, {} attempts]", g.classifier, g.attempts)
+                    });
+                    format!("{} ({}){gate}", x.id, x.kind.as_str())
+                })
+                .collect();
+            println!("  scene {} ({start}): {}", s.id, slots.join(", "));
+            if let Some(b) = &s.branch {
+                let on: Vec<String> =
+                    b.on.iter()
+                        .map(|(l, to)| format!("{l} -> {}", to.as_deref().unwrap_or("end")))
+                        .collect();
+                println!("    branch by {}: {}", b.classifier, on.join(", "));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn feeds(config_dir: Option<PathBuf>, cmd: FeedsCmd) -> Result<()> {

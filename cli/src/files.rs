@@ -32,3 +32,16 @@ pub fn transport_config(dir: &Option<PathBuf>) -> Result<nimmer_config::Transpor
         _ => nimmer_config::TransportFile::embedded(),
     })
 }
+
+/// The event templates: `events/` of the config directory when it has one, else the embedded ones.
+pub fn event_catalog(
+    dir: &Option<PathBuf>,
+    classifiers: &nimmer_config::ClassifiersFile,
+) -> Result<nimmer_config::EventCatalog> {
+    Ok(match dir {
+        Some(d) if d.join("events").is_dir() => {
+            nimmer_config::EventCatalog::load(&d.join("events"), classifiers)?
+        }
+        _ => nimmer_config::EventCatalog::embedded(classifiers)?,
+    })
+}

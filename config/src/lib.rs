@@ -9,6 +9,8 @@
 mod budgets;
 mod classifiers;
 mod error;
+mod events;
+pub mod template;
 mod tiers;
 mod transport;
 
@@ -18,6 +20,10 @@ pub use budgets::{
 };
 pub use classifiers::{ClassifierSpec, ClassifiersFile, LabelSpec};
 pub use error::ConfigError;
+pub use events::{
+    BUILTIN_VALUES, Branch, DEFAULT_EVENTS, EventCatalog, EventTemplate, EventTier, Gate,
+    SceneTemplate, SlotTemplate, SlotWork,
+};
 pub use tiers::{
     Backend, Device, FileSpec, LlmTierSpec, ModelFormat, ModelSpec, Precision, SaturnTierSpec,
     TiersFile, Via, WheelSource,
