@@ -201,14 +201,24 @@ unsafe fn half_rows<const NR: usize>(
 /// [`super::transpose_dwords`] on AVX2: the 8x8 dword transpose of one block of a panel's rows.
 ///
 /// # Safety
-/// The CPU must support AVX2; `src` must be readable for 8 rows of 32 bytes at `stride`, `dst` writable
-/// for 256 bytes.
+/// The CPU must support AVX2; `src` must be readable for 8 rows of 32 bytes at `stride` (bytes, a multiple of
+/// 4), `dst` writable for 256 bytes.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn transpose_dwords(src: *const i8, stride: usize, dst: *mut i8) {
+    // SAFETY: forwarded contract; dwords move as f32 bit patterns (shuffles never change bits).
+    unsafe { transpose8(src as *const f32, stride / 4, dst as *mut f32) }
+}
+
+/// Transposes the 8x8 tile of 32-bit values at `src` (row stride `stride` values) into 64 consecutive values
+/// at `dst` (exact: a permutation of bits).
+///
+/// # Safety
+/// AVX must be present; `src` must be readable for 8 rows of 8 at `stride`, `dst` writable for 64 values.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn transpose8(src: *const f32, stride: usize, dst: *mut f32) {
     // SAFETY: forwarded contract.
     unsafe {
-        let r: [__m256; 8] =
-            std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride) as *const f32));
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride)));
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -236,7 +246,7 @@ pub(super) unsafe fn transpose_dwords(src: *const i8, stride: usize, dst: *mut i
             _mm256_permute2f128_ps::<0x31>(u3, u7),
         ];
         for (i, o) in out.iter().enumerate() {
-            _mm256_storeu_ps(dst.add(i * 32) as *mut f32, *o);
+            _mm256_storeu_ps(dst.add(i * 8), *o);
         }
     }
 }

@@ -22,6 +22,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::transpose8;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;

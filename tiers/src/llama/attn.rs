@@ -301,56 +301,15 @@ fn transpose_block(rows: &[f32], hd: usize, kt: &mut [f32]) {
     if hd.is_multiple_of(L) && crate::kernels::level() >= crate::kernels::KernelLevel::Avx2 {
         for d0 in (0..hd).step_by(L) {
             // SAFETY: AVX2 is present; the 8x8 tile at column `d0` is inside both slices (checked above).
-            unsafe { transpose8_avx2(rows.as_ptr().add(d0), hd, kt.as_mut_ptr().add(d0 * L)) };
+            unsafe {
+                crate::kernels::transpose8(rows.as_ptr().add(d0), hd, kt.as_mut_ptr().add(d0 * L))
+            };
         }
         return;
     }
     for l in 0..L {
         for d in 0..hd {
             kt[d * L + l] = rows[l * hd + d];
-        }
-    }
-}
-
-/// Transposes the 8x8 tile at `src` (row stride `stride`) into 8 consecutive rows of 8 at `dst`.
-///
-/// # Safety
-/// AVX must be present; `src` must be readable for 8 rows of 8 at `stride`, `dst` writable for 64 floats.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn transpose8_avx2(src: *const f32, stride: usize, dst: *mut f32) {
-    use std::arch::x86_64::*;
-    // SAFETY: forwarded contract.
-    unsafe {
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride)));
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let out = [
-            _mm256_permute2f128_ps::<0x20>(u0, u4),
-            _mm256_permute2f128_ps::<0x20>(u1, u5),
-            _mm256_permute2f128_ps::<0x20>(u2, u6),
-            _mm256_permute2f128_ps::<0x20>(u3, u7),
-            _mm256_permute2f128_ps::<0x31>(u0, u4),
-            _mm256_permute2f128_ps::<0x31>(u1, u5),
-            _mm256_permute2f128_ps::<0x31>(u2, u6),
-            _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ];
-        for (i, o) in out.iter().enumerate() {
-            _mm256_storeu_ps(dst.add(i * L), *o);
         }
     }
 }
