@@ -55,6 +55,23 @@ async fn requests_over_nats_and_results_in_jetstream() {
     assert_eq!(reply["tier"], "driver");
     assert_eq!(reply["slot"]["zone"], "docks-2");
 
+    // A draft (a director's line before its gate) is answered but never reaches RESULTS.
+    let draft = client
+        .request(
+            "nimmerverse.gateway.dialog.docks-2",
+            json!({
+                "uid": "ev9/docks/quay/s0",
+                "messages": [{ "role": "system", "content": SYSTEM }, { "role": "user", "content": "Hello!" }],
+                "max_tokens": 4, "draft": true,
+            })
+            .to_string()
+            .into(),
+        )
+        .await
+        .unwrap();
+    let draft: Value = serde_json::from_slice(&draft.payload).unwrap();
+    assert!(draft["text"].is_string(), "{draft}");
+
     // Classification over NATS.
     let m = client
         .request(
@@ -215,7 +232,7 @@ async fn requests_over_nats_and_results_in_jetstream() {
         .collect();
     assert!(
         slots.contains(&"s1") && slots.contains(&"s2") && slots.contains(&"s3"),
-        "{slots:?}"
+        "the draft s0 (asked between s1 and s2) was not published: {slots:?}"
     );
     let s1 = got.iter().find(|v| v["uid"]["slot"] == "s1").unwrap();
     assert_eq!(s1["participants"], json!(["p7"]));

@@ -101,6 +101,10 @@ pub struct DialogRequest {
     /// Repeats with the same key get the first answer (default: the UID, one line of one slot).
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Answer without publishing the result to the compositors (no canon row): a director's line before its
+    /// gate accepts it (the director publishes the accepted line itself).
+    #[serde(default)]
+    pub draft: bool,
 }
 
 /// What a dialog request asks for, validated.
@@ -131,6 +135,8 @@ pub struct Dialog {
     pub faction: Option<String>,
     /// The idempotency key: the request's `idempotency_key`, else the UID.
     pub key: String,
+    /// Not published as a result (see [`DialogRequest::draft`]).
+    pub draft: bool,
 }
 
 /// Checks what a dialog carries against budgets.toml `[dialogs]`: participants, chat messages and characters
@@ -323,6 +329,7 @@ impl DialogRequest {
             deadline_ms: self.deadline_ms,
             participants: self.participants,
             faction: self.faction,
+            draft: self.draft,
         })
     }
 }

@@ -465,8 +465,12 @@ async fn end(
     resp
 }
 
-/// Hands a finished dialog to the results publisher, if there is one (waiting while its queue is full).
+/// Hands a finished dialog to the results publisher, if there is one (waiting while its queue is full); a
+/// draft is answered only.
 async fn publish(gw: &Gateway, d: &Dialog, resp: &DialogResponse) {
+    if d.draft {
+        return;
+    }
     let Some(sink) = gw.results() else { return };
     let finished_at_ms = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
