@@ -72,21 +72,30 @@ pub enum Composed {
 /// Returns whether the event was known and how many scene entries were pruned.
 pub async fn complete_event(pool: &sqlx::PgPool, gm_event: &str) -> Result<(bool, u64)> {
     let mut tx = pool.begin().await?;
+    let done = complete_event_in(&mut tx, gm_event).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// [`complete_event`] inside the caller's transaction (a director completes its event with its own row).
+pub async fn complete_event_in(
+    tx: &mut Transaction<'_, Postgres>,
+    gm_event: &str,
+) -> Result<(bool, u64)> {
     let known = sqlx::query(
         "UPDATE events SET status = 'completed', completed_at = coalesce(completed_at, now())
          WHERE gm_event = $1",
     )
     .bind(gm_event)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?
     .rows_affected()
         == 1;
     let pruned = sqlx::query("DELETE FROM scenes WHERE gm_event = $1")
         .bind(gm_event)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
-    tx.commit().await?;
     Ok((known, pruned))
 }
 

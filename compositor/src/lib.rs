@@ -22,7 +22,7 @@ pub mod resync;
 pub mod streams;
 pub mod worker;
 
-pub use canon::{Canon, Composed, DialogResult, complete_event};
+pub use canon::{Canon, Composed, DialogResult, complete_event, complete_event_in};
 pub use error::{CompositorError, Result};
 pub use player::{Applied, Gap, PlayerStore, follow, follow_district};
 pub use relay::Relay;

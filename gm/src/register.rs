@@ -1,0 +1,188 @@
+//! The directors' register in PostgreSQL (`directors`, beside the canon register's `events`): one row per
+//! open event with its walk's [`Progress`] and its lease (owner, epoch, expiry).
+//!
+//! A shard process renews all its leases with one statement ([`Register::renew`]) and takes the expired
+//! leases of its shard ([`Register::take_expired`], bumping the epoch). Every write names the owner and epoch
+//! it holds ([`Register::record`], [`Register::complete`]): one that finds neither has lost the event to
+//! another process and changes nothing. Why lease rows and not advisory locks or a KV bucket: docs/gm.md.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sqlx::{PgPool, Row};
+
+use crate::error::Result;
+use crate::walk::Progress;
+
+/// An event this process holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub gm_event: String,
+    pub template: String,
+    pub district: String,
+    pub values: BTreeMap<String, String>,
+    /// Bumped by every takeover: writes under an older epoch are refused.
+    pub epoch: i64,
+    pub progress: Progress,
+}
+
+/// One shard process's view of the register.
+#[derive(Debug, Clone)]
+pub struct Register {
+    pool: PgPool,
+    /// This process (unique per run).
+    owner: String,
+    shard: String,
+    ttl: Duration,
+}
+
+impl Register {
+    pub fn new(pool: PgPool, shard: &str, owner: &str, ttl: Duration) -> Self {
+        Self {
+            pool,
+            owner: owner.to_string(),
+            shard: shard.to_string(),
+            ttl,
+        }
+    }
+
+    fn ttl_s(&self) -> f64 {
+        self.ttl.as_secs_f64()
+    }
+
+    /// Opens `gm_event` as this process's (the canon register's event row too). `None` when the event exists
+    /// already: an event opens once.
+    pub async fn open(
+        &self,
+        gm_event: &str,
+        template: &str,
+        district: &str,
+        values: &BTreeMap<String, String>,
+        progress: &Progress,
+    ) -> Result<Option<Lease>> {
+        let mut tx = self.pool.begin().await?;
+        let fresh = sqlx::query("INSERT INTO events (gm_event) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(gm_event)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !fresh {
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO directors (gm_event, template, shard, district, vals, progress, owner, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))",
+        )
+        .bind(gm_event)
+        .bind(template)
+        .bind(&self.shard)
+        .bind(district)
+        .bind(serde_json::to_value(values)?)
+        .bind(serde_json::to_value(progress)?)
+        .bind(&self.owner)
+        .bind(self.ttl_s())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(Lease {
+            gm_event: gm_event.to_string(),
+            template: template.to_string(),
+            district: district.to_string(),
+            values: values.clone(),
+            epoch: 1,
+            progress: progress.clone(),
+        }))
+    }
+
+    /// Extends every lease this process holds; returns how many it holds.
+    pub async fn renew(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE directors SET expires_at = now() + make_interval(secs => $2) WHERE owner = $1",
+        )
+        .bind(&self.owner)
+        .bind(self.ttl_s())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Takes up to `limit` events of this shard whose lease expired (their process died or stalled), each with
+    /// its recorded progress and a new epoch.
+    pub async fn take_expired(&self, limit: i64) -> Result<Vec<Lease>> {
+        let rows = sqlx::query(
+            "UPDATE directors d SET owner = $1, epoch = d.epoch + 1,
+                    expires_at = now() + make_interval(secs => $3)
+             WHERE d.gm_event IN (
+                 SELECT gm_event FROM directors
+                 WHERE shard = $2 AND expires_at < now()
+                 ORDER BY expires_at LIMIT $4 FOR UPDATE SKIP LOCKED)
+             RETURNING d.gm_event, d.template, d.district, d.vals, d.progress, d.epoch",
+        )
+        .bind(&self.owner)
+        .bind(&self.shard)
+        .bind(self.ttl_s())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Lease {
+                    gm_event: r.try_get("gm_event")?,
+                    template: r.try_get("template")?,
+                    district: r.try_get("district")?,
+                    values: serde_json::from_value(r.try_get("vals")?)?,
+                    epoch: r.try_get("epoch")?,
+                    progress: serde_json::from_value(r.try_get("progress")?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records `lease.progress` if this process still holds the lease at its epoch; `false` when it was lost.
+    pub async fn record(&self, lease: &Lease) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE directors SET progress = $4 WHERE gm_event = $1 AND owner = $2 AND epoch = $3",
+        )
+        .bind(&lease.gm_event)
+        .bind(&self.owner)
+        .bind(lease.epoch)
+        .bind(serde_json::to_value(&lease.progress)?)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    /// Completes the event if this process still holds it: its director row goes, the canon register marks
+    /// it completed and prunes its scenes (late results are dead-lettered), in one transaction. `false` when
+    /// the lease was lost.
+    pub async fn complete(&self, lease: &Lease) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let held =
+            sqlx::query("DELETE FROM directors WHERE gm_event = $1 AND owner = $2 AND epoch = $3")
+                .bind(&lease.gm_event)
+                .bind(&self.owner)
+                .bind(lease.epoch)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+        if !held {
+            return Ok(false);
+        }
+        nimmer_compositor::complete_event_in(&mut tx, &lease.gm_event).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Open events of this shard (any owner).
+    pub async fn open_events(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM directors WHERE shard = $1")
+                .bind(&self.shard)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}
