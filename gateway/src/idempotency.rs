@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::api::DialogResponse;
@@ -157,8 +156,7 @@ impl Drop for Ticket {
 
 /// The result id of the dialog with idempotency key `key`: the same on every gateway, for every repeat.
 pub fn result_id(key: &str) -> String {
-    let d = Sha256::digest(format!("nimmer/result/{key}").as_bytes());
-    d[..16].iter().map(|b| format!("{b:02x}")).collect()
+    nimmer_wire::dialog::result_id(key)
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@ pub enum GmError {
     Db(#[from] sqlx::Error),
     #[error("a director's record: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("gateway or results: {0}")]
+    Service(String),
+    #[error("the walk: {0}")]
+    Walk(#[from] crate::walk::WalkError),
     #[error("compositor schema: {0}")]
     Schema(#[from] nimmer_compositor::CompositorError),
 }

@@ -170,6 +170,14 @@ pub struct DialogResponse {
     pub classification: Option<Classification>,
 }
 
+/// The result id of a dialog with idempotency key `key` (its UID unless the caller gave one): the same on
+/// every gateway and for every repeat, so canon keeps one row per key.
+pub fn result_id(key: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("nimmer/result/{key}").as_bytes());
+    d[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A finished dialog as published to JetStream (`RESULTS`) for the compositors: the request's routing facts
 /// and the response. `result_id` is unique per result (the JetStream message id, for deduplication).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,0 +1,231 @@
+//! One director: drives one held event from its recorded progress to completion.
+//!
+//! Each round it takes the walk's actions (one per running scene, performed concurrently), asks the gateway
+//! through [`Services`] (every line as a draft, under the idempotency key `<uid>#<attempt>`, so a respawned
+//! director asking again gets the same answer), applies the answers, publishes each newly accepted slot as
+//! that slot's result (its `result_id` derives from the slot's UID alone: a repeat is a no-op downstream),
+//! then records the progress under its lease. Publishing before recording is what makes a crash harmless: a
+//! successor redoes at most the last round and publishes nothing new. A lost lease ends the director.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+
+use nimmer_config::EventTemplate;
+use nimmer_wire::dialog::{DialogResponse, DialogResult, Npc, Uid};
+
+use crate::error::Result;
+use crate::register::{Lease, Register};
+use crate::walk::{Action, Outcome, SlotRequest};
+
+/// One request a director makes.
+#[derive(Debug, Clone)]
+pub struct Ask<'a> {
+    pub uid: Uid,
+    pub zone: &'a str,
+    /// Idempotency key: the same key gets the same answer.
+    pub key: String,
+    pub request: &'a SlotRequest,
+}
+
+/// What a director needs from the rest of the system (the gateway and RESULTS; fakes in tests).
+pub trait Services: Sync {
+    /// A slot's answer, asked as a draft (a line, or a classify slot's classification).
+    fn ask(&self, ask: &Ask<'_>) -> impl Future<Output = Result<DialogResponse>> + Send;
+    /// A gate's or branch's label for `input` (a draft classification).
+    fn classify(
+        &self,
+        uid: &Uid,
+        zone: &str,
+        key: &str,
+        classifier: &str,
+        input: &str,
+    ) -> impl Future<Output = Result<String>> + Send;
+    /// Publishes a slot's accepted answer to the compositors.
+    fn publish(&self, result: &DialogResult) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// How a director ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// The event completed (its register rows are gone).
+    Completed,
+    /// Another process holds the event now.
+    Lost,
+}
+
+/// The result id of a slot's canon line: one per slot, whatever the attempt or the director.
+pub fn slot_result_id(uid: &Uid) -> String {
+    nimmer_wire::dialog::result_id(&uid.to_string())
+}
+
+/// Drives `lease`'s event (template `t`) until it completes or the lease is lost.
+pub async fn run<S: Services>(
+    svc: &S,
+    reg: &Register,
+    t: &EventTemplate,
+    mut lease: Lease,
+) -> Result<Finished> {
+    let mut values = lease.values.clone();
+    values.insert("event".into(), lease.gm_event.clone());
+    values.insert("district".into(), lease.district.clone());
+    let zone = values
+        .get("zone")
+        .cloned()
+        .unwrap_or_else(|| lease.district.clone());
+    // Answers of this director's own asks, by slot (a successor asks again and gets the same).
+    let mut answers: HashMap<String, (SlotRequest, DialogResponse)> = HashMap::new();
+    loop {
+        let actions = lease.progress.actions(t, &values);
+        if actions.is_empty() {
+            return Ok(if reg.complete(&lease).await? {
+                Finished::Completed
+            } else {
+                Finished::Lost
+            });
+        }
+        let done =
+            futures::future::join_all(actions.iter().map(|a| perform(svc, &lease, &zone, a))).await;
+        for (a, r) in actions.iter().zip(done) {
+            let (outcome, answer) = r?;
+            if let (Action::Ask { slot, request, .. }, Some(resp)) = (a, answer) {
+                answers.insert(slot.clone(), (request.clone(), resp));
+            }
+            let before: BTreeSet<String> = lease.progress.lines.keys().cloned().collect();
+            lease.progress.apply(t, outcome)?;
+            let accepted: Vec<String> = lease
+                .progress
+                .lines
+                .keys()
+                .filter(|k| !before.contains(*k))
+                .cloned()
+                .collect();
+            for slot in accepted {
+                let (request, resp) = match answers.get(&slot) {
+                    Some(x) => x.clone(),
+                    None => continue,
+                };
+                let uid = slot_uid(&lease, scene_of(t, &slot), &slot);
+                svc.publish(&result(&uid, &zone, &request, resp)).await?;
+            }
+        }
+        if !reg.record(&lease).await? {
+            return Ok(Finished::Lost);
+        }
+    }
+}
+
+/// Performs one action: the outcome to apply, and for an ask the gateway's whole answer.
+async fn perform<S: Services>(
+    svc: &S,
+    lease: &Lease,
+    zone: &str,
+    a: &Action,
+) -> Result<(Outcome, Option<DialogResponse>)> {
+    Ok(match a {
+        Action::Ask {
+            scene,
+            slot,
+            attempt,
+            request,
+        } => {
+            let uid = slot_uid(lease, scene, slot);
+            let key = format!("{uid}#{attempt}");
+            let resp = svc
+                .ask(&Ask {
+                    uid,
+                    zone,
+                    key,
+                    request,
+                })
+                .await?;
+            let text = resp
+                .classification
+                .as_ref()
+                .map_or_else(|| resp.text.clone(), |c| c.label.clone());
+            (
+                Outcome::Line {
+                    scene: scene.clone(),
+                    text,
+                },
+                Some(resp),
+            )
+        }
+        Action::Gate {
+            scene,
+            slot,
+            attempt,
+            classifier,
+            input,
+        } => {
+            let uid = slot_uid(lease, scene, &format!("{slot}-gate"));
+            let key = format!("{uid}#{attempt}");
+            let label = svc.classify(&uid, zone, &key, classifier, input).await?;
+            (
+                Outcome::Label {
+                    scene: scene.clone(),
+                    label,
+                },
+                None,
+            )
+        }
+        Action::Branch {
+            scene,
+            classifier,
+            input,
+        } => {
+            let uid = slot_uid(lease, scene, &format!("{scene}-branch"));
+            let key = uid.to_string();
+            let label = svc.classify(&uid, zone, &key, classifier, input).await?;
+            (
+                Outcome::Label {
+                    scene: scene.clone(),
+                    label,
+                },
+                None,
+            )
+        }
+    })
+}
+
+fn slot_uid(lease: &Lease, scene: &str, slot: &str) -> Uid {
+    Uid {
+        gm_event: lease.gm_event.clone(),
+        district: lease.district.clone(),
+        scene: scene.to_string(),
+        slot: slot.to_string(),
+    }
+}
+
+fn scene_of<'a>(t: &'a EventTemplate, slot: &str) -> &'a str {
+    t.scenes
+        .iter()
+        .find(|s| s.slots.iter().any(|x| x.id == slot))
+        .map_or("", |s| s.id.as_str())
+}
+
+/// A slot's accepted answer as the result the compositors make canon.
+fn result(
+    uid: &Uid,
+    zone: &str,
+    request: &SlotRequest,
+    mut response: DialogResponse,
+) -> DialogResult {
+    response.uid = uid.clone();
+    let finished_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    DialogResult {
+        result_id: slot_result_id(uid),
+        uid: uid.clone(),
+        zone: zone.to_string(),
+        kind: request.kind,
+        npc: request.npc.as_ref().map(|id| Npc {
+            id: id.clone(),
+            traits: request.traits.clone(),
+        }),
+        participants: request.participants.clone(),
+        faction: request.faction.clone(),
+        finished_at_ms,
+        response,
+    }
+}

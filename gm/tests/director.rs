@@ -1,0 +1,189 @@
+//! Directors against a real PostgreSQL register, with the gateway and RESULTS faked: gates, branches, and a
+//! director that dies mid-event taken over by another process of its shard, every slot published once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nimmer_config::{Config, EventCatalog, EventTemplate};
+use nimmer_gm::director::{self, Ask, Finished, Services, slot_result_id};
+use nimmer_gm::{GmError, Progress, Register};
+use nimmer_services::Postgres;
+use nimmer_wire::dialog::{DialogResponse, DialogResult, Uid};
+
+/// Answers by key (the same key always gets the same answer, as the gateway's idempotency does), labels by
+/// rule, records what is published; fails every ask after `fail_after` asks (a director that dies).
+struct Fake {
+    asks: AtomicUsize,
+    fail_after: usize,
+    reject: BTreeSet<String>,
+    branch: String,
+    published: Mutex<Vec<DialogResult>>,
+}
+
+impl Fake {
+    fn new(fail_after: usize, reject: &[&str], branch: &str) -> Self {
+        Self {
+            asks: AtomicUsize::new(0),
+            fail_after,
+            reject: reject.iter().map(|s| s.to_string()).collect(),
+            branch: branch.into(),
+            published: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Services for Fake {
+    async fn ask(&self, ask: &Ask<'_>) -> nimmer_gm::Result<DialogResponse> {
+        if self.asks.fetch_add(1, Ordering::SeqCst) >= self.fail_after {
+            return Err(GmError::Service("the director died".into()));
+        }
+        Ok(serde_json::from_value(serde_json::json!({
+            "text": format!("answer to {}", ask.key), "tier": "driver",
+        }))
+        .unwrap())
+    }
+    async fn classify(
+        &self,
+        uid: &Uid,
+        _zone: &str,
+        key: &str,
+        classifier: &str,
+        input: &str,
+    ) -> nimmer_gm::Result<String> {
+        if uid.slot.ends_with("-branch") {
+            return Ok(self.branch.clone());
+        }
+        assert_eq!(classifier, "audit-overseer");
+        assert!(input.starts_with("answer to "), "{input}");
+        let attempt = key.rsplit('#').next().unwrap();
+        let slot = uid.slot.trim_end_matches("-gate");
+        Ok(if self.reject.contains(&format!("{slot}#{attempt}")) {
+            "meta".into()
+        } else {
+            "ok".into()
+        })
+    }
+    async fn publish(&self, result: &DialogResult) -> nimmer_gm::Result<()> {
+        self.published.lock().unwrap().push(result.clone());
+        Ok(())
+    }
+}
+
+fn event(name: &str) -> EventTemplate {
+    let c = Config::embedded();
+    EventCatalog::embedded(&c.classifiers).unwrap().events[name].clone()
+}
+
+fn values(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Published slot -> text (one entry per result id).
+fn canon(f: &Fake) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for r in f.published.lock().unwrap().iter() {
+        assert_eq!(r.result_id, slot_result_id(&r.uid));
+        if let Some(prev) = out.insert(r.uid.slot.clone(), r.response.text.clone()) {
+            assert_eq!(prev, r.response.text, "a repeat publishes the same line");
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_director_walks_gates_and_a_branch_and_publishes_only_accepted_lines() {
+    let pg = Postgres::start();
+    let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
+    let t = event("market-quarrel");
+    let v = values(&[("player", "p1")]);
+    let reg = Register::new(pool.clone(), "market", "gm-a", Duration::from_secs(30));
+    let lease = reg
+        .open("ev-m1", &t.name, "market", &v, &Progress::open(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    // The accusation's first line is rejected by the overseer; the retort reads as hostile: a brawl.
+    let fake = Fake::new(usize::MAX, &["accusation#1"], "-1");
+    let end = director::run(&fake, &reg, &t, lease).await.unwrap();
+    assert_eq!(end, Finished::Completed);
+    let lines = canon(&fake);
+    assert_eq!(
+        lines.keys().collect::<Vec<_>>(),
+        ["accusation", "guard", "retort"]
+    );
+    assert_eq!(
+        lines["accusation"],
+        "answer to ev-m1/market/quarrel/accusation#2"
+    );
+    let r = fake.published.lock().unwrap()[0].clone();
+    assert_eq!(r.participants, ["p1"]);
+    assert_eq!(r.npc.as_ref().unwrap().id, "fishmonger-greta");
+    assert_eq!(r.zone, "market");
+    assert_eq!(
+        reg.open_events().await.unwrap(),
+        0,
+        "completion prunes the register"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_published_once() {
+    let pg = Postgres::start();
+    let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
+    let t = event("harbour-arrival");
+    let v = values(&[("ship", "Gull"), ("player", "p7")]);
+    let ttl = Duration::from_secs(1);
+    let a = Register::new(pool.clone(), "docks", "gm-a", ttl);
+    let b = Register::new(pool.clone(), "docks", "gm-b", ttl);
+    let lease = a
+        .open("ev-h1", &t.name, "docks", &v, &Progress::open(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    // A asks three lines (hail, gossip, then reply), then dies on its fourth ask.
+    let fa = Fake::new(3, &[], "0");
+    let err = director::run(&fa, &a, &t, lease).await.unwrap_err();
+    assert!(err.to_string().contains("died"), "{err}");
+    let before = canon(&fa);
+    assert!(!before.is_empty(), "A published some slots before it died");
+    // A no longer renews; B takes the event over with A's recorded progress and finishes it.
+    let mut taken = Vec::new();
+    for _ in 0..100 {
+        taken = b.take_expired(10).await.unwrap();
+        if !taken.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = taken.pop().expect("B took the event");
+    assert!(
+        !lease.progress.lines.is_empty(),
+        "B resumes from A's progress"
+    );
+    let fb = Fake::new(usize::MAX, &[], "0");
+    assert_eq!(
+        director::run(&fb, &b, &t, lease).await.unwrap(),
+        Finished::Completed
+    );
+    // Every slot exactly once across both directors (by result id), each with its first attempt's answer.
+    let mut all = canon(&fa);
+    for (slot, text) in canon(&fb) {
+        assert!(
+            !all.contains_key(&slot),
+            "{slot} published by both directors"
+        );
+        all.insert(slot, text);
+    }
+    assert_eq!(
+        all.keys().collect::<Vec<_>>(),
+        ["gossip", "hail", "inspection", "reply"]
+    );
+    for (slot, text) in &all {
+        assert!(text.ends_with(&format!("/{slot}#1")), "{slot}: {text}");
+    }
+    assert_eq!(b.open_events().await.unwrap(), 0);
+}
