@@ -5,7 +5,8 @@
 //! director asking again gets the same answer), applies the answers, publishes each newly accepted slot as
 //! that slot's result (its `result_id` derives from the slot's UID alone: a repeat is a no-op downstream),
 //! then records the progress under its lease. Publishing before recording is what makes a crash harmless: a
-//! successor redoes at most the last round and publishes nothing new. A lost lease ends the director.
+//! successor redoes at most the last round and publishes nothing new. The event completes once every
+//! accepted slot is a canon row. A lost lease ends the director.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -45,10 +46,10 @@ pub trait Services: Sync {
 }
 
 /// How a director ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Finished {
-    /// The event completed (its register rows are gone).
-    Completed,
+    /// The event completed (its register rows are gone), with its final progress.
+    Completed(crate::walk::Progress),
     /// Another process holds the event now.
     Lost,
 }
@@ -77,8 +78,24 @@ pub async fn run<S: Services>(
     loop {
         let actions = lease.progress.actions(t, &values);
         if actions.is_empty() {
+            // Every accepted slot must be canon before the event completes (the compositors reject results of
+            // completed events); a compositor that is down makes the director wait, never lose a line.
+            let ids: Vec<String> = lease
+                .progress
+                .lines
+                .keys()
+                .map(|slot| slot_result_id(&slot_uid(&lease, scene_of(t, slot), slot)))
+                .collect();
+            let mut waited = 0u32;
+            while reg.composed(&ids).await? < ids.len() as i64 {
+                waited += 1;
+                if waited.is_multiple_of(50) {
+                    tracing::warn!(gm_event = %lease.gm_event, "waiting for the compositors to make the event's lines canon");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
             return Ok(if reg.complete(&lease).await? {
-                Finished::Completed
+                Finished::Completed(lease.progress)
             } else {
                 Finished::Lost
             });

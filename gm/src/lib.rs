@@ -4,10 +4,12 @@
 
 pub mod director;
 mod error;
+pub mod nats;
 pub mod register;
 pub mod walk;
 
 pub use director::{Ask, Finished, Services};
 pub use error::{GmError, Result};
+pub use nats::NatsServices;
 pub use register::{Lease, Register};
 pub use walk::{Action, Outcome, Progress, SlotRequest};

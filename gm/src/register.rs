@@ -176,6 +176,17 @@ impl Register {
         Ok(true)
     }
 
+    /// How many of `result_ids` are canon rows already (a director completes its event only once all its
+    /// published slots are: the compositors reject results of completed events).
+    pub async fn composed(&self, result_ids: &[String]) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM canon WHERE result_id = ANY($1)")
+                .bind(result_ids)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     /// Open events of this shard (any owner).
     pub async fn open_events(&self) -> Result<i64> {
         Ok(

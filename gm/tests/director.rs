@@ -13,8 +13,10 @@ use nimmer_services::Postgres;
 use nimmer_wire::dialog::{DialogResponse, DialogResult, Uid};
 
 /// Answers by key (the same key always gets the same answer, as the gateway's idempotency does), labels by
-/// rule, records what is published; fails every ask after `fail_after` asks (a director that dies).
+/// rule, records what is published and makes it canon the way a compositor would (one row per result id);
+/// fails every ask after `fail_after` asks (a director that dies).
 struct Fake {
+    pool: sqlx::PgPool,
     asks: AtomicUsize,
     fail_after: usize,
     reject: BTreeSet<String>,
@@ -23,8 +25,9 @@ struct Fake {
 }
 
 impl Fake {
-    fn new(fail_after: usize, reject: &[&str], branch: &str) -> Self {
+    fn new(pool: &sqlx::PgPool, fail_after: usize, reject: &[&str], branch: &str) -> Self {
         Self {
+            pool: pool.clone(),
             asks: AtomicUsize::new(0),
             fail_after,
             reject: reject.iter().map(|s| s.to_string()).collect(),
@@ -67,6 +70,26 @@ impl Services for Fake {
     }
     async fn publish(&self, result: &DialogResult) -> nimmer_gm::Result<()> {
         self.published.lock().unwrap().push(result.clone());
+        let u = &result.uid;
+        sqlx::query(
+            "INSERT INTO canon (canon_uid, result_id, gm_event, district, scene, slot, seq, zone, kind, tier,
+                                text, participants, adapters, finished_at)
+             SELECT $1 || '/' || $2, $2, $3, $4, $5, $6,
+                    (SELECT coalesce(max(seq), 0) + 1 FROM canon WHERE gm_event = $3 AND district = $4
+                                                                 AND scene = $5),
+                    $7, 'dialog', 'driver', $8, '{}', '{}', now()
+             ON CONFLICT (result_id) DO NOTHING",
+        )
+        .bind(u.to_string())
+        .bind(&result.result_id)
+        .bind(&u.gm_event)
+        .bind(&u.district)
+        .bind(&u.scene)
+        .bind(&u.slot)
+        .bind(&result.zone)
+        .bind(&result.response.text)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }
@@ -107,9 +130,12 @@ async fn a_director_walks_gates_and_a_branch_and_publishes_only_accepted_lines()
         .unwrap()
         .unwrap();
     // The accusation's first line is rejected by the overseer; the retort reads as hostile: a brawl.
-    let fake = Fake::new(usize::MAX, &["accusation#1"], "-1");
+    let fake = Fake::new(&pool, usize::MAX, &["accusation#1"], "-1");
     let end = director::run(&fake, &reg, &t, lease).await.unwrap();
-    assert_eq!(end, Finished::Completed);
+    let Finished::Completed(progress) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(progress.scenes.len(), 2, "the quarrel and the brawl ran");
     let lines = canon(&fake);
     assert_eq!(
         lines.keys().collect::<Vec<_>>(),
@@ -145,7 +171,7 @@ async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_publishe
         .unwrap()
         .unwrap();
     // A asks three lines (hail, gossip, then reply), then dies on its fourth ask.
-    let fa = Fake::new(3, &[], "0");
+    let fa = Fake::new(&pool, 3, &[], "0");
     let err = director::run(&fa, &a, &t, lease).await.unwrap_err();
     assert!(err.to_string().contains("died"), "{err}");
     let before = canon(&fa);
@@ -164,11 +190,9 @@ async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_publishe
         !lease.progress.lines.is_empty(),
         "B resumes from A's progress"
     );
-    let fb = Fake::new(usize::MAX, &[], "0");
-    assert_eq!(
-        director::run(&fb, &b, &t, lease).await.unwrap(),
-        Finished::Completed
-    );
+    let fb = Fake::new(&pool, usize::MAX, &[], "0");
+    let end = director::run(&fb, &b, &t, lease).await.unwrap();
+    assert!(matches!(end, Finished::Completed(_)), "{end:?}");
     // Every slot exactly once across both directors (by result id), each with its first attempt's answer.
     let mut all = canon(&fa);
     for (slot, text) in canon(&fb) {
@@ -186,4 +210,9 @@ async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_publishe
         assert!(text.ends_with(&format!("/{slot}#1")), "{slot}: {text}");
     }
     assert_eq!(b.open_events().await.unwrap(), 0);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM canon WHERE gm_event = 'ev-h1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 4, "one canon row per slot");
 }
