@@ -81,7 +81,7 @@ pub fn events(config_dir: Option<PathBuf>, cmd: EventsCmd) -> Result<()> {
 /// `nimmer events templates`.
 fn templates(config_dir: &Option<PathBuf>) -> Result<()> {
     let config = crate::files::load_config(config_dir)?;
-    let catalog = crate::files::event_catalog(config_dir, &config.classifiers)?;
+    let catalog = crate::files::event_catalog(config_dir, &config)?;
     for (name, e) in &catalog.events {
         let faction = e.faction.as_deref().unwrap_or("-");
         println!(

@@ -36,12 +36,12 @@ pub fn transport_config(dir: &Option<PathBuf>) -> Result<nimmer_config::Transpor
 /// The event templates: `events/` of the config directory when it has one, else the embedded ones.
 pub fn event_catalog(
     dir: &Option<PathBuf>,
-    classifiers: &nimmer_config::ClassifiersFile,
+    config: &Config,
 ) -> Result<nimmer_config::EventCatalog> {
     Ok(match dir {
         Some(d) if d.join("events").is_dir() => {
-            nimmer_config::EventCatalog::load(&d.join("events"), classifiers)?
+            nimmer_config::EventCatalog::load(&d.join("events"), config)?
         }
-        _ => nimmer_config::EventCatalog::embedded(classifiers)?,
+        _ => nimmer_config::EventCatalog::embedded(config)?,
     })
 }

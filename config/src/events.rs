@@ -16,7 +16,7 @@ use nimmer_wire::dialog::Kind;
 use serde::Deserialize;
 
 use crate::template::Template;
-use crate::{ClassifiersFile, ConfigError};
+use crate::{ClassifiersFile, Config, ConfigError, UnknownTrait};
 
 /// The event templates shipped with nimmer (`config/events/`), embedded in the binary.
 pub const DEFAULT_EVENTS: &[(&str, &str)] = &[
@@ -195,13 +195,10 @@ pub struct Branch {
 }
 
 impl EventTemplate {
-    /// Parses and validates one event file; `name` is its file stem.
-    pub fn parse(
-        file: &str,
-        name: &str,
-        text: &str,
-        classifiers: &ClassifiersFile,
-    ) -> Result<Self, ConfigError> {
+    /// Parses and validates one event file against `config` (its classifiers and, unless `unknown_trait =
+    /// "ignore"`, its `[traits]`); `name` is its file stem.
+    pub fn parse(file: &str, name: &str, text: &str, config: &Config) -> Result<Self, ConfigError> {
+        let classifiers = &config.classifiers;
         let raw: RawEvent = toml::from_str(text).map_err(|e| ConfigError::parse(file, e))?;
         let bad = |key: String, rule: String| ConfigError::invalid(file, key, rule);
         if !crate::valid_token(name) {
@@ -240,11 +237,14 @@ impl EventTemplate {
                 "slot ids must be unique within the event".into(),
             ));
         }
+        let known_traits = (config.budgets.loras.unknown_trait == UnknownTrait::Reject)
+            .then(|| config.budgets.traits.keys().cloned().collect());
         let ck = Checker {
             file,
             values: &values,
             slot_ids: &slot_ids,
             classifiers,
+            known_traits,
         };
         let template = |key: &str, text: &str| ck.template(key, text);
         let labels = |key: &str, classifier: &str| ck.labels(key, classifier);
@@ -356,6 +356,8 @@ struct Checker<'a> {
     values: &'a BTreeSet<&'a str>,
     slot_ids: &'a BTreeSet<&'a str>,
     classifiers: &'a ClassifiersFile,
+    /// Traits `[traits]` maps to adapters (`None`: unknown traits are ignored by the gateways).
+    known_traits: Option<BTreeSet<String>>,
 }
 
 impl Checker<'_> {
@@ -455,6 +457,14 @@ fn slot(ck: &Checker<'_>, key: &str, x: &RawSlot) -> Result<SlotTemplate, Config
             format!("{w} is outside 0..=1"),
         ));
     }
+    if let Some(known) = &ck.known_traits
+        && let Some(t) = x.traits.keys().find(|t| !known.contains(*t))
+    {
+        return Err(bad(
+            k(&format!("traits.{t}")),
+            format!("unknown trait (budgets.toml `[traits]` maps {known:?})"),
+        ));
+    }
     let gate = match &x.gate {
         None => None,
         Some(g) => {
@@ -526,21 +536,21 @@ pub struct EventCatalog {
 }
 
 impl EventCatalog {
-    /// The templates shipped with nimmer.
-    pub fn embedded(classifiers: &ClassifiersFile) -> Result<Self, ConfigError> {
+    /// The templates shipped with nimmer, checked against `config`.
+    pub fn embedded(config: &Config) -> Result<Self, ConfigError> {
         let mut events = BTreeMap::new();
         for (name, text) in DEFAULT_EVENTS {
             let file = format!("<embedded>/events/{name}.toml");
             events.insert(
                 name.to_string(),
-                EventTemplate::parse(&file, name, text, classifiers)?,
+                EventTemplate::parse(&file, name, text, config)?,
             );
         }
         Ok(Self { events })
     }
 
-    /// Every `*.toml` in `dir` (a studio adds an event by adding a file).
-    pub fn load(dir: &Path, classifiers: &ClassifiersFile) -> Result<Self, ConfigError> {
+    /// Every `*.toml` in `dir` (a studio adds an event by adding a file), checked against `config`.
+    pub fn load(dir: &Path, config: &Config) -> Result<Self, ConfigError> {
         let io = |source| ConfigError::Io {
             file: dir.display().to_string(),
             source,
@@ -562,7 +572,7 @@ impl EventCatalog {
             })?;
             events.insert(
                 name.to_string(),
-                EventTemplate::parse(&file, name, &text, classifiers)?,
+                EventTemplate::parse(&file, name, &text, config)?,
             );
         }
         Ok(Self { events })

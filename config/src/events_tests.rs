@@ -1,14 +1,9 @@
 //! Tests of the event templates: the shipped ones load, and every rule names its key.
 
 use super::*;
-use crate::Config;
-
-fn classifiers() -> ClassifiersFile {
-    Config::embedded().classifiers
-}
 
 fn parse(text: &str) -> Result<EventTemplate, ConfigError> {
-    EventTemplate::parse("events/e.toml", "e", text, &classifiers())
+    EventTemplate::parse("events/e.toml", "e", text, &Config::embedded())
 }
 
 const MINIMAL: &str = r#"
@@ -27,7 +22,7 @@ prompt = "Hello {player}"
 
 #[test]
 fn the_shipped_events_load_with_their_scenes_gates_and_branches() {
-    let c = EventCatalog::embedded(&classifiers()).unwrap();
+    let c = EventCatalog::embedded(&Config::embedded()).unwrap();
     assert_eq!(c.events.len(), DEFAULT_EVENTS.len());
     let q = &c.events["market-quarrel"];
     let b = q.scene("quarrel").unwrap().branch.as_ref().unwrap();
@@ -42,7 +37,7 @@ fn the_shipped_events_load_with_their_scenes_gates_and_branches() {
     assert_eq!(c.events["landmark-moment"].tier, EventTier::Major);
     // The repository's folder holds the same files.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("events");
-    let on_disk = EventCatalog::load(&dir, &classifiers()).unwrap();
+    let on_disk = EventCatalog::load(&dir, &Config::embedded()).unwrap();
     assert_eq!(
         on_disk.events.keys().collect::<Vec<_>>(),
         c.events.keys().collect::<Vec<_>>()
@@ -103,6 +98,11 @@ fn each_broken_rule_names_its_key() {
             "kind = \"dialog\"",
             "kind = \"dialog\"\ncolour = 1",
             "colour",
+        ),
+        (
+            "kind = \"dialog\"",
+            "kind = \"dialog\"\ntraits = { pirate = 0.5 }",
+            "traits.pirate",
         ),
     ];
     for (from, to, want) in cases {

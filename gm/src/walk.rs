@@ -5,8 +5,9 @@
 //! running scene (scenes without `after` run in parallel): ask the gateway for a slot's line, classify a line
 //! for its gate, or classify a scene's text for its branch. [`Progress::apply`] takes the answer and moves the
 //! event on: a gate's accepted label keeps the line, another asks again until the slot's attempts run out (the
-//! slot is then given up: no line), a branch label starts the scene it names or ends the path, a finished
-//! scene starts the scenes that waited for it. No I/O here: every rule is unit-tested.
+//! slot is then given up: no line; an empty answer counts as a rejection), a branch label starts the scene it
+//! names or ends the path (a branch with nothing to classify ends it too), a finished scene starts the scenes
+//! that waited for it. No I/O here: every rule is unit-tested.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,6 +15,11 @@ use nimmer_config::template::{Missing, Template};
 use nimmer_config::{EventTemplate, SlotTemplate, SlotWork};
 use nimmer_wire::dialog::Kind;
 use serde::{Deserialize, Serialize};
+
+/// Attempts at a slot without a gate whose answers come back empty.
+pub const EMPTY_ATTEMPTS: u32 = 3;
+/// [`Progress::render`]'s answer for a branch with an empty input.
+const NO_BRANCH: usize = usize::MAX;
 
 /// Where one started scene is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +144,13 @@ impl Progress {
                 match self.render(scene, &id, values) {
                     Ok(Some(a)) => out.push(a),
                     Ok(None) => {}
+                    Err(NO_BRANCH) => {
+                        // Nothing to classify: the scene ends without a branch.
+                        self.scenes
+                            .insert(id.clone(), SceneState::Done { label: None });
+                        self.start_ready(t);
+                        continue;
+                    }
                     Err(slot) => {
                         self.skipped.insert(scene.slots[slot].id.clone());
                         self.advance(t, &id, slot);
@@ -150,7 +163,8 @@ impl Progress {
         out
     }
 
-    /// The action of scene `id`, or `Err(slot)` when the slot's texts cannot be rendered.
+    /// The action of scene `id`, or `Err(slot)` when the slot's texts cannot be rendered (`Err(NO_BRANCH)`:
+    /// the branch has nothing to classify).
     fn render(
         &self,
         scene: &nimmer_config::SceneTemplate,
@@ -192,8 +206,11 @@ impl Progress {
                     .branch
                     .as_ref()
                     .expect("a branching scene has a branch");
-                // A branch input quoting a given-up slot reads as empty text.
+                // A branch input quoting a given-up slot reads as empty text (see `actions`).
                 let input = b.input.render(values, &self.lines).unwrap_or_default();
+                if input.trim().is_empty() {
+                    return Err(NO_BRANCH);
+                }
                 Action::Branch {
                     scene: id.to_string(),
                     classifier: b.classifier.clone(),
@@ -221,6 +238,25 @@ impl Progress {
             .cloned()
             .ok_or_else(|| err("the scene has not started".into()))?;
         match (state, outcome) {
+            (SceneState::Asking { slot, attempt }, Outcome::Line { text, .. })
+                if text.trim().is_empty() =>
+            {
+                // An empty line is never a line: asked again like a gate's rejection.
+                let x = &scene.slots[slot];
+                let attempts = x.gate.as_ref().map_or(EMPTY_ATTEMPTS, |g| g.attempts);
+                if attempt >= attempts {
+                    self.skipped.insert(x.id.clone());
+                    self.advance(t, &id, slot);
+                } else {
+                    self.scenes.insert(
+                        id.clone(),
+                        SceneState::Asking {
+                            slot,
+                            attempt: attempt + 1,
+                        },
+                    );
+                }
+            }
             (SceneState::Asking { slot, attempt }, Outcome::Line { text, .. }) => {
                 if scene.slots[slot].gate.is_some() {
                     self.scenes.insert(

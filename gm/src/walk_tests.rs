@@ -5,7 +5,7 @@ use nimmer_config::{Config, EventCatalog};
 
 fn event(name: &str) -> EventTemplate {
     let c = Config::embedded();
-    EventCatalog::embedded(&c.classifiers).unwrap().events[name].clone()
+    EventCatalog::embedded(&c).unwrap().events[name].clone()
 }
 
 fn values(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -222,4 +222,33 @@ fn a_respawned_director_continues_from_the_recorded_progress() {
     let mut back: Progress = serde_json::from_str(&json).unwrap();
     assert_eq!(back, p);
     assert_eq!(back.actions(&t, &v), p.actions(&t, &v));
+}
+
+#[test]
+fn empty_answers_are_asked_again_and_a_branch_with_nothing_to_classify_ends_the_path() {
+    let t = event("market-quarrel");
+    let v = values(&[("player", "p1")]);
+    let mut p = Progress::open(&t);
+    // The accusation comes back empty twice (asked again), then a real line.
+    p.apply(&t, line("quarrel", "  ")).unwrap();
+    assert_eq!(
+        shape(&p.actions(&t, &v)),
+        [s("quarrel", "ask accusation", 2)]
+    );
+    p.apply(&t, line("quarrel", "")).unwrap();
+    p.apply(&t, line("quarrel", "Thief!")).unwrap();
+    p.apply(&t, label("quarrel", "ok")).unwrap();
+    // The retort is empty on all three attempts: given up, so the branch has nothing to read.
+    for attempt in 1..=3 {
+        assert_eq!(
+            shape(&p.actions(&t, &v)),
+            [s("quarrel", "ask retort", attempt)]
+        );
+        p.apply(&t, line("quarrel", "")).unwrap();
+    }
+    assert!(p.skipped.contains("retort"));
+    assert!(p.actions(&t, &v).is_empty());
+    assert!(p.is_complete());
+    assert_eq!(p.scenes["quarrel"], SceneState::Done { label: None });
+    assert_eq!(p.lines.keys().collect::<Vec<_>>(), ["accusation"]);
 }

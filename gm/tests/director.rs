@@ -96,7 +96,7 @@ impl Services for Fake {
 
 fn event(name: &str) -> EventTemplate {
     let c = Config::embedded();
-    EventCatalog::embedded(&c.classifiers).unwrap().events[name].clone()
+    EventCatalog::embedded(&c).unwrap().events[name].clone()
 }
 
 fn values(kv: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -12,7 +12,7 @@ async fn a_lease_not_renewed_is_taken_over_and_the_old_owner_can_no_longer_write
     let pg = Postgres::start();
     let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
     let c = Config::embedded();
-    let t = EventCatalog::embedded(&c.classifiers).unwrap().events["market-quarrel"].clone();
+    let t = EventCatalog::embedded(&c).unwrap().events["market-quarrel"].clone();
     let values: BTreeMap<String, String> = [("player".to_string(), "p1".to_string())].into();
     let ttl = Duration::from_secs(2);
     let a = Register::new(pool.clone(), "market", "gm-a", ttl);
