@@ -244,18 +244,7 @@ impl Progress {
                 // An empty line is never a line: asked again like a gate's rejection.
                 let x = &scene.slots[slot];
                 let attempts = x.gate.as_ref().map_or(EMPTY_ATTEMPTS, |g| g.attempts);
-                if attempt >= attempts {
-                    self.skipped.insert(x.id.clone());
-                    self.advance(t, &id, slot);
-                } else {
-                    self.scenes.insert(
-                        id.clone(),
-                        SceneState::Asking {
-                            slot,
-                            attempt: attempt + 1,
-                        },
-                    );
-                }
+                self.reject(t, &id, slot, attempt, attempts);
             }
             (SceneState::Asking { slot, attempt }, Outcome::Line { text, .. }) => {
                 if scene.slots[slot].gate.is_some() {
@@ -285,17 +274,8 @@ impl Progress {
                 if gate.accept.contains(&label) {
                     self.lines.insert(x.id.clone(), line);
                     self.advance(t, &id, slot);
-                } else if attempt >= gate.attempts {
-                    self.skipped.insert(x.id.clone());
-                    self.advance(t, &id, slot);
                 } else {
-                    self.scenes.insert(
-                        id.clone(),
-                        SceneState::Asking {
-                            slot,
-                            attempt: attempt + 1,
-                        },
-                    );
+                    self.reject(t, &id, slot, attempt, gate.attempts);
                 }
             }
             (SceneState::Branching, Outcome::Label { label, .. }) => {
@@ -323,6 +303,23 @@ impl Progress {
             }
         }
         Ok(())
+    }
+
+    /// Slot `slot` of scene `id` had no usable line at `attempt`: asked again, or given up after `attempts`.
+    fn reject(&mut self, t: &EventTemplate, id: &str, slot: usize, attempt: u32, attempts: u32) {
+        if attempt >= attempts {
+            let scene = t.scene(id).expect("a started scene is in the template");
+            self.skipped.insert(scene.slots[slot].id.clone());
+            self.advance(t, id, slot);
+        } else {
+            self.scenes.insert(
+                id.to_string(),
+                SceneState::Asking {
+                    slot,
+                    attempt: attempt + 1,
+                },
+            );
+        }
     }
 
     /// After slot `slot` of scene `id`: the next slot, else the branch, else done (starting what waited).
