@@ -27,6 +27,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo doc (the libraries' module summaries render, links resolve)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p nimmer-wire -p nimmer-config -p nimmer-loras \
-  -p nimmer-tiers -p nimmer-gateway -p nimmer-compositor
+  -p nimmer-tiers -p nimmer-gateway -p nimmer-compositor -p nimmer-gm
 echo "== cargo test"
 cargo test --workspace --locked
