@@ -64,7 +64,7 @@ async fn deep_and_moment_are_served_by_theia() {
 
 #[tokio::test]
 async fn classify_is_served_by_saturn() {
-    let body = json!({ "uid": "ev7/harbour/pier/slot2", "zone": "harbour-3", "kind": "classify", "classifier": "ternary-gate", "prompt": "You saved my life, thank you!" });
+    let body = json!({ "uid": "ev7/harbour/pier/classify1", "zone": "harbour-3", "kind": "classify", "classifier": "ternary-gate", "prompt": "You saved my life, thank you!" });
     let (status, v) = post("/v1/dialog", &body).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["tier"], "saturn");
@@ -212,16 +212,23 @@ async fn a_repeated_persona_is_served_from_the_prefix_cache_and_shows_in_zones_a
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_cannot_start_before_its_deadline_gets_504() {
-    let mut body = dialog(
+    // An idle engine admits a request within a millisecond, so keep it busy first: a ~1,000-token prompt
+    // prefills over several long steps, and the engine admits new sequences only between steps.
+    let mut busy = dialog(
         "dialog",
-        &"Tell me everything about the harbour. ".repeat(40),
+        &"Tell me everything about the harbour. ".repeat(120),
     );
+    busy["zone"] = json!("harbour-9");
+    let busy = tokio::spawn(async move { post("/v1/dialog", &busy).await });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let mut body = dialog("dialog", "Tell me about the harbour.");
     body["deadline_ms"] = json!(1);
     let (status, v) = post("/v1/dialog", &body).await;
     assert_eq!(status, 504, "{v}");
     assert_eq!(v["kind"], "deadline");
+    assert_eq!(busy.await.unwrap().0, 200);
 }
 
 #[tokio::test]
