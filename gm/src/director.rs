@@ -14,7 +14,7 @@ use std::future::Future;
 use nimmer_config::EventTemplate;
 use nimmer_wire::dialog::{DialogResponse, DialogResult, Npc, Uid};
 
-use crate::error::Result;
+use crate::error::{GmError, Result};
 use crate::register::{Lease, Register};
 use crate::walk::{Action, Outcome, SlotRequest};
 
@@ -119,7 +119,9 @@ pub async fn run<S: Services>(
             for slot in accepted {
                 let (request, resp) = match answers.get(&slot) {
                     Some(x) => x.clone(),
-                    None => continue,
+                    // A line its predecessor asked and this director's gate accepted: the same key gets
+                    // the same answer again (the text is the accepted line whatever comes back).
+                    None => reask(svc, &lease, &zone, t, &values, a, &slot).await?,
                 };
                 let uid = slot_uid(&lease, scene_of(t, &slot), &slot);
                 svc.publish(&result(&uid, &zone, &request, resp)).await?;
@@ -129,6 +131,39 @@ pub async fn run<S: Services>(
             return Ok(Finished::Lost);
         }
     }
+}
+
+/// Asks again for the accepted line of `slot` (a gate's `action`) under the key it was first asked with.
+async fn reask<S: Services>(
+    svc: &S,
+    lease: &Lease,
+    zone: &str,
+    t: &EventTemplate,
+    values: &std::collections::BTreeMap<String, String>,
+    action: &Action,
+    slot: &str,
+) -> Result<(SlotRequest, DialogResponse)> {
+    let Action::Gate { scene, attempt, .. } = action else {
+        return Err(GmError::Service(format!(
+            "{slot}: accepted without a gate and without its answer"
+        )));
+    };
+    let request = lease
+        .progress
+        .slot_request(t, values, slot)
+        .ok_or_else(|| GmError::Service(format!("{slot}: its request no longer renders")))?;
+    let uid = slot_uid(lease, scene, slot);
+    let key = format!("{uid}#{attempt}");
+    let mut resp = svc
+        .ask(&Ask {
+            uid,
+            zone,
+            key,
+            request: &request,
+        })
+        .await?;
+    resp.text = lease.progress.lines[slot].clone();
+    Ok((request, resp))
 }
 
 /// Performs one action: the outcome to apply, and for an ask the gateway's whole answer.

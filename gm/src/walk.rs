@@ -163,6 +163,21 @@ impl Progress {
         out
     }
 
+    /// The request of slot `slot` rendered as it was asked (its texts quote only earlier slots' lines).
+    pub fn slot_request(
+        &self,
+        t: &EventTemplate,
+        values: &BTreeMap<String, String>,
+        slot: &str,
+    ) -> Option<SlotRequest> {
+        let x = t
+            .scenes
+            .iter()
+            .flat_map(|s| &s.slots)
+            .find(|x| x.id == slot)?;
+        request(x, &|tpl: &Template| tpl.render(values, &self.lines)).ok()
+    }
+
     /// The action of scene `id`, or `Err(slot)` when the slot's texts cannot be rendered (`Err(NO_BRANCH)`:
     /// the branch has nothing to classify).
     fn render(

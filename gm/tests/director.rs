@@ -21,6 +21,8 @@ struct Fake {
     fail_after: usize,
     reject: BTreeSet<String>,
     branch: String,
+    /// Every gate classification fails (a director that dies between asking a line and gating it).
+    gates_fail: bool,
     published: Mutex<Vec<DialogResult>>,
 }
 
@@ -32,6 +34,7 @@ impl Fake {
             fail_after,
             reject: reject.iter().map(|s| s.to_string()).collect(),
             branch: branch.into(),
+            gates_fail: false,
             published: Mutex::new(Vec::new()),
         }
     }
@@ -57,6 +60,9 @@ impl Services for Fake {
     ) -> nimmer_gm::Result<String> {
         if uid.slot.ends_with("-branch") {
             return Ok(self.branch.clone());
+        }
+        if self.gates_fail {
+            return Err(GmError::Service("the director died".into()));
         }
         assert_eq!(classifier, "audit-overseer");
         assert!(input.starts_with("answer to "), "{input}");
@@ -211,6 +217,47 @@ async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_publishe
     }
     assert_eq!(b.open_events().await.unwrap(), 0);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM canon WHERE gm_event = 'ev-h1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 4, "one canon row per slot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_asked_by_a_dead_director_and_accepted_by_its_successor_is_published() {
+    let pg = Postgres::start();
+    let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
+    let t = event("harbour-arrival");
+    let v = values(&[("ship", "Gull"), ("player", "p7")]);
+    let ttl = Duration::from_secs(1);
+    let a = Register::new(pool.clone(), "docks", "gm-a", ttl);
+    let b = Register::new(pool.clone(), "docks", "gm-b", ttl);
+    let lease = a
+        .open("ev-h2", &t.name, "docks", &v, &Progress::open(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    // A asks the hail (gated) and the gossip, records the hail as waiting for its gate, and dies gating it.
+    let mut fa = Fake::new(&pool, usize::MAX, &[], "0");
+    fa.gates_fail = true;
+    assert!(director::run(&fa, &a, &t, lease).await.is_err());
+    assert_eq!(canon(&fa).keys().collect::<Vec<_>>(), ["gossip"]);
+    let mut taken = Vec::new();
+    for _ in 0..100 {
+        taken = b.take_expired(10).await.unwrap();
+        if !taken.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = taken.pop().expect("B took the event");
+    let fb = Fake::new(&pool, usize::MAX, &[], "0");
+    let end = director::run(&fb, &b, &t, lease).await.unwrap();
+    assert!(matches!(end, Finished::Completed(_)), "{end:?}");
+    // B's gate accepted A's hail: B publishes it (asked again under A's key), with A's text.
+    let hail = canon(&fb)["hail"].clone();
+    assert_eq!(hail, "answer to ev-h2/docks/berth/hail#1");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM canon WHERE gm_event = 'ev-h2'")
         .fetch_one(&pool)
         .await
         .unwrap();
