@@ -496,19 +496,18 @@ pub fn matmul_with(level: KernelLevel, x: &QuantActs, w: &TiledWeight, out: &mut
             let mut r0 = 0;
             while r0 < x.rows {
                 let mut nr = (x.rows - r0).min(pass);
+                // A whole panel against Q4 weights takes the prefill kernel of its level.
+                let panel = w.format == QFormat::Q4 && r0 % PANEL == 0 && r0 / PANEL < x.panels;
+                if panel && level >= KernelLevel::Avx2 {
+                    nr = PANEL;
+                }
                 match level {
                     #[cfg(target_arch = "x86_64")]
-                    KernelLevel::Avx2
-                        if w.format == QFormat::Q4 && r0 % PANEL == 0 && r0 / PANEL < x.panels =>
-                    unsafe {
-                        nr = PANEL;
+                    KernelLevel::Avx2 if panel => unsafe {
                         avx2::q4_panel(w, t, x, r0 / PANEL, &mut tile_out)
                     },
                     #[cfg(target_arch = "x86_64")]
-                    KernelLevel::Avx512Vnni
-                        if w.format == QFormat::Q4 && r0 % PANEL == 0 && r0 / PANEL < x.panels =>
-                    unsafe {
-                        nr = PANEL;
+                    KernelLevel::Avx512Vnni if panel => unsafe {
                         x86::q4_panel(w, t, x, r0 / PANEL, &mut tile_out)
                     },
                     #[cfg(target_arch = "x86_64")]
