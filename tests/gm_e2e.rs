@@ -66,10 +66,11 @@ async fn a_director_walks_an_event_through_the_real_gateway_into_canon() {
     assert!(ready, "the gateway answered over NATS");
 
     let pool = nimmer_compositor::connect(&pg.url, 2).await.unwrap();
-    let t = EventCatalog::load(&dir.join("events"), &config)
-        .unwrap()
-        .events["market-quarrel"]
-        .clone();
+    let tm = nimmer_gm::Templates {
+        catalog: EventCatalog::load(&dir.join("events"), &config).unwrap(),
+        map: nimmer_config::GmFile::load(&dir).unwrap(),
+    };
+    let t = tm.template("market-quarrel").unwrap().clone();
     let reg = Register::new(pool.clone(), "market", "gm-e2e", Duration::from_secs(30));
     let values = [("player".to_string(), "p9".to_string())].into();
     let lease = reg
@@ -79,7 +80,7 @@ async fn a_director_walks_an_event_through_the_real_gateway_into_canon() {
         .unwrap();
     let end = tokio::time::timeout(
         Duration::from_secs(300),
-        director::run(&svc, &reg, &t, lease),
+        director::run(&svc, &reg, &tm, lease),
     )
     .await
     .expect("the event completes within 5 minutes")

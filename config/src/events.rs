@@ -10,7 +10,6 @@
 //! classifiers and their labels (against `classifiers.toml`), placeholders (declared values, slots of the event).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use nimmer_wire::dialog::Kind;
 use serde::Deserialize;
@@ -33,13 +32,17 @@ pub const DEFAULT_EVENTS: &[(&str, &str)] = &[
         include_str!("../events/faction-rumour.toml"),
     ),
     (
+        "guild-inquiry",
+        include_str!("../events/guild-inquiry.toml"),
+    ),
+    (
         "landmark-moment",
         include_str!("../events/landmark-moment.toml"),
     ),
 ];
 
-/// Values every event has without declaring them: its UID and its district.
-pub const BUILTIN_VALUES: [&str; 2] = ["event", "district"];
+/// Values every event has without declaring them: its UID, its district and the zone its dialog is billed to.
+pub const BUILTIN_VALUES: [&str; 3] = ["event", "district", "zone"];
 
 /// Which arc an event belongs to (one of the shard keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -61,6 +64,17 @@ struct RawEvent {
     #[serde(default)]
     values: Vec<String>,
     scene: Vec<RawScene>,
+    #[serde(default)]
+    raise: Vec<RawRaise>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRaise {
+    id: String,
+    template: String,
+    #[serde(default)]
+    values: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +150,19 @@ pub struct EventTemplate {
     /// Values the caller must give when opening the event.
     pub values: Vec<String>,
     pub scenes: Vec<SceneTemplate>,
+    /// Events this one opens when it completes (on whichever shard the map assigns them).
+    pub raises: Vec<Raise>,
+}
+
+/// An event that an event opens when it completes: the GM's cross-shard message (a rumour in the docks
+/// raises an inquiry in the guild's shard). Skipped when a value quotes a slot that has no line.
+#[derive(Debug, Clone)]
+pub struct Raise {
+    pub id: String,
+    /// The template of the event it opens (checked against the catalog).
+    pub template: String,
+    /// The raised event's values, rendered with this event's values and lines.
+    pub values: BTreeMap<String, Template>,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +360,22 @@ impl EventTemplate {
                 "no scene starts when the event opens (each waits for `after` or a branch)".into(),
             ));
         }
+        let mut raises = Vec::new();
+        for r in &raw.raise {
+            let key = |k: &str| format!("raise.{}.{k}", r.id);
+            if !crate::valid_token(&r.id) || raw.raise.iter().filter(|x| x.id == r.id).count() > 1 {
+                return Err(bad(key("id"), "must be a unique subject token".into()));
+            }
+            raises.push(Raise {
+                id: r.id.clone(),
+                template: r.template.clone(),
+                values: r
+                    .values
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), template(&key(&format!("values.{k}")), v)?)))
+                    .collect::<Result<_, ConfigError>>()?,
+            });
+        }
         Ok(Self {
             name: name.to_string(),
             description: raw.description,
@@ -342,6 +385,7 @@ impl EventTemplate {
             faction: raw.faction,
             values: raw.values,
             scenes,
+            raises,
         })
     }
 
@@ -526,56 +570,6 @@ fn after_cycle(scenes: &[SceneTemplate]) -> Option<String> {
                 .map(|s| s.id.clone());
         }
         done.extend(ready);
-    }
-}
-
-/// Every event template a GM shard can open, by name.
-#[derive(Debug, Clone, Default)]
-pub struct EventCatalog {
-    pub events: BTreeMap<String, EventTemplate>,
-}
-
-impl EventCatalog {
-    /// The templates shipped with nimmer, checked against `config`.
-    pub fn embedded(config: &Config) -> Result<Self, ConfigError> {
-        let mut events = BTreeMap::new();
-        for (name, text) in DEFAULT_EVENTS {
-            let file = format!("<embedded>/events/{name}.toml");
-            events.insert(
-                name.to_string(),
-                EventTemplate::parse(&file, name, text, config)?,
-            );
-        }
-        Ok(Self { events })
-    }
-
-    /// Every `*.toml` in `dir` (a studio adds an event by adding a file), checked against `config`.
-    pub fn load(dir: &Path, config: &Config) -> Result<Self, ConfigError> {
-        let io = |source| ConfigError::Io {
-            file: dir.display().to_string(),
-            source,
-        };
-        let mut events = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(io)? {
-            let path = entry.map_err(io)?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
-                continue;
-            }
-            let file = path.display().to_string();
-            let name = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default();
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
-                file: file.clone(),
-                source,
-            })?;
-            events.insert(
-                name.to_string(),
-                EventTemplate::parse(&file, name, &text, config)?,
-            );
-        }
-        Ok(Self { events })
     }
 }
 

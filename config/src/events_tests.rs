@@ -1,6 +1,8 @@
 //! Tests of the event templates: the shipped ones load, and every rule names its key.
 
 use super::*;
+use crate::EventCatalog;
+use std::path::Path;
 
 fn parse(text: &str) -> Result<EventTemplate, ConfigError> {
     EventTemplate::parse("events/e.toml", "e", text, &Config::embedded())
@@ -141,4 +143,48 @@ fn scenes_waiting_in_a_circle_or_never_starting_are_refused() {
     assert!(e.contains("circle"), "{e}");
     let waiting = MINIMAL.replacen("id = \"a\"\n", "id = \"a\"\nafter = [\"a\"]\n", 1);
     assert!(parse(&waiting).is_err());
+}
+
+#[test]
+fn raises_name_a_template_of_the_catalog_with_exactly_its_values() {
+    let c = EventCatalog::embedded(&Config::embedded()).unwrap();
+    let r = &c.events["faction-rumour"].raises[0];
+    assert_eq!(
+        (r.id.as_str(), r.template.as_str()),
+        ("inquiry", "guild-inquiry")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("target.toml", MINIMAL);
+    let raising = |raise: &str| format!("{MINIMAL}\n[[raise]]\n{raise}\n");
+    for (raise, key, rule) in [
+        (
+            "id = \"r\"\ntemplate = \"nowhere\"\nvalues = { player = \"{player}\" }",
+            "raise.r.template",
+            "no event template `nowhere`",
+        ),
+        (
+            "id = \"r\"\ntemplate = \"target\"\nvalues = { ship = \"{player}\" }",
+            "raise.r.values",
+            "exactly the values",
+        ),
+    ] {
+        write("source.toml", &raising(raise));
+        let e = EventCatalog::load(dir.path(), &Config::embedded())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains(rule), "{e}");
+    }
+    // A raised value quotes only what its own event has.
+    let e = parse(&raising(
+        "id = \"r\"\ntemplate = \"target\"\nvalues = { player = \"{slot.nope}\" }",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("raise.r.values.player"), "{e}");
+    write(
+        "source.toml",
+        &raising("id = \"r\"\ntemplate = \"target\"\nvalues = { player = \"{slot.x}\" }"),
+    );
+    EventCatalog::load(dir.path(), &Config::embedded()).unwrap();
 }

@@ -7,9 +7,11 @@
 //! also embedded in the binary ([`Config::embedded`]) so `nimmer` runs with no files at all.
 
 mod budgets;
+mod catalog;
 mod classifiers;
 mod error;
 mod events;
+mod gm;
 pub mod template;
 mod tiers;
 mod transport;
@@ -18,12 +20,14 @@ pub use budgets::{
     BudgetsFile, ClassOverride, DialogLimits, LorasSpec, RequestBudget, Routing, Schedule,
     TierBudget, TierBudgets, TierName, UnknownTrait, ZoneClass, ZonesSpec,
 };
+pub use catalog::EventCatalog;
 pub use classifiers::{ClassifierSpec, ClassifiersFile, LabelSpec};
 pub use error::ConfigError;
 pub use events::{
-    BUILTIN_VALUES, Branch, DEFAULT_EVENTS, EventCatalog, EventTemplate, EventTier, Gate,
-    SceneTemplate, SlotTemplate, SlotWork,
+    BUILTIN_VALUES, Branch, DEFAULT_EVENTS, EventTemplate, EventTier, Gate, Raise, SceneTemplate,
+    SlotTemplate, SlotWork,
 };
+pub use gm::{DEFAULT_GM_TOML, GmFile, LeaseSpec, ShardRoute, ShardsSpec};
 pub use tiers::{
     Backend, Device, FileSpec, LlmTierSpec, ModelFormat, ModelSpec, Precision, SaturnTierSpec,
     TiersFile, Via, WheelSource,

@@ -6,15 +6,18 @@
 //! that slot's result (its `result_id` derives from the slot's UID alone: a repeat is a no-op downstream),
 //! then records the progress under its lease. Publishing before recording is what makes a crash harmless: a
 //! successor redoes at most the last round and publishes nothing new. The event completes once every
-//! accepted slot is a canon row. A lost lease ends the director.
+//! accepted slot is a canon row, after opening the events it raises on their shards. A lost lease ends the
+//! director.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 
 use nimmer_config::EventTemplate;
 use nimmer_wire::dialog::{DialogResponse, DialogResult, Npc, Uid};
+use nimmer_wire::gm::{OpenEvent, Opened, raised_event_id};
 
 use crate::error::{GmError, Result};
+use crate::open::Templates;
 use crate::register::{Lease, Register};
 use crate::walk::{Action, Outcome, SlotRequest};
 
@@ -43,6 +46,8 @@ pub trait Services: Sync {
     ) -> impl Future<Output = Result<String>> + Send;
     /// Publishes a slot's accepted answer to the compositors.
     fn publish(&self, result: &DialogResult) -> impl Future<Output = Result<()>> + Send;
+    /// Asks shard `shard` to open an event (a raise: the GM's cross-shard message).
+    fn open(&self, shard: &str, req: &OpenEvent) -> impl Future<Output = Result<Opened>> + Send;
 }
 
 /// How a director ended.
@@ -59,20 +64,24 @@ pub fn slot_result_id(uid: &Uid) -> String {
     nimmer_wire::dialog::result_id(&uid.to_string())
 }
 
-/// Drives `lease`'s event (template `t`) until it completes or the lease is lost.
+/// Drives `lease`'s event until it completes or the lease is lost. An error (a gateway or the database
+/// failing) ends it with its last round unrecorded: the caller resumes it from the register.
 pub async fn run<S: Services>(
     svc: &S,
     reg: &Register,
-    t: &EventTemplate,
+    templates: &Templates,
     mut lease: Lease,
 ) -> Result<Finished> {
+    let t = templates
+        .template(&lease.template)
+        .map_err(|e| GmError::Service(format!("{}: {e}", lease.gm_event)))?;
     let mut values = lease.values.clone();
     values.insert("event".into(), lease.gm_event.clone());
     values.insert("district".into(), lease.district.clone());
     let zone = values
-        .get("zone")
-        .cloned()
-        .unwrap_or_else(|| lease.district.clone());
+        .entry("zone".into())
+        .or_insert_with(|| lease.district.clone())
+        .clone();
     // Answers of this director's own asks, by slot (a successor asks again and gets the same).
     let mut answers: HashMap<String, (SlotRequest, DialogResponse)> = HashMap::new();
     loop {
@@ -94,6 +103,7 @@ pub async fn run<S: Services>(
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
+            raise(svc, templates, &lease, t, &values).await?;
             return Ok(if reg.complete(&lease).await? {
                 Finished::Completed(lease.progress)
             } else {
@@ -131,6 +141,32 @@ pub async fn run<S: Services>(
             return Ok(Finished::Lost);
         }
     }
+}
+
+/// Opens the events `t` raises on their shards (before completing: a director respawned after this opens
+/// nothing new, the raised ids being derived from this event's).
+async fn raise<S: Services>(
+    svc: &S,
+    templates: &Templates,
+    lease: &Lease,
+    t: &EventTemplate,
+    values: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    for (id, template, values) in lease.progress.raises(t, values) {
+        let req = OpenEvent {
+            gm_event: Some(raised_event_id(&lease.gm_event, &id)),
+            template,
+            district: None,
+            zone: None,
+            values,
+        };
+        let shard = templates
+            .route(&req)
+            .map_err(|e| GmError::Service(format!("raise `{id}` of {}: {e}", lease.gm_event)))?;
+        let opened = svc.open(&shard, &req).await?;
+        tracing::info!(gm_event = %lease.gm_event, raised = %opened.gm_event, %shard, new = opened.opened, "raised an event");
+    }
+    Ok(())
 }
 
 /// Asks again for the accepted line of `slot` (a gate's `action`) under the key it was first asked with.

@@ -1,5 +1,6 @@
 //! A director's [`Services`] over NATS: drafts and classifications as requests on the gateways' subjects
-//! (`nimmerverse.gateway.<kind>.<zone>`, any gateway of the queue group answers), accepted slots published to
+//! (`nimmerverse.gateway.<kind>.<zone>`, any gateway of the queue group answers), raised events as requests
+//! to their shard (`nimmerverse.gm.<shard>.open`), accepted slots published to
 //! JetStream `RESULTS` on the slot's results subject with its result id as `Nats-Msg-Id` (a repeat within the
 //! stream's duplicate window is dropped; the compositors' unique result id covers the rest).
 
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use nimmer_wire::dialog::{DialogResponse, DialogResult, Kind, Uid};
+use nimmer_wire::gm::{OpenEvent, Opened};
 use serde_json::{Value, json};
 
 use crate::director::{Ask, Services};
@@ -32,13 +34,11 @@ impl NatsServices {
         }
     }
 
-    /// One request to the gateways; an error reply (`{"error", "status", …}`) becomes an error naming both.
-    async fn request(&self, kind: Kind, zone: &str, body: Value) -> Result<DialogResponse> {
-        let subject = nimmer_wire::subjects::request(kind, zone);
+    /// One request; an error reply (`{"error", "status", …}`) becomes an error naming both and the subject.
+    async fn call(&self, subject: String, payload: Vec<u8>) -> Result<Value> {
         let reply = tokio::time::timeout(
             self.timeout,
-            self.client
-                .request(subject.clone(), body.to_string().into()),
+            self.client.request(subject.clone(), payload.into()),
         )
         .await
         .map_err(|_| GmError::Service(format!("{subject}: no answer within {:?}", self.timeout)))?
@@ -50,7 +50,15 @@ impl NatsServices {
                 v.get("status").unwrap_or(&Value::Null)
             )));
         }
-        Ok(serde_json::from_value(v)?)
+        Ok(v)
+    }
+
+    /// One request to the gateways.
+    async fn request(&self, kind: Kind, zone: &str, body: Value) -> Result<DialogResponse> {
+        let subject = nimmer_wire::subjects::request(kind, zone);
+        Ok(serde_json::from_value(
+            self.call(subject, body.to_string().into_bytes()).await?,
+        )?)
     }
 }
 
@@ -105,6 +113,13 @@ impl Services for NatsServices {
         resp.classification
             .map(|c| c.label)
             .ok_or_else(|| GmError::Service(format!("{uid}: a classification without a label")))
+    }
+
+    async fn open(&self, shard: &str, req: &OpenEvent) -> Result<Opened> {
+        let subject = nimmer_wire::subjects::gm_open(shard);
+        Ok(serde_json::from_value(
+            self.call(subject, serde_json::to_vec(req)?).await?,
+        )?)
     }
 
     async fn publish(&self, result: &DialogResult) -> Result<()> {

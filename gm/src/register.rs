@@ -23,6 +23,8 @@ pub struct Lease {
     pub values: BTreeMap<String, String>,
     /// Bumped by every takeover: writes under an older epoch are refused.
     pub epoch: i64,
+    /// When the event opened (Unix milliseconds, the database's clock).
+    pub opened_ms: i64,
     pub progress: Progress,
 }
 
@@ -70,9 +72,10 @@ impl Register {
         if !fresh {
             return Ok(None);
         }
-        sqlx::query(
+        let opened_ms: i64 = sqlx::query_scalar(
             "INSERT INTO directors (gm_event, template, shard, district, vals, progress, owner, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+             RETURNING (extract(epoch FROM opened_at) * 1000)::bigint",
         )
         .bind(gm_event)
         .bind(template)
@@ -82,7 +85,7 @@ impl Register {
         .bind(serde_json::to_value(progress)?)
         .bind(&self.owner)
         .bind(self.ttl_s())
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(Some(Lease {
@@ -91,6 +94,7 @@ impl Register {
             district: district.to_string(),
             values: values.clone(),
             epoch: 1,
+            opened_ms,
             progress: progress.clone(),
         }))
     }
@@ -117,7 +121,8 @@ impl Register {
                  SELECT gm_event FROM directors
                  WHERE shard = $2 AND expires_at < now()
                  ORDER BY expires_at LIMIT $4 FOR UPDATE SKIP LOCKED)
-             RETURNING d.gm_event, d.template, d.district, d.vals, d.progress, d.epoch",
+             RETURNING d.gm_event, d.template, d.district, d.vals, d.progress, d.epoch,
+                       (extract(epoch FROM d.opened_at) * 1000)::bigint AS opened_ms",
         )
         .bind(&self.owner)
         .bind(&self.shard)
@@ -133,10 +138,47 @@ impl Register {
                     district: r.try_get("district")?,
                     values: serde_json::from_value(r.try_get("vals")?)?,
                     epoch: r.try_get("epoch")?,
+                    opened_ms: r.try_get("opened_ms")?,
                     progress: serde_json::from_value(r.try_get("progress")?)?,
                 })
             })
             .collect()
+    }
+
+    /// The event's recorded progress again, if this process still holds it at `lease`'s epoch (a director
+    /// resumes from it after a failed round, as a successor would).
+    pub async fn reload(&self, lease: &Lease) -> Result<Option<Lease>> {
+        let progress: Option<serde_json::Value> = sqlx::query_scalar(
+            "SELECT progress FROM directors WHERE gm_event = $1 AND owner = $2 AND epoch = $3",
+        )
+        .bind(&lease.gm_event)
+        .bind(&self.owner)
+        .bind(lease.epoch)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match progress {
+            Some(p) => Some(Lease {
+                progress: serde_json::from_value(p)?,
+                ..lease.clone()
+            }),
+            None => None,
+        })
+    }
+
+    /// Lets every lease of this process expire now (a process shutting down): the shard's other processes
+    /// take its events at their next look instead of after the TTL.
+    pub async fn release(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE directors SET expires_at = now() - interval '1 millisecond' WHERE owner = $1",
+        )
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    pub fn shard(&self) -> &str {
+        &self.shard
     }
 
     /// Records `lease.progress` if this process still holds the lease at its epoch; `false` when it was lost.

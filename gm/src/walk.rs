@@ -163,6 +163,27 @@ impl Progress {
         out
     }
 
+    /// The events this one raises as it completes: each raise's id, template and values rendered with this
+    /// event's values and lines. A raise whose values quote a slot without a line (given up, or in a scene
+    /// that never ran) is left out: what it would tell did not happen.
+    pub fn raises(
+        &self,
+        t: &EventTemplate,
+        values: &BTreeMap<String, String>,
+    ) -> Vec<(String, String, BTreeMap<String, String>)> {
+        t.raises
+            .iter()
+            .filter_map(|r| {
+                let rendered = r
+                    .values
+                    .iter()
+                    .map(|(k, v)| Some((k.clone(), v.render(values, &self.lines).ok()?)))
+                    .collect::<Option<BTreeMap<_, _>>>()?;
+                Some((r.id.clone(), r.template.clone(), rendered))
+            })
+            .collect()
+    }
+
     /// The request of slot `slot` rendered as it was asked (its texts quote only earlier slots' lines).
     pub fn slot_request(
         &self,

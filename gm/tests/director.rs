@@ -1,16 +1,18 @@
 //! Directors against a real PostgreSQL register, with the gateway and RESULTS faked: gates, branches, and a
-//! director that dies mid-event taken over by another process of its shard, every slot published once.
+//! director that dies mid-event taken over by another process of its shard, every slot published once; an
+//! event raised on another shard as its event completes, under the same id whoever raises it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nimmer_config::{Config, EventCatalog, EventTemplate};
+use nimmer_config::{Config, EventCatalog, GmFile};
 use nimmer_gm::director::{self, Ask, Finished, Services, slot_result_id};
-use nimmer_gm::{GmError, Progress, Register};
+use nimmer_gm::{GmError, Progress, Register, Templates};
 use nimmer_services::Postgres;
 use nimmer_wire::dialog::{DialogResponse, DialogResult, Uid};
+use nimmer_wire::gm::{OpenEvent, Opened};
 
 /// Answers by key (the same key always gets the same answer, as the gateway's idempotency does), labels by
 /// rule, records what is published and makes it canon the way a compositor would (one row per result id);
@@ -24,6 +26,8 @@ struct Fake {
     /// Every gate classification fails (a director that dies between asking a line and gating it).
     gates_fail: bool,
     published: Mutex<Vec<DialogResult>>,
+    /// Open requests sent to other shards, with the shard.
+    raised: Mutex<Vec<(String, OpenEvent)>>,
 }
 
 impl Fake {
@@ -36,6 +40,7 @@ impl Fake {
             branch: branch.into(),
             gates_fail: false,
             published: Mutex::new(Vec::new()),
+            raised: Mutex::new(Vec::new()),
         }
     }
 }
@@ -74,6 +79,17 @@ impl Services for Fake {
             "ok".into()
         })
     }
+    async fn open(&self, shard: &str, req: &OpenEvent) -> nimmer_gm::Result<Opened> {
+        self.raised
+            .lock()
+            .unwrap()
+            .push((shard.to_string(), req.clone()));
+        Ok(Opened {
+            gm_event: req.gm_event.clone().unwrap(),
+            shard: shard.into(),
+            opened: true,
+        })
+    }
     async fn publish(&self, result: &DialogResult) -> nimmer_gm::Result<()> {
         self.published.lock().unwrap().push(result.clone());
         let u = &result.uid;
@@ -100,9 +116,11 @@ impl Services for Fake {
     }
 }
 
-fn event(name: &str) -> EventTemplate {
-    let c = Config::embedded();
-    EventCatalog::embedded(&c).unwrap().events[name].clone()
+fn templates() -> Templates {
+    Templates {
+        catalog: EventCatalog::embedded(&Config::embedded()).unwrap(),
+        map: GmFile::embedded(),
+    }
 }
 
 fn values(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -127,7 +145,8 @@ fn canon(f: &Fake) -> BTreeMap<String, String> {
 async fn a_director_walks_gates_and_a_branch_and_publishes_only_accepted_lines() {
     let pg = Postgres::start();
     let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
-    let t = event("market-quarrel");
+    let tm = templates();
+    let t = tm.template("market-quarrel").unwrap().clone();
     let v = values(&[("player", "p1")]);
     let reg = Register::new(pool.clone(), "market", "gm-a", Duration::from_secs(30));
     let lease = reg
@@ -137,7 +156,7 @@ async fn a_director_walks_gates_and_a_branch_and_publishes_only_accepted_lines()
         .unwrap();
     // The accusation's first line is rejected by the overseer; the retort reads as hostile: a brawl.
     let fake = Fake::new(&pool, usize::MAX, &["accusation#1"], "-1");
-    let end = director::run(&fake, &reg, &t, lease).await.unwrap();
+    let end = director::run(&fake, &reg, &tm, lease).await.unwrap();
     let Finished::Completed(progress) = end else {
         panic!("{end:?}")
     };
@@ -166,7 +185,8 @@ async fn a_director_walks_gates_and_a_branch_and_publishes_only_accepted_lines()
 async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_published_once() {
     let pg = Postgres::start();
     let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
-    let t = event("harbour-arrival");
+    let tm = templates();
+    let t = tm.template("harbour-arrival").unwrap().clone();
     let v = values(&[("ship", "Gull"), ("player", "p7")]);
     let ttl = Duration::from_secs(1);
     let a = Register::new(pool.clone(), "docks", "gm-a", ttl);
@@ -178,7 +198,7 @@ async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_publishe
         .unwrap();
     // A asks three lines (hail, gossip, then reply), then dies on its fourth ask.
     let fa = Fake::new(&pool, 3, &[], "0");
-    let err = director::run(&fa, &a, &t, lease).await.unwrap_err();
+    let err = director::run(&fa, &a, &tm, lease).await.unwrap_err();
     assert!(err.to_string().contains("died"), "{err}");
     let before = canon(&fa);
     assert!(!before.is_empty(), "A published some slots before it died");
@@ -197,7 +217,7 @@ async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_publishe
         "B resumes from A's progress"
     );
     let fb = Fake::new(&pool, usize::MAX, &[], "0");
-    let end = director::run(&fb, &b, &t, lease).await.unwrap();
+    let end = director::run(&fb, &b, &tm, lease).await.unwrap();
     assert!(matches!(end, Finished::Completed(_)), "{end:?}");
     // Every slot exactly once across both directors (by result id), each with its first attempt's answer.
     let mut all = canon(&fa);
@@ -227,7 +247,8 @@ async fn a_director_that_dies_mid_event_is_taken_over_and_every_slot_is_publishe
 async fn a_line_asked_by_a_dead_director_and_accepted_by_its_successor_is_published() {
     let pg = Postgres::start();
     let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
-    let t = event("harbour-arrival");
+    let tm = templates();
+    let t = tm.template("harbour-arrival").unwrap().clone();
     let v = values(&[("ship", "Gull"), ("player", "p7")]);
     let ttl = Duration::from_secs(1);
     let a = Register::new(pool.clone(), "docks", "gm-a", ttl);
@@ -240,7 +261,7 @@ async fn a_line_asked_by_a_dead_director_and_accepted_by_its_successor_is_publis
     // A asks the hail (gated) and the gossip, records the hail as waiting for its gate, and dies gating it.
     let mut fa = Fake::new(&pool, usize::MAX, &[], "0");
     fa.gates_fail = true;
-    assert!(director::run(&fa, &a, &t, lease).await.is_err());
+    assert!(director::run(&fa, &a, &tm, lease).await.is_err());
     assert_eq!(canon(&fa).keys().collect::<Vec<_>>(), ["gossip"]);
     let mut taken = Vec::new();
     for _ in 0..100 {
@@ -252,7 +273,7 @@ async fn a_line_asked_by_a_dead_director_and_accepted_by_its_successor_is_publis
     }
     let lease = taken.pop().expect("B took the event");
     let fb = Fake::new(&pool, usize::MAX, &[], "0");
-    let end = director::run(&fb, &b, &t, lease).await.unwrap();
+    let end = director::run(&fb, &b, &tm, lease).await.unwrap();
     assert!(matches!(end, Finished::Completed(_)), "{end:?}");
     // B's gate accepted A's hail: B publishes it (asked again under A's key), with A's text.
     let hail = canon(&fb)["hail"].clone();
@@ -262,4 +283,51 @@ async fn a_line_asked_by_a_dead_director_and_accepted_by_its_successor_is_publis
         .await
         .unwrap();
     assert_eq!(rows, 4, "one canon row per slot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_rumour_raises_an_inquiry_on_the_guild_shard_under_one_id() {
+    let pg = Postgres::start();
+    let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
+    let tm = templates();
+    let t = tm.template("faction-rumour").unwrap().clone();
+    let v = values(&[
+        ("player", "p3"),
+        ("rumour", "the guild sells short weights"),
+    ]);
+    let reg = Register::new(pool.clone(), "docks", "gm-a", Duration::from_secs(30));
+    let mut raised = Vec::new();
+    for id in ["ev-r1", "ev-r2"] {
+        let lease = reg
+            .open(id, &t.name, "docks", &v, &Progress::open(&t))
+            .await
+            .unwrap()
+            .unwrap();
+        let fake = Fake::new(&pool, usize::MAX, &[], "0");
+        let end = director::run(&fake, &reg, &tm, lease.clone())
+            .await
+            .unwrap();
+        assert!(matches!(end, Finished::Completed(_)), "{end:?}");
+        let r = fake.raised.lock().unwrap().clone();
+        assert_eq!(r.len(), 1, "{r:?}");
+        let (shard, req) = &r[0];
+        assert_eq!(
+            shard, "guild",
+            "the map routes the inquiry to the guild's shard"
+        );
+        assert_eq!(req.template, "guild-inquiry");
+        assert_eq!(req.values["player"], "p3");
+        assert_eq!(
+            req.values["rumour"],
+            canon(&fake)["telling"],
+            "it carries the line told"
+        );
+        raised.push(req.gm_event.clone().unwrap());
+    }
+    assert_ne!(raised[0], raised[1], "each rumour raises its own inquiry");
+    assert_eq!(
+        raised[0],
+        nimmer_wire::gm::raised_event_id("ev-r1", "inquiry"),
+        "the id derives from the raising event: a respawned director raises the same one"
+    );
 }

@@ -25,6 +25,16 @@ pub fn parse_request(subject: &str) -> Option<(&str, &str)> {
     (!zone.contains('.')).then_some((kind, zone))
 }
 
+/// Where a GM shard takes requests to open events: `nimmerverse.gm.<shard>.open`.
+pub fn gm_open(shard: &str) -> String {
+    format!("nimmerverse.gm.{shard}.open")
+}
+
+/// The queue group a shard's processes share its requests in (one of them opens each event).
+pub fn gm_queue_group(shard: &str) -> String {
+    format!("nimmer-gm-{shard}")
+}
+
 /// The subject a dialog's result is published on.
 pub fn results(uid: &Uid) -> String {
     format!(
