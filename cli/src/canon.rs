@@ -208,18 +208,7 @@ pub fn compositor(config_dir: Option<PathBuf>, a: CompositorArgs) -> Result<()> 
             .await
             .with_context(|| format!("connecting to NATS at {nats}"))?;
         if let Some(addr) = metrics_listen {
-            let handle = nimmer_gateway::metrics::handle();
-            let app = axum::Router::new()
-                .route(
-                    "/metrics",
-                    axum::routing::get(move || async move { handle.render() }),
-                )
-                .route("/healthz", axum::routing::get(|| async { "ok" }));
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            tracing::info!(%addr, "compositor metrics listening");
-            tokio::spawn(async move { axum::serve(listener, app).await });
+            crate::serve::metrics_endpoint(addr).await?;
         }
         tracing::info!(%nats, "compositor started");
         nimmer_compositor::serve(transport, &url, client, crate::serve::shutdown_signal()).await?;

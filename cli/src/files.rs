@@ -45,3 +45,11 @@ pub fn event_catalog(
         _ => nimmer_config::EventCatalog::embedded(config)?,
     })
 }
+
+/// gm.toml (the shard map, leases, directors) from the config directory, else the embedded default.
+pub fn gm_config(dir: &Option<PathBuf>) -> Result<nimmer_config::GmFile> {
+    Ok(match dir {
+        Some(d) if d.join("gm.toml").is_file() => nimmer_config::GmFile::load(d)?,
+        _ => nimmer_config::GmFile::embedded(),
+    })
+}

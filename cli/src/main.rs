@@ -6,11 +6,13 @@
 //! - [`generate`]: `nimmer generate` (one request through a tier, streamed) and `nimmer classify`.
 //! - [`train`]: `nimmer loras train`: a trait-LoRA for the Driver's model from chat examples.
 //! - [`canon`]: `nimmer compositor`, `nimmer events complete`, `nimmer feeds apply`, `nimmer player`.
+//! - [`gm`]: `nimmer gm --shard NAME`, a GM shard process (directors of open events, leases, takeovers).
 //! - [`files`]: which configuration a command reads.
 
 mod canon;
 mod files;
 mod generate;
+mod gm;
 mod models;
 mod serve;
 mod tier;
@@ -60,6 +62,9 @@ enum Cmd {
     /// Run a compositor: results from JetStream RESULTS become canon rows in PostgreSQL (with an outbox in
     /// the same transaction), relayed to the JetStream stream CANON (settings in transport.toml).
     Compositor(canon::CompositorArgs),
+    /// Run GM shards: open the events the shard map (gm.toml) assigns them, direct each (one task walking its
+    /// template through the gateways), and take over the events of the shard's processes that die.
+    Gm(gm::GmArgs),
     /// Game-master events in the canon register.
     Events {
         #[command(subcommand)]
@@ -114,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(a) => serve::run(dir, a),
         Cmd::Tier(a) => tier::run(&files::load_config(&dir)?, dir.as_deref(), a),
         Cmd::Compositor(a) => canon::compositor(dir, a),
+        Cmd::Gm(a) => gm::run(dir, a),
         Cmd::Events { cmd } => canon::events(dir, cmd),
         Cmd::Feeds { cmd } => canon::feeds(dir, cmd),
         Cmd::Player(a) => canon::player(dir, a),

@@ -1,5 +1,5 @@
-//! `nimmer serve`: the gateway over the three tiers (HTTP, optionally NATS), with config hot reload; and the
-//! shutdown signal every long-running command waits for.
+//! `nimmer serve`: the gateway over the three tiers (HTTP, optionally NATS), with config hot reload; the
+//! shutdown signal every long-running command waits for, and the metrics endpoint of those without HTTP.
 
 use std::path::PathBuf;
 
@@ -79,6 +79,24 @@ fn serve(cfg: Config, opts: nimmer_gateway::Options, listen: std::net::SocketAdd
         tracing::info!("shut down");
         Ok(())
     })
+}
+
+/// Serves this process's Prometheus metrics (`/metrics`) and `/healthz` on `addr`, in the background (the
+/// processes without the gateway's HTTP API: compositors, GM shards).
+pub async fn metrics_endpoint(addr: std::net::SocketAddr) -> Result<()> {
+    let handle = nimmer_gateway::metrics::handle();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move { handle.render() }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "metrics listening");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

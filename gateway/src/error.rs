@@ -48,6 +48,9 @@ pub enum ApiError {
     /// 503
     #[error("the {tier} tier is not available")]
     Unavailable { tier: String },
+    /// 503: the GM shard an event routes to cannot take it now.
+    #[error("GM shard `{shard}`: {why}")]
+    ShardUnavailable { shard: String, why: String },
     /// 500; details are logged only.
     #[error("internal error")]
     Internal(String),
@@ -94,7 +97,9 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::ShardUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,6 +116,7 @@ impl ApiError {
             Self::NotFound { .. } => "not_found",
             Self::Deadline { .. } => "deadline",
             Self::Unavailable { .. } => "unavailable",
+            Self::ShardUnavailable { .. } => "shard_unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -177,6 +183,8 @@ pub enum GatewayError {
         #[source]
         source: notify::Error,
     },
+    #[error("event templates or shard map: {0}")]
+    Events(#[from] nimmer_config::ConfigError),
     #[error("serving HTTP: {0}")]
     Http(#[from] std::io::Error),
     #[error(

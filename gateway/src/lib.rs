@@ -5,8 +5,9 @@
 //!    rule, `BODY_LIMIT`); [`api`]: requests parsed into validated ones; [`error`]; [`metrics`].
 //! 2. [`tier`]: the LLM-tier and classifier-tier interface; in-process engines, fakes for tests.
 //! 3. [`fair`], [`zones`], [`slots`]: the fair queue, the zone table, each tier's slots (pure or RAII).
-//! 4. [`results`]: the bounded JetStream results publisher. [`state`]: the [`Gateway`] (tiers, slots, the
-//!    configuration in effect, zones, adapters, where results go).
+//! 4. [`results`]: the bounded JetStream results publisher; [`events`]: GM events handed to their shard.
+//!    [`state`]: the [`Gateway`] (tiers, slots, the configuration in effect, zones, adapters, where results
+//!    and events go).
 //! 5. [`voice`], [`admission`]: traits → adapters; one config snapshot per request → routing, budgets,
 //!    degradation, a slot; [`personas`]: the NPCs a zone reports present, pinned in the prefix cache.
 //! 6. [`dialog`]: the use case: run a dialog to a response or a stream; the one place a dialog ends.
@@ -20,6 +21,7 @@ pub mod api;
 pub mod budget_sync;
 pub mod dialog;
 pub mod error;
+pub mod events;
 pub mod fair;
 pub mod http;
 pub mod idempotency;
@@ -71,6 +73,23 @@ impl Default for Options {
             spool: None,
         }
     }
+}
+
+/// The event templates and the shard map: `events/` and `gm.toml` of the config directory where it has
+/// them, else the embedded ones.
+fn events_config(
+    dir: Option<&std::path::Path>,
+    config: &nimmer_config::Config,
+) -> Result<(nimmer_config::EventCatalog, nimmer_config::GmFile), GatewayError> {
+    let catalog = match dir.map(|d| d.join("events")) {
+        Some(d) if d.is_dir() => nimmer_config::EventCatalog::load(&d, config)?,
+        _ => nimmer_config::EventCatalog::embedded(config)?,
+    };
+    let map = match dir {
+        Some(d) if d.join("gm.toml").is_file() => nimmer_config::GmFile::load(d)?,
+        _ => nimmer_config::GmFile::embedded(),
+    };
+    Ok((catalog, map))
 }
 
 /// Serves `gw` on `listener` (and NATS, when configured) until `shutdown` resolves; in-flight requests
@@ -139,6 +158,8 @@ pub async fn run(
                 opts.transport.replicas.results,
             ));
         }
+        let (catalog, map) = events_config(opts.config_dir.as_deref(), &gw.live().config)?;
+        gw.set_events(events::EventsFront::new(client.clone(), catalog, map));
         let mut rx = stop_rx.clone();
         nats_tasks.push(
             budget_sync::start(client.clone(), gw.clone(), async move {

@@ -60,6 +60,8 @@ pub struct Gateway {
     idempotency: Arc<crate::idempotency::Idempotency>,
     /// The same across gateways (set while NATS is).
     shared_answers: std::sync::OnceLock<crate::shared_answers::SharedAnswers>,
+    /// GM events opened through this gateway, handed to their shards (set while NATS is).
+    events: std::sync::OnceLock<crate::events::EventsFront>,
 }
 
 /// An NPC persona pinned in an LLM tier's prefix cache (`PUT /v1/zones/{id}` with `npcs`).
@@ -140,6 +142,7 @@ impl Gateway {
             charges: Mutex::new(None),
             idempotency: Default::default(),
             shared_answers: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
         }
     }
 
@@ -151,6 +154,15 @@ impl Gateway {
     /// Shares first answers with the other gateways on the same NATS (once; later calls are ignored).
     pub fn share_answers(&self, shared: crate::shared_answers::SharedAnswers) {
         let _ = self.shared_answers.set(shared);
+    }
+
+    pub fn set_events(&self, front: crate::events::EventsFront) {
+        let _ = self.events.set(front);
+    }
+
+    /// Where `POST /v1/events` hands events to their shards, when NATS is configured.
+    pub fn events(&self) -> Option<&crate::events::EventsFront> {
+        self.events.get()
     }
 
     /// First answers shared across gateways, when NATS is configured.

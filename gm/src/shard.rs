@@ -141,6 +141,11 @@ impl<S: Services + Send + Sync + 'static> Shard<S> {
         }
         let plan = match self.templates.plan(req) {
             Ok(p) => p,
+            Err(crate::OpenError::Invalid { field, why }) => {
+                let mut v = error(422, why);
+                v["field"] = field.into();
+                return v;
+            }
             Err(e) => return error(e.status(), e.to_string()),
         };
         let t = &self.templates.catalog.events[&plan.template];

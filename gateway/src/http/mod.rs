@@ -4,6 +4,7 @@
 //! (`ops.rs`) sit behind separate optional bearer tokens (a tower layer each); `/healthz` (liveness) and
 //! `/readyz` (each tier's health; 503 naming the tiers that are down) are open.
 
+mod events;
 mod npc;
 mod openai;
 mod ops;
@@ -75,7 +76,8 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
         .route("/v1/dialog", post(npc::dialog))
         .route("/v1/classify", post(npc::classify))
         .route("/v1/chat/completions", post(openai::chat))
-        .route("/v1/models", get(openai::models));
+        .route("/v1/models", get(openai::models))
+        .route("/v1/events", post(events::open));
     let ops = Router::new()
         .route("/v1/zones", get(ops::zones))
         .route("/v1/zones/{id}", put(ops::put_zone))
