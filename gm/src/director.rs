@@ -110,6 +110,7 @@ pub async fn run<S: Services>(
                 Finished::Lost
             });
         }
+        tracing::debug!(gm_event = %lease.gm_event, actions = ?actions.iter().map(Action::name).collect::<Vec<_>>(), "round");
         let done =
             futures::future::join_all(actions.iter().map(|a| perform(svc, &lease, &zone, a))).await;
         for (a, r) in actions.iter().zip(done) {

@@ -100,6 +100,17 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// `ask slot#attempt`, `gate slot#attempt` or `branch scene`, for logs.
+    pub fn name(&self) -> String {
+        match self {
+            Action::Ask { slot, attempt, .. } => format!("ask {slot}#{attempt}"),
+            Action::Gate { slot, attempt, .. } => format!("gate {slot}#{attempt}"),
+            Action::Branch { scene, .. } => format!("branch {scene}"),
+        }
+    }
+}
+
 /// The answer to a scene's action.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
