@@ -1,5 +1,6 @@
 //! City scenario: the whole gateway (HTTP on loopback, the three real tiers in process) under a city's load.
-//! `--workload personas` runs the city's NPCs with their real prompts instead (`personas.rs`).
+//! `--workload personas` runs the city's NPCs with their real prompts instead (`personas.rs`); `--workload
+//! events` lets the city run itself through the GM shards (`events.rs`).
 //! 515 zones send requests with Poisson arrivals (5% deep/moment, 80% dialog, 15% classify); a set of hot
 //! zones sends a configurable share of all traffic (a flood), the rest spread evenly. Reports per-tier tokens/s,
 //! slot wait and time to first token percentiles (measured by the client over SSE), rejections, degradations
@@ -21,82 +22,16 @@ use nimmer_tiers::{Event, GenerateRequest, Prompt, SamplingParams};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+#[path = "city_bench/args.rs"]
+mod args;
 #[path = "city_bench/burst.rs"]
 mod burst;
+#[path = "city_bench/events.rs"]
+mod events;
 #[path = "city_bench/personas.rs"]
 mod personas;
 
-#[derive(Parser, Clone)]
-#[command(about = "City-scale load on the gateway; writes figures into benches/RESULTS.md")]
-struct Args {
-    /// Active zones.
-    #[arg(long, default_value_t = 515)]
-    zones: usize,
-    /// Mean arrivals per second, all zones together.
-    #[arg(long, default_value_t = 6.0)]
-    rate: f64,
-    /// How long arrivals go on.
-    #[arg(long, default_value_t = 60)]
-    duration_s: u64,
-    /// Zones that flood (5% of 515).
-    #[arg(long, default_value_t = 26)]
-    hot_zones: usize,
-    /// Share of all arrivals that come from the hot zones.
-    #[arg(long, default_value_t = 0.4)]
-    hot_share: f64,
-    /// New tokens per generation request.
-    #[arg(long, default_value_t = 24)]
-    max_tokens: usize,
-    /// Requests per overhead measurement (0 skips it).
-    #[arg(long, default_value_t = 200)]
-    overhead_n: usize,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-    /// Config directory (default: the embedded config).
-    #[arg(long)]
-    config: Option<std::path::PathBuf>,
-    /// Write the figures into this file (between the `city-bench:<label>` markers).
-    #[arg(long)]
-    write: Option<std::path::PathBuf>,
-    /// Names the run in the results file (a run replaces the previous one of the same label).
-    #[arg(long, default_value = "nominal")]
-    label: String,
-    /// `city`: the zones' mixed load above; `personas`: the NPCs' real prompts in conversations, swept over
-    /// `--rates` with the prefix cache off, then on; `burst`: a flood against a quiet line, and weights 1:2,
-    /// under the step schedule before issue 13 and the fair one.
-    #[arg(long, default_value = "city")]
-    workload: String,
-    /// personas: conversations per rate.
-    #[arg(long, default_value_t = 24)]
-    conversations: usize,
-    /// personas: player lines per conversation.
-    #[arg(long, default_value_t = 4)]
-    turns: usize,
-    /// personas: NPCs the conversations talk to (the first of `benches/data/city/personas.jsonl`).
-    #[arg(long, default_value_t = 16)]
-    npcs: usize,
-    /// personas: conversation arrivals per second to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.4")]
-    rates: Vec<f64>,
-    /// personas: pause between a reply and the player's next line (ms).
-    #[arg(long, default_value_t = 500)]
-    think_ms: u64,
-    /// personas: NPCs speak in their trait-LoRA voices.
-    #[arg(long)]
-    voices: bool,
-    /// personas: drive this OpenAI-compatible server (e.g. llama-server) instead of an in-process nimmer.
-    #[arg(long)]
-    target: Option<String>,
-    /// personas: only the cached run (skip the run with the prefix cache off).
-    #[arg(long)]
-    cache_only: bool,
-    /// burst: dialogs the flooding zone sends at once.
-    #[arg(long, default_value_t = 64)]
-    flood: usize,
-    /// burst: rounds (each runs both schedules).
-    #[arg(long, default_value_t = 2)]
-    rounds: usize,
-}
+use args::Args;
 
 const SYSTEM: &str = "You are a helpful assistant.";
 const CLASSIFY_TEXT: &str = "Thank you, friend, you saved my life!";
@@ -535,12 +470,15 @@ fn main() -> Result<()> {
     if args.workload == "personas" {
         return personas::main(&args);
     }
+    if args.workload == "events" {
+        return events::main(&args);
+    }
     if args.workload == "burst" {
         return burst::main(&args);
     }
     anyhow::ensure!(
         args.workload == "city",
-        "unknown --workload `{}` (city, personas, burst)",
+        "unknown --workload `{}` (city, personas, burst, events)",
         args.workload
     );
     anyhow::ensure!(

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::time::Duration;
 
 use nimmer_config::EventTemplate;
 use nimmer_wire::dialog::{DialogResponse, DialogResult, Npc, Uid};
@@ -95,13 +96,16 @@ pub async fn run<S: Services>(
                 .keys()
                 .map(|slot| slot_result_id(&slot_uid(&lease, scene_of(t, slot), slot)))
                 .collect();
-            let mut waited = 0u32;
+            // Polled with a growing pause (50 ms to 2 s): thousands of directors may wait at once.
+            let (mut pause, since) = (Duration::from_millis(50), std::time::Instant::now());
+            let mut warned = Duration::ZERO;
             while reg.composed(&ids).await? < ids.len() as i64 {
-                waited += 1;
-                if waited.is_multiple_of(50) {
-                    tracing::warn!(gm_event = %lease.gm_event, "waiting for the compositors to make the event's lines canon");
+                if since.elapsed() >= warned + Duration::from_secs(30) {
+                    warned = since.elapsed();
+                    tracing::warn!(gm_event = %lease.gm_event, waited = ?warned, "waiting for the compositors to make the event's lines canon");
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
             raise(svc, templates, &lease, t, &values).await?;
             return Ok(if reg.complete(&lease).await? {
@@ -219,6 +223,7 @@ async fn perform<S: Services>(
         } => {
             let uid = slot_uid(lease, scene, slot);
             let key = format!("{uid}#{attempt}");
+            let asked = std::time::Instant::now();
             let resp = svc
                 .ask(&Ask {
                     uid,
@@ -227,6 +232,8 @@ async fn perform<S: Services>(
                     request,
                 })
                 .await?;
+            metrics::histogram!("nimmer_gm_slot_seconds", "kind" => request.kind.as_str())
+                .record(asked.elapsed().as_secs_f64());
             let text = resp
                 .classification
                 .as_ref()

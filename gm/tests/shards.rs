@@ -265,3 +265,73 @@ async fn events_run_on_their_shards_and_a_rumour_opens_its_inquiry_on_the_guild_
     let _ = stop_compositor.send(());
     compositor.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_holds_a_thousand_open_events_and_completes_them_all() {
+    const N: usize = 1000;
+    let nats = NatsServer::start();
+    let pg = Postgres::start();
+    let pool = nimmer_compositor::connect(&pg.url, 8).await.unwrap();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let (stop_compositor, rx) = tokio::sync::oneshot::channel::<()>();
+    let compositor = tokio::spawn({
+        let (url, client) = (pg.url.clone(), client.clone());
+        async move {
+            nimmer_compositor::serve(
+                nimmer_config::TransportFile::embedded(),
+                &url,
+                client,
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await
+        }
+    });
+    let gateway = FakeGateway::default();
+    gateway.held.lock().unwrap().push("ev-k".into());
+    tokio::spawn(gateway.clone().serve(client.clone()));
+    let tm = templates();
+    let _market = shard(&nats.url, &pool, &tm, "market", "market-a").await;
+    // All open at once, every director waiting on its first line at the (held) gateway.
+    let opens = futures::future::join_all((0..N).map(|i| {
+        let (client, tm) = (client.clone(), tm.clone());
+        async move {
+            let mut r = req("market-quarrel", &[("player", "p1")]);
+            r.gm_event = Some(format!("ev-k{i}"));
+            open(&client, &tm, &r).await
+        }
+    }))
+    .await;
+    assert!(opens.iter().all(|o| o.opened), "every open was taken");
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM directors WHERE owner = 'market-a'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(held, N as i64, "one process holds them all");
+    gateway.held.lock().unwrap().clear();
+    for _ in 0..1200 {
+        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM directors")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE status = 'completed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(completed, N as i64);
+    // Every quarrel: the accusation, the retort (the fake branch label "0" ends it there).
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM canon")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2 * N as i64);
+    let _ = stop_compositor.send(());
+    compositor.await.unwrap().unwrap();
+}
