@@ -2,7 +2,7 @@
 //! NATS subjects (every line "answer to <key>", every gate "ok", every branch "0"). Events opened on
 //! `nimmerverse.gm.<shard>.open` run on the shard the map names; a rumour completing in the docks shard opens
 //! its inquiry in the guild shard (the cross-shard message); completed events leave no register rows, no
-//! directors and no consumers behind.
+//! directors and no consumers behind; a director whose gateway refuses for a while resumes once it answers.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,9 @@ use serde_json::{Value, json};
 struct FakeGateway {
     held: Arc<Mutex<Vec<String>>>,
     asked: Arc<Mutex<Vec<String>>>,
+    /// While set, every request is refused with a 503 (a gateway whose tiers are down); counts refusals.
+    down: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeGateway {
@@ -35,6 +38,15 @@ impl FakeGateway {
                 let uid = req["uid"].as_str().unwrap().to_string();
                 while me.held.lock().unwrap().iter().any(|h| uid.starts_with(h)) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if me.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    me.refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let refusal =
+                        json!({ "error": "the driver tier is not available", "status": 503 });
+                    let _ = client
+                        .publish(msg.reply.unwrap(), refusal.to_string().into())
+                        .await;
+                    return;
                 }
                 me.asked.lock().unwrap().push(uid);
                 let key = req["idempotency_key"].as_str().unwrap();
@@ -332,6 +344,60 @@ async fn one_process_holds_a_thousand_open_events_and_completes_them_all() {
         .await
         .unwrap();
     assert_eq!(rows, 2 * N as i64);
+    let _ = stop_compositor.send(());
+    compositor.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_director_whose_gateway_is_down_retries_and_completes_once_it_is_back() {
+    use std::sync::atomic::Ordering;
+    let nats = NatsServer::start();
+    let pg = Postgres::start();
+    let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let (stop_compositor, rx) = tokio::sync::oneshot::channel::<()>();
+    let compositor = tokio::spawn({
+        let (url, client) = (pg.url.clone(), client.clone());
+        async move {
+            nimmer_compositor::serve(
+                nimmer_config::TransportFile::embedded(),
+                &url,
+                client,
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await
+        }
+    });
+    let gateway = FakeGateway::default();
+    gateway.down.store(true, Ordering::SeqCst);
+    tokio::spawn(gateway.clone().serve(client.clone()));
+    let tm = templates();
+    let _market = shard(&nats.url, &pool, &tm, "market", "market-a").await;
+    let mut r = req("market-quarrel", &[("player", "p1")]);
+    r.gm_event = Some("ev-down1".into());
+    assert!(open(&client, &tm, &r).await.opened);
+    // The director is refused, waits, resumes from the register and is refused again.
+    while gateway.refused.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let open_events: i64 = sqlx::query_scalar("SELECT count(*) FROM directors")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        open_events, 1,
+        "the event stays open while its gateway is down"
+    );
+    gateway.down.store(false, Ordering::SeqCst);
+    completed(&pool, "ev-down1").await;
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT slot FROM canon WHERE gm_event = 'ev-down1' ORDER BY slot")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, ["accusation", "retort"]);
     let _ = stop_compositor.send(());
     compositor.await.unwrap().unwrap();
 }
