@@ -161,6 +161,19 @@ async fn openai_chat_completions_work_plain_and_streamed() {
 }
 
 #[tokio::test]
+async fn openai_text_completions_continue_a_raw_prompt() {
+    let body = json!({ "model": "driver", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0 });
+    let (status, v) = post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.is_empty(), "{v}");
+    // No chat template: the prompt is the text as given, so it costs its own tokens only.
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!((4..=8).contains(&prompt_tokens), "{v}");
+}
+
+#[tokio::test]
 async fn a_repeated_persona_is_served_from_the_prefix_cache_and_shows_in_zones_and_metrics() {
     let persona = "You are Brannoc, the lamplighter of Saltmarket. You are old, patient and superstitious. \
         You light the gas lamps of the market square every evening at dusk and you believe the lamps keep \

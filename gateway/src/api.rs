@@ -360,7 +360,7 @@ pub struct ChatRequest {
     #[serde(default)]
     pub seed: Option<u64>,
     #[serde(default)]
-    pub stop: Option<StopInput>,
+    pub stop: Option<OneOrMany>,
     #[serde(default)]
     pub stream: bool,
     #[serde(default)]
@@ -383,9 +383,10 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// A string or a list of strings (`stop`, a completion's `prompt`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub enum StopInput {
+pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
@@ -400,8 +401,8 @@ impl ChatRequest {
         }
         let stop = match &self.stop {
             None => Vec::new(),
-            Some(StopInput::One(s)) => vec![s.clone()],
-            Some(StopInput::Many(v)) => v.clone(),
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
         };
         Sampling {
             temperature: Some(self.temperature.unwrap_or(1.0)),
@@ -412,6 +413,103 @@ impl ChatRequest {
             ..Sampling::default()
         }
         .params(self.max_completion_tokens.or(self.max_tokens))
+    }
+}
+
+/// `POST /v1/completions` (OpenAI's legacy completions: a raw prompt, no chat template).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    /// `driver` or `theia`.
+    pub model: String,
+    /// One text (a list holding one text is accepted too).
+    pub prompt: OneOrMany,
+    /// OpenAI's default is 16.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<OneOrMany>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub best_of: Option<u32>,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl CompletionRequest {
+    /// The prompt text and the sampling parameters; what is not supported is a 422 naming the field.
+    pub fn parts(&self) -> Result<(String, SamplingParams), ApiError> {
+        if self.n.is_some_and(|n| n != 1) || self.best_of.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "n",
+                "only n = 1 (and best_of = 1) is supported",
+            ));
+        }
+        if self.echo {
+            return Err(ApiError::invalid(
+                "echo",
+                "echoing the prompt is not supported",
+            ));
+        }
+        if self.logprobs.is_some() {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "log probabilities are not supported yet",
+            ));
+        }
+        if self.suffix.is_some() {
+            return Err(ApiError::invalid(
+                "suffix",
+                "insertion (suffix) is not supported",
+            ));
+        }
+        let prompt = match &self.prompt {
+            OneOrMany::One(p) => p.clone(),
+            OneOrMany::Many(v) if v.len() == 1 => v[0].clone(),
+            OneOrMany::Many(_) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "give one prompt (a string, or a list of one)",
+                ));
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("prompt", "must not be empty"));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        };
+        let params = Sampling {
+            temperature: Some(self.temperature.unwrap_or(1.0)),
+            top_p: self.top_p,
+            seed: self.seed,
+            stop,
+            ignore_eos: self.ignore_eos,
+            ..Sampling::default()
+        }
+        .params(Some(self.max_tokens.unwrap_or(16)))?;
+        Ok((prompt, params))
     }
 }
 

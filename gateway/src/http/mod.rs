@@ -4,6 +4,7 @@
 //! (`ops.rs`) sit behind separate optional bearer tokens (a tower layer each); `/healthz` (liveness) and
 //! `/readyz` (each tier's health; 503 naming the tiers that are down) are open.
 
+mod completions;
 mod events;
 mod npc;
 mod openai;
@@ -76,6 +77,7 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
         .route("/v1/dialog", post(npc::dialog))
         .route("/v1/classify", post(npc::classify))
         .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/events", post(events::open));
     let ops = Router::new()

@@ -28,20 +28,23 @@ pub(super) async fn models() -> Json<serde_json::Value> {
     Json(json!({ "object": "list", "data": [model("driver"), model("theia")] }))
 }
 
+/// The LLM tier an OpenAI `model` names.
+pub(super) fn tier_of(model: &str) -> Result<Tier, ApiError> {
+    match model {
+        "driver" => Ok(Tier::Driver),
+        "theia" => Ok(Tier::Theia),
+        other => Err(ApiError::invalid(
+            "model",
+            format!("unknown model `{other}` (driver, theia)"),
+        )),
+    }
+}
+
 pub(super) async fn chat(
     State(gw): State<Arc<Gateway>>,
     ValidJson(req): ValidJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let tier = match req.model.as_str() {
-        "driver" => Tier::Driver,
-        "theia" => Tier::Theia,
-        other => {
-            return Err(ApiError::invalid(
-                "model",
-                format!("unknown model `{other}` (driver, theia)"),
-            ));
-        }
-    };
+    let tier = tier_of(&req.model)?;
     let params = req.params()?;
     let zone = req.user.clone().unwrap_or_else(|| "_openai".into());
     crate::api::check_token("user", &zone)?;
