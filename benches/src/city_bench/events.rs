@@ -96,13 +96,12 @@ fn slot_buckets(gm: &[String]) -> Vec<(f64, f64)> {
     all
 }
 
-fn s2(v: (f64, f64)) -> String {
-    let f = |x: f64| {
-        if x.is_finite() {
-            format!("{x:.1}")
-        } else {
-            "–".into()
-        }
+/// `p50 / p95`, in seconds (or, `ms`, in milliseconds).
+fn s2(v: (f64, f64), ms: bool) -> String {
+    let f = |x: f64| match (x.is_finite(), ms) {
+        (false, _) => "–".to_string(),
+        (true, false) => format!("{x:.1}"),
+        (true, true) => format!("{:.0}", x * 1e3),
     };
     format!("{} / {}", f(v.0), f(v.1))
 }
@@ -271,9 +270,9 @@ async fn run(args: &Args, nimmer: &Path) -> Result<()> {
             s.open_events,
             s.completed_events,
             s.canon_rows,
-            s2(s.event_s),
-            s2(slot),
-            s2(s.canon_lag_s),
+            s2(s.event_s, false),
+            s2(slot, false),
+            s2(s.canon_lag_s, true),
             tps("driver"),
             tps("theia"),
             s.scene_rows,
@@ -299,10 +298,10 @@ async fn run(args: &Args, nimmer: &Path) -> Result<()> {
          --write benches/RESULTS.md`. Every process separate: nats-server, PostgreSQL, {}; the repository's \
          `config/` (templates in `config/events/`, shards in `gm.toml`; both GM processes serve every shard). A \
          row per sample: events opened (refused), open events (director rows), completed, canon rows; p50 / p95 of event \
-         duration, of one slot's gateway request (`nimmer_gm_slot_seconds`), of canon lag (dialog finished → \
+         duration, of one slot's gateway request (`nimmer_gm_slot_seconds`: its histogram's bucket bounds), of canon lag (dialog finished → \
          canon row), each over the sample's interval; Driver / Theia completion tokens/s; the active register's \
          scene rows; outbox rows waiting for the relay; stream sizes; RSS per process.\n\n\
-         | min | opened | refused | open | completed | canon rows | event s p50 / p95 | slot s p50 / p95 | canon lag s p50 / p95 | \
+         | min | opened | refused | open | completed | canon rows | event s p50 / p95 | slot s p50 / p95 | canon lag ms p50 / p95 | \
          driver / theia tok/s | scenes | outbox | RESULTS / CANON / PLAYERS MiB | RSS MiB ({}) |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n",
         machine(),
