@@ -399,21 +399,40 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "must not be empty"));
         }
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(OneOrMany::One(s)) => vec![s.clone()],
-            Some(OneOrMany::Many(v)) => v.clone(),
-        };
-        Sampling {
-            temperature: Some(self.temperature.unwrap_or(1.0)),
-            top_p: self.top_p,
-            seed: self.seed,
-            stop,
-            ignore_eos: self.ignore_eos,
-            ..Sampling::default()
-        }
-        .params(self.max_completion_tokens.or(self.max_tokens))
+        openai_params(
+            self.temperature,
+            self.top_p,
+            self.seed,
+            &self.stop,
+            self.ignore_eos,
+            self.max_completion_tokens.or(self.max_tokens),
+        )
     }
+}
+
+/// The sampling parameters of an OpenAI request (temperature 1 when not given, as OpenAI's default).
+fn openai_params(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: &Option<OneOrMany>,
+    ignore_eos: bool,
+    max_tokens: Option<usize>,
+) -> Result<SamplingParams, ApiError> {
+    let stop = match stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s.clone()],
+        Some(OneOrMany::Many(v)) => v.clone(),
+    };
+    Sampling {
+        temperature: Some(temperature.unwrap_or(1.0)),
+        top_p,
+        seed,
+        stop,
+        ignore_eos,
+        ..Sampling::default()
+    }
+    .params(max_tokens)
 }
 
 /// `POST /v1/completions` (OpenAI's legacy completions: a raw prompt, no chat template).
@@ -495,20 +514,14 @@ impl CompletionRequest {
         if prompt.is_empty() {
             return Err(ApiError::invalid("prompt", "must not be empty"));
         }
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(OneOrMany::One(s)) => vec![s.clone()],
-            Some(OneOrMany::Many(v)) => v.clone(),
-        };
-        let params = Sampling {
-            temperature: Some(self.temperature.unwrap_or(1.0)),
-            top_p: self.top_p,
-            seed: self.seed,
-            stop,
-            ignore_eos: self.ignore_eos,
-            ..Sampling::default()
-        }
-        .params(Some(self.max_tokens.unwrap_or(16)))?;
+        let params = openai_params(
+            self.temperature,
+            self.top_p,
+            self.seed,
+            &self.stop,
+            self.ignore_eos,
+            Some(self.max_tokens.unwrap_or(16)),
+        )?;
         Ok((prompt, params))
     }
 }

@@ -71,6 +71,30 @@ impl FakeGateway {
     }
 }
 
+/// A compositor in this process: the sender that stops it, and its task.
+fn compositor(
+    pg: &str,
+    client: &async_nats::Client,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<nimmer_compositor::Result<()>>,
+) {
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let (url, client) = (pg.to_string(), client.clone());
+    let task = tokio::spawn(async move {
+        nimmer_compositor::serve(
+            nimmer_config::TransportFile::embedded(),
+            &url,
+            client,
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+    });
+    (stop, task)
+}
+
 fn templates() -> Arc<Templates> {
     let mut map = GmFile::embedded();
     map.lease.ttl_ms = 1000;
@@ -163,21 +187,7 @@ async fn events_run_on_their_shards_and_a_rumour_opens_its_inquiry_on_the_guild_
     let pg = Postgres::start();
     let pool = nimmer_compositor::connect(&pg.url, 8).await.unwrap();
     let client = async_nats::connect(&nats.url).await.unwrap();
-    let (stop_compositor, rx) = tokio::sync::oneshot::channel::<()>();
-    let compositor = tokio::spawn({
-        let (url, client) = (pg.url.clone(), client.clone());
-        async move {
-            nimmer_compositor::serve(
-                nimmer_config::TransportFile::embedded(),
-                &url,
-                client,
-                async {
-                    let _ = rx.await;
-                },
-            )
-            .await
-        }
-    });
+    let (stop_compositor, compositor) = compositor(&pg.url, &client);
     let gateway = FakeGateway::default();
     tokio::spawn(gateway.clone().serve(client.clone()));
     let tm = templates();
@@ -285,21 +295,7 @@ async fn one_process_holds_a_thousand_open_events_and_completes_them_all() {
     let pg = Postgres::start();
     let pool = nimmer_compositor::connect(&pg.url, 8).await.unwrap();
     let client = async_nats::connect(&nats.url).await.unwrap();
-    let (stop_compositor, rx) = tokio::sync::oneshot::channel::<()>();
-    let compositor = tokio::spawn({
-        let (url, client) = (pg.url.clone(), client.clone());
-        async move {
-            nimmer_compositor::serve(
-                nimmer_config::TransportFile::embedded(),
-                &url,
-                client,
-                async {
-                    let _ = rx.await;
-                },
-            )
-            .await
-        }
-    });
+    let (stop_compositor, compositor) = compositor(&pg.url, &client);
     let gateway = FakeGateway::default();
     gateway.held.lock().unwrap().push("ev-k".into());
     tokio::spawn(gateway.clone().serve(client.clone()));
@@ -355,21 +351,7 @@ async fn a_director_whose_gateway_is_down_retries_and_completes_once_it_is_back(
     let pg = Postgres::start();
     let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
     let client = async_nats::connect(&nats.url).await.unwrap();
-    let (stop_compositor, rx) = tokio::sync::oneshot::channel::<()>();
-    let compositor = tokio::spawn({
-        let (url, client) = (pg.url.clone(), client.clone());
-        async move {
-            nimmer_compositor::serve(
-                nimmer_config::TransportFile::embedded(),
-                &url,
-                client,
-                async {
-                    let _ = rx.await;
-                },
-            )
-            .await
-        }
-    });
+    let (stop_compositor, compositor) = compositor(&pg.url, &client);
     let gateway = FakeGateway::default();
     gateway.down.store(true, Ordering::SeqCst);
     tokio::spawn(gateway.clone().serve(client.clone()));

@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use nimmer_tiers::{Event, Prompt};
+use nimmer_tiers::{Event, Prompt, SamplingParams};
 use serde_json::json;
 
 use super::ValidJson;
@@ -40,61 +40,59 @@ pub(super) fn tier_of(model: &str) -> Result<Tier, ApiError> {
     }
 }
 
-pub(super) async fn chat(
-    State(gw): State<Arc<Gateway>>,
-    ValidJson(req): ValidJson<ChatRequest>,
-) -> Result<Response, ApiError> {
-    let tier = tier_of(&req.model)?;
-    let params = req.params()?;
-    let zone = req.user.clone().unwrap_or_else(|| "_openai".into());
-    crate::api::check_token("user", &zone)?;
-    let prompt = Prompt::Chat(req.messages.clone());
-    let mut running = dialog::start(
-        &gw,
+/// Starts a generation for an OpenAI route: on the tier `model` names, in the zone `user` names (default
+/// `_openai`).
+pub(super) async fn start(
+    gw: &Gateway,
+    model: &str,
+    user: Option<&str>,
+    prompt: &Prompt,
+    params: &SamplingParams,
+) -> Result<dialog::Running, ApiError> {
+    let tier = tier_of(model)?;
+    let zone = user.unwrap_or("_openai");
+    crate::api::check_token("user", zone)?;
+    dialog::start(
+        gw,
         Ask {
             target: Target::Tier(tier),
-            zone: &zone,
+            zone,
             priority: 0,
             deadline: None,
-            prompt: &prompt,
-            params: &params,
+            prompt,
+            params,
             traits: None,
         },
     )
-    .await?;
-    let id = format!("chatcmpl-{}", running.permit.id);
-    let created = SystemTime::now()
+    .await
+}
+
+/// Unix seconds (a response's `created`).
+pub(super) fn now_s() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let model = req.model.clone();
-    if !req.stream {
-        let (text, done) = running.collect().await?;
-        return Ok(Json(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": done.finish_reason }],
-            "usage": Usage::of(done.prompt_tokens, done.cached_tokens, done.completion_tokens).openai(),
-        }))
-        .into_response());
-    }
-    let chunk = move |delta: serde_json::Value,
-                      finish: Option<serde_json::Value>,
-                      usage: Option<Usage>| {
-        let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] });
-        if let Some(u) = usage {
-            c["usage"] = u.openai();
-        }
-        SseEvent::default().data(c.to_string())
-    };
-    let head = chunk(json!({ "role": "assistant", "content": "" }), None, None);
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A running generation as OpenAI's SSE: `head` first if given, then `chunk(Some(text), None, None)` per
+/// token, `chunk(None, finish_reason, usage)` at the end and `[DONE]`; an `error` event if it fails.
+pub(super) fn stream(
+    mut running: dialog::Running,
+    head: Option<SseEvent>,
+    chunk: impl Fn(Option<String>, Option<serde_json::Value>, Option<Usage>) -> SseEvent
+    + Send
+    + 'static,
+) -> Response {
     let events = async_stream::stream! {
-        yield head;
+        if let Some(h) = head {
+            yield h;
+        }
         while let Some(ev) = running.next().await {
             match ev {
-                Event::Token { text, .. } => yield chunk(json!({ "content": text }), None, None),
+                Event::Token { text, .. } => yield chunk(Some(text), None, None),
                 Event::Done(c) => {
                     let usage = Usage::of(c.prompt_tokens, c.cached_tokens, c.completion_tokens);
-                    yield chunk(json!({}), Some(json!(c.finish_reason)), Some(usage));
+                    yield chunk(None, Some(json!(c.finish_reason)), Some(usage));
                     yield SseEvent::default().data("[DONE]");
                     return;
                 }
@@ -109,5 +107,42 @@ pub(super) async fn chat(
             .event("error")
             .data(json!({ "error": "internal error" }).to_string());
     };
-    Ok(Sse::new(events.map(Ok::<_, Infallible>)).into_response())
+    Sse::new(events.map(Ok::<_, Infallible>)).into_response()
+}
+
+pub(super) async fn chat(
+    State(gw): State<Arc<Gateway>>,
+    ValidJson(req): ValidJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let params = req.params()?;
+    let prompt = Prompt::Chat(req.messages.clone());
+    let mut running = start(&gw, &req.model, req.user.as_deref(), &prompt, &params).await?;
+    let id = format!("chatcmpl-{}", running.permit.id);
+    let (created, model) = (now_s(), req.model.clone());
+    if !req.stream {
+        let (text, done) = running.collect().await?;
+        return Ok(Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": done.finish_reason }],
+            "usage": Usage::of(done.prompt_tokens, done.cached_tokens, done.completion_tokens).openai(),
+        }))
+        .into_response());
+    }
+    let chunk = move |text: Option<String>,
+                      finish: Option<serde_json::Value>,
+                      usage: Option<Usage>| {
+        let delta = match text {
+            Some(t) => json!({ "content": t }),
+            None if finish.is_none() => json!({ "role": "assistant", "content": "" }),
+            None => json!({}),
+        };
+        let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] });
+        if let Some(u) = usage {
+            c["usage"] = u.openai();
+        }
+        SseEvent::default().data(c.to_string())
+    };
+    let head = chunk(None, None, None);
+    Ok(stream(running, Some(head), chunk))
 }
