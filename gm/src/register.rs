@@ -177,6 +177,22 @@ impl Register {
         .rows_affected())
     }
 
+    /// Lets this process's lease of `gm_event` (at `epoch`) expire now (its director failed): the shard takes
+    /// it again at its next look.
+    pub async fn release_event(&self, gm_event: &str, epoch: i64) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE directors SET expires_at = now() - interval '1 millisecond'
+             WHERE gm_event = $1 AND owner = $2 AND epoch = $3",
+        )
+        .bind(gm_event)
+        .bind(&self.owner)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     pub fn shard(&self) -> &str {
         &self.shard
     }

@@ -94,15 +94,27 @@ impl<S: Services + Send + Sync + 'static> Shard<S> {
                         tracing::warn!(shard = %name, error = %e, "answering an open request failed");
                     }
                 }
-                Some(done) = tasks.join_next() => {
-                    if let Ok((gm_event, epoch, ended)) = done {
+                Some(done) = tasks.join_next_with_id() => match done {
+                    Ok((_, (gm_event, epoch, ended))) => {
                         if running.get(&gm_event).is_some_and(|r| r.0 == epoch) {
                             running.remove(&gm_event);
                         }
                         let what = if ended == Ended::Completed { "completed" } else { "lost" };
                         metrics::counter!("nimmer_gm_events_ended_total", "shard" => name.clone(), "how" => what).increment(1);
                     }
-                }
+                    // A director that panicked (a replaced one was aborted: its entry names the new task).
+                    Err(e) => {
+                        let gone = running.iter().find(|(_, r)| r.1.id() == e.id()).map(|(k, r)| (k.clone(), r.0));
+                        if let Some((gm_event, epoch)) = gone {
+                            running.remove(&gm_event);
+                            tracing::error!(shard = %name, %gm_event, error = %e, "a director failed; its lease is let go so the shard retries the event");
+                            metrics::counter!("nimmer_gm_events_ended_total", "shard" => name.clone(), "how" => "failed").increment(1);
+                            if let Err(e) = self.reg.release_event(&gm_event, epoch).await {
+                                tracing::warn!(shard = %name, %gm_event, error = %e, "letting the lease go failed: it is taken after the TTL");
+                            }
+                        }
+                    }
+                },
             }
             gauge.set(running.len() as f64);
         }

@@ -94,3 +94,36 @@ async fn a_lease_not_renewed_is_taken_over_and_the_old_owner_can_no_longer_write
         .unwrap();
     assert_eq!(status, "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_let_go_by_its_holder_is_taken_at_once_and_only_at_its_epoch() {
+    let pg = Postgres::start();
+    let pool = nimmer_compositor::connect(&pg.url, 4).await.unwrap();
+    let c = Config::embedded();
+    let t = EventCatalog::embedded(&c).unwrap().events["market-quarrel"].clone();
+    let values: BTreeMap<String, String> = [("player".to_string(), "p1".to_string())].into();
+    let ttl = Duration::from_secs(600);
+    let a = Register::new(pool.clone(), "market", "gm-a", ttl);
+    let b = Register::new(pool.clone(), "market", "gm-b", ttl);
+    let lease = a
+        .open("ev-r1", &t.name, "market", &values, &Progress::open(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        b.take_expired(10).await.unwrap().is_empty(),
+        "a held lease is not taken"
+    );
+    assert!(
+        !b.release_event("ev-r1", lease.epoch).await.unwrap(),
+        "only its holder lets it go"
+    );
+    assert!(
+        !a.release_event("ev-r1", lease.epoch + 1).await.unwrap(),
+        "only at its epoch"
+    );
+    assert!(a.release_event("ev-r1", lease.epoch).await.unwrap());
+    let taken = b.take_expired(10).await.unwrap();
+    assert_eq!(taken.len(), 1, "taken without waiting for the TTL");
+    assert_eq!(taken[0].epoch, lease.epoch + 1);
+}
