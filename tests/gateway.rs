@@ -173,6 +173,91 @@ async fn openai_text_completions_continue_a_raw_prompt() {
     assert!((4..=8).contains(&prompt_tokens), "{v}");
 }
 
+/// What game code asks for: a line it can act on.
+fn npc_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "line": { "type": "string", "maxLength": 80 },
+            "emotion": { "enum": ["calm", "angry", "afraid", "glad"] },
+            "action": { "enum": ["none", "wave", "walk_away", "draw_weapon"] }
+        },
+        "required": ["line", "emotion", "action"],
+        "additionalProperties": false
+    })
+}
+
+#[tokio::test]
+async fn a_json_schema_shapes_the_drivers_answer_on_chat_and_dialog() {
+    let messages = json!([
+        { "role": "system", "content": "You are Mira, a dock worker. Answer as JSON." },
+        { "role": "user", "content": "A stranger asks you the way to the market." }
+    ]);
+    let body = json!({
+        "model": "driver", "messages": messages, "max_tokens": 96, "temperature": 0,
+        "response_format": { "type": "json_schema", "json_schema": { "name": "npc_line", "schema": npc_schema(), "strict": true } },
+    });
+    let (status, v) = post("/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let answer: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+    let obj = answer.as_object().unwrap();
+    assert_eq!(obj.len(), 3, "{answer}");
+    assert!(
+        answer["line"].as_str().unwrap().chars().count() <= 80,
+        "{answer}"
+    );
+    assert!(["calm", "angry", "afraid", "glad"].contains(&answer["emotion"].as_str().unwrap()));
+    assert!(
+        ["none", "wave", "walk_away", "draw_weapon"].contains(&answer["action"].as_str().unwrap())
+    );
+
+    // The same on /v1/dialog, and any JSON object with `json_object`.
+    let mut d = dialog("dialog", "Greet the stranger.");
+    d["max_tokens"] = json!(64);
+    d["response_format"] = json!({ "type": "json_object" });
+    let (status, v) = post("/v1/dialog", &d).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["text"].as_str().unwrap();
+    if v["finish_reason"] == "stop" {
+        let parsed: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(parsed.is_object(), "{text}");
+    } else {
+        assert!(text.trim_start().starts_with('{'), "{v}");
+    }
+
+    // A schema that does not compile is a 422 that says why, before any slot.
+    let mut bad = body.clone();
+    bad["response_format"]["json_schema"]["schema"] =
+        json!({ "type": "object", "properties": { "a": { "type": "strnig" } } });
+    let (status, v) = post("/v1/chat/completions", &bad).await;
+    assert_eq!(status, 422, "{v}");
+    assert!(v.to_string().contains("strnig"), "{v}");
+}
+
+#[tokio::test]
+async fn embeddings_come_from_saturns_encoder() {
+    let body = json!({ "model": "saturn", "input": ["The tide is coming in.", "The sea rises over the pier.", "I owe you three coins."] });
+    let (status, v) = post("/v1/embeddings", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let vecs: Vec<Vec<f32>> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
+        .collect();
+    assert_eq!(vecs.len(), 3);
+    assert_eq!(vecs[0].len(), 384, "MiniLM's width");
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    assert!((dot(&vecs[0], &vecs[0]) - 1.0).abs() < 1e-3, "normalized");
+    assert!(
+        dot(&vecs[0], &vecs[1]) > dot(&vecs[0], &vecs[2]),
+        "the two sea lines are closer than the debt"
+    );
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 15, "{v}");
+}
+
 #[tokio::test]
 async fn a_repeated_persona_is_served_from_the_prefix_cache_and_shows_in_zones_and_metrics() {
     let persona = "You are Brannoc, the lamplighter of Saltmarket. You are old, patient and superstitious. \

@@ -292,7 +292,7 @@ async fn requests_go_to_the_least_loaded_worker_and_to_the_one_holding_their_ada
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn saturn_classifies_through_a_worker_and_is_down_without_one() {
+async fn saturn_classifies_and_embeds_through_a_worker_and_is_down_without_one() {
     let server = nimmer_e2e::NatsServer::start();
     let fakes = Fakes::new(1, Duration::ZERO);
     let wc = async_nats::connect(&server.url).await.unwrap();
@@ -317,6 +317,14 @@ async fn saturn_classifies_through_a_worker_and_is_down_without_one() {
         .unwrap();
     assert_eq!(out.len(), 2);
     assert_eq!(out[1].label, "calm");
+    let texts = vec!["calm seas".to_string(), "a storm at dusk".to_string()];
+    let embs = saturn.embed(texts.clone()).await.unwrap();
+    assert_eq!(
+        embs,
+        fakes.saturn.embed(texts).await.unwrap(),
+        "the worker's vectors"
+    );
+    assert_eq!(embs[1].tokens, 4);
     let _ = stop.send(());
     worker.await.unwrap().unwrap();
     let t = std::time::Instant::now();

@@ -96,7 +96,7 @@ async fn timed(llm: &dyn LlmTier, req: GenerateRequest) -> Result<(f64, Vec<f64>
 
 async fn nats_client(url: &str, gguf: &std::path::Path, cfg: &Config) -> Result<Arc<NatsLlm>> {
     let client = async_nats::connect(url).await?;
-    let shape = RemoteShape(nimmer_tiers::llama::ModelShape::read(gguf)?);
+    let shape = RemoteShape::new(nimmer_tiers::llama::ModelShape::read(gguf)?);
     let limits = EngineLimits::of(&cfg.budgets.tiers.driver);
     Ok(NatsLlm::connect(client, "driver", Arc::new(shape), limits).await?)
 }

@@ -92,7 +92,7 @@ pub fn generate(cfg: &Config, a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         max_tokens: a.max_tokens,
         stop: a.stop,
-        ignore_eos: false,
+        ..SamplingParams::default()
     };
     let mut blend = nimmer_loras::Blend::default();
     let base = handle.info().model.lora_base();

@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub use nimmer_wire::{DialogResponse, DialogResult, Kind, Npc, SlotInfo, Timings, Uid, Usage};
 
 use crate::error::ApiError;
+use crate::response_format::ResponseFormatInput;
 
 /// A NATS-safe token (the wire crate's one rule), or a 422 naming `field`.
 pub fn check_token(field: &'static str, value: &str) -> Result<(), ApiError> {
@@ -105,6 +106,9 @@ pub struct DialogRequest {
     /// gate accepts it (the director publishes the accepted line itself).
     #[serde(default)]
     pub draft: bool,
+    /// Structured output (OpenAI's shape): the line as JSON the game can act on, enforced while decoding.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormatInput>,
 }
 
 /// What a dialog request asks for, validated.
@@ -225,6 +229,7 @@ impl Sampling {
             max_tokens,
             stop: self.stop,
             ignore_eos: self.ignore_eos,
+            response_format: None,
         };
         p.validate().map_err(ApiError::from)?;
         Ok(p)
@@ -265,6 +270,12 @@ impl DialogRequest {
         }
         let work = match self.kind {
             Kind::Classify => {
+                if self.response_format.is_some() {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "not for kind \"classify\" (its answer is a label)",
+                    ));
+                }
                 let classifier = self.classifier.ok_or_else(|| {
                     ApiError::invalid("classifier", "required for kind \"classify\"")
                 })?;
@@ -301,10 +312,12 @@ impl DialogRequest {
                         ));
                     }
                 };
-                Work::Generate {
-                    params: self.sampling.params(self.max_tokens)?,
-                    prompt,
-                }
+                let mut params = self.sampling.params(self.max_tokens)?;
+                params.response_format = match &self.response_format {
+                    Some(f) => f.parse()?,
+                    None => None,
+                };
+                Work::Generate { params, prompt }
             }
         };
         let key = match self.idempotency_key {
@@ -373,6 +386,9 @@ pub struct ChatRequest {
     /// Keep generating past end-of-sequence (an extension vLLM and llama-server share; load tests).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// `json_object` or `json_schema`: the answer follows it (enforced while decoding).
+    #[serde(default)]
+    pub response_format: Option<ResponseFormatInput>,
 }
 
 /// `stream_options` of a chat request.
@@ -399,14 +415,19 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "must not be empty"));
         }
-        openai_params(
+        let mut params = openai_params(
             self.temperature,
             self.top_p,
             self.seed,
             &self.stop,
             self.ignore_eos,
             self.max_completion_tokens.or(self.max_tokens),
-        )
+        )?;
+        params.response_format = match &self.response_format {
+            Some(f) => f.parse()?,
+            None => None,
+        };
+        Ok(params)
     }
 }
 

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod nats;
 pub mod personas;
 pub mod reload;
+pub mod response_format;
 pub mod results;
 pub mod shared_answers;
 pub mod slots;

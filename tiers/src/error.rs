@@ -57,6 +57,9 @@ pub enum TierError {
     Template(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A structured-output grammar failed while decoding (a compile failure is an `InvalidRequest`).
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[error("device: {0}")]
     Device(String),
     #[error("spawning {what}: {message}")]

@@ -5,8 +5,10 @@
 //!   portable fallback).
 //! - [`tokenizer`]: BPE tokenizer and chat template built from the GGUF file itself.
 //! - [`llama`]: llama-family decoder over a ragged batch with per-sequence KV caches.
+//! - [`grammar`]: structured output (JSON, JSON schema) as llguidance token masks.
 pub mod error;
 pub mod fetch;
+pub mod grammar;
 pub mod kernels;
 
 pub use error::{Result, TierError};
@@ -19,10 +21,11 @@ pub use engine::{
     BLOCK_TOKENS, Completion, EngineLimits, EngineLoad, Event, FinishReason, GenerateRequest,
     LlmHandle, PrefixSnapshot, Prompt, Schedule, Share, ZoneServiceView, tokenize,
 };
+pub use grammar::{Grammars, ResponseFormat};
 pub use sampling::SamplingParams;
 pub mod saturn;
 
-pub use saturn::{Classification, SaturnHandle};
+pub use saturn::{Classification, Embedding, SaturnHandle};
 
 /// The candle device for a configured device kind.
 pub fn device(d: nimmer_config::Device) -> Result<candle_core::Device> {

@@ -23,8 +23,12 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Generation stops before any of these strings; they are never streamed.
     pub stop: Vec<String>,
-    /// Keep generating past end-of-sequence tokens (benchmarks that need a fixed length).
+    /// Keep generating past end-of-sequence tokens (benchmarks that need a fixed length; ignored under a
+    /// `response_format`, whose grammar says where the output ends).
     pub ignore_eos: bool,
+    /// Structured output: every sampled token keeps the text a prefix of this format's language.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<crate::grammar::ResponseFormat>,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +42,7 @@ impl Default for SamplingParams {
             max_tokens: 128,
             stop: Vec::new(),
             ignore_eos: false,
+            response_format: None,
         }
     }
 }

@@ -22,11 +22,11 @@ use tokio::sync::oneshot;
 
 use crate::error::{Result, TierError};
 
-pub use nimmer_wire::Classification;
+pub use nimmer_wire::{Classification, Embedding};
 
 struct Job {
     texts: Vec<String>,
-    respond_to: oneshot::Sender<Result<Vec<Vec<f32>>>>,
+    respond_to: oneshot::Sender<Result<Vec<Embedding>>>,
 }
 
 enum Scorer {
@@ -117,10 +117,10 @@ impl SaturnHandle {
                     let mut centroids = Vec::new();
                     for l in &c.labels {
                         let embs = handle.embed_blocking(l.exemplars.clone())?;
-                        let dim = embs[0].len();
+                        let dim = embs[0].vector.len();
                         let mut mean = vec![0f32; dim];
                         for e in &embs {
-                            for (m, v) in mean.iter_mut().zip(e) {
+                            for (m, v) in mean.iter_mut().zip(&e.vector) {
                                 *m += v;
                             }
                         }
@@ -154,7 +154,7 @@ impl SaturnHandle {
         self.classifiers.keys().cloned().collect()
     }
 
-    fn submit(&self, texts: Vec<String>) -> Result<oneshot::Receiver<Result<Vec<Vec<f32>>>>> {
+    fn submit(&self, texts: Vec<String>) -> Result<oneshot::Receiver<Result<Vec<Embedding>>>> {
         if texts.is_empty() {
             return Err(TierError::InvalidRequest {
                 field: "inputs",
@@ -182,8 +182,8 @@ impl SaturnHandle {
         Ok(rx)
     }
 
-    /// Normalized sentence embeddings (async).
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+    /// Normalized sentence embeddings with their token counts (async).
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedding>> {
         self.submit(texts)?
             .await
             .map_err(|_| TierError::EngineDown {
@@ -191,8 +191,8 @@ impl SaturnHandle {
             })?
     }
 
-    /// Normalized sentence embeddings (from a non-async thread).
-    pub fn embed_blocking(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+    /// Normalized sentence embeddings with their token counts (from a non-async thread).
+    pub fn embed_blocking(&self, texts: Vec<String>) -> Result<Vec<Embedding>> {
         self.submit(texts)?
             .blocking_recv()
             .map_err(|_| TierError::EngineDown {
@@ -239,9 +239,9 @@ impl SaturnHandle {
         }
     }
 
-    fn score_all(c: &Classifier, embs: Vec<Vec<f32>>, started: Instant) -> Vec<Classification> {
+    fn score_all(c: &Classifier, embs: Vec<Embedding>, started: Instant) -> Vec<Classification> {
         let ms = started.elapsed().as_secs_f64() * 1e3;
-        embs.iter().map(|e| Self::score(c, e, ms)).collect()
+        embs.iter().map(|e| Self::score(c, &e.vector, ms)).collect()
     }
 
     /// Classifies each input with the named classifier.
@@ -389,7 +389,7 @@ impl Encoder {
         }
     }
 
-    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Embedding>> {
         let enc = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
@@ -401,6 +401,10 @@ impl Encoder {
             .flat_map(|e| e.get_attention_mask().to_vec())
             .collect();
         let b = texts.len();
+        let tokens: Vec<usize> = enc
+            .iter()
+            .map(|e| e.get_attention_mask().iter().filter(|&&m| m != 0).count())
+            .collect();
         let ids = Tensor::from_vec(ids, (b, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, len), &self.device)?;
         let types = ids.zeros_like()?;
@@ -411,6 +415,11 @@ impl Encoder {
         let mean = summed.broadcast_div(&counts)?;
         let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
         let normed = mean.broadcast_div(&norm)?;
-        Ok(normed.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+        let vectors = normed.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        Ok(vectors
+            .into_iter()
+            .zip(tokens)
+            .map(|(vector, tokens)| Embedding { vector, tokens })
+            .collect())
     }
 }

@@ -91,6 +91,13 @@ pub struct Classification {
     pub latency_ms: f64,
 }
 
+/// One text's sentence embedding by Saturn's encoder (L2-normalized) and the tokens it read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embedding {
+    pub vector: Vec<f32>,
+    pub tokens: usize,
+}
+
 /// Token counts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Usage {

@@ -13,8 +13,8 @@ pub mod subjects;
 pub mod token;
 
 pub use dialog::{
-    Classification, DialogResponse, DialogResult, FinishReason, Kind, Npc, SlotInfo, Timings, Uid,
-    Usage,
+    Classification, DialogResponse, DialogResult, Embedding, FinishReason, Kind, Npc, SlotInfo,
+    Timings, Uid, Usage,
 };
 pub use subjects::{BODY_LIMIT, QUEUE_GROUP, REQUEST_SUBJECTS, RESULTS_SUBJECTS, nats_urls};
 pub use token::{TokenError, check_token, valid_token};

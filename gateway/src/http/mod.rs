@@ -5,6 +5,7 @@
 //! `/readyz` (each tier's health; 503 naming the tiers that are down) are open.
 
 mod completions;
+mod embeddings;
 mod events;
 mod npc;
 mod openai;
@@ -78,6 +79,7 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
         .route("/v1/classify", post(npc::classify))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/v1/events", post(events::open));
     let ops = Router::new()

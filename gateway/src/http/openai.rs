@@ -1,7 +1,9 @@
 //! `POST /v1/chat/completions`: the OpenAI-compatible chat endpoint (`model` = `driver` or `theia`; the
 //! `user` field, when given, is the zone), whole or streamed as `chat.completion.chunk`s ending in `[DONE]`;
-//! `GET /v1/models` lists the two (OpenAI clients and remote-tier probes read it).
+//! `GET /v1/models` lists them, Saturn (embeddings) and each trait-LoRA adapter as `driver:<adapter>` (the
+//! Driver in that adapter's voice); OpenAI clients and remote-tier probes read it.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,21 +24,51 @@ use crate::dialog;
 use crate::error::ApiError;
 use crate::state::Gateway;
 
-pub(super) async fn models() -> Json<serde_json::Value> {
-    let model =
-        |id: &str| json!({ "id": id, "object": "model", "created": 0, "owned_by": "nimmer" });
-    Json(json!({ "object": "list", "data": [model("driver"), model("theia")] }))
+pub(super) async fn models(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    let model = |id: &str, owned_by: &str| json!({ "id": id, "object": "model", "created": 0, "owned_by": owned_by });
+    let mut data = vec![
+        model("driver", "nimmer"),
+        model("theia", "nimmer"),
+        model("saturn", "nimmer"),
+    ];
+    let live = gw.live();
+    let adapters: std::collections::BTreeSet<&String> =
+        live.config.budgets.traits.values().collect();
+    data.extend(
+        adapters
+            .iter()
+            .map(|a| model(&format!("driver:{a}"), "driver")),
+    );
+    Json(json!({ "object": "list", "data": data }))
 }
 
-/// The LLM tier an OpenAI `model` names.
-pub(super) fn tier_of(model: &str) -> Result<Tier, ApiError> {
+/// The LLM tier an OpenAI `model` names, and for `driver:<adapter>` the traits that select the adapter.
+pub(super) fn tier_of(
+    gw: &Gateway,
+    model: &str,
+) -> Result<(Tier, Option<BTreeMap<String, f32>>), ApiError> {
     match model {
-        "driver" => Ok(Tier::Driver),
-        "theia" => Ok(Tier::Theia),
-        other => Err(ApiError::invalid(
-            "model",
-            format!("unknown model `{other}` (driver, theia)"),
-        )),
+        "driver" => Ok((Tier::Driver, None)),
+        "theia" => Ok((Tier::Theia, None)),
+        other => match other.strip_prefix("driver:") {
+            Some(adapter) => {
+                let live = gw.live();
+                let traits = &live.config.budgets.traits;
+                match traits.iter().find(|(_, a)| *a == adapter) {
+                    Some((t, _)) => Ok((Tier::Driver, Some([(t.clone(), 1.0)].into()))),
+                    None => Err(ApiError::invalid(
+                        "model",
+                        format!(
+                            "no trait voices the adapter `{adapter}` (GET /v1/models lists them)"
+                        ),
+                    )),
+                }
+            }
+            None => Err(ApiError::invalid(
+                "model",
+                format!("unknown model `{other}` (driver, theia, driver:<adapter>)"),
+            )),
+        },
     }
 }
 
@@ -49,7 +81,7 @@ pub(super) async fn start(
     prompt: &Prompt,
     params: &SamplingParams,
 ) -> Result<dialog::Running, ApiError> {
-    let tier = tier_of(model)?;
+    let (tier, traits) = tier_of(gw, model)?;
     let zone = user.unwrap_or("_openai");
     crate::api::check_token("user", zone)?;
     dialog::start(
@@ -61,7 +93,7 @@ pub(super) async fn start(
             deadline: None,
             prompt,
             params,
-            traits: None,
+            traits: traits.as_ref(),
         },
     )
     .await

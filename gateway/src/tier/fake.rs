@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
 use nimmer_tiers::{
-    Classification, Completion, EngineLimits, Event, FinishReason, GenerateRequest, Prompt,
-    Schedule, Share, TierError, ZoneServiceView,
+    Classification, Completion, Embedding, EngineLimits, Event, FinishReason, GenerateRequest,
+    Grammars, Prompt, ResponseFormat, Schedule, Share, TierError, ZoneServiceView,
 };
 use tokio::sync::{Notify, mpsc};
 
@@ -42,6 +42,10 @@ pub struct FakeLlm {
     served: Mutex<std::collections::BTreeMap<String, (String, u64)>>,
     /// Pins held now: id → (prompt, whether it ran with a blend).
     pub pins: Mutex<std::collections::BTreeMap<u64, (Prompt, bool)>>,
+    /// The `response_format` of each submitted request, in submission order (the fake does not enforce it).
+    pub formats: Mutex<Vec<Option<ResponseFormat>>>,
+    /// Formats compile against a byte vocabulary, so a broken schema fails as on a model.
+    grammars: Arc<Grammars>,
 }
 
 impl FakeLlm {
@@ -68,6 +72,8 @@ impl FakeLlm {
             shares: Mutex::new(Vec::new()),
             served: Mutex::new(Default::default()),
             pins: Mutex::new(Default::default()),
+            formats: Mutex::new(Vec::new()),
+            grammars: Arc::new(Grammars::single_byte()),
         })
     }
 
@@ -190,6 +196,10 @@ impl FakeLlmTier {
             .lock()
             .expect("shares lock")
             .push(req.share.clone());
+        fake.formats
+            .lock()
+            .expect("formats lock")
+            .push(req.params.response_format.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(fake.clone().run(req, prompt, tx));
         Ok(rx)
@@ -230,6 +240,10 @@ impl LlmTier for FakeLlmTier {
 
     fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>> {
         Box::pin(std::future::ready(self.start(req)))
+    }
+
+    fn grammars(&self) -> Result<Arc<Grammars>, TierError> {
+        Ok(self.0.grammars.clone())
     }
 
     fn pin(
@@ -308,6 +322,32 @@ impl ClassifierTier for FakeClassifier {
                     label: "calm".into(),
                     scores: [("calm".to_string(), 1.0)].into_iter().collect(),
                     latency_ms: 0.0,
+                })
+                .collect())
+        })
+    }
+
+    /// A unit vector of 8 dimensions hashed from the text (equal texts, equal vectors), one token per word.
+    fn embed(&self, inputs: Vec<String>) -> BoxFuture<'static, Result<Vec<Embedding>, TierError>> {
+        Box::pin(async move {
+            Ok(inputs
+                .iter()
+                .map(|text| {
+                    let mut h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                    });
+                    let mut vector: Vec<f32> = (0..8)
+                        .map(|_| {
+                            h = h.rotate_left(8).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                            (h >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                        })
+                        .collect();
+                    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+                    vector.iter_mut().for_each(|x| *x /= norm);
+                    Embedding {
+                        vector,
+                        tokens: text.split_whitespace().count(),
+                    }
                 })
                 .collect())
         })

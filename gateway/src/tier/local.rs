@@ -9,8 +9,8 @@ use nimmer_config::{Config, LlmTierSpec};
 use nimmer_loras::{BaseShape, Blend};
 use nimmer_tiers::fetch::{Verify, ensure_llm, ensure_model};
 use nimmer_tiers::{
-    Classification, EngineLimits, GenerateRequest, LlmHandle, PrefixSnapshot, Prompt, SaturnHandle,
-    TierError, ZoneServiceView,
+    Classification, Embedding, EngineLimits, GenerateRequest, LlmHandle, PrefixSnapshot, Prompt,
+    SaturnHandle, TierError, ZoneServiceView,
 };
 
 use super::{ClassifierTier, Events, Health, LlmTier};
@@ -66,6 +66,10 @@ impl LlmTier for LlmHandle {
     fn load(&self) -> Option<nimmer_tiers::EngineLoad> {
         Some(LlmHandle::load(self))
     }
+
+    fn grammars(&self) -> Result<Arc<nimmer_tiers::Grammars>, TierError> {
+        LlmHandle::grammars(self)
+    }
 }
 
 impl ClassifierTier for SaturnHandle {
@@ -76,6 +80,11 @@ impl ClassifierTier for SaturnHandle {
     ) -> BoxFuture<'static, Result<Vec<Classification>, TierError>> {
         let (me, name) = (self.clone(), classifier.to_string());
         Box::pin(async move { me.classify(&name, inputs).await })
+    }
+
+    fn embed(&self, inputs: Vec<String>) -> BoxFuture<'static, Result<Vec<Embedding>, TierError>> {
+        let me = self.clone();
+        Box::pin(async move { SaturnHandle::embed(&me, inputs).await })
     }
 
     fn health(&self) -> Health {

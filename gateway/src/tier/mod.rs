@@ -14,8 +14,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
 use nimmer_tiers::{
-    Classification, EngineLimits, Event, GenerateRequest, PrefixSnapshot, Prompt, TierError,
-    ZoneServiceView,
+    Classification, Embedding, EngineLimits, Event, GenerateRequest, Grammars, PrefixSnapshot,
+    Prompt, TierError, ZoneServiceView,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -76,6 +76,14 @@ pub trait LlmTier: Send + Sync {
     fn load(&self) -> Option<nimmer_tiers::EngineLoad> {
         None
     }
+    /// The tier's structured-output grammars (compiling a `response_format` here checks it before a slot is
+    /// taken, and the tier finds it compiled). Blocking on first use. A tier that cannot enforce one says so.
+    fn grammars(&self) -> Result<Arc<Grammars>, TierError> {
+        Err(TierError::InvalidRequest {
+            field: "response_format",
+            message: "this tier does not enforce structured output".into(),
+        })
+    }
     /// Whether [`LlmTier::submit`] wants the prompt as the caller gave it (messages or text) rather than
     /// the token ids [`LlmTier::tokenize`] made of it: a server that tokenizes for itself.
     fn takes_source_prompt(&self) -> bool {
@@ -91,6 +99,8 @@ pub trait ClassifierTier: Send + Sync {
         classifier: &str,
         inputs: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Classification>, TierError>>;
+    /// The encoder's sentence embedding of each input (`/v1/embeddings`).
+    fn embed(&self, inputs: Vec<String>) -> BoxFuture<'static, Result<Vec<Embedding>, TierError>>;
     fn health(&self) -> Health;
 }
 
@@ -144,7 +154,7 @@ pub fn start(
             &spec.model,
             nimmer_tiers::fetch::Verify::Cached,
         )?;
-        let shape = remote::client::RemoteShape(nimmer_tiers::llama::ModelShape::read(&path)?);
+        let shape = remote::client::RemoteShape::new(nimmer_tiers::llama::ModelShape::read(&path)?);
         let limits = EngineLimits::of(budget);
         let rt = tokio::runtime::Handle::try_current().map_err(|e| {
             crate::GatewayError::NatsConnect {
@@ -203,7 +213,7 @@ fn start_openai(
                 nimmer_tiers::fetch::Verify::Cached,
             )?;
             let shape = nimmer_tiers::llama::ModelShape::read(&path)?;
-            Some(Arc::new(remote::client::RemoteShape(shape)) as Arc<dyn remote::client::Shape>)
+            Some(Arc::new(remote::client::RemoteShape::new(shape)) as Arc<dyn remote::client::Shape>)
         }
         None => None,
     };

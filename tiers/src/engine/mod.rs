@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Result, TierError};
 use nimmer_loras::Blend;
 
+use crate::grammar::Grammars;
 use crate::llama::{CandleLlama, Llama, LlamaConfig};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatTokenizer, Message};
@@ -200,6 +201,8 @@ pub struct TierInfo {
     pub prefix: Arc<PrefixStats>,
     /// Pins to release, read by the engine before every step.
     unpins: std::sync::Mutex<Vec<u64>>,
+    /// Structured-output grammars over this tokenizer (built at the first request that asks for one).
+    grammars: std::sync::OnceLock<Arc<Grammars>>,
     /// Tokens served and owed per zone.
     pub service: ZoneService,
     /// What the engine holds, as of its last loop.
@@ -317,6 +320,16 @@ impl LlmHandle {
         &self.info
     }
 
+    /// The tier's structured-output grammars (built on first use: blocking, about a tenth of a second).
+    pub fn grammars(&self) -> Result<Arc<Grammars>> {
+        let info = &self.info;
+        if let Some(g) = info.grammars.get() {
+            return Ok(g.clone());
+        }
+        let built = Arc::new(Grammars::new(&info.tokenizer, info.model.vocab)?);
+        Ok(info.grammars.get_or_init(|| built).clone())
+    }
+
     /// Whether the engine thread still runs (it ends when it panics or its model fails for good).
     pub fn is_running(&self) -> bool {
         !self.tx.is_closed()
@@ -417,6 +430,10 @@ impl LlmHandle {
                 budget_mib: kv_budget >> 20,
             });
         }
+        let constraint = match &req.params.response_format {
+            Some(f) => Some(self.grammars()?.constraint(f)?),
+            None => None,
+        };
         let lora = req.lora.filter(|b| !b.is_empty());
         let root = prefix::chain_root(&info.model_id, lora.as_deref());
         let (events, rx) = mpsc::unbounded_channel();
@@ -430,6 +447,7 @@ impl LlmHandle {
             root,
             pin: None,
             share: req.share,
+            constraint,
         });
         Ok((seq, rx))
     }

@@ -21,6 +21,7 @@ use super::prefix::BlockHash;
 use super::sched::{SeqState, plan_step};
 use super::service::ZoneStep;
 use super::{Event, Schedule, Share};
+use crate::grammar::Constraint;
 use crate::sampling::{Sampler, SamplingParams, TextStream};
 
 /// A request as it arrives from a handle: validated and tokenized.
@@ -37,6 +38,8 @@ pub(crate) struct NewSeq {
     /// A pin ([`super::LlmHandle::pin`]): nobody reads its events; its prompt's blocks are pinned when it ends.
     pub pin: Option<u64>,
     pub share: Share,
+    /// Its `response_format`'s grammar, which masks every step's logits.
+    pub constraint: Option<Constraint>,
 }
 
 /// KV bytes reserved by one admitted sequence; returned to the budget on drop.
@@ -367,6 +370,7 @@ mod tests {
             root: [0; 16],
             pin: None,
             share: Share::default(),
+            constraint: None,
         };
         (new, rx)
     }

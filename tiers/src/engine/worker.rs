@@ -19,7 +19,7 @@ use super::service::ZoneService;
 use super::{
     Command, Completion, EngineLimits, EngineLoad, Event, FinishReason, LiveLimits, TierInfo,
 };
-use crate::error::Result;
+use crate::error::{Result, TierError};
 use crate::llama::{Chunk, Decoder};
 use crate::tokenizer::ChatTokenizer;
 
@@ -53,6 +53,7 @@ pub(super) fn serve<M: Decoder>(
         kernel: model.kernel(),
         prefix: prefix.clone(),
         unpins: Default::default(),
+        grammars: Default::default(),
         service: ZoneService::new(&tier),
         load: Default::default(),
     });
@@ -414,18 +415,33 @@ impl PrefixGauges {
     }
 }
 
-/// Samples and streams one token; returns whether the sequence is finished.
+/// Samples and streams one token (within its grammar, if it has one); returns whether the sequence is
+/// finished.
 fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, logits: &mut [f32]) -> bool {
     let history: Vec<u32> = if s.new.params.repetition_penalty != 1.0 {
         s.new.prompt.iter().chain(&s.generated).copied().collect()
     } else {
         Vec::new()
     };
+    if let Some(c) = &mut s.new.constraint
+        && let Err(e) = c.mask(logits)
+    {
+        return fail(s, e);
+    }
     let tok = s.sampler.sample(logits, &history);
     let now = Instant::now();
     s.first_token.get_or_insert(now);
     let tokenizer = &info.tokenizer;
-    let eos = !s.new.params.ignore_eos && tokenizer.eos_ids.contains(&tok);
+    let constrained = s.new.constraint.is_some();
+    let eos = (constrained || !s.new.params.ignore_eos) && tokenizer.eos_ids.contains(&tok);
+    // The grammar ends the output once it is complete (its mask then allows only the end).
+    let grammar_done = match &mut s.new.constraint {
+        Some(c) if !eos => match c.accept(tok) {
+            Ok(done) => done,
+            Err(e) => return fail(s, e),
+        },
+        _ => false,
+    };
     let mut text = String::new();
     if !eos {
         s.generated.push(tok);
@@ -437,7 +453,7 @@ fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, logits: &mut [f32]) -> bool {
     }
     let at_limit = s.generated.len() >= s.new.params.max_tokens
         || s.new.prompt.len() + s.generated.len() >= info.context;
-    let reason = if eos || s.text.stopped {
+    let reason = if eos || grammar_done || s.text.stopped {
         Some(FinishReason::Stop)
     } else if at_limit {
         Some(FinishReason::Length)
@@ -470,4 +486,11 @@ fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, logits: &mut [f32]) -> bool {
             true
         }
     }
+}
+
+/// Ends a sequence whose grammar failed mid-decode (an internal fault, logged; the client sees an error).
+fn fail<C>(s: &mut Seq<C>, e: TierError) -> bool {
+    tracing::error!(error = %e, "structured output failed mid-decode");
+    let _ = s.new.events.send(Event::Error(e.to_string()));
+    true
 }

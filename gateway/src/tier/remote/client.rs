@@ -15,7 +15,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
 use nimmer_tiers::{
-    Completion, EngineLimits, Event, FinishReason, GenerateRequest, Prompt, TierError,
+    Completion, EngineLimits, Event, FinishReason, GenerateRequest, Grammars, Prompt, TierError,
 };
 use tokio::sync::mpsc;
 
@@ -31,6 +31,8 @@ use crate::tier::{Events, Health, LlmTier};
 pub trait Shape: Send + Sync {
     fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError>;
     fn lora_base(&self) -> BaseShape;
+    /// Structured-output grammars over the tokenizer (the gateway checks formats; workers compile their own).
+    fn grammars(&self) -> Result<Arc<Grammars>, TierError>;
 }
 
 /// The shape of a tier the gateway also runs (or loads) in process: tokenizer and adapter shape.
@@ -44,18 +46,45 @@ impl Shape for ShapeOf {
     fn lora_base(&self) -> BaseShape {
         self.0.lora_base()
     }
+
+    fn grammars(&self) -> Result<Arc<Grammars>, TierError> {
+        self.0.grammars()
+    }
 }
 
 /// A remote tier's model as the gateway reads it: the GGUF's tokenizer and configuration, no weights.
-pub struct RemoteShape(pub nimmer_tiers::llama::ModelShape);
+pub struct RemoteShape {
+    model: nimmer_tiers::llama::ModelShape,
+    grammars: std::sync::OnceLock<Arc<Grammars>>,
+}
+
+impl RemoteShape {
+    pub fn new(model: nimmer_tiers::llama::ModelShape) -> Self {
+        Self {
+            model,
+            grammars: std::sync::OnceLock::new(),
+        }
+    }
+}
 
 impl Shape for RemoteShape {
+    fn grammars(&self) -> Result<Arc<Grammars>, TierError> {
+        if let Some(g) = self.grammars.get() {
+            return Ok(g.clone());
+        }
+        let built = Arc::new(Grammars::new(
+            &self.model.tokenizer,
+            self.model.config.vocab,
+        )?);
+        Ok(self.grammars.get_or_init(|| built).clone())
+    }
+
     fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
-        nimmer_tiers::tokenize(&self.0.tokenizer, self.0.config.vocab, prompt)
+        nimmer_tiers::tokenize(&self.model.tokenizer, self.model.config.vocab, prompt)
     }
 
     fn lora_base(&self) -> BaseShape {
-        self.0.config.lora_base()
+        self.model.config.lora_base()
     }
 }
 
@@ -293,6 +322,10 @@ impl LlmTier for NatsLlm {
 
     fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, TierError> {
         self.shape.tokenize(prompt)
+    }
+
+    fn grammars(&self) -> Result<Arc<Grammars>, TierError> {
+        self.shape.grammars()
     }
 
     fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>> {

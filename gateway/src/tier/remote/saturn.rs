@@ -1,5 +1,6 @@
-//! Saturn across hosts: a worker serves a [`ClassifierTier`] as the NATS service `nimmer-saturn` (one
-//! request/reply endpoint, `nimmer.tier.saturn.classify`, in the service's queue group: any worker answers),
+//! Saturn across hosts: a worker serves a [`ClassifierTier`] as the NATS service `nimmer-saturn` (two
+//! request/reply endpoints, `nimmer.tier.saturn.classify` and `.embed`, in the service's queue group: any
+//! worker answers),
 //! publishing its load like the LLM workers; [`NatsSaturn`] is the gateway's [`ClassifierTier`] over such
 //! workers. Classification is one short forward pass, so there is no stream and no migration: a request that
 //! finds no worker, or whose worker dies before answering, is a clear "down" (503) the caller may retry.
@@ -11,7 +12,7 @@ use std::time::Duration;
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use nimmer_tiers::{Classification, TierError};
+use nimmer_tiers::{Classification, Embedding, TierError};
 use serde::{Deserialize, Serialize};
 
 use super::client::Workers;
@@ -26,11 +27,28 @@ pub fn classify_subject() -> String {
     format!("nimmer.tier.{TIER}.classify")
 }
 
+/// Where embedding requests go.
+pub fn embed_subject() -> String {
+    format!("nimmer.tier.{TIER}.embed")
+}
+
 /// A classification request on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassifyMsg {
     pub classifier: String,
     pub inputs: Vec<String>,
+}
+
+/// An embedding request on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmbedMsg {
+    pub inputs: Vec<String>,
+}
+
+/// A request a worker answers.
+enum Ask {
+    Classify(async_nats::service::Request),
+    Embed(async_nats::service::Request),
 }
 
 /// How long the gateway waits for a worker's answer (a batch of classifications takes milliseconds; a
@@ -55,12 +73,19 @@ pub async fn serve(
         .start(service_name(TIER), env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| nats_err(&service_name(TIER), &e))?;
-    let mut requests = service
+    let classify = service
         .endpoint_builder()
         .name("classify")
         .add(classify_subject())
         .await
         .map_err(|e| nats_err(&classify_subject(), &e))?;
+    let embed = service
+        .endpoint_builder()
+        .name("embed")
+        .add(embed_subject())
+        .await
+        .map_err(|e| nats_err(&embed_subject(), &e))?;
+    let mut requests = futures::stream::select(classify.map(Ask::Classify), embed.map(Ask::Embed));
     tracing::info!(worker, subject = %classify_subject(), "Saturn worker serving");
     let in_flight = Arc::new(AtomicUsize::new(0));
     let load = tokio::spawn(publish_load(
@@ -101,23 +126,39 @@ pub async fn serve(
     Ok(())
 }
 
-async fn answer(saturn: &dyn ClassifierTier, req: async_nats::service::Request) {
-    let result = match serde_json::from_slice::<ClassifyMsg>(&req.message.payload) {
-        Ok(m) => saturn
-            .classify(&m.classifier, m.inputs)
-            .await
-            .map_err(|e| RemoteError::from_tier(TIER, &e)),
-        Err(e) => Err(RemoteError::Invalid {
+async fn answer(saturn: &dyn ClassifierTier, ask: Ask) {
+    fn parsed<M: serde::de::DeserializeOwned>(
+        req: &async_nats::service::Request,
+        what: &str,
+    ) -> Result<M, RemoteError> {
+        serde_json::from_slice(&req.message.payload).map_err(|e| RemoteError::Invalid {
             field: "request".into(),
-            message: format!("not a classify message: {e}"),
-        }),
+            message: format!("not {what} message: {e}"),
+        })
+    }
+    let tier_err = |e: TierError| RemoteError::from_tier(TIER, &e);
+    let (req, result) = match ask {
+        Ask::Classify(req) => {
+            let r = match parsed::<ClassifyMsg>(&req, "a classify") {
+                Ok(m) => saturn
+                    .classify(&m.classifier, m.inputs)
+                    .await
+                    .map_err(tier_err),
+                Err(e) => Err(e),
+            };
+            (req, r.map(|c| serde_json::to_vec(&c).unwrap_or_default()))
+        }
+        Ask::Embed(req) => {
+            let r = match parsed::<EmbedMsg>(&req, "an embed") {
+                Ok(m) => saturn.embed(m.inputs).await.map_err(tier_err),
+                Err(e) => Err(e),
+            };
+            (req, r.map(|c| serde_json::to_vec(&c).unwrap_or_default()))
+        }
     };
-    let reply = match result {
-        Ok(c) => Ok(serde_json::to_vec(&c).unwrap_or_default().into()),
-        Err(e) => Err(e.to_service()),
-    };
+    let reply = result.map(Into::into).map_err(|e| e.to_service());
     if let Err(e) = req.respond(reply).await {
-        tracing::warn!(error = %e, "answering a classify request failed");
+        tracing::warn!(error = %e, "answering a Saturn request failed");
     }
 }
 
@@ -168,29 +209,19 @@ impl ClassifierTier for NatsSaturn {
         classifier: &str,
         inputs: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Classification>, TierError>> {
-        let client = self.client.clone();
         let msg = ClassifyMsg {
             classifier: classifier.to_string(),
             inputs,
         };
-        Box::pin(async move {
-            let down = |e: &dyn std::fmt::Display| {
-                tracing::warn!(tier = TIER, error = %e, "remote Saturn request failed");
-                TierError::EngineDown { tier: TIER.into() }
-            };
-            let body = serde_json::to_vec(&msg).map_err(|e| down(&e))?;
-            let reply = tokio::time::timeout(
-                ANSWER_WITHIN,
-                client.request(classify_subject(), body.into()),
-            )
-            .await
-            .map_err(|e| down(&e))?
-            .map_err(|e| down(&e))?;
-            if let Some(refused) = RemoteError::of_reply(&reply) {
-                return Err(refused.unwrap_or_else(|status| down(&status)));
-            }
-            serde_json::from_slice(&reply.payload).map_err(|e| down(&e))
-        })
+        Box::pin(ask(self.client.clone(), classify_subject(), msg))
+    }
+
+    fn embed(&self, inputs: Vec<String>) -> BoxFuture<'static, Result<Vec<Embedding>, TierError>> {
+        Box::pin(ask(
+            self.client.clone(),
+            embed_subject(),
+            EmbedMsg { inputs },
+        ))
     }
 
     fn health(&self) -> Health {
@@ -205,4 +236,26 @@ impl ClassifierTier for NatsSaturn {
             Health::Ready
         }
     }
+}
+
+/// One request to any worker on `subject`, its answer parsed; a worker's refusal keeps its status, anything
+/// else is "down".
+async fn ask<A: Serialize, R: serde::de::DeserializeOwned>(
+    client: async_nats::Client,
+    subject: String,
+    msg: A,
+) -> Result<R, TierError> {
+    let down = |e: &dyn std::fmt::Display| {
+        tracing::warn!(tier = TIER, error = %e, "remote Saturn request failed");
+        TierError::EngineDown { tier: TIER.into() }
+    };
+    let body = serde_json::to_vec(&msg).map_err(|e| down(&e))?;
+    let reply = tokio::time::timeout(ANSWER_WITHIN, client.request(subject, body.into()))
+        .await
+        .map_err(|e| down(&e))?
+        .map_err(|e| down(&e))?;
+    if let Some(refused) = RemoteError::of_reply(&reply) {
+        return Err(refused.unwrap_or_else(|status| down(&status)));
+    }
+    serde_json::from_slice(&reply.payload).map_err(|e| down(&e))
 }
