@@ -536,7 +536,7 @@ async fn bad_input_gets_a_precise_4xx_and_the_gateway_keeps_serving() {
         &json!({ "model": "gpt-4", "messages": [{ "role": "user", "content": "hi" }] }),
     )
     .await;
-    assert_eq!((status, v["field"].as_str()), (422, Some("model")));
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("model")));
     let (status, v) = post("/v1/dialog", &dialog("dialog", "Say hello.")).await;
     assert_eq!(status, 200, "still serving: {v}");
     assert_eq!(

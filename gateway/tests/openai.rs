@@ -103,7 +103,8 @@ async fn what_completions_do_not_support_is_refused_by_field() {
         let (status, _, v) = send(&app, "/v1/completions", &body).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {v}");
         assert!(
-            v["field"] == field || v["error"].as_str().unwrap_or("").contains(field),
+            v["error"]["param"] == field
+                || v["error"]["message"].as_str().unwrap_or("").contains(field),
             "{body} -> {v}"
         );
     }
@@ -141,7 +142,12 @@ async fn models_list_the_tiers_and_each_adapter_as_a_driver_model() {
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
-    assert_eq!(v["field"], "model", "{v}");
+    assert_eq!(v["error"]["param"], "model", "{v}");
+    assert_eq!(v["error"]["code"], 422, "OpenAI's error shape: {v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("nosuch"),
+        "{v}"
+    );
     assert_eq!(fakes.driver.submitted(), 0);
 }
 
@@ -214,7 +220,8 @@ async fn what_embeddings_do_not_support_is_refused_by_field() {
         let (status, _, v) = send(&app, "/v1/embeddings", &body).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {v}");
         assert!(
-            v["field"] == field || v["error"].as_str().unwrap_or("").contains(field),
+            v["error"]["param"] == field
+                || v["error"]["message"].as_str().unwrap_or("").contains(field),
             "{body} -> {v}"
         );
     }
@@ -288,6 +295,9 @@ async fn a_response_format_reaches_the_tier_and_a_broken_schema_is_refused_befor
     classify["response_format"] = json!({ "type": "json_object" });
     let (status, _, v) = send(&app, "/v1/dialog", &classify).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
-    assert_eq!(v["field"], "response_format", "{v}");
+    assert_eq!(
+        v["field"], "response_format",
+        "the game route's own shape: {v}"
+    );
     assert_eq!(fakes.driver.submitted(), 4, "refusals reached no tier");
 }

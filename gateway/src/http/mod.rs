@@ -9,6 +9,7 @@ mod embeddings;
 mod events;
 mod npc;
 mod openai;
+mod openai_errors;
 mod ops;
 
 use std::sync::Arc;
@@ -74,14 +75,17 @@ fn guarded(r: Router<Arc<Gateway>>, tokens: Vec<String>) -> Router<Arc<Gateway>>
 
 /// The router over a gateway; tests drive it with `oneshot` or on `127.0.0.1:0`.
 pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
-    let npc = Router::new()
-        .route("/v1/dialog", post(npc::dialog))
-        .route("/v1/classify", post(npc::classify))
+    let openai = Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(openai::models))
-        .route("/v1/events", post(events::open));
+        .layer(middleware::from_fn(openai_errors::reshape));
+    let npc = Router::new()
+        .route("/v1/dialog", post(npc::dialog))
+        .route("/v1/classify", post(npc::classify))
+        .route("/v1/events", post(events::open))
+        .merge(openai);
     let ops = Router::new()
         .route("/v1/zones", get(ops::zones))
         .route("/v1/zones/{id}", put(ops::put_zone))
