@@ -18,8 +18,10 @@ fi
 # PG_BIN. The PostgreSQL tests run their own throwaway cluster (initdb in a temp dir), as the `postgres` user
 # when run as root.
 . scripts/tools.sh
+. scripts/test-tools.sh
 "$NATS_SERVER" --version
 "$PG_BIN/postgres" --version
+"$CHROMIUM" --version 2>/dev/null
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -15,20 +15,6 @@ if [ ! -x "$NATS_DIR/bin/nats-server" ]; then
 fi
 export NATS_SERVER="$PWD/$NATS_DIR/bin/nats-server"
 
-# - NIMMER_OPENAI_PY: the official `openai` Python client (PyPI, pinned, with its dependencies) for the
-#   OpenAI-compatibility test, installed into .tools/ like nats-server.
-OPENAI_VERSION=3.63.0
-OPENAI_DIR=.tools/openai-$OPENAI_VERSION
-if [ ! -f "$OPENAI_DIR/.installed" ]; then
-  echo "== installing the openai Python client $OPENAI_VERSION (PyPI openai) into $OPENAI_DIR"
-  PY=$(command -v python3 || command -v python)
-  rm -rf "$OPENAI_DIR"
-  PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
-    --target "$OPENAI_DIR" "openai==$OPENAI_VERSION"
-  touch "$OPENAI_DIR/.installed"
-fi
-export NIMMER_OPENAI_PY="$PWD/$OPENAI_DIR"
-
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 if [ -z "$(pg_bin)" ] || [ ! -x "$(pg_bin)/initdb" ]; then
   echo "== installing PostgreSQL (apt package postgresql)"
@@ -39,3 +25,4 @@ if [ -z "$(pg_bin)" ] || [ ! -x "$(pg_bin)/initdb" ]; then
   $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
 fi
 export PG_BIN="$(pg_bin)"
+

@@ -33,6 +33,8 @@ struct Meter {
     completion_tokens: usize,
     /// Whether the generation finished (only those count in the zone's prefix-cache figures).
     done: bool,
+    /// Slot wait plus the engine's time to first token, once finished.
+    ttft_ms: f64,
     /// Other gateways' share of the charge (`budget_sync.rs`).
     shared: Option<tokio::sync::mpsc::UnboundedSender<crate::zones::Charge>>,
 }
@@ -54,7 +56,12 @@ impl Drop for Meter {
         let mut zones = self.zones.lock().expect("zones lock");
         zones.charge(&self.zone, self.tier, tokens, &self.budget, Instant::now());
         if self.done {
-            zones.record_prefix(&self.zone, self.prompt_tokens, self.cached_tokens);
+            zones.record_done(
+                &self.zone,
+                self.prompt_tokens,
+                self.cached_tokens,
+                self.ttft_ms,
+            );
         }
     }
 }
@@ -91,6 +98,7 @@ impl Running {
                 self.meter.cached_tokens = c.cached_tokens;
                 self.meter.completion_tokens = c.completion_tokens;
                 self.meter.done = true;
+                self.meter.ttft_ms = self.slot_wait.as_secs_f64() * 1e3 + c.ttft_ms;
                 metrics::finished(
                     self.tier,
                     &self.permit.class,
@@ -159,6 +167,7 @@ async fn submit(
         cached_tokens: 0,
         completion_tokens: 0,
         done: false,
+        ttft_ms: 0.0,
         shared: gw.charge_sink(),
     };
     let slot_wait = admitted.started.elapsed();

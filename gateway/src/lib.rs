@@ -19,6 +19,7 @@
 pub mod admission;
 pub mod api;
 pub mod budget_sync;
+pub mod config_edit;
 pub mod dialog;
 pub mod error;
 pub mod events;

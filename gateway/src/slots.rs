@@ -137,6 +137,12 @@ impl TierSlots {
         self.dispatch();
     }
 
+    /// (slots in use, slots, requests waiting).
+    pub(crate) fn usage(&self) -> (usize, usize, usize) {
+        let q = self.lock();
+        (q.in_use(), q.capacity(), q.waiting())
+    }
+
     /// Slots this tier has.
     pub(crate) fn capacity(&self) -> usize {
         self.lock().capacity()

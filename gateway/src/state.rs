@@ -28,6 +28,18 @@ pub struct Live {
     pub applied_at: SystemTime,
 }
 
+/// One tier as `GET /v1/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TierStatus {
+    pub health: Health,
+    pub slots_in_use: usize,
+    pub slots: usize,
+    pub queued: usize,
+    /// Sequences running, resident and waiting in the engine, and its KV use (`None`: remote or fake).
+    pub engine: Option<nimmer_tiers::EngineLoad>,
+    pub prefix_cache: Option<nimmer_tiers::PrefixSnapshot>,
+}
+
 /// What one request is admitted under, read once: the configuration in effect and its zone's class and
 /// weight. Carried as a value, so a reload in the middle of a request cannot mix two budget versions.
 #[derive(Clone)]
@@ -51,6 +63,8 @@ pub struct Gateway {
     /// The Driver's trait-LoRA adapters.
     loras: Arc<Registry>,
     loras_dir: Option<PathBuf>,
+    /// Where `budgets.toml` lives (an edit over the API is written there); `None` on the embedded config.
+    config_dir: Option<PathBuf>,
     /// Per zone, the NPC personas pinned in a tier's prefix cache while the zone is active.
     pins: Mutex<BTreeMap<String, Vec<PinnedNpc>>>,
     next_pin: AtomicU64,
@@ -137,6 +151,7 @@ impl Gateway {
             results: Mutex::new(None),
             loras,
             loras_dir,
+            config_dir: config_dir.map(Path::to_path_buf),
             pins: Mutex::new(BTreeMap::new()),
             next_pin: AtomicU64::new(1),
             charges: Mutex::new(None),
@@ -389,6 +404,27 @@ impl Gateway {
         zones
     }
 
+    /// Each tier at a glance (the ops console's tier panel): health, slots, and for LLM tiers what the engine
+    /// holds and its prefix cache.
+    pub fn tier_status(&self) -> BTreeMap<Tier, TierStatus> {
+        Tier::ALL
+            .into_iter()
+            .map(|tier| {
+                let (slots_in_use, slots, queued) = self.slots[&tier].usage();
+                let llm = self.tiers().llm(tier);
+                let status = TierStatus {
+                    health: self.tiers().health(tier),
+                    slots_in_use,
+                    slots,
+                    queued,
+                    engine: llm.and_then(|l| l.load()),
+                    prefix_cache: llm.and_then(|l| l.prefix_cache()),
+                };
+                (tier, status)
+            })
+            .collect()
+    }
+
     /// Each LLM tier's prefix-cache figures (hit rate, cached tokens, evictions, pinned blocks).
     pub fn prefix_caches(&self) -> BTreeMap<Tier, nimmer_tiers::PrefixSnapshot> {
         [Tier::Driver, Tier::Theia]
@@ -400,6 +436,11 @@ impl Gateway {
     /// The adapter registry.
     pub fn loras(&self) -> &Arc<Registry> {
         &self.loras
+    }
+
+    /// The configuration directory, if the gateway runs on one (not the embedded config).
+    pub fn config_dir(&self) -> Option<&Path> {
+        self.config_dir.as_deref()
     }
 
     /// The adapters directory, if it exists.

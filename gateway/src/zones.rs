@@ -58,6 +58,8 @@ struct Zone {
     last_seen: Instant,
     buckets: BTreeMap<TierName, Bucket>,
     prefix: PrefixUse,
+    /// Recent time to first token (slot wait included), exponentially weighted.
+    ttft_ms: Option<f64>,
 }
 
 /// A zone's prompt tokens and how many of them the tiers' prefix caches served (not computed again).
@@ -78,6 +80,8 @@ pub struct ZoneInfo {
     /// Token bucket levels of tiers with a token rate (may be negative: in debt).
     pub tokens: BTreeMap<TierName, f64>,
     pub prefix_cache: PrefixUse,
+    /// Recent time to first token of its generations (slot wait included; each new one weighs 0.2).
+    pub ttft_ms: Option<f64>,
 }
 
 #[derive(Default)]
@@ -97,6 +101,7 @@ impl ZoneTable {
                 last_seen: now,
                 buckets: BTreeMap::new(),
                 prefix: PrefixUse::default(),
+                ttft_ms: None,
             }
         });
         if !z.pinned || !b.classes.contains_key(&z.class) {
@@ -164,11 +169,19 @@ impl ZoneTable {
         }
     }
 
-    /// Counts a finished generation's prompt tokens and the part of them served from a prefix cache.
-    pub fn record_prefix(&mut self, zone: &str, prompt_tokens: usize, cached_tokens: usize) {
+    /// Counts a finished generation: its prompt tokens, the part of them served from a prefix cache, and
+    /// its time to first token.
+    pub fn record_done(
+        &mut self,
+        zone: &str,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+        ttft_ms: f64,
+    ) {
         if let Some(z) = self.zones.get_mut(zone) {
             z.prefix.prompt_tokens += prompt_tokens as u64;
             z.prefix.cached_tokens += cached_tokens as u64;
+            z.ttft_ms = Some(z.ttft_ms.map_or(ttft_ms, |t| 0.8 * t + 0.2 * ttft_ms));
         }
     }
 
@@ -226,6 +239,7 @@ impl ZoneTable {
                     idle_s: now.saturating_duration_since(z.last_seen).as_secs_f64(),
                     tokens,
                     prefix_cache: z.prefix,
+                    ttft_ms: z.ttft_ms,
                 };
                 (name.clone(), info)
             })

@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: the default config and its models, fetched (and verified) through
 //! the same code path `nimmer models fetch` uses, and small helpers to run requests to completion.
 
+pub mod browser;
 pub mod http;
 
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ mod npc;
 mod openai;
 mod openai_errors;
 mod ops;
+mod ui;
 
 use std::sync::Arc;
 
@@ -91,6 +92,11 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
         .route("/v1/zones/{id}", put(ops::put_zone))
         .route("/v1/config", get(ops::config))
         .route(
+            "/v1/config/budgets",
+            get(ops::budgets_text).put(ops::put_budgets),
+        )
+        .route("/v1/status", get(ops::status))
+        .route(
             "/v1/adapters",
             get(ops::list_adapters).post(ops::load_adapter),
         )
@@ -100,6 +106,7 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
     Router::new()
         .merge(guarded(npc, auth.npc))
         .merge(guarded(ops, auth.ops))
+        .route("/ui", get(ui::page))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -1,5 +1,6 @@
-//! The ops routes: zones (`GET /v1/zones`, `PUT /v1/zones/{id}`), the configuration in effect, Prometheus
-//! metrics, and the trait-LoRA adapters (list, load or replace, delete, prefetch). An unknown adapter is a
+//! The ops routes: zones (`GET /v1/zones`, `PUT /v1/zones/{id}`), each tier at a glance (`GET /v1/status`),
+//! the configuration in effect and `budgets.toml` as text (read, and edited through the hot reload's checks),
+//! Prometheus metrics, and the trait-LoRA adapters (list, load or replace, delete, prefetch). An unknown adapter is a
 //! 404 wherever it is named; an unknown trait is a 422.
 
 use std::sync::Arc;
@@ -47,6 +48,44 @@ pub(super) async fn config(State(gw): State<Arc<Gateway>>) -> Json<serde_json::V
         "tiers": c.tiers,
         "classifiers": c.classifiers,
     }))
+}
+
+/// Each tier's health, slots, engine load and prefix cache, and the config version.
+pub(super) async fn status(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    let live = gw.live();
+    Json(json!({
+        "version": live.version,
+        "origin": live.config.origin,
+        "tiers": gw.tier_status(),
+        "zones_active": gw.zones().values().filter(|z| z.info.is_some()).count(),
+    }))
+}
+
+/// `budgets.toml` in effect, as text; its version in `X-Config-Version`.
+pub(super) async fn budgets_text(State(gw): State<Arc<Gateway>>) -> Response {
+    let live = gw.live();
+    (
+        [
+            (CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
+            (
+                axum::http::HeaderName::from_static("x-config-version"),
+                live.version.to_string(),
+            ),
+        ],
+        live.config.sources.budgets.clone(),
+    )
+        .into_response()
+}
+
+/// A new `budgets.toml` (the body, as text): checked as a hot reload checks it, then in effect as the next
+/// version and written to the config directory. A 422 names the key (or the line of a syntax error).
+pub(super) async fn put_budgets(
+    State(gw): State<Arc<Gateway>>,
+    body: Bytes,
+) -> Result<Json<crate::config_edit::Applied>, ApiError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::invalid("budgets.toml", "the body is not UTF-8 text"))?;
+    Ok(Json(crate::config_edit::apply_budgets(&gw, text)?))
 }
 
 pub(super) async fn prometheus() -> Response {
