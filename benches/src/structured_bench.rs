@@ -26,9 +26,14 @@ struct Args {
     /// Rounds; each runs both modes (alternating which goes first).
     #[arg(long, default_value_t = 4)]
     rounds: usize,
-    /// Most tokens per sequence (unconstrained sequences run exactly this many).
-    #[arg(long, default_value_t = 64)]
+    /// Most tokens per sequence (unconstrained sequences run exactly this many; enough for every
+    /// constrained answer to end).
+    #[arg(long, default_value_t = 96)]
     gen_tokens: usize,
+    /// Decode tok/s is measured over each sequence's first this many tokens in both modes (the same
+    /// positions: constrained answers end earlier, and later positions decode over longer KV).
+    #[arg(long, default_value_t = 32)]
+    window: usize,
     /// Write the block into this file.
     #[arg(long)]
     write: Option<std::path::PathBuf>,
@@ -40,7 +45,7 @@ fn schema() -> ResponseFormat {
         schema: serde_json::json!({
             "type": "object",
             "properties": {
-                "line": { "type": "string", "maxLength": 200 },
+                "line": { "type": "string", "maxLength": 120 },
                 "emotion": { "enum": ["calm", "angry", "afraid", "glad", "sad"] },
                 "action": { "enum": ["none", "wave", "walk_away", "draw_weapon", "point"] }
             },
@@ -50,18 +55,22 @@ fn schema() -> ResponseFormat {
     }
 }
 
-/// One round of one mode: steady-state decode tok/s (every sequence has its first token, none has ended),
+/// One round of one mode: steady-state decode tok/s (every sequence has its first token, none is past the
+/// window),
 /// tokens generated, and whether every constrained answer parsed.
 struct Round {
     tps: f64,
     tokens: usize,
     parsed: usize,
+    /// The token ids of the first sequence's answer.
+    first: Vec<u32>,
 }
 
 fn round(
     h: &LlmHandle,
     c: usize,
     gen_tokens: usize,
+    window: usize,
     format: Option<ResponseFormat>,
 ) -> Result<Round> {
     let users = [
@@ -92,30 +101,33 @@ fn round(
         .into_iter()
         .map(|mut rx| {
             std::thread::spawn(move || {
-                let (mut times, mut text) = (Vec::new(), String::new());
+                let (mut times, mut text, mut ids) = (Vec::new(), String::new(), Vec::new());
                 while let Some(ev) = rx.blocking_recv() {
                     match ev {
-                        Event::Token { text: t, .. } => {
+                        Event::Token { text: t, id } => {
                             times.push(Instant::now());
                             text.push_str(&t);
+                            ids.push(id);
                         }
                         Event::Done(_) => break,
                         Event::Error(e) => panic!("{e}"),
                         Event::Expired => panic!("expired without a deadline"),
                     }
                 }
-                (times, text)
+                (times, text, ids)
             })
         })
         .collect();
-    let runs: Vec<(Vec<Instant>, String)> = collectors
+    let runs: Vec<(Vec<Instant>, String, Vec<u32>)> = collectors
         .into_iter()
         .map(|j| j.join().expect("collector"))
         .collect();
     let start = runs.iter().map(|r| r.0[0]).max().expect("tokens");
+    // The same positions in both modes (a constrained answer ends early, and later positions decode over
+    // longer KV): up to the moment the first sequence has `window` tokens.
     let end = runs
         .iter()
-        .map(|r| *r.0.last().expect("tokens"))
+        .map(|r| r.0[window.min(r.0.len()) - 1])
         .min()
         .expect("tokens");
     let decoded = runs
@@ -130,6 +142,7 @@ fn round(
             .iter()
             .filter(|r| serde_json::from_str::<serde_json::Value>(&r.1).is_ok())
             .count(),
+        first: runs[0].2.clone(),
     })
 }
 
@@ -170,9 +183,16 @@ fn main() -> Result<()> {
 
     let (mut free, mut bound, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut parsed, mut answers, mut bound_tokens) = (0, 0, 0);
+    let mut replay = Vec::new();
     for r in 0..args.rounds {
         let one = |constrained: bool| -> Result<Round> {
-            let out = round(&h, c, args.gen_tokens, constrained.then(schema))?;
+            let out = round(
+                &h,
+                c,
+                args.gen_tokens,
+                args.window,
+                constrained.then(schema),
+            )?;
             std::thread::sleep(Duration::from_millis(200));
             Ok(out)
         };
@@ -188,12 +208,28 @@ fn main() -> Result<()> {
             a.tps, b.tps, b.parsed, b.tokens
         );
         ratios.push(b.tps / a.tps);
+        replay = b.first.clone();
         free.push(a.tps);
         bound.push(b.tps);
         parsed += b.parsed;
         answers += c;
         bound_tokens += b.tokens;
     }
+    // What the grammar costs per token: a constrained answer replayed through a fresh constraint (the mask
+    // over the Driver's vocabulary, then the token taken), on this thread alone.
+    let vocab = h.info().model.vocab;
+    let t = Instant::now();
+    let mut walk = grammars.constraint(&schema())?;
+    let mut logits = vec![0f32; vocab];
+    for &id in &replay {
+        walk.mask(&mut logits);
+        walk.accept(id)?;
+    }
+    let per_token_us = t.elapsed().as_secs_f64() * 1e6 / replay.len().max(1) as f64;
+    eprintln!(
+        "mask + accept: {per_token_us:.0} µs per token over {} tokens",
+        replay.len()
+    );
     let list = |v: &[f64], p: usize| {
         v.iter()
             .map(|x| format!("{x:.p$}"))
@@ -201,16 +237,19 @@ fn main() -> Result<()> {
             .join(", ")
     };
     let table = format!(
-        "Machine: {}\n\nCommand: `cargo run --release -p nimmer-benches --bin structured-bench -- --concurrency {c} --rounds {} --gen-tokens {} --write benches/RESULTS.md`\n\n\
-| Driver, {c} concurrent | decode tok/s (median; rounds) |\n|---|---|\n\
+        "Machine: {}\n\nCommand: `cargo run --release -p nimmer-benches --bin structured-bench -- --concurrency {c} --rounds {} --gen-tokens {} --window {} --write benches/RESULTS.md`\n\n\
+| Driver, {c} concurrent, tokens 2-{} of each answer | decode tok/s (median; rounds) |\n|---|---|\n\
 | without a response format | {:.0} ({}) |\n\
 | every request under the NPC JSON schema | {:.0} ({}) |\n\n\
 With the schema against without, median of per-round ratios: **{:.2}×** ({}). Constrained answers that parse as JSON: {parsed}/{answers} \
 (mean {:.0} tokens each; unconstrained sequences run {} tokens). Cost of the grammar machinery: the Driver's token trie \
-{trie_ms:.0} ms once per tier, the schema's first compile {compile_ms:.1} ms, a sequence's constraint from the cache {cached_us:.0} µs.",
+{trie_ms:.0} ms once per tier, the schema's first compile {compile_ms:.1} ms, a sequence's constraint from the cache {cached_us:.0} µs, \
+a step's mask and the sampled token taken {per_token_us:.0} µs per sequence (one answer replayed on one thread).",
         machine(),
         args.rounds,
         args.gen_tokens,
+        args.window,
+        args.window,
         pct(&mut free.clone(), 0.5),
         list(&free, 0),
         pct(&mut bound.clone(), 0.5),

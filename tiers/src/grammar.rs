@@ -57,30 +57,55 @@ fn invalid(message: String) -> TierError {
 }
 
 /// One sequence's grammar: masks logits before sampling and follows each sampled token.
-pub struct Constraint(Box<Matcher>);
+pub struct Constraint {
+    matcher: Box<Matcher>,
+    /// A mask that could not be computed, for the sampler to report.
+    failed: Option<TierError>,
+}
 
 impl Constraint {
-    /// Sets every token the grammar cannot take next to -inf. A grammar in error allows nothing but what
-    /// the caller treats as the end.
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed: SimpleVob = self
-            .0
-            .compute_mask_or_eos()
-            .map_err(|e| TierError::Grammar(e.to_string()))?;
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !allowed.is_allowed(i as u32) {
-                *l = f32::NEG_INFINITY;
+    /// Sets every token the grammar cannot take next to -inf. If the mask cannot be computed the failure is
+    /// kept for [`Constraint::take_failure`] (masks run in parallel, away from whoever reports).
+    pub fn mask(&mut self, logits: &mut [f32]) {
+        let allowed: SimpleVob = match self.matcher.compute_mask_or_eos() {
+            Ok(m) => m,
+            Err(e) => {
+                self.failed = Some(TierError::Grammar(e.to_string()));
+                return;
             }
+        };
+        // Word by word: whole words of allowed (inside a string) or refused (between keys) tokens are the
+        // common case and cost one comparison per 32 tokens.
+        let n = logits.len();
+        allowed.iter_unset_entries(|i| {
+            if i < n {
+                logits[i] = f32::NEG_INFINITY;
+            }
+        });
+        for l in logits.iter_mut().skip(allowed.len()) {
+            *l = f32::NEG_INFINITY;
         }
-        Ok(())
+    }
+
+    /// The failure of the last [`Constraint::mask`], if it failed.
+    pub fn take_failure(&mut self) -> Option<TierError> {
+        self.failed.take()
+    }
+
+    /// Whether the grammar may take `token` next (one token checked, no mask computed).
+    pub fn allows(&mut self, token: u32) -> Result<bool> {
+        self.matcher
+            .validate_tokens(&[token])
+            .map(|n| n == 1)
+            .map_err(|e| TierError::Grammar(e.to_string()))
     }
 
     /// Takes the sampled token; `true` once the grammar has ended (nothing more may follow).
     pub fn accept(&mut self, token: u32) -> Result<bool> {
-        self.0
+        self.matcher
             .consume_token(token)
             .map_err(|e| TierError::Grammar(e.to_string()))?;
-        Ok(self.0.is_stopped())
+        Ok(self.matcher.is_stopped())
     }
 }
 
@@ -184,7 +209,10 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(invalid(e));
         }
-        Ok(Constraint(Box::new(matcher)))
+        Ok(Constraint {
+            matcher: Box::new(matcher),
+            failed: None,
+        })
     }
 }
 
@@ -235,7 +263,8 @@ mod tests {
         let want = br#"{"line": "Fair winds.", "mood": "calm"}"#;
         for step in 0..200 {
             let mut logits = vec![0.0f32; 262];
-            c.mask(&mut logits).unwrap();
+            c.mask(&mut logits);
+            assert!(c.take_failure().is_none());
             let allowed: Vec<u32> = (0..logits.len() as u32)
                 .filter(|&i| logits[i as usize].is_finite())
                 .collect();
@@ -256,6 +285,17 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["mood"], "calm");
         assert_eq!(v["line"], "Fair winds.");
+    }
+
+    #[test]
+    fn one_token_is_checked_without_a_mask_and_without_being_taken() {
+        let g = Grammars::single_byte();
+        let mut c = g.constraint(&schema()).unwrap();
+        assert!(!c.allows(u32::from(b'x')).unwrap());
+        assert!(c.allows(u32::from(b'{')).unwrap());
+        assert!(c.allows(u32::from(b'{')).unwrap(), "checking took nothing");
+        assert!(!c.accept(u32::from(b'{')).unwrap());
+        assert!(!c.allows(u32::from(b'{')).unwrap());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! for every decoding row plus prefill chunks under the per-step token budget. Sequences left out of a step
 //! keep their KV and continue later. Tokens stream back per request.
 
+mod choose;
 mod fair;
 mod prefix;
 mod queue;

@@ -13,6 +13,7 @@ use std::time::Instant;
 use nimmer_config::LlmTierSpec;
 use tokio::sync::{mpsc, oneshot};
 
+use super::choose;
 use super::prefix::{BLOCK_TOKENS, BlockHash, PrefixCache, PrefixStats, extend_chain};
 use super::queue::{Queue, Seq, StepLimits};
 use super::service::ZoneService;
@@ -261,7 +262,8 @@ impl<M: Decoder> Engine<M> {
                 return;
             }
         };
-        let mut finished = vec![false; plan.len()];
+        // The sequences that sample this step, with their logits.
+        let mut rows: Vec<(usize, Vec<f32>)> = Vec::new();
         for ((i, s), &n) in self.queue.running_mut().iter_mut().enumerate().zip(&plan) {
             if n == 0 {
                 continue;
@@ -273,10 +275,15 @@ impl<M: Decoder> Engine<M> {
                     continue;
                 }
             }
-            let mut l = logits
+            let l = logits
                 .next()
                 .expect("one logits row per sequence that asked");
-            finished[i] = deliver(&self.info, s, &mut l);
+            rows.push((i, l));
+        }
+        let chosen = choose::tokens(&self.pool, self.queue.running_mut(), rows);
+        let mut finished = vec![false; plan.len()];
+        for (i, tok) in chosen {
+            finished[i] = deliver(&self.info, &mut self.queue.running_mut()[i], tok);
         }
         if self.prefix.enabled() {
             for (s, &n) in self.queue.running_mut().iter_mut().zip(&plan) {
@@ -415,20 +422,12 @@ impl PrefixGauges {
     }
 }
 
-/// Samples and streams one token (within its grammar, if it has one); returns whether the sequence is
-/// finished.
-fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, logits: &mut [f32]) -> bool {
-    let history: Vec<u32> = if s.new.params.repetition_penalty != 1.0 {
-        s.new.prompt.iter().chain(&s.generated).copied().collect()
-    } else {
-        Vec::new()
+/// Streams the token chosen for `s` (by [`choose::tokens`]); returns whether the sequence is finished.
+fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, chosen: Result<u32>) -> bool {
+    let tok = match chosen {
+        Ok(t) => t,
+        Err(e) => return fail(s, e),
     };
-    if let Some(c) = &mut s.new.constraint
-        && let Err(e) = c.mask(logits)
-    {
-        return fail(s, e);
-    }
-    let tok = s.sampler.sample(logits, &history);
     let now = Instant::now();
     s.first_token.get_or_insert(now);
     let tokenizer = &info.tokenizer;
