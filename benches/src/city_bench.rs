@@ -30,6 +30,8 @@ mod burst;
 mod events;
 #[path = "city_bench/personas.rs"]
 mod personas;
+#[path = "city_bench/report.rs"]
+mod report;
 
 use args::Args;
 
@@ -79,6 +81,8 @@ struct Outcome {
     /// The engine's own time from queueing to the first token (the response's `timings.ttft_ms`).
     engine_ttft_ms: f64,
     total_ms: f64,
+    /// Seconds from the run's start to the request's end.
+    end_s: f64,
 }
 
 fn body(kind: Kind, zone: &str, i: usize, max_tokens: usize) -> Value {
@@ -111,6 +115,7 @@ async fn send(client: &reqwest::Client, base: &str, zone: usize, kind: Kind, b: 
         slot_wait_ms: f64::NAN,
         engine_ttft_ms: f64::NAN,
         total_ms: f64::NAN,
+        end_s: f64::NAN,
     };
     let resp = match client
         .post(format!("{base}/v1/dialog"))
@@ -180,7 +185,8 @@ fn p3(mut v: Vec<f64>) -> String {
     )
 }
 
-async fn city(args: &Args, base: &str) -> Result<String> {
+/// The city run: its Markdown and the HTML report of the same run.
+async fn city(args: &Args, base: &str) -> Result<(String, String)> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .pool_max_idle_per_host(256)
@@ -220,7 +226,9 @@ async fn city(args: &Args, base: &str) -> Result<String> {
         let b = body(kind, &zone_name(zone), i, args.max_tokens);
         let (client, base) = (client.clone(), base.to_string());
         tasks.push(tokio::spawn(async move {
-            send(&client, &base, zone, kind, b).await
+            let mut o = send(&client, &base, zone, kind, b).await;
+            o.end_s = start.elapsed().as_secs_f64();
+            o
         }));
         i += 1;
         next += Duration::from_secs_f64(-rng.random::<f64>().max(1e-12).ln() / args.rate);
@@ -338,7 +346,27 @@ async fn city(args: &Args, base: &str) -> Result<String> {
         of_group(true, |o| o.engine_ttft_ms),
         of_group(false, |o| o.engine_ttft_ms),
     );
-    Ok(s)
+    let points: Vec<report::Point> = out
+        .iter()
+        .map(|o| report::Point {
+            zone: o.zone,
+            hot: o.zone < args.hot_zones,
+            tier: o.tier.clone(),
+            status: o.status,
+            end_s: o.end_s,
+            ttft_ms: o.ttft_ms,
+            total_ms: o.total_ms,
+            completion_tokens: o.completion_tokens,
+        })
+        .collect();
+    let page = report::html(
+        &format!("city-bench: {}", args.label),
+        &s,
+        &points,
+        wall,
+        args.zones,
+    );
+    Ok((s, page))
 }
 
 /// Latency of the same work through HTTP and through the tier's handle directly; then requests/s of each
@@ -494,7 +522,27 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let (gw, base, stop_tx, server) = serve(cfg).await?;
-        let mut text = city(&args, &base).await?;
+        let (mut text, page) = city(&args, &base).await?;
+        // The HTML report: `--html`, else beside the results file (`reports/city-<label>.html`).
+        let html = args.html.clone().or_else(|| {
+            args.write.as_ref().map(|w| {
+                w.with_file_name("reports")
+                    .join(format!("city-{}.html", args.label))
+            })
+        });
+        if let Some(h) = &html {
+            if let Some(dir) = h.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(h, &page).with_context(|| format!("writing {}", h.display()))?;
+            eprintln!("report: {}", h.display());
+            if args.html.is_none() {
+                text += &format!(
+                    "\nPlots of this run (latency CDFs per tier, tokens/s over time, each zone's share, rejections): [reports/city-{0}.html](reports/city-{0}.html).\n",
+                    args.label
+                );
+            }
+        }
         if args.overhead_n > 0 {
             text += &overhead(&args, &base, &gw).await?;
         }

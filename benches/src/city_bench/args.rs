@@ -34,6 +34,10 @@ pub struct Args {
     /// Write the figures into this file (between the `city-bench:<label>` markers).
     #[arg(long)]
     pub write: Option<std::path::PathBuf>,
+    /// city: write the run's HTML report here (default with `--write`: `reports/city-<label>.html` beside
+    /// the results file).
+    #[arg(long)]
+    pub html: Option<std::path::PathBuf>,
     /// Names the run in the results file (a run replaces the previous one of the same label).
     #[arg(long, default_value = "nominal")]
     pub label: String,
