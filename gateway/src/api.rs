@@ -109,6 +109,9 @@ pub struct DialogRequest {
     /// Structured output (OpenAI's shape): the line as JSON the game can act on, enforced while decoding.
     #[serde(default)]
     pub response_format: Option<ResponseFormatInput>,
+    /// Cancel the line still running for the same NPC (`npc.id`) in the same zone: this one replaces it.
+    #[serde(default)]
+    pub supersede: bool,
 }
 
 /// What a dialog request asks for, validated.
@@ -141,6 +144,8 @@ pub struct Dialog {
     pub key: String,
     /// Not published as a result (see [`DialogRequest::draft`]).
     pub draft: bool,
+    /// Stops the line running for the same NPC (see [`DialogRequest::supersede`]).
+    pub supersede: bool,
 }
 
 /// Checks what a dialog carries against budgets.toml `[dialogs]`: participants, chat messages and characters
@@ -343,6 +348,7 @@ impl DialogRequest {
             participants: self.participants,
             faction: self.faction,
             draft: self.draft,
+            supersede: self.supersede,
         })
     }
 }

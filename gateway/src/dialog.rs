@@ -16,6 +16,7 @@ use crate::api::{Dialog, DialogResponse, DialogResult, SlotInfo, Timings, Usage,
 use crate::error::ApiError;
 use crate::idempotency::{self, Claim, Ticket};
 use crate::metrics;
+use crate::requests::{Cancel, Handle};
 use crate::shared_answers::Shared;
 use crate::slots::SlotPermit;
 use crate::state::Gateway;
@@ -82,14 +83,31 @@ pub struct Running {
     /// The first event, already received (so a failure before it could still become the status code).
     first: Option<Event>,
     meter: Meter,
+    /// Its place in the registry of stoppable requests, once registered.
+    handle: Option<Handle>,
+    /// Why it was stopped, if it was (then [`Running::next`] gives `None`).
+    pub cancelled: Option<Cancel>,
 }
 
 impl Running {
-    /// The next event; `None` when the tier went away without finishing.
+    /// Makes the generation stoppable through `handle` (`DELETE /v1/requests/{id}`, supersession).
+    pub fn watch(&mut self, handle: Handle) {
+        self.handle = Some(handle);
+    }
+
+    /// The next event; `None` when the tier went away without finishing, or the request was stopped
+    /// ([`Running::cancelled`] says why).
     pub async fn next(&mut self) -> Option<Event> {
-        let ev = match self.first.take() {
-            Some(e) => Some(e),
-            None => self.events.recv().await,
+        let ev = match (self.first.take(), self.handle.as_mut()) {
+            (Some(e), _) => Some(e),
+            (None, None) => self.events.recv().await,
+            (None, Some(h)) => tokio::select! {
+                ev = self.events.recv() => ev,
+                why = h.cancelled() => {
+                    self.cancelled = Some(why);
+                    None
+                }
+            },
         };
         match &ev {
             Some(Event::Token { .. }) => self.meter.completion_tokens += 1,
@@ -120,6 +138,15 @@ impl Running {
                 Some(Event::Token { text: t, .. }) => text.push_str(&t),
                 Some(Event::Done(c)) => return Ok((text, c)),
                 Some(Event::Error(e)) => return Err(failed(&*self.llm, self.tier, e)),
+                None if self.cancelled.is_some() => {
+                    return Err(ApiError::Cancelled {
+                        why: self
+                            .cancelled
+                            .as_ref()
+                            .map(Cancel::to_string)
+                            .unwrap_or_default(),
+                    });
+                }
                 Some(Event::Expired) | None => {
                     return Err(ApiError::Unavailable {
                         tier: self.tier.as_str().into(),
@@ -219,6 +246,8 @@ async fn submit(
         llm: llm.clone(),
         first: Some(first),
         meter,
+        handle: None,
+        cancelled: None,
     })
 }
 
@@ -276,6 +305,8 @@ pub enum Streamed {
     Done(Box<DialogResponse>),
     /// The generation failed mid-stream (logged).
     Failed,
+    /// The request was stopped (`DELETE`, or superseded): why.
+    Cancelled(String),
 }
 
 /// Runs a validated dialog: classify on Saturn, generate whole, or generate as a stream (`d.stream`).
@@ -345,7 +376,13 @@ async fn fresh(gw: &Arc<Gateway>, d: Dialog, ticket: Option<Ticket>) -> Result<R
         settle(ticket, &resp);
         return Ok(Reply::Whole(Box::new(resp)));
     };
-    let mut running = start(
+    // Stoppable from here on, by its key or (supersede) by a newer line of its NPC, also while it waits.
+    let mut handle = gw.requests().register(
+        &d.key,
+        d.npc.as_ref().map(|n| (d.zone.as_str(), n.id.as_str())),
+        d.supersede,
+    );
+    let started = start(
         gw,
         Ask {
             target: Target::Kind(d.kind),
@@ -356,8 +393,12 @@ async fn fresh(gw: &Arc<Gateway>, d: Dialog, ticket: Option<Ticket>) -> Result<R
             params,
             traits: d.npc.as_ref().map(|n| &n.traits),
         },
-    )
-    .await?;
+    );
+    let mut running = tokio::select! {
+        r = started => r?,
+        why = handle.cancelled() => return Err(ApiError::Cancelled { why: why.to_string() }),
+    };
+    running.watch(handle);
     if !d.stream {
         let (text, done) = running.collect().await?;
         let served = Served::of(&running);
@@ -390,6 +431,10 @@ async fn fresh(gw: &Arc<Gateway>, d: Dialog, ticket: Option<Ticket>) -> Result<R
                 }
                 Event::Expired => break,
             }
+        }
+        if let Some(why) = &running.cancelled {
+            yield Streamed::Cancelled(why.to_string());
+            return;
         }
         tracing::error!("the tier went away mid-stream");
         yield Streamed::Failed;

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// 503: the GM shard an event routes to cannot take it now.
     #[error("GM shard `{shard}`: {why}")]
     ShardUnavailable { shard: String, why: String },
+    /// 409: stopped by `DELETE /v1/requests/{id}` or superseded by a newer line for its NPC.
+    #[error("the request was {why}")]
+    Cancelled { why: String },
     /// 500; details are logged only.
     #[error("internal error")]
     Internal(String),
@@ -100,6 +103,7 @@ impl ApiError {
             Self::Unavailable { .. } | Self::ShardUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Self::Cancelled { .. } => StatusCode::CONFLICT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +121,7 @@ impl ApiError {
             Self::Deadline { .. } => "deadline",
             Self::Unavailable { .. } => "unavailable",
             Self::ShardUnavailable { .. } => "shard_unavailable",
+            Self::Cancelled { .. } => "cancelled",
             Self::Internal(_) => "internal",
         }
     }

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod nats;
 pub mod personas;
 pub mod reload;
+pub mod requests;
 pub mod response_format;
 pub mod results;
 pub mod shared_answers;

@@ -63,6 +63,8 @@ pub struct Gateway {
     /// The Driver's trait-LoRA adapters.
     loras: Arc<Registry>,
     loras_dir: Option<PathBuf>,
+    /// Requests in flight that `DELETE /v1/requests/{id}` or supersession may stop.
+    requests: Arc<crate::requests::Requests>,
     /// Where `budgets.toml` lives (an edit over the API is written there); `None` on the embedded config.
     config_dir: Option<PathBuf>,
     /// Per zone, the NPC personas pinned in a tier's prefix cache while the zone is active.
@@ -152,6 +154,7 @@ impl Gateway {
             loras,
             loras_dir,
             config_dir: config_dir.map(Path::to_path_buf),
+            requests: Default::default(),
             pins: Mutex::new(BTreeMap::new()),
             next_pin: AtomicU64::new(1),
             charges: Mutex::new(None),
@@ -436,6 +439,11 @@ impl Gateway {
     /// The adapter registry.
     pub fn loras(&self) -> &Arc<Registry> {
         &self.loras
+    }
+
+    /// Requests in flight that a caller may stop.
+    pub fn requests(&self) -> &Arc<crate::requests::Requests> {
+        &self.requests
     }
 
     /// The configuration directory, if the gateway runs on one (not the embedded config).

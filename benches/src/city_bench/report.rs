@@ -34,7 +34,7 @@ fn chart(
 ) -> String {
     let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).collect();
     if all.is_empty() {
-        return format!("<h3>{title}</h3><p>no data</p>");
+        return format!("<div><h3>{title}</h3><p>no data</p></div>");
     }
     let tx = |x: f64| if log_x { x.max(1.0).log10() } else { x };
     let (mut x0, mut x1) = (f64::MAX, f64::MIN);
@@ -54,7 +54,7 @@ fn chart(
     let px = |x: f64| PAD + (tx(x) - x0) / (x1 - x0) * (W - PAD - 10.0);
     let py = |y: f64| H - PAD + 10.0 - (y - y0) / (y1 - y0) * (H - PAD - 10.0);
     let mut svg = format!(
-        r##"<h3>{title}</h3><svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img"><rect width="{W}" height="{H}" fill="#fff"/>"##
+        r##"<div><h3>{title}</h3><svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img"><rect width="{W}" height="{H}" fill="#fff"/>"##
     );
     for k in 0..=4 {
         let f = k as f64 / 4.0;
@@ -62,7 +62,7 @@ fn chart(
         let xv = if log_x { 10f64.powf(gx) } else { gx };
         let _ = write!(
             svg,
-            r##"<line x1="{a}" y1="{b}" x2="{a}" y2="{c}" stroke="#eee"/><text x="{a}" y="{d}" font-size="10" text-anchor="middle">{xv:.0}</text><line x1="{PAD}" y1="{e}" x2="{g}" y2="{e}" stroke="#eee"/><text x="{h}" y="{e}" font-size="10" text-anchor="end">{gy:.2}</text>"##,
+            r##"<line x1="{a}" y1="{b}" x2="{a}" y2="{c}" stroke="#eee"/><text x="{a}" y="{d}" font-size="10" text-anchor="middle">{xv:.0}</text><line x1="{PAD}" y1="{e}" x2="{g}" y2="{e}" stroke="#eee"/><text x="{h}" y="{e}" font-size="10" text-anchor="end">{gl}</text>"##,
             a = PAD + f * (W - PAD - 10.0),
             b = 10.0,
             c = H - PAD + 10.0,
@@ -70,7 +70,11 @@ fn chart(
             e = py(gy),
             g = W - 10.0,
             h = PAD - 4.0,
-            gy = if y1 - y0 > 10.0 { gy.round() } else { gy },
+            gl = if y1 - y0 > 10.0 {
+                format!("{gy:.0}")
+            } else {
+                format!("{gy:.2}")
+            },
         );
     }
     let _ = write!(
@@ -95,7 +99,7 @@ fn chart(
             22.0 + 14.0 * i as f64
         );
     }
-    svg + "</svg>"
+    svg + "</svg></div>"
 }
 
 /// The empirical CDF of `v` (finite values), at most 200 points.

@@ -22,7 +22,8 @@ pub(super) async fn completions(
     let (text, params) = req.parts()?;
     let prompt = Prompt::Text(text);
     let mut running = openai::start(&gw, &req.model, req.user.as_deref(), &prompt, &params).await?;
-    let id = format!("cmpl-{}", running.permit.id);
+    let id = format!("cmpl-{}-{}", running.tier.as_str(), running.permit.id);
+    openai::stoppable(&gw, &mut running, &id);
     let (created, model) = (openai::now_s(), req.model.clone());
     if !req.stream {
         let (text, done) = running.collect().await?;

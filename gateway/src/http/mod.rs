@@ -86,6 +86,7 @@ pub fn app(gw: Arc<Gateway>, auth: Auth) -> Router {
         .route("/v1/dialog", post(npc::dialog))
         .route("/v1/classify", post(npc::classify))
         .route("/v1/events", post(events::open))
+        .route("/v1/requests/{*id}", delete(npc::cancel))
         .merge(openai);
     let ops = Router::new()
         .route("/v1/zones", get(ops::zones))

@@ -41,6 +41,10 @@ pub(super) async fn dialog(
                     Streamed::Failed => SseEvent::default()
                         .event("error")
                         .data(json!({ "error": "internal error", "kind": "internal" }).to_string()),
+                    Streamed::Cancelled(why) => SseEvent::default().event("error").data(
+                        json!({ "error": format!("the request was {why}"), "kind": "cancelled" })
+                            .to_string(),
+                    ),
                 })
             });
             Sse::new(events)
@@ -48,6 +52,20 @@ pub(super) async fn dialog(
                 .into_response()
         }
     })
+}
+
+/// Stops a running request (a dialog by its idempotency key or UID, an OpenAI response by its `id`).
+pub(super) async fn cancel(
+    State(gw): State<Arc<Gateway>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if gw.requests().cancel(&id) {
+        Ok(Json(json!({ "cancelled": id })))
+    } else {
+        Err(ApiError::NotFound {
+            what: format!("running request `{id}`"),
+        })
+    }
 }
 
 pub(super) async fn classify(

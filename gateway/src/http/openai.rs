@@ -99,6 +99,11 @@ pub(super) async fn start(
     .await
 }
 
+/// Makes a started OpenAI generation stoppable by its response `id` (`DELETE /v1/requests/{id}`).
+pub(super) fn stoppable(gw: &Gateway, running: &mut dialog::Running, id: &str) {
+    running.watch(gw.requests().register(id, None, false));
+}
+
 /// Unix seconds (a response's `created`).
 pub(super) fn now_s() -> u64 {
     SystemTime::now()
@@ -135,9 +140,11 @@ pub(super) fn stream(
                 Event::Expired => break,
             }
         }
-        yield SseEvent::default()
-            .event("error")
-            .data(json!({ "error": "internal error" }).to_string());
+        let error = match &running.cancelled {
+            Some(why) => json!({ "error": { "message": format!("the request was {why}"), "type": "cancelled", "code": 409 } }),
+            None => json!({ "error": { "message": "internal error", "type": "internal", "code": 500 } }),
+        };
+        yield SseEvent::default().event("error").data(error.to_string());
     };
     Sse::new(events.map(Ok::<_, Infallible>)).into_response()
 }
@@ -149,7 +156,8 @@ pub(super) async fn chat(
     let params = req.params()?;
     let prompt = Prompt::Chat(req.messages.clone());
     let mut running = start(&gw, &req.model, req.user.as_deref(), &prompt, &params).await?;
-    let id = format!("chatcmpl-{}", running.permit.id);
+    let id = format!("chatcmpl-{}-{}", running.tier.as_str(), running.permit.id);
+    stoppable(&gw, &mut running, &id);
     let (created, model) = (now_s(), req.model.clone());
     if !req.stream {
         let (text, done) = running.collect().await?;
