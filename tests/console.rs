@@ -36,12 +36,7 @@ fn ops_get(base: &str, path: &str) -> Value {
 
 #[test]
 fn the_console_shows_a_live_zone_and_applies_a_budget_edit_made_in_the_page() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = nimmer_config::Sources::embedded();
-    std::fs::write(dir.path().join("tiers.toml"), &src.tiers).unwrap();
-    std::fs::write(dir.path().join("classifiers.toml"), &src.classifiers).unwrap();
-    std::fs::write(dir.path().join("budgets.toml"), &src.budgets).unwrap();
-    let config = nimmer_config::Config::load(dir.path()).unwrap();
+    let (dir, config) = nimmer_e2e::config_dir();
     let base = nimmer_e2e::start_gateway_with(
         config,
         nimmer_gateway::Options {

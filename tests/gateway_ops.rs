@@ -23,12 +23,8 @@ fn dialog(zone: &str, max_tokens: usize) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_edited_under_load_apply_without_failing_a_request_and_invalid_edits_are_rejected()
 {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, config) = nimmer_e2e::config_dir();
     let src = nimmer_config::Sources::embedded();
-    std::fs::write(dir.path().join("tiers.toml"), &src.tiers).unwrap();
-    std::fs::write(dir.path().join("classifiers.toml"), &src.classifiers).unwrap();
-    std::fs::write(dir.path().join("budgets.toml"), &src.budgets).unwrap();
-    let config = nimmer_config::Config::load(dir.path()).unwrap();
     let base = nimmer_e2e::start_gateway_with(
         config,
         nimmer_gateway::Options {

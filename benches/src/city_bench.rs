@@ -489,11 +489,7 @@ async fn overhead(args: &Args, base: &str, gw: &Arc<Gateway>) -> Result<String> 
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    nimmer_benches::init_tracing();
     let args = Args::parse();
     if args.workload == "personas" {
         return personas::main(&args);

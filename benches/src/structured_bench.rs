@@ -147,11 +147,7 @@ fn round(
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    nimmer_benches::init_tracing();
     let args = Args::parse();
     let cfg = Config::embedded();
     let mut spec = cfg.tiers.tiers.driver.clone();

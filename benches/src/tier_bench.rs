@@ -117,11 +117,7 @@ fn run_concurrent(h: &LlmHandle, reqs: Vec<GenerateRequest>) -> Result<Run> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    nimmer_benches::init_tracing();
     let args = Args::parse();
     if args.prefill_only && args.write.is_some() {
         anyhow::bail!("--prefill-only prints its figures; drop --write (or --prefill-only)");

@@ -257,11 +257,7 @@ fn nats_version() -> String {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     // The compositors run in this process: their warnings (a failed relay batch, a redelivery) show here.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    nimmer_benches::init_tracing();
     let args = Args::parse();
     if args.cluster {
         return cluster(&args).await;

@@ -185,6 +185,22 @@ pub fn chat_ids(
 
 /// Starts a gateway on `127.0.0.1:0` on its own runtime thread; returns its base URL. The server lives as long
 /// as the test process.
+/// The embedded configuration written to a temporary directory (for a gateway that watches or edits its
+/// files), and that configuration loaded from it.
+pub fn config_dir() -> (tempfile::TempDir, Config) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let src = nimmer_config::Sources::embedded();
+    for (file, text) in [
+        ("tiers.toml", &src.tiers),
+        ("classifiers.toml", &src.classifiers),
+        ("budgets.toml", &src.budgets),
+    ] {
+        std::fs::write(dir.path().join(file), text).expect("write config");
+    }
+    let config = Config::load(dir.path()).expect("the embedded config loads");
+    (dir, config)
+}
+
 pub fn start_gateway(config: Config) -> String {
     start_gateway_with(config, nimmer_gateway::Options::default())
 }
