@@ -104,7 +104,7 @@ fn round(
                 let (mut times, mut text, mut ids) = (Vec::new(), String::new(), Vec::new());
                 while let Some(ev) = rx.blocking_recv() {
                     match ev {
-                        Event::Token { text: t, id } => {
+                        Event::Token { text: t, id, .. } => {
                             times.push(Instant::now());
                             text.push_str(&t);
                             ids.push(id);

@@ -235,6 +235,7 @@ impl Sampling {
             stop: self.stop,
             ignore_eos: self.ignore_eos,
             response_format: None,
+            logprobs: None,
         };
         p.validate().map_err(ApiError::from)?;
         Ok(p)
@@ -395,6 +396,12 @@ pub struct ChatRequest {
     /// `json_object` or `json_schema`: the answer follows it (enforced while decoding).
     #[serde(default)]
     pub response_format: Option<ResponseFormatInput>,
+    /// Report each token's log probability (`choices[].logprobs.content`).
+    #[serde(default)]
+    pub logprobs: bool,
+    /// With `logprobs`: this many most likely alternatives per token (0 to 20).
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
 }
 
 /// `stream_options` of a chat request.
@@ -433,6 +440,11 @@ impl ChatRequest {
             Some(f) => f.parse()?,
             None => None,
         };
+        if self.top_logprobs.is_some() && !self.logprobs {
+            return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
+        }
+        params.logprobs = self.logprobs.then(|| self.top_logprobs.unwrap_or(0));
+        params.validate().map_err(ApiError::from)?;
         Ok(params)
     }
 }
@@ -516,11 +528,8 @@ impl CompletionRequest {
                 "echoing the prompt is not supported",
             ));
         }
-        if self.logprobs.is_some() {
-            return Err(ApiError::invalid(
-                "logprobs",
-                "log probabilities are not supported yet",
-            ));
+        if self.logprobs.is_some_and(|n| n > 20) {
+            return Err(ApiError::invalid("logprobs", "at most 20"));
         }
         if self.suffix.is_some() {
             return Err(ApiError::invalid(
@@ -549,6 +558,10 @@ impl CompletionRequest {
             self.ignore_eos,
             Some(self.max_tokens.unwrap_or(16)),
         )?;
+        let params = SamplingParams {
+            logprobs: self.logprobs.map(|n| n as usize),
+            ..params
+        };
         Ok((prompt, params))
     }
 }

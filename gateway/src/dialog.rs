@@ -87,6 +87,8 @@ pub struct Running {
     handle: Option<Handle>,
     /// Why it was stopped, if it was (then [`Running::next`] gives `None`).
     pub cancelled: Option<Cancel>,
+    /// Each token's log probabilities, gathered by [`Running::collect`] when the request asked for them.
+    pub logprobs: Vec<nimmer_tiers::TokenLogprobs>,
 }
 
 impl Running {
@@ -135,7 +137,14 @@ impl Running {
         let mut text = String::new();
         loop {
             match self.next().await {
-                Some(Event::Token { text: t, .. }) => text.push_str(&t),
+                Some(Event::Token {
+                    text: t, logprobs, ..
+                }) => {
+                    text.push_str(&t);
+                    if let Some(l) = logprobs {
+                        self.logprobs.push(*l);
+                    }
+                }
                 Some(Event::Done(c)) => return Ok((text, c)),
                 Some(Event::Error(e)) => return Err(failed(&*self.llm, self.tier, e)),
                 None if self.cancelled.is_some() => {
@@ -248,6 +257,7 @@ async fn submit(
         meter,
         handle: None,
         cancelled: None,
+        logprobs: Vec::new(),
     })
 }
 
@@ -413,7 +423,7 @@ async fn fresh(gw: &Arc<Gateway>, d: Dialog, ticket: Option<Ticket>) -> Result<R
         let mut text = String::new();
         while let Some(ev) = running.next().await {
             match ev {
-                Event::Token { id, text: t } => {
+                Event::Token { id, text: t, .. } => {
                     text.push_str(&t);
                     yield Streamed::Token { id, text: t };
                 }

@@ -93,7 +93,7 @@ async fn what_completions_do_not_support_is_refused_by_field() {
         (with("model", json!("gpt-3.5-turbo-instruct")), "model"),
         (with("n", json!(2)), "n"),
         (with("echo", json!(true)), "echo"),
-        (with("logprobs", json!(2)), "logprobs"),
+        (with("logprobs", json!(21)), "logprobs"),
         (with("suffix", json!("end")), "suffix"),
         (with("prompt", json!(["a", "b"])), "prompt"),
         (with("prompt", json!("")), "prompt"),
@@ -300,4 +300,45 @@ async fn a_response_format_reaches_the_tier_and_a_broken_schema_is_refused_befor
         "the game route's own shape: {v}"
     );
     assert_eq!(fakes.driver.submitted(), 4, "refusals reached no tier");
+}
+
+#[tokio::test]
+async fn log_probabilities_come_in_both_openai_shapes() {
+    let fakes = Fakes::new(3, Duration::ZERO);
+    let (_gw, app) = gateway(&Sources::embedded().budgets, &fakes);
+    let chat = json!({ "model": "driver", "messages": [{ "role": "user", "content": "hi" }],
+                       "logprobs": true, "top_logprobs": 2 });
+    let (status, _, v) = send(&app, "/v1/chat/completions", &chat).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 3);
+    assert_eq!(content[1]["token"], "w1 ");
+    assert_eq!(content[1]["logprob"], -0.25);
+    assert_eq!(content[1]["bytes"], json!(b"w1 ".to_vec()));
+    assert_eq!(content[1]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert_eq!(content[1]["top_logprobs"][1]["token"], "w2 ");
+    // Without logprobs: null; top_logprobs alone is refused.
+    let (_, _, v) = send(
+        &app,
+        "/v1/chat/completions",
+        &json!({ "model": "driver", "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+    let (status, _, v) = send(&app, "/v1/chat/completions", &json!({ "model": "driver", "messages": [{ "role": "user", "content": "hi" }], "top_logprobs": 2 })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["param"], "top_logprobs", "{v}");
+
+    let (status, _, v) = send(
+        &app,
+        "/v1/completions",
+        &json!({ "model": "driver", "prompt": "The bell", "logprobs": 1 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], json!(["w0 ", "w1 ", "w2 "]));
+    assert_eq!(lp["token_logprobs"], json!([-0.25, -0.25, -0.25]));
+    assert_eq!(lp["text_offset"], json!([0, 3, 6]));
+    assert_eq!(lp["top_logprobs"][2], json!({ "w2 ": -0.25 }));
 }

@@ -1,6 +1,7 @@
 """The official `openai` Python client against a nimmer gateway (argv[1]: its base URL, e.g.
 http://127.0.0.1:8080/v1): lists models, text completions whole and streamed, embeddings (the client's
-default base64 and floats), and a chat completion under a JSON schema whose answer must parse and validate.
+default base64 and floats), a chat completion under a JSON schema whose answer must parse and validate, and
+log probabilities on chat and completions.
 Prints one line per check; exits non-zero on the first failure (run by tests/openai_client.rs)."""
 
 import json
@@ -84,4 +85,23 @@ try:
     check("a broken schema is refused", False)
 except openai.UnprocessableEntityError as err:
     check("a broken schema is refused with 422", "strnig" in str(err), str(err)[:160])
+lp = client.chat.completions.create(
+    model="driver",
+    messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is the market?"}],
+    max_tokens=8,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=3,
+)
+content = lp.choices[0].logprobs.content
+check("chat logprobs: one entry per token", len(content) == lp.usage.completion_tokens, len(content))
+check("the tokens spell the answer", "".join(t.token for t in content) == lp.choices[0].message.content,
+      repr("".join(t.token for t in content)))
+check("log probabilities are <= 0 with 3 alternatives, most likely first",
+      all(t.logprob <= 0 and len(t.top_logprobs) == 3 and
+          t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob for t in content))
+check("greedy takes the most likely token", all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-4 for t in content))
+tc = client.completions.create(model="driver", prompt="The harbour bell rings at", max_tokens=4, temperature=0, logprobs=2)
+check("completions logprobs", len(tc.choices[0].logprobs.tokens) == 4 and len(tc.choices[0].logprobs.top_logprobs[0]) == 2,
+      tc.choices[0].logprobs)
 print("all checks passed")

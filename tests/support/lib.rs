@@ -92,7 +92,7 @@ pub fn collect(mut rx: UnboundedReceiver<Event>) -> Output {
     let (mut tokens, mut text) = (Vec::new(), String::new());
     while let Some(ev) = rx.blocking_recv() {
         match ev {
-            Event::Token { id, text: t } => {
+            Event::Token { id, text: t, .. } => {
                 tokens.push(id);
                 text.push_str(&t);
             }

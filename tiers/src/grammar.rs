@@ -109,7 +109,7 @@ impl Constraint {
     }
 }
 
-/// Compiles response formats for one tokenizer and keeps the last [`CACHED`] compiled.
+/// Compiles response formats for one tokenizer and keeps the last 64 compiled.
 pub struct Grammars {
     factory: ParserFactory,
     cache: Mutex<VecDeque<(String, Arc<TokenParser>)>>,

@@ -22,7 +22,7 @@ pub use engine::{
     LlmHandle, PrefixSnapshot, Prompt, Schedule, Share, ZoneServiceView, tokenize,
 };
 pub use grammar::{Grammars, ResponseFormat};
-pub use sampling::SamplingParams;
+pub use sampling::{SamplingParams, TokenLogprobs};
 pub mod saturn;
 
 pub use saturn::{Classification, Embedding, SaturnHandle};

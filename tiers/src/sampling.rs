@@ -29,6 +29,47 @@ pub struct SamplingParams {
     /// Structured output: every sampled token keeps the text a prefix of this format's language.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_format: Option<crate::grammar::ResponseFormat>,
+    /// Report each sampled token's log probability under the model, and the `n` most likely tokens
+    /// (0 to [`MAX_TOP_LOGPROBS`]) with theirs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives a token's log probabilities may list.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A sampled token's log probability under the model's own distribution (before temperature, penalties and
+/// grammar masks), with the most likely tokens at that step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The token's own text (decoded alone: a piece of a multi-byte character shows as U+FFFD).
+    pub token: String,
+    pub logprob: f32,
+    /// `(token id, its text, log probability)`, most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// Log-sum-exp of `logits` (the normalizer of their softmax).
+pub fn logsumexp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln()
+}
+
+/// The `n` largest logits' ids, largest first.
+pub fn top_ids(logits: &[f32], n: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(ids.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let by_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    ids.select_nth_unstable_by(n - 1, by_desc);
+    ids.truncate(n);
+    ids.sort_unstable_by(by_desc);
+    ids
 }
 
 impl Default for SamplingParams {
@@ -43,6 +84,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             response_format: None,
+            logprobs: None,
         }
     }
 }
@@ -80,6 +122,9 @@ impl SamplingParams {
         }
         if self.stop.len() > 8 || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
             return bad("stop", "at most 8 non-empty strings of up to 256 bytes");
+        }
+        if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return bad("top_logprobs", "at most 20");
         }
         Ok(())
     }
@@ -241,6 +286,17 @@ impl TextStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_probabilities_are_normalized_and_the_top_comes_first() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let lse = logsumexp(&logits);
+        let total: f32 = logits.iter().map(|l| (l - lse).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert_eq!(top_ids(&logits, 2), [1, 2]);
+        assert_eq!(top_ids(&logits, 9), [1, 2, 0, 3]);
+        assert!(top_ids(&logits, 0).is_empty());
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use nimmer_tiers::Prompt;
+use nimmer_tiers::{Prompt, TokenLogprobs};
 use serde_json::json;
 
 use super::{ValidJson, openai};
@@ -27,22 +27,32 @@ pub(super) async fn completions(
     let (created, model) = (openai::now_s(), req.model.clone());
     if !req.stream {
         let (text, done) = running.collect().await?;
+        let lp = params
+            .logprobs
+            .map(|_| super::logprobs::completion(&running.logprobs, 0));
         return Ok(Json(json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": done.finish_reason }],
+            "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": done.finish_reason }],
             "usage": Usage::of(done.prompt_tokens, done.cached_tokens, done.completion_tokens).openai(),
         }))
         .into_response());
     }
+    // Streamed text offsets run on from chunk to chunk.
+    let offset = std::sync::atomic::AtomicUsize::new(0);
     let chunk = move |text: Option<String>,
                       finish: Option<serde_json::Value>,
-                      usage: Option<Usage>| {
+                      usage: Option<Usage>,
+                      lp: Option<&TokenLogprobs>| {
+        let lp = lp.map(|l| {
+            let at = offset.fetch_add(l.token.len(), std::sync::atomic::Ordering::Relaxed);
+            super::logprobs::completion(std::slice::from_ref(l), at)
+        });
         let mut c = json!({ "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{ "index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish }] });
+            "choices": [{ "index": 0, "text": text.unwrap_or_default(), "logprobs": lp, "finish_reason": finish }] });
         if let Some(u) = usage {
             c["usage"] = u.openai();
         }
         SseEvent::default().data(c.to_string())
     };
-    Ok(openai::stream(running, None, chunk))
+    Ok(openai::stream(running, None, Box::new(chunk)))
 }

@@ -7,6 +7,7 @@
 mod completions;
 mod embeddings;
 mod events;
+mod logprobs;
 mod npc;
 mod openai;
 mod openai_errors;

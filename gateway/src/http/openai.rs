@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use nimmer_tiers::{Event, Prompt, SamplingParams};
+use nimmer_tiers::{Event, Prompt, SamplingParams, TokenLogprobs};
 use serde_json::json;
 
 use super::ValidJson;
@@ -111,14 +111,18 @@ pub(super) fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A running generation as OpenAI's SSE: `head` first if given, then `chunk(Some(text), None, None)` per
-/// token, `chunk(None, finish_reason, usage)` at the end and `[DONE]`; an `error` event if it fails.
+/// One SSE chunk of an OpenAI stream: `(text, finish_reason, usage, the token's logprobs)`.
+pub(super) type Chunk = dyn Fn(Option<String>, Option<serde_json::Value>, Option<Usage>, Option<&TokenLogprobs>) -> SseEvent
+    + Send
+    + 'static;
+
+/// A running generation as OpenAI's SSE: `head` first if given, then `chunk(Some(text), None, None, lp)`
+/// per token, `chunk(None, finish_reason, usage, None)` at the end and `[DONE]`; an `error` event if it
+/// fails or is stopped.
 pub(super) fn stream(
     mut running: dialog::Running,
     head: Option<SseEvent>,
-    chunk: impl Fn(Option<String>, Option<serde_json::Value>, Option<Usage>) -> SseEvent
-    + Send
-    + 'static,
+    chunk: Box<Chunk>,
 ) -> Response {
     let events = async_stream::stream! {
         if let Some(h) = head {
@@ -126,10 +130,10 @@ pub(super) fn stream(
         }
         while let Some(ev) = running.next().await {
             match ev {
-                Event::Token { text, .. } => yield chunk(Some(text), None, None),
+                Event::Token { text, logprobs, .. } => yield chunk(Some(text), None, None, logprobs.as_deref()),
                 Event::Done(c) => {
                     let usage = Usage::of(c.prompt_tokens, c.cached_tokens, c.completion_tokens);
-                    yield chunk(None, Some(json!(c.finish_reason)), Some(usage));
+                    yield chunk(None, Some(json!(c.finish_reason)), Some(usage), None);
                     yield SseEvent::default().data("[DONE]");
                     return;
                 }
@@ -161,28 +165,33 @@ pub(super) async fn chat(
     let (created, model) = (now_s(), req.model.clone());
     if !req.stream {
         let (text, done) = running.collect().await?;
+        let lp = params
+            .logprobs
+            .map(|_| super::logprobs::chat(&running.logprobs));
         return Ok(Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": done.finish_reason }],
+            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": lp, "finish_reason": done.finish_reason }],
             "usage": Usage::of(done.prompt_tokens, done.cached_tokens, done.completion_tokens).openai(),
         }))
         .into_response());
     }
     let chunk = move |text: Option<String>,
                       finish: Option<serde_json::Value>,
-                      usage: Option<Usage>| {
+                      usage: Option<Usage>,
+                      lp: Option<&TokenLogprobs>| {
         let delta = match text {
             Some(t) => json!({ "content": t }),
             None if finish.is_none() => json!({ "role": "assistant", "content": "" }),
             None => json!({}),
         };
+        let lp = lp.map(|l| super::logprobs::chat(std::slice::from_ref(l)));
         let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] });
+            "choices": [{ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }] });
         if let Some(u) = usage {
             c["usage"] = u.openai();
         }
         SseEvent::default().data(c.to_string())
     };
-    let head = chunk(None, None, None);
-    Ok(stream(running, Some(head), chunk))
+    let head = chunk(None, None, None, None);
+    Ok(stream(running, Some(head), Box::new(chunk)))
 }

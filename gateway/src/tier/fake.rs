@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use nimmer_loras::BaseShape;
 use nimmer_tiers::{
     Classification, Completion, Embedding, EngineLimits, Event, FinishReason, GenerateRequest,
-    Grammars, Prompt, ResponseFormat, Schedule, Share, TierError, ZoneServiceView,
+    Grammars, Prompt, ResponseFormat, Schedule, Share, TierError, TokenLogprobs, ZoneServiceView,
 };
 use tokio::sync::{Notify, mpsc};
 
@@ -143,6 +143,16 @@ impl FakeLlm {
                 .send(Event::Token {
                     id: i as u32,
                     text: format!("w{i} "),
+                    // Word i has log probability -0.25; the next words are less likely.
+                    logprobs: req.params.logprobs.map(|n| {
+                        Box::new(TokenLogprobs {
+                            token: format!("w{i} "),
+                            logprob: -0.25,
+                            top: (0..n)
+                                .map(|k| ((i + k) as u32, format!("w{} ", i + k), -0.25 - k as f32))
+                                .collect(),
+                        })
+                    }),
                 })
                 .is_err()
             {

@@ -17,9 +17,64 @@ use rayon::prelude::*;
 use super::queue::Seq;
 use crate::error::Result;
 use crate::grammar::Constraint;
+use crate::sampling::{logsumexp, top_ids};
 
-/// The token of each row (running index, logits), in the rows' order.
+/// A row's choice: the token, and what was kept to report its log probabilities (the raw logits' normalizer
+/// and the ids of the most likely tokens), when asked.
+pub(super) struct Chosen {
+    pub token: u32,
+    pub logprobs: Option<Raw>,
+}
+
+/// A row's raw logits kept before sampling: their normalizer, the top ids, and the logits.
+type Before = (f32, Vec<u32>, Vec<f32>);
+
+/// The model's raw distribution at one step, as much as logprobs need.
+pub(super) struct Raw {
+    pub logprob: f32,
+    /// (id, log probability), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The token of each row (running index, logits), in the rows' order, with its log probabilities when the
+/// sequence asked for them (of the raw logits, before penalties, temperature and masks).
 pub(super) fn tokens<C>(
+    pool: &rayon::ThreadPool,
+    running: &mut [Seq<C>],
+    rows: Vec<(usize, Vec<f32>)>,
+) -> Vec<(usize, Result<Chosen>)> {
+    // Per row asking for logprobs: the raw logits' normalizer, top ids and a copy to read the chosen one.
+    let mut raws: Vec<Option<Before>> = rows
+        .iter()
+        .map(|(i, l)| {
+            running[*i]
+                .new
+                .params
+                .logprobs
+                .map(|n| (logsumexp(l), top_ids(l, n), l.clone()))
+        })
+        .collect();
+    let chosen = choose(pool, running, rows);
+    chosen
+        .into_iter()
+        .zip(raws.iter_mut())
+        .map(|((i, t), raw)| {
+            let t = t.map(|token| Chosen {
+                token,
+                logprobs: raw.take().map(|(lse, top, l)| Raw {
+                    logprob: l[token as usize] - lse,
+                    top: top
+                        .into_iter()
+                        .map(|id| (id, l[id as usize] - lse))
+                        .collect(),
+                }),
+            });
+            (i, t)
+        })
+        .collect()
+}
+
+fn choose<C>(
     pool: &rayon::ThreadPool,
     running: &mut [Seq<C>],
     rows: Vec<(usize, Vec<f32>)>,

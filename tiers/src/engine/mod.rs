@@ -123,6 +123,8 @@ pub enum Event {
     Token {
         id: u32,
         text: String,
+        /// When the request asked for `logprobs`.
+        logprobs: Option<Box<crate::sampling::TokenLogprobs>>,
     },
     Done(Completion),
     /// The request's deadline passed while it waited for admission; it never ran.

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::error::{Result, TierError};
 use crate::llama::{Chunk, Decoder};
+use crate::sampling::TokenLogprobs;
 use crate::tokenizer::ChatTokenizer;
 
 /// Runs the engine loop of a loaded model on this thread after reporting readiness.
@@ -423,9 +424,9 @@ impl PrefixGauges {
 }
 
 /// Streams the token chosen for `s` (by [`choose::tokens`]); returns whether the sequence is finished.
-fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, chosen: Result<u32>) -> bool {
-    let tok = match chosen {
-        Ok(t) => t,
+fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, chosen: Result<choose::Chosen>) -> bool {
+    let (tok, raw) = match chosen {
+        Ok(c) => (c.token, c.logprobs),
         Err(e) => return fail(s, e),
     };
     let now = Instant::now();
@@ -465,7 +466,28 @@ fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, chosen: Result<u32>) -> bool {
     {
         text.push_str(&s.text.finish(&full));
     }
-    if !eos && s.new.events.send(Event::Token { id: tok, text }).is_err() {
+    let piece = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+    let logprobs = raw.map(|r| {
+        Box::new(TokenLogprobs {
+            token: piece(tok),
+            logprob: r.logprob,
+            top: r
+                .top
+                .into_iter()
+                .map(|(id, lp)| (id, piece(id), lp))
+                .collect(),
+        })
+    });
+    if !eos
+        && s.new
+            .events
+            .send(Event::Token {
+                id: tok,
+                text,
+                logprobs,
+            })
+            .is_err()
+    {
         return true;
     }
     match reason {

@@ -123,7 +123,14 @@ pub(super) async fn relay(
                         deadline = None;
                     }
                     tokens += 1;
-                    if tx.send(Event::Token { id: 0, text }).is_err() {
+                    if tx
+                        .send(Event::Token {
+                            id: 0,
+                            text,
+                            logprobs: None,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }

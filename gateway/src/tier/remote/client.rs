@@ -592,9 +592,9 @@ async fn follow(
         expect += 1;
         let (event, last) = match stream.event {
             StreamEvent::Heartbeat => continue,
-            StreamEvent::Token { id, text } => {
+            StreamEvent::Token { id, text, logprobs } => {
                 generated.push(id);
-                (Event::Token { id, text }, false)
+                (Event::Token { id, text, logprobs }, false)
             }
             StreamEvent::Done { mut completion } => {
                 // As if one worker ran it all.

@@ -154,10 +154,20 @@ pub struct StreamMsg {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StreamEvent {
-    Token { id: u32, text: String },
-    Done { completion: Completion },
+    Token {
+        id: u32,
+        text: String,
+        /// When the request asked for them (older workers send none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprobs: Option<Box<nimmer_tiers::TokenLogprobs>>,
+    },
+    Done {
+        completion: Completion,
+    },
     Expired,
-    Error { message: String },
+    Error {
+        message: String,
+    },
     Heartbeat,
 }
 

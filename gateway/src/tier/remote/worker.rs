@@ -278,7 +278,7 @@ async fn forward(
     loop {
         let event = tokio::select! {
             e = events.recv() => match e {
-                Some(Event::Token { id, text }) => StreamEvent::Token { id, text },
+                Some(Event::Token { id, text, logprobs }) => StreamEvent::Token { id, text, logprobs },
                 Some(Event::Done(completion)) => StreamEvent::Done { completion },
                 Some(Event::Expired) => StreamEvent::Expired,
                 Some(Event::Error(message)) => StreamEvent::Error { message },
