@@ -67,6 +67,7 @@ async fn tokens_stream_through_a_worker_with_the_zone_s_share() {
     let fakes = Fakes::new(3, Duration::from_millis(5));
     let llm = remote(&server, &fakes).await;
     assert_eq!(llm.live_workers(), ["w1"]);
+    assert_eq!(LlmTier::workers(&*llm), ["w1"], "as the console shows them");
     let mut rx = llm.submit(request("plaza-3")).await.unwrap();
     let mut text = String::new();
     let done = loop {
@@ -311,6 +312,7 @@ async fn saturn_classifies_and_embeds_through_a_worker_and_is_down_without_one()
     let s = saturn.clone();
     until("the Saturn worker reports", move || s.health().is_ready()).await;
     assert_eq!(saturn.live_workers(), ["s1"]);
+    assert_eq!(ClassifierTier::workers(&*saturn), ["s1"]);
     let out = saturn
         .classify("mood", vec!["calm seas".into(), "a storm".into()])
         .await

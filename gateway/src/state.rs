@@ -38,6 +38,8 @@ pub struct TierStatus {
     /// Sequences running, resident and waiting in the engine, and its KV use (`None`: remote or fake).
     pub engine: Option<nimmer_tiers::EngineLoad>,
     pub prefix_cache: Option<nimmer_tiers::PrefixSnapshot>,
+    /// The workers of a tier served over NATS (empty when it runs in this process).
+    pub workers: Vec<String>,
 }
 
 /// What one request is admitted under, read once: the configuration in effect and its zone's class and
@@ -422,6 +424,10 @@ impl Gateway {
                     queued,
                     engine: llm.and_then(|l| l.load()),
                     prefix_cache: llm.and_then(|l| l.prefix_cache()),
+                    workers: match llm {
+                        Some(l) => l.workers(),
+                        None => self.tiers().saturn.workers(),
+                    },
                 };
                 (tier, status)
             })

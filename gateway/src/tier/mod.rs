@@ -76,6 +76,10 @@ pub trait LlmTier: Send + Sync {
     fn load(&self) -> Option<nimmer_tiers::EngineLoad> {
         None
     }
+    /// The workers serving a remote tier, as last heard from (empty for a tier in this process).
+    fn workers(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The tier's structured-output grammars (compiling a `response_format` here checks it before a slot is
     /// taken, and the tier finds it compiled). Blocking on first use. A tier that cannot enforce one says so.
     fn grammars(&self) -> Result<Arc<Grammars>, TierError> {
@@ -102,6 +106,10 @@ pub trait ClassifierTier: Send + Sync {
     /// The encoder's sentence embedding of each input (`/v1/embeddings`).
     fn embed(&self, inputs: Vec<String>) -> BoxFuture<'static, Result<Vec<Embedding>, TierError>>;
     fn health(&self) -> Health;
+    /// The workers serving a remote Saturn (empty in this process).
+    fn workers(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The three tiers a gateway serves.

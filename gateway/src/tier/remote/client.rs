@@ -328,6 +328,10 @@ impl LlmTier for NatsLlm {
         self.shape.grammars()
     }
 
+    fn workers(&self) -> Vec<String> {
+        self.live_workers()
+    }
+
     fn submit(&self, req: GenerateRequest) -> BoxFuture<'static, Result<Events, TierError>> {
         let id = format!(
             "{}.{}",

@@ -224,6 +224,10 @@ impl ClassifierTier for NatsSaturn {
         ))
     }
 
+    fn workers(&self) -> Vec<String> {
+        self.live_workers()
+    }
+
     fn health(&self) -> Health {
         if self.workers.live().is_empty() {
             Health::Down {
