@@ -22,6 +22,7 @@
 
 pub mod client;
 pub mod saturn;
+pub mod shape;
 pub mod worker;
 
 use std::time::Duration;
