@@ -27,6 +27,9 @@ struct Args {
     /// Tokens generated per request in the decode test.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Sampling temperature in the decode test (0 = greedy; the city's dialog samples at 0.7, seeded).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     /// Prompt length for the cold-prefill test.
     #[arg(long, default_value_t = 512)]
     prefill_tokens: usize,
@@ -266,6 +269,8 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
                 ]),
                 params: SamplingParams {
                     ignore_eos: true,
+                    temperature: args.temperature,
+                    seed: Some(i as u64),
                     ..SamplingParams::greedy(args.gen_tokens)
                 },
                 lora: None,
@@ -407,6 +412,9 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
     if args.concurrency != [1, 4, 8, 16, 32] {
         let levels: Vec<String> = args.concurrency.iter().map(|c| c.to_string()).collect();
         flags.push_str(&format!(" --concurrency {}", levels.join(",")));
+    }
+    if args.temperature != 0.0 {
+        flags.push_str(&format!(" --temperature {}", args.temperature));
     }
     if args.prefill_concurrency != [1, 16] {
         let levels: Vec<String> = args

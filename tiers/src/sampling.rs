@@ -170,48 +170,173 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
+        let inv_t = 1.0 / p.temperature;
+        if p.top_k == 0 && p.top_p >= 1.0 {
+            // No truncation: draw in vocabulary order from the unnormalized weights, no sort.
+            let sum = exp_weights(logits, inv_t);
+            return draw_blocks(logits, sum, &mut self.rng)
+                .map_or_else(|| argmax(logits), |i| i as u32);
+        }
         let c = &mut self.scratch;
         c.clear();
         c.extend(
             logits
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| (i as u32, l / p.temperature)),
+                .map(|(i, &l)| (i as u32, l * inv_t)),
         );
         let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             c.truncate(p.top_k);
         }
-        c.sort_unstable_by(by_logit_desc);
-        let max = c[0].1;
+        let max = c.iter().map(|e| e.1).fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for e in c.iter_mut() {
             e.1 = (e.1 - max).exp();
             sum += e.1;
         }
         if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = c.len();
-            for (i, e) in c.iter().enumerate() {
-                acc += e.1 / sum;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
+            nucleus(c, sum * p.top_p);
             sum = c.iter().map(|e| e.1).sum();
         }
-        let mut r = self.rng.random::<f32>() * sum;
-        for e in c.iter() {
-            r -= e.1;
-            if r <= 0.0 {
-                return e.0;
+        draw(
+            c.iter().copied().map(|(i, w)| (i as usize, w)),
+            sum,
+            &mut self.rng,
+        )
+        .or_else(|| c.first().map(|e| e.0 as usize))
+        .unwrap_or(0) as u32
+    }
+}
+
+/// Keeps the most likely weights whose sum first reaches `mass`, most likely first: sorts only the head of
+/// the distribution (the top 64, doubling until it holds `mass`), not the whole vocabulary.
+fn nucleus(c: &mut Vec<(u32, f32)>, mass: f32) {
+    let by_weight_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    let mut m = 64.min(c.len());
+    loop {
+        if m < c.len() {
+            c.select_nth_unstable_by(m - 1, by_weight_desc);
+        }
+        c[..m].sort_unstable_by(by_weight_desc);
+        let mut acc = 0.0;
+        if let Some(keep) = c[..m].iter().position(|e| {
+            acc += e.1;
+            acc >= mass
+        }) {
+            c.truncate(keep + 1);
+            return;
+        }
+        if m == c.len() {
+            return;
+        }
+        m = (m * 2).min(c.len());
+    }
+}
+
+/// Draws an index with probability weight / `sum` (the weights' total), or `None` when rounding left the
+/// draw past the last weight.
+fn draw(weights: impl Iterator<Item = (usize, f32)>, sum: f32, rng: &mut StdRng) -> Option<usize> {
+    let mut r = rng.random::<f32>() * sum;
+    let mut last = None;
+    for (i, w) in weights {
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+        if w > 0.0 {
+            last = Some(i);
+        }
+    }
+    last
+}
+
+/// [`draw`] over a whole vocabulary of weights, skipping 64 at a time by their (vectorized) sums.
+fn draw_blocks(weights: &[f32], sum: f32, rng: &mut StdRng) -> Option<usize> {
+    let mut r = rng.random::<f32>() * sum;
+    let mut last = None;
+    for (b, block) in weights.chunks(64).enumerate() {
+        let s = lanes_sum(block);
+        if r < s {
+            // Rounding may leave r past this block's last weight: then the next block draws.
+            let mut q = r;
+            for (i, &w) in block.iter().enumerate() {
+                if q < w {
+                    return Some(b * 64 + i);
+                }
+                q -= w;
             }
         }
-        c.last().map_or(0, |e| e.0)
+        r -= s;
+        if s > 0.0 {
+            last = block.iter().rposition(|&w| w > 0.0).map(|i| b * 64 + i);
+        }
     }
+    last
+}
+
+/// Sum of `v` in eight lanes (vectorizes).
+fn lanes_sum(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for ch in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Largest of `v` in eight lanes, NaN ignored (vectorizes); -inf when empty or all NaN.
+fn lanes_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut chunks = v.chunks_exact(8);
+    for ch in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(ch) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(chunks.remainder())
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Replaces `logits` with exp((logit - max) / T) (`inv_t` = 1/T) and returns their sum: eight lanes at a time
+/// (the compiler vectorizes [`exp_neg`]).
+fn exp_weights(logits: &mut [f32], inv_t: f32) -> f32 {
+    let max = lanes_max(logits);
+    if !max.is_finite() {
+        logits.iter_mut().for_each(|l| *l = 0.0);
+        return 0.0;
+    }
+    for l in logits.iter_mut() {
+        *l = exp_neg((*l - max) * inv_t);
+    }
+    lanes_sum(logits)
+}
+
+/// e^x for x <= 0 (0 below -87 and for NaN), to about 2 ulp: x = n·ln2 + r with |r| <= ln2/2, e^r by its
+/// degree-6 Taylor polynomial, 2^n through the exponent bits. Branch-free so a loop over it vectorizes.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let keep = x >= -87.0;
+    let x = if keep { x } else { -87.0 };
+    // Round to nearest by the float adder (1.5 * 2^23 pushes the fraction out), which vectorizes.
+    const SHIFT: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // t's low bits hold n (its ulp is 1): 2^n from them, without a float-to-int conversion.
+    let ni = t.to_bits().wrapping_sub(SHIFT.to_bits());
+    let scale = f32::from_bits(ni.wrapping_add(127) << 23);
+    if keep { p * scale } else { 0.0 }
 }
 
 /// Index of the largest value (first one on ties).
@@ -296,6 +421,76 @@ mod tests {
         assert_eq!(top_ids(&logits, 2), [1, 2]);
         assert_eq!(top_ids(&logits, 9), [1, 2, 0, 3]);
         assert!(top_ids(&logits, 0).is_empty());
+    }
+
+    #[test]
+    fn the_vectorized_exp_matches_the_library_s() {
+        for i in 0..=86_900 {
+            let x = -(i as f32) * 1e-3;
+            let (got, want) = (exp_neg(x), x.exp());
+            assert!((got - want).abs() <= 3e-7 * want, "e^{x}: {got} vs {want}");
+        }
+        assert_eq!(exp_neg(-200.0), 0.0);
+        assert_eq!(exp_neg(f32::NAN), 0.0);
+        assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    /// Draws `n` tokens from `logits` under `p` and returns each token's frequency.
+    fn frequencies(p: SamplingParams, logits: &[f32], n: usize) -> Vec<f64> {
+        let mut s = Sampler::new(p);
+        let mut f = vec![0.0; logits.len()];
+        for _ in 0..n {
+            f[s.sample(&mut logits.to_vec(), &[]) as usize] += 1.0 / n as f64;
+        }
+        f
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_softmax() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 7) % 11) as f32 * 0.4 - 2.0).collect();
+        let p = SamplingParams {
+            temperature: 0.8,
+            seed: Some(3),
+            ..SamplingParams::default()
+        };
+        let w: Vec<f64> = logits.iter().map(|&l| (l as f64 / 0.8).exp()).collect();
+        let z: f64 = w.iter().sum();
+        let f = frequencies(p, &logits, 200_000);
+        for (i, (got, want)) in f.iter().zip(w.iter().map(|w| w / z)).enumerate() {
+            assert!((got - want).abs() < 0.005, "token {i}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_head_that_reaches_p() {
+        // Probabilities 0.5, 0.25, 0.125, ... over 200 tokens: top_p 0.8 keeps the first three.
+        let logits: Vec<f32> = (0..200)
+            .map(|i| -(i as f32) * std::f32::consts::LN_2)
+            .collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            seed: Some(5),
+            ..SamplingParams::default()
+        };
+        let f = frequencies(p, &logits, 70_000);
+        for (i, want) in [4.0 / 7.0, 2.0 / 7.0, 1.0 / 7.0].into_iter().enumerate() {
+            assert!((f[i] - want).abs() < 0.01, "token {i}: {} vs {want}", f[i]);
+        }
+        assert!(f[3..].iter().all(|&x| x == 0.0));
+        // Past the first sorted head of 64: a flat distribution keeps 160 of 200 tokens.
+        let flat = vec![0.0f32; 200];
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            seed: Some(6),
+            ..SamplingParams::default()
+        };
+        let kept = frequencies(p, &flat, 20_000)
+            .iter()
+            .filter(|&&x| x > 0.0)
+            .count();
+        assert_eq!(kept, 160);
     }
 
     #[test]

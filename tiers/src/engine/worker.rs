@@ -69,6 +69,7 @@ pub(super) fn serve<M: Decoder>(
     }
     let batch_size = metrics::histogram!("nimmer_batch_size", "tier" => tier.clone());
     let batch_tokens = metrics::histogram!("nimmer_batch_tokens", "tier" => tier.clone());
+    let step_seconds = metrics::histogram!("nimmer_step_seconds", "tier" => tier.clone());
     let block_bytes = cfg.kv_bytes_per_token() * BLOCK_TOKENS;
     Engine {
         prefix: PrefixCache::new(block_bytes, limits.prefix_cache_bytes, prefix),
@@ -83,6 +84,7 @@ pub(super) fn serve<M: Decoder>(
         ws: M::Workspace::default(),
         batch_size,
         batch_tokens,
+        step_seconds,
         last_rows: 0,
     }
     .run(rx);
@@ -102,6 +104,8 @@ struct Engine<M: Decoder> {
     ws: M::Workspace,
     batch_size: metrics::Histogram,
     batch_tokens: metrics::Histogram,
+    /// Wall time of each step (plan, forward pass, sampling, streaming, prefix sharing).
+    step_seconds: metrics::Histogram,
     /// Rows of the last step (0 once the engine is idle).
     last_rows: usize,
 }
@@ -220,6 +224,7 @@ impl<M: Decoder> Engine<M> {
     }
 
     fn step(&mut self) {
+        let started = Instant::now();
         let limits = self.info.limits.get();
         let (plan, service) = self.queue.plan(StepLimits {
             rows: limits.step_rows.min(self.max_batch),
@@ -302,6 +307,7 @@ impl<M: Decoder> Engine<M> {
             }
         }
         self.queue.retire(&finished);
+        self.step_seconds.record(started.elapsed().as_secs_f64());
     }
 }
 
