@@ -346,6 +346,20 @@ async fn city(args: &Args, base: &str) -> Result<(String, String)> {
         of_group(true, |o| o.engine_ttft_ms),
         of_group(false, |o| o.engine_ttft_ms),
     );
+    // The Driver alone (dialog): the tier a flood of dialogs contends for, without Theia's longer prefill.
+    let driver = |hot: bool| {
+        p3(ok
+            .iter()
+            .filter(|o| (o.zone < args.hot_zones) == hot && o.tier == "driver")
+            .filter(|o| o.kind != Kind::Classify)
+            .map(|o| o.ttft_ms)
+            .collect())
+    };
+    s += &format!(
+        "On the Driver alone, TTFT p50 / p95 / p99 ms: hot zones {}, other zones {}.\n",
+        driver(true),
+        driver(false)
+    );
     let points: Vec<report::Point> = out
         .iter()
         .map(|o| report::Point {

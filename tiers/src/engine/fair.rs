@@ -5,9 +5,9 @@
 //! picks, again and again, the next sequence of the zone with the lowest counter (charging it tentatively),
 //! until the step's rows or tokens run out; sequences not picked are paused for the step and keep their KV. A
 //! zone that becomes active is lifted to the lowest counter among the active zones, so it is served at once but
-//! cannot hoard credit from its idle time; the step that prefills it carries no prefill chunk of the zones
-//! that stayed active, so its first token is not held up behind their prompts. Within a zone, higher priority
-//! goes first, then earlier arrival.
+//! cannot hoard credit from its idle time; the step that prefills it runs the newcomers alone (the zones that
+//! stayed active pause for that one step, never two in a row), so its first token is not held up behind a
+//! flood's batch. Within a zone, higher priority goes first, then earlier arrival.
 //! Counters of zones that are neither active nor owed anything are forgotten (bounded state).
 
 use std::collections::{HashMap, HashSet};
@@ -33,8 +33,8 @@ pub struct FairClock<Z> {
     served: HashMap<Z, f64>,
     /// The zones of the last step.
     active: HashSet<Z>,
-    /// Whether the last step deferred the prefill of continuing zones (never two steps in a row).
-    deferred: bool,
+    /// Whether the last step ran newcomers alone (never two steps in a row).
+    alone_last: bool,
 }
 
 impl<Z: Eq + Hash + Clone> Default for FairClock<Z> {
@@ -48,7 +48,7 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
         Self {
             served: HashMap::new(),
             active: HashSet::new(),
-            deferred: false,
+            alone_last: false,
         }
     }
 
@@ -73,7 +73,7 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
         if cands.is_empty() {
             self.served.clear();
             self.active.clear();
-            self.deferred = false;
+            self.alone_last = false;
             return plan;
         }
         // Per zone: its candidates in run order, and its weight.
@@ -124,14 +124,19 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
             })
             .collect();
         // A zone that just became active and waits for its first token makes this step latency-critical: the
-        // prefill chunks of the zones that stayed active wait one step, so the newcomer's step is short. Never
-        // two steps in a row, so a stream of newcomers cannot starve a long prompt.
-        let newcomer_prefill = keep_ahead
-            && !self.deferred
+        // zones that stayed active (their decode rows and prompts) wait one step, so the newcomer's step is
+        // as short as its own prompt. Never two steps in a row, so a stream of newcomers costs the others at
+        // most every other step.
+        let newcomers_alone = keep_ahead
+            && !self.alone_last
             && cands
                 .iter()
                 .any(|c| c.prefill_left > 0 && !self.active.contains(&c.zone));
-        let mut decoders_left = cands.iter().filter(|c| c.prefill_left == 0).count();
+        let runs = |c: &Candidate<Z>| !newcomers_alone || !self.active.contains(&c.zone);
+        let mut decoders_left = cands
+            .iter()
+            .filter(|c| c.prefill_left == 0 && runs(c))
+            .count();
         let (mut rows, mut budget) = (max_rows, token_budget);
         while rows > 0 && budget > 0 {
             // The zone with the lowest tentative counter that still has a candidate.
@@ -148,11 +153,11 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
             let (w, list) = zones.get_mut(z).expect("zone of a candidate");
             let i = list.pop().expect("non-empty");
             let c = &cands[i];
-            let n = if c.prefill_left == 0 {
+            let n = if !runs(c) {
+                0
+            } else if c.prefill_left == 0 {
                 decoders_left -= 1;
                 1
-            } else if newcomer_prefill && self.active.contains(&c.zone) {
-                0
             } else {
                 let reserve = decoders_left.min(rows - 1);
                 c.prefill_left.min(budget.saturating_sub(reserve))
@@ -165,7 +170,7 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
             budget -= n;
             t[k].1 += n as f64 / *w;
         }
-        self.deferred = newcomer_prefill;
+        self.alone_last = newcomers_alone;
         self.active.clear();
         for (z, v) in t {
             self.served.insert(z.clone(), v);
@@ -333,7 +338,7 @@ mod tests {
     }
 
     #[test]
-    fn a_newcomer_s_prefill_step_defers_the_prefill_of_zones_that_stayed_active() {
+    fn a_newcomer_s_first_step_runs_it_alone_never_two_steps_in_a_row() {
         let mut clock = FairClock::new();
         let pre = |zone, arrival| Candidate {
             prefill_left: 200,
@@ -345,18 +350,25 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(clock.plan(&cands, 32, 256)[8], 200);
         }
-        // A quiet zone arrives with a 40-token prompt: its step runs its prompt and every decoding row only.
+        // A quiet zone arrives with a 40-token prompt: its step runs its prompt alone.
         cands.push(Candidate {
             prefill_left: 40,
             ..dec(2, 1.0, 100)
         });
         let plan = clock.plan(&cands, 32, 256);
         assert_eq!(plan[9], 40, "{plan:?}");
-        assert_eq!(plan[8], 0, "the flood's prompt waits a step: {plan:?}");
-        assert!(plan[..8].iter().all(|&n| n == 1), "{plan:?}");
-        // The next step (zone 2 now decoding) prefills zone 1 again.
+        assert!(
+            plan[..9].iter().all(|&n| n == 0),
+            "the flood waits a step: {plan:?}"
+        );
+        // The next step (zone 2 now decoding) runs zone 1's rows and prompt again.
         cands[9].prefill_left = 0;
-        assert_eq!(clock.plan(&cands, 32, 256)[8], 200);
+        let plan = clock.plan(&cands, 32, 256);
+        assert_eq!(plan[8], 200);
+        assert!(
+            plan[..8].iter().chain(&plan[9..]).all(|&n| n == 1),
+            "{plan:?}"
+        );
         // Newcomers at every step: zone 1's prompt still runs every other step.
         let mut ran = 0;
         for k in 0..10 {
