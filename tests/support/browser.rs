@@ -142,28 +142,38 @@ impl Browser {
 
     /// Evaluates `expr` in the page (promises awaited) and returns its value.
     pub fn eval(&mut self, page: &Page, expr: &str) -> Value {
+        self.try_eval(page, expr)
+            .unwrap_or_else(|e| panic!("`{expr}` threw: {e}"))
+    }
+
+    /// Evaluates `expr` in the page: its value, or the exception it threw.
+    fn try_eval(&mut self, page: &Page, expr: &str) -> Result<Value, String> {
         let r = self.call(
             Some(page),
             "Runtime.evaluate",
             json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
         );
-        assert!(
-            r["exceptionDetails"].is_null(),
-            "`{expr}` threw: {}",
-            r["exceptionDetails"]
-        );
-        r["result"]["value"].clone()
+        if r["exceptionDetails"].is_null() {
+            Ok(r["result"]["value"].clone())
+        } else {
+            Err(r["exceptionDetails"].to_string())
+        }
     }
 
-    /// Polls `expr` every 100 ms until it is truthy (panics with `what` after `within`).
+    /// Polls `expr` every 100 ms until it is truthy (panics with `what` after `within`). An expression that
+    /// throws counts as not yet (the page may still be loading: no `document.body` before it is parsed).
     pub fn wait_for(&mut self, page: &Page, expr: &str, what: &str, within: Duration) -> Value {
         let started = Instant::now();
         loop {
-            let v = self.eval(page, expr);
-            if !(v.is_null() || v == false || v == "" || v == 0) {
-                return v;
-            }
-            assert!(started.elapsed() < within, "{what}: not within {within:?}");
+            let last = match self.try_eval(page, expr) {
+                Ok(v) if !(v.is_null() || v == false || v == "" || v == 0) => return v,
+                Ok(v) => v.to_string(),
+                Err(e) => format!("threw {e}"),
+            };
+            assert!(
+                started.elapsed() < within,
+                "{what}: not within {within:?} (`{expr}` last gave {last})"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
