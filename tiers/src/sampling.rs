@@ -200,13 +200,8 @@ impl Sampler {
             nucleus(c, sum * p.top_p);
             sum = c.iter().map(|e| e.1).sum();
         }
-        draw(
-            c.iter().copied().map(|(i, w)| (i as usize, w)),
-            sum,
-            &mut self.rng,
-        )
-        .or_else(|| c.first().map(|e| e.0 as usize))
-        .unwrap_or(0) as u32
+        let r = self.rng.random::<f32>() * sum;
+        pick(c.iter().map(|e| e.1), r).map_or(c.first().map_or(0, |e| e.0), |k| c[k].0)
     }
 }
 
@@ -235,12 +230,11 @@ fn nucleus(c: &mut Vec<(u32, f32)>, mass: f32) {
     }
 }
 
-/// Draws an index with probability weight / `sum` (the weights' total), or `None` when rounding left the
-/// draw past the last weight.
-fn draw(weights: impl Iterator<Item = (usize, f32)>, sum: f32, rng: &mut StdRng) -> Option<usize> {
-    let mut r = rng.random::<f32>() * sum;
+/// Where `r` (0 <= r < the weights' sum) falls among `weights`: the first index whose running sum passes r,
+/// or the last positive weight when rounding leaves r past them all (never a zero weight).
+fn pick(weights: impl Iterator<Item = f32>, mut r: f32) -> Option<usize> {
     let mut last = None;
-    for (i, w) in weights {
+    for (i, w) in weights.enumerate() {
         if r < w {
             return Some(i);
         }
@@ -252,21 +246,15 @@ fn draw(weights: impl Iterator<Item = (usize, f32)>, sum: f32, rng: &mut StdRng)
     last
 }
 
-/// [`draw`] over a whole vocabulary of weights, skipping 64 at a time by their (vectorized) sums.
+/// Draws an index of a whole vocabulary with probability weight / `sum`, skipping 64 weights at a time by
+/// their (vectorized) sums.
 fn draw_blocks(weights: &[f32], sum: f32, rng: &mut StdRng) -> Option<usize> {
     let mut r = rng.random::<f32>() * sum;
     let mut last = None;
     for (b, block) in weights.chunks(64).enumerate() {
         let s = lanes_sum(block);
         if r < s {
-            // Rounding may leave r past this block's last weight: then the next block draws.
-            let mut q = r;
-            for (i, &w) in block.iter().enumerate() {
-                if q < w {
-                    return Some(b * 64 + i);
-                }
-                q -= w;
-            }
+            return pick(block.iter().copied(), r).map(|i| b * 64 + i);
         }
         r -= s;
         if s > 0.0 {
@@ -443,6 +431,13 @@ mod tests {
             f[s.sample(&mut logits.to_vec(), &[]) as usize] += 1.0 / n as f64;
         }
         f
+    }
+
+    #[test]
+    fn a_draw_past_the_weights_by_rounding_takes_the_last_positive_one() {
+        assert_eq!(pick([0.25, 0.5].into_iter(), 0.3), Some(1));
+        assert_eq!(pick([0.5, 0.0, 0.0].into_iter(), 0.7), Some(0));
+        assert_eq!(pick([0.0, 0.0].into_iter(), 0.0), None);
     }
 
     #[test]
