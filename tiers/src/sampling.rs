@@ -150,7 +150,8 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token; `history` is prompt + output so far (for the repetition penalty).
+    /// Picks the next token; `history` is prompt + output so far (for the repetition penalty). `logits` is the
+    /// sampler's scratch: penalized, and overwritten with exp weights when it samples with a temperature.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {

@@ -87,7 +87,11 @@ fn choose<C>(
         let chosen = match (s.new.constraint.is_some(), lazy(s)) {
             (false, _) => Some(Ok(sample(s, &mut logits))),
             (true, true) => {
-                let keep = (s.new.params.repetition_penalty != 1.0).then(|| logits.clone());
+                // The sampler works in the row (penalties, exp weights): keep the logits a refused draw
+                // is masked and drawn again from.
+                let p = &s.new.params;
+                let keep =
+                    (p.repetition_penalty != 1.0 || p.temperature > 0.0).then(|| logits.clone());
                 let draft = sample(s, &mut logits);
                 let c = s.new.constraint.as_mut().expect("constrained");
                 match c.allows(draft) {
