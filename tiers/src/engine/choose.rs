@@ -177,3 +177,89 @@ fn sample<C>(s: &mut Seq<C>, logits: &mut [f32]) -> u32 {
     };
     s.sampler.sample(logits, &history)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::engine::Share;
+    use crate::engine::queue::{NewSeq, Queue};
+    use crate::grammar::{Grammars, ResponseFormat};
+    use crate::sampling::SamplingParams;
+
+    /// One resident sequence under a JSON schema, sampling at `temperature` with `seed`, its output so far
+    /// `{"mood":"` (the grammar allows the first letter of either mood next).
+    fn constrained(g: &Grammars, temperature: f32, seed: u64) -> Queue<usize> {
+        let format = ResponseFormat::JsonSchema {
+            schema: serde_json::json!({
+                "type": "object",
+                "properties": { "mood": { "enum": ["calm", "angry"] } },
+                "required": ["mood"]
+            }),
+        };
+        let (events, _rx) = mpsc::unbounded_channel();
+        let mut q = Queue::new(1);
+        q.accept(NewSeq {
+            prompt: vec![1; 4],
+            params: SamplingParams {
+                temperature,
+                seed: Some(seed),
+                ..SamplingParams::greedy(8)
+            },
+            lora: None,
+            events,
+            enqueued: Instant::now(),
+            deadline: None,
+            root: [0; 16],
+            pin: None,
+            share: Share::default(),
+            constraint: Some(g.constraint(&format).expect("schema compiles")),
+        });
+        assert_eq!(q.admit(1, 1 << 20, Instant::now(), |t| t), 1);
+        let c = q.running_mut()[0].new.constraint.as_mut().unwrap();
+        for &b in br#"{"mood":""# {
+            assert!(!c.accept(u32::from(b)).unwrap());
+        }
+        q
+    }
+
+    /// A refused draw at a temperature is drawn again from the masked logits, not from the weights the first
+    /// draw left in the row: a token the grammar allows with a far larger logit than the other allowed ones
+    /// is taken every time (from the weights it would be close to a uniform pick among the allowed tokens).
+    #[test]
+    fn a_refused_draw_at_a_temperature_is_drawn_again_from_the_masked_logits() {
+        let g = Grammars::single_byte();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        // The tokens the grammar allows next.
+        let mut probe = constrained(&g, 0.0, 0);
+        let mut allowed = vec![0.0f32; 262];
+        probe.running_mut()[0]
+            .new
+            .constraint
+            .as_mut()
+            .unwrap()
+            .mask(&mut allowed);
+        let allowed: Vec<usize> = (0..allowed.len())
+            .filter(|&i| allowed[i].is_finite())
+            .collect();
+        assert!(allowed.len() >= 2, "the test needs a choice: {allowed:?}");
+        let (favourite, refused) = (allowed[allowed.len() - 1], usize::from(b'x'));
+        assert!(!allowed.contains(&refused));
+        for seed in 0..40 {
+            let mut q = constrained(&g, 0.7, seed);
+            // The refused token all but certainly wins the unmasked draw.
+            let mut logits = vec![0.0f32; 262];
+            logits[refused] = 20.0;
+            logits[favourite] = 10.0;
+            let chosen = tokens(&pool, q.running_mut(), vec![(0, logits)]);
+            let token = chosen[0].1.as_ref().expect("a token").token;
+            assert_eq!(token as usize, favourite, "seed {seed}");
+        }
+    }
+}
