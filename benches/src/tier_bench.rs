@@ -248,8 +248,13 @@ fn bench_llm(args: &Args, cfg: &Config) -> Result<String> {
             .flat_map(move |&c| args.schedules.iter().map(move |&s| (r, c, s)))
     });
     for (round, c, schedule) in runs {
+        // FCFS is the engine before issue 13: no step target either.
         h.set_limits(nimmer_tiers::EngineLimits {
             schedule,
+            step_target: match schedule {
+                Schedule::Fcfs => None,
+                Schedule::Fair => limits.step_target,
+            },
             ..h.limits()
         });
         let users = [

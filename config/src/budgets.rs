@@ -209,6 +209,11 @@ pub struct TierBudget {
     /// Most sequences one engine step runs (absent: the tier's `max_batch` in tiers.toml, its ceiling).
     #[serde(default)]
     pub step_rows: Option<usize>,
+    /// Wall time (ms) an engine step aims to stay within: rows and prefill tokens are sized from the
+    /// measured cost of recent steps, so a request arriving mid-step waits at most about this long for the
+    /// engine to take it in (absent or 0: no bound but `step_rows` and `batch_token_budget`).
+    #[serde(default)]
+    pub step_target_ms: Option<u64>,
     /// How a step chooses its rows among the resident sequences.
     #[serde(default)]
     pub schedule: Schedule,
@@ -424,6 +429,7 @@ impl BudgetsFile {
                     || t.prefix_cache_mib.is_some()
                     || t.resident.is_some()
                     || t.step_rows.is_some()
+                    || t.step_target_ms.is_some()
                     || t.schedule != Schedule::Fair
                 {
                     return bad(

@@ -83,8 +83,10 @@ impl<T> FairQueue<T> {
     }
 
     /// Whether `zone` may take a free slot now: any zone while more than `reserve` are free, else only a
-    /// zone holding less than its weighted share of the capacity among the zones holding or waiting, and
-    /// less than `capacity - reserve` (so even a lone zone leaves the reserve to the next zone to come).
+    /// zone holding less than its weighted share of the capacity among the zones holding or waiting and one
+    /// more of weight 1 (the next zone to come, whom the reserve is for: two flooding zones, each under half
+    /// the capacity, would otherwise share the reserve out between them), and less than
+    /// `capacity - reserve`.
     fn may_take(&self, zone: &str, weight: f64) -> bool {
         let free = self.capacity.saturating_sub(self.in_use);
         if free == 0 {
@@ -100,7 +102,7 @@ impl<T> FairQueue<T> {
             .filter(|(n, _)| n.as_str() != zone)
             .map(|(_, z)| z.weight)
             .sum();
-        let share = self.capacity as f64 * weight / (weight + others);
+        let share = self.capacity as f64 * weight / (weight + others + 1.0);
         (held as f64) < share.min(self.capacity.saturating_sub(self.reserve) as f64)
     }
 
@@ -369,6 +371,26 @@ mod tests {
         );
         q.push("quiet2", 1.0, 0, 98).unwrap();
         assert_eq!(q.pop_next(), Some(("quiet2".to_string(), 98)));
+    }
+
+    #[test]
+    fn two_flooding_zones_leave_the_reserve_to_the_next_zone() {
+        let mut q = FairQueue::new(8, 100);
+        q.set_reserve(2);
+        for i in 0..20 {
+            let zone = ["a", "b"][i % 2];
+            if !q.try_take(zone, 1.0) {
+                q.push(zone, 1.0, 0, i).unwrap();
+            }
+        }
+        while q.pop_next().is_some() {}
+        assert_eq!(
+            (q.zone("a").0, q.zone("b").0),
+            (3, 3),
+            "the reserve stays free"
+        );
+        q.push("quiet", 1.0, 0, 99).unwrap();
+        assert_eq!(q.pop_next(), Some(("quiet".to_string(), 99)), "at once");
     }
 
     #[test]

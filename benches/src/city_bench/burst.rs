@@ -17,15 +17,16 @@ use serde_json::{Value, json};
 
 use super::Args;
 
-/// The schedules compared: the engine before issue 13 (slots = rows = 32, first come first served) and
-/// the shipped default (128 slots of which 32 kept for zones under their share, 128 resident, 32 rows a
-/// step, fair).
+/// The schedules compared: the engine before issue 13 (slots = rows = 32, first come first served, no step
+/// target) and the shipped default (128 slots of which 32 kept for zones under their share, 128 resident,
+/// 32 rows a step held to a 30 ms target, fair).
 const BEFORE: &[(&str, &str)] = &[
     (
         "slots = 128\nreserved_slots = 32",
         "slots = 32\nreserved_slots = 0",
     ),
     ("resident = 128", "resident = 32"),
+    ("step_target_ms = 30", "step_target_ms = 0"),
     ("schedule = \"fair\"", "schedule = \"fcfs\""),
 ];
 
@@ -188,7 +189,7 @@ pub fn main(args: &Args) -> Result<()> {
         server.await??;
         let mut text = format!(
             "#### {}\n\nMachine: {}. Command: `cargo run --release -p nimmer-benches --bin city-bench -- --workload burst --flood {flood} --rounds {rounds} --label {} --write benches/RESULTS.md`. \
-             Default budgets (after: 128 Driver slots with 32 reserved for zones under their share, 128 resident, 32 rows a step, `schedule = \"fair\"`) against the engine before issue 13 (before: 32 slots = 32 resident, none reserved, `schedule = \"fcfs\"`), applied by a budgets reload, alternated in each of {rounds} rounds. \
+             Default budgets (after: 128 Driver slots with 32 reserved for zones under their share, 128 resident, 32 rows a step held to a 30 ms target, `schedule = \"fair\"`) against the engine before issue 13 (before: 32 slots = 32 resident, none reserved, no step target, `schedule = \"fcfs\"`), applied by a budgets reload, alternated in each of {rounds} rounds. \
              Flood: one zone sends {flood} dialogs of 48 tokens at once, one second later a quiet zone one line of 16 tokens. Weights: a `street` zone (weight 1) and a `plaza-` zone (weight 2) send 24 dialogs of 48 tokens each at once; tokens each received until the first of the 48 requests ended (both zones fully backlogged). Medians, each round's figure in brackets.\n\n\
              | schedule | quiet TTFT ms | quiet line total ms | share of the flood's drain | flood drain ms | street : plaza tokens | plaza / street |\n|---|---|---|---|---|---|---|\n",
             args.label,

@@ -60,6 +60,7 @@ impl FakeLlm {
                 prefix_cache_bytes: 0,
                 resident: 32,
                 step_rows: 32,
+                step_target: None,
                 schedule: Schedule::Fair,
             }),
             alive: AtomicBool::new(true),

@@ -59,15 +59,20 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
     }
 
     /// Tokens to run for each candidate this step (same order; 0 = paused), at most `max_rows` sequences and
-    /// `token_budget` tokens in all, and charges the zones for them.
+    /// `token_budget` tokens in all, and charges the zones for them. With a `target` (the tokens that fit the
+    /// step's target time), rows and tokens are held to it, plus the newcomers' prompts: a step stays short
+    /// for whoever arrives during it, and a newcomer's prompt is never spread over several steps.
     ///
     /// A decoding sequence costs one token; a prefilling one gets a chunk of what is left of the budget after
-    /// one token for each decoding sequence that could still be picked, so a long prompt never stalls decoding.
+    /// one token for each decoding sequence that fair order would serve before the prompt is done (those of
+    /// zones whose counter is below this zone's once charged the whole prompt), so a long prompt never stalls
+    /// the zones it competes with, and a zone far behind a flood in service gets its prompt in whole.
     pub fn plan(
         &mut self,
         cands: &[Candidate<Z>],
         max_rows: usize,
         token_budget: usize,
+        target: Option<usize>,
     ) -> Vec<usize> {
         let mut plan = vec![0; cands.len()];
         if cands.is_empty() {
@@ -127,17 +132,29 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
         // zones that stayed active (their decode rows and prompts) wait one step, so the newcomer's step is
         // as short as its own prompt. Never two steps in a row, so a stream of newcomers costs the others at
         // most every other step.
-        let newcomers_alone = keep_ahead
-            && !self.alone_last
-            && cands
-                .iter()
-                .any(|c| c.prefill_left > 0 && !self.active.contains(&c.zone));
+        let newcomer = |c: &Candidate<Z>| c.prefill_left > 0 && !self.active.contains(&c.zone);
+        let newcomers_alone = keep_ahead && !self.alone_last && cands.iter().any(newcomer);
         let runs = |c: &Candidate<Z>| !newcomers_alone || !self.active.contains(&c.zone);
-        let mut decoders_left = cands
+        // Per zone (as `t`): its decoding sequences not yet picked that may run this step.
+        let mut decoders: Vec<usize> = t
             .iter()
-            .filter(|c| c.prefill_left == 0 && runs(c))
-            .count();
+            .map(|(z, _)| {
+                zones[*z]
+                    .1
+                    .iter()
+                    .filter(|&&i| cands[i].prefill_left == 0 && runs(&cands[i]))
+                    .count()
+            })
+            .collect();
         let (mut rows, mut budget) = (max_rows, token_budget);
+        if let Some(n) = target {
+            let (new_rows, new_tokens) = cands
+                .iter()
+                .filter(|c| keep_ahead && newcomer(c))
+                .fold((0, 0), |(r, t), c| (r + 1, t + c.prefill_left));
+            rows = rows.min(n.saturating_add(new_rows)).max(1);
+            budget = budget.min(n.saturating_add(new_tokens)).max(rows);
+        }
         while rows > 0 && budget > 0 {
             // The zone with the lowest tentative counter that still has a candidate.
             let Some(k) = t
@@ -156,10 +173,19 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
             let n = if !runs(c) {
                 0
             } else if c.prefill_left == 0 {
-                decoders_left -= 1;
+                decoders[k] -= 1;
                 1
             } else {
-                let reserve = decoders_left.min(rows - 1);
+                // Leave a token for each decoding row that fair order serves before this prompt is done
+                // (zones whose counter is below this zone's once charged the whole prompt).
+                let done_at = t[k].1 + c.prefill_left as f64 / *w;
+                let ahead: usize = t
+                    .iter()
+                    .zip(&decoders)
+                    .filter(|((_, v), _)| *v < done_at)
+                    .map(|(_, &d)| d)
+                    .sum();
+                let reserve = ahead.min(rows - 1);
                 c.prefill_left.min(budget.saturating_sub(reserve))
             };
             if n == 0 {
@@ -241,7 +267,7 @@ mod tests {
     ) -> HashMap<u32, usize> {
         let mut got = HashMap::new();
         for _ in 0..steps {
-            for (c, n) in cands.iter().zip(clock.plan(cands, rows, 256)) {
+            for (c, n) in cands.iter().zip(clock.plan(cands, rows, 256, None)) {
                 *got.entry(c.zone).or_default() += n;
             }
         }
@@ -255,7 +281,7 @@ mod tests {
         run(&mut clock, &flood, 32, 50);
         let mut all = flood.clone();
         all.push(dec(2, 1.0, 100));
-        let plan = clock.plan(&all, 32, 256);
+        let plan = clock.plan(&all, 32, 256, None);
         assert_eq!(plan[48], 1, "the newcomer runs in the very next step");
         assert_eq!(plan.iter().filter(|&&n| n > 0).count(), 32);
     }
@@ -270,7 +296,7 @@ mod tests {
         // Tokens per zone at each of 400 steps; then every window of 200 consecutive steps.
         let steps: Vec<(usize, usize)> = (0..400)
             .map(|_| {
-                let plan = clock.plan(&cands, 16, 256);
+                let plan = clock.plan(&cands, 16, 256, None);
                 let of = |z| {
                     cands
                         .iter()
@@ -320,7 +346,7 @@ mod tests {
         let mut clock = FairClock::new();
         let mut cands: Vec<_> = (0..4).map(|i| dec(1, 1.0, i)).collect();
         cands[3].priority = 5;
-        let plan = clock.plan(&cands, 2, 256);
+        let plan = clock.plan(&cands, 2, 256, None);
         assert_eq!(plan, vec![1, 0, 0, 1]);
     }
 
@@ -332,7 +358,7 @@ mod tests {
             ..dec(9, 1.0, 0)
         }];
         cands.extend((0..10).map(|i| dec(1, 1.0, 10 + i)));
-        let plan = clock.plan(&cands, 32, 64);
+        let plan = clock.plan(&cands, 32, 64, None);
         assert_eq!(plan[0], 54);
         assert!(plan[1..].iter().all(|&n| n == 1), "{plan:?}");
     }
@@ -348,14 +374,14 @@ mod tests {
         let mut cands: Vec<_> = (0..8).map(|i| dec(1, 1.0, i)).collect();
         cands.push(pre(1, 8));
         for _ in 0..5 {
-            assert_eq!(clock.plan(&cands, 32, 256)[8], 200);
+            assert_eq!(clock.plan(&cands, 32, 256, None)[8], 200);
         }
         // A quiet zone arrives with a 40-token prompt: its step runs its prompt alone.
         cands.push(Candidate {
             prefill_left: 40,
             ..dec(2, 1.0, 100)
         });
-        let plan = clock.plan(&cands, 32, 256);
+        let plan = clock.plan(&cands, 32, 256, None);
         assert_eq!(plan[9], 40, "{plan:?}");
         assert!(
             plan[..9].iter().all(|&n| n == 0),
@@ -363,7 +389,7 @@ mod tests {
         );
         // The next step (zone 2 now decoding) runs zone 1's rows and prompt again.
         cands[9].prefill_left = 0;
-        let plan = clock.plan(&cands, 32, 256);
+        let plan = clock.plan(&cands, 32, 256, None);
         assert_eq!(plan[8], 200);
         assert!(
             plan[..8].iter().chain(&plan[9..]).all(|&n| n == 1),
@@ -377,9 +403,63 @@ mod tests {
                 prefill_left: 40,
                 ..dec(100 + k, 1.0, 200 + k as u64)
             });
-            ran += (clock.plan(&now, 32, 256)[8] > 0) as usize;
+            ran += (clock.plan(&now, 32, 256, None)[8] > 0) as usize;
         }
         assert_eq!(ran, 5);
+    }
+
+    #[test]
+    fn a_target_holds_a_step_to_its_tokens_but_a_newcomer_s_prompt_runs_whole() {
+        let mut clock = FairClock::new();
+        // Two zones decode 20 rows each and zone 1 has a prompt waiting; 16 tokens fit the target.
+        let mut cands: Vec<_> = (0..40).map(|i| dec(1 + i % 2, 1.0, i as u64)).collect();
+        cands.push(Candidate {
+            prefill_left: 30,
+            ..dec(1, 1.0, 40)
+        });
+        for _ in 0..3 {
+            let plan = clock.plan(&cands, 32, 256, Some(16));
+            assert_eq!(plan.iter().sum::<usize>(), 16, "{plan:?}");
+            assert!(plan.iter().filter(|&&n| n > 0).count() <= 16);
+        }
+        // A quiet zone arrives with a 40-token prompt: its step runs all of it (alone), and the next one
+        // (with another newcomer's 12 tokens, not alone) holds the rest to the target.
+        cands.push(Candidate {
+            prefill_left: 40,
+            ..dec(3, 1.0, 100)
+        });
+        let plan = clock.plan(&cands, 32, 256, Some(16));
+        assert_eq!(plan[41], 40, "{plan:?}");
+        assert_eq!(plan.iter().sum::<usize>(), 40);
+        cands[41].prefill_left = 0;
+        cands.push(Candidate {
+            prefill_left: 12,
+            ..dec(4, 1.0, 101)
+        });
+        let plan = clock.plan(&cands, 32, 256, Some(16));
+        assert_eq!(plan[42], 12, "{plan:?}");
+        assert_eq!(plan.iter().sum::<usize>(), 16 + 12, "{plan:?}");
+    }
+
+    #[test]
+    fn a_prompt_of_a_zone_behind_the_flood_runs_whole_in_a_step_held_to_its_target() {
+        let mut clock = FairClock::new();
+        // Zone 1 floods (30 decoding rows); zone 2 decodes one row; 16 tokens fit the target.
+        let mut cands: Vec<_> = (0..30).map(|i| dec(1, 1.0, i)).collect();
+        cands.push(dec(2, 1.0, 30));
+        for _ in 0..20 {
+            let plan = clock.plan(&cands, 32, 256, Some(16));
+            assert_eq!(plan[30], 1, "{plan:?}");
+        }
+        // Zone 2, far behind zone 1 in service, sends another line: its 11-token prompt runs at once and
+        // whole (zone 1's rows give way), the step still within its 16 tokens.
+        cands.push(Candidate {
+            prefill_left: 11,
+            ..dec(2, 1.0, 31)
+        });
+        let plan = clock.plan(&cands, 32, 256, Some(16));
+        assert_eq!((plan[30], plan[31]), (1, 11), "{plan:?}");
+        assert_eq!(plan.iter().sum::<usize>(), 16, "{plan:?}");
     }
 
     #[test]
@@ -397,10 +477,10 @@ mod tests {
     fn idle_zones_owed_nothing_are_forgotten() {
         let mut clock = FairClock::new();
         for z in 0..100u32 {
-            clock.plan(&[dec(z, 1.0, 0)], 4, 16);
+            clock.plan(&[dec(z, 1.0, 0)], 4, 16, None);
         }
         assert!(clock.tracked() <= 1, "{} counters kept", clock.tracked());
-        assert!(clock.plan(&[], 4, 16).is_empty());
+        assert!(clock.plan(&[], 4, 16, None).is_empty());
         assert_eq!(clock.tracked(), 0);
     }
 }

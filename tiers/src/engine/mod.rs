@@ -12,6 +12,7 @@
 
 mod choose;
 mod fair;
+mod pace;
 mod prefix;
 mod queue;
 mod sched;
@@ -146,6 +147,9 @@ pub struct EngineLimits {
     pub resident: usize,
     /// Most sequences one step runs (the engine caps it at its `max_batch`).
     pub step_rows: usize,
+    /// Wall time a step aims to stay within: its rows and tokens are sized from the measured cost of recent
+    /// steps (`None`: no bound but `step_rows` and `batch_token_budget`).
+    pub step_target: Option<std::time::Duration>,
     pub schedule: Schedule,
 }
 
@@ -158,6 +162,10 @@ impl EngineLimits {
             prefix_cache_bytes: b.prefix_cache_mib() << 20,
             resident: b.resident.unwrap_or(b.slots),
             step_rows: b.step_rows.unwrap_or(usize::MAX),
+            step_target: b
+                .step_target_ms
+                .filter(|&ms| ms > 0)
+                .map(std::time::Duration::from_millis),
             schedule: b.schedule,
         }
     }

@@ -102,6 +102,9 @@ pub(crate) struct StepLimits {
     pub rows: usize,
     /// Most tokens it runs (raised to `rows` so every row can decode).
     pub tokens: usize,
+    /// Tokens that fit the step's target time (`pace.rs`): the fair schedule runs at most this many rows and
+    /// tokens besides newcomers' prompts.
+    pub target: Option<usize>,
     pub schedule: Schedule,
 }
 
@@ -290,7 +293,7 @@ impl<C> Queue<C> {
                         prefill_left: left(s),
                     })
                     .collect();
-                self.clock.plan(&cands, rows, tokens)
+                self.clock.plan(&cands, rows, tokens, limits.target)
             }
             Schedule::Fcfs => {
                 let n = rows.min(self.running.len());
@@ -515,6 +518,7 @@ mod tests {
         let step = |schedule| StepLimits {
             rows: 8,
             tokens: 1,
+            target: None,
             schedule,
         };
         assert_eq!(q.plan(step(Schedule::Fair)).0, vec![1, 1, 1]);
@@ -562,6 +566,7 @@ mod tests {
         let limits = StepLimits {
             rows: 2,
             tokens: 64,
+            target: None,
             schedule: Schedule::Fair,
         };
         assert_eq!(q.plan(limits).0, vec![1, 1, 0, 0]);

@@ -1,7 +1,8 @@
 //! The engine thread's loop: it only moves data between the channel, the [`Queue`] and the decoder. Between
 //! two steps it takes new requests, lets the queue drop cancelled and expired ones and admit waiting ones, then
 //! runs one batched forward pass over the rows the queue plans (one token for every decoding row plus prefill
-//! chunks under the token budget; resident sequences left out keep their KV), books each zone's service, and
+//! chunks under the token budget, both sized to the step's target time by the cost of recent steps,
+//! `pace.rs`; resident sequences left out keep their KV), books each zone's service, and
 //! streams each sampled token back. Around the step it moves KV between sequences and the prefix
 //! cache (`prefix.rs`): admitted sequences start from their longest cached prefix, every block a step
 //! completes is offered to the cache, and pin sequences pin their prompt's blocks when they end.
@@ -14,6 +15,7 @@ use nimmer_config::LlmTierSpec;
 use tokio::sync::{mpsc, oneshot};
 
 use super::choose;
+use super::pace::StepCost;
 use super::prefix::{BLOCK_TOKENS, BlockHash, PrefixCache, PrefixStats, extend_chain};
 use super::queue::{Queue, Seq, StepLimits};
 use super::service::ZoneService;
@@ -85,6 +87,7 @@ pub(super) fn serve<M: Decoder>(
         batch_size,
         batch_tokens,
         step_seconds,
+        cost: StepCost::new(),
         last_rows: 0,
     }
     .run(rx);
@@ -108,6 +111,8 @@ struct Engine<M: Decoder> {
     step_seconds: metrics::Histogram,
     /// Rows of the last step (0 once the engine is idle).
     last_rows: usize,
+    /// What recent steps cost: sizes steps to `step_target`.
+    cost: StepCost,
 }
 
 impl<M: Decoder> Engine<M> {
@@ -229,6 +234,9 @@ impl<M: Decoder> Engine<M> {
         let (plan, service) = self.queue.plan(StepLimits {
             rows: limits.step_rows.min(self.max_batch),
             tokens: limits.batch_token_budget,
+            target: limits
+                .step_target
+                .and_then(|t| self.cost.tokens_within(t.as_secs_f64())),
             schedule: limits.schedule,
         });
         self.info.service.record(&service, Instant::now());
@@ -307,7 +315,10 @@ impl<M: Decoder> Engine<M> {
             }
         }
         self.queue.retire(&finished);
-        self.step_seconds.record(started.elapsed().as_secs_f64());
+        let secs = started.elapsed().as_secs_f64();
+        self.step_seconds.record(secs);
+        self.cost.record(plan.iter().sum(), secs);
+        tracing::trace!(tier = %self.info.name, rows = self.last_rows, tokens = plan.iter().sum::<usize>(), ms = secs * 1e3, "step");
     }
 }
 
@@ -501,6 +512,17 @@ fn deliver<C>(info: &TierInfo, s: &mut Seq<C>, chosen: Result<choose::Chosen>) -
         Some(finish_reason) => {
             let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
             let q = s.new.enqueued;
+            tracing::debug!(
+                tier = %info.name,
+                zone = %s.new.share.zone,
+                prompt = s.new.prompt.len(),
+                cached = s.cached,
+                generated = s.generated.len(),
+                queue_ms = ms(q, s.admitted.unwrap_or(q)),
+                ttft_ms = ms(q, s.first_token.unwrap_or(now)),
+                total_ms = ms(q, now),
+                "sequence done"
+            );
             let _ = s.new.events.send(Event::Done(Completion {
                 finish_reason,
                 prompt_tokens: s.new.prompt.len(),
