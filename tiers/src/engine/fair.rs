@@ -7,7 +7,9 @@
 //! zone that becomes active is lifted to the lowest counter among the active zones, so it is served at once but
 //! cannot hoard credit from its idle time; the step that prefills it runs the newcomers alone (the zones that
 //! stayed active pause for that one step, never two in a row), so its first token is not held up behind a
-//! flood's batch. Within a zone, higher priority goes first, then earlier arrival.
+//! flood's batch. While zones compete, a step may also be held to the tokens that fit a target time
+//! (`pace.rs`), so whoever arrives during it waits little. Within a zone, higher priority goes first, then
+//! earlier arrival.
 //! Counters of zones that are neither active nor owed anything are forgotten (bounded state).
 
 use std::collections::{HashMap, HashSet};
@@ -60,8 +62,9 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
 
     /// Tokens to run for each candidate this step (same order; 0 = paused), at most `max_rows` sequences and
     /// `token_budget` tokens in all, and charges the zones for them. With a `target` (the tokens that fit the
-    /// step's target time), rows and tokens are held to it, plus the newcomers' prompts: a step stays short
-    /// for whoever arrives during it, and a newcomer's prompt is never spread over several steps.
+    /// step's target time) and more than one zone, rows and tokens are held to it, plus the prompts of zones
+    /// with nothing decoding yet (waiting for their first token): a step stays short for whoever arrives
+    /// during it, and a newcomer's prompt is not spread over more steps than `token_budget` makes it.
     ///
     /// A decoding sequence costs one token; a prefilling one gets a chunk of what is left of the budget after
     /// one token for each decoding sequence that fair order would serve before the prompt is done (those of
@@ -147,13 +150,18 @@ impl<Z: Eq + Hash + Clone> FairClock<Z> {
             })
             .collect();
         let (mut rows, mut budget) = (max_rows, token_budget);
-        if let Some(n) = target {
-            let (new_rows, new_tokens) = cands
+        // The target holds while zones compete; the prompts of zones with nothing decoding yet (newcomers,
+        // a long prompt past its first chunk) wait for their first token and run on top of it.
+        if let Some(n) = target.filter(|_| zones.len() > 1) {
+            let (first_rows, first_tokens) = t
                 .iter()
-                .filter(|c| keep_ahead && newcomer(c))
+                .zip(&decoders)
+                .filter(|&(_, &d)| d == 0)
+                .flat_map(|((z, _), _)| zones[*z].1.iter().map(|&i| &cands[i]))
+                .filter(|c| c.prefill_left > 0 && runs(c))
                 .fold((0, 0), |(r, t), c| (r + 1, t + c.prefill_left));
-            rows = rows.min(n.saturating_add(new_rows)).max(1);
-            budget = budget.min(n.saturating_add(new_tokens)).max(rows);
+            rows = rows.min(n.saturating_add(first_rows)).max(1);
+            budget = budget.min(n.saturating_add(first_tokens)).max(rows);
         }
         while rows > 0 && budget > 0 {
             // The zone with the lowest tentative counter that still has a candidate.
@@ -439,6 +447,32 @@ mod tests {
         let plan = clock.plan(&cands, 32, 256, Some(16));
         assert_eq!(plan[42], 12, "{plan:?}");
         assert_eq!(plan.iter().sum::<usize>(), 16 + 12, "{plan:?}");
+    }
+
+    #[test]
+    fn a_long_prompt_is_chunked_by_the_budget_not_the_target() {
+        let mut clock = FairClock::new();
+        let long = |zone, arrival| Candidate {
+            prefill_left: 1000,
+            ..dec(zone, 1.0, arrival)
+        };
+        // A lone zone: no other zone to hold the step for.
+        assert_eq!(clock.plan(&[long(1, 0)], 32, 256, Some(16)), vec![256]);
+        // Past its first chunk, beside a decoding zone: still whole chunks (it waits for its first token).
+        let mut clock = FairClock::new();
+        let mut cands: Vec<_> = (0..8).map(|i| dec(2, 1.0, i)).collect();
+        clock.plan(&cands, 32, 256, Some(16));
+        cands.push(long(1, 8));
+        assert_eq!(
+            clock.plan(&cands, 32, 256, Some(16))[8],
+            256,
+            "its step alone"
+        );
+        for _ in 0..3 {
+            let plan = clock.plan(&cands, 32, 256, Some(16));
+            assert_eq!(plan[8], 248, "{plan:?}");
+            assert!(plan[..8].iter().all(|&n| n == 1), "{plan:?}");
+        }
     }
 
     #[test]
