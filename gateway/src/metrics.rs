@@ -1,6 +1,6 @@
 //! Prometheus metrics: the recorder (installed once per process) and the names and labels the gateway
 //! records, so they are spelled in one place. The engine records its batch sizes and step times itself
-//! (`nimmer_batch_*`, `nimmer_step_seconds`).
+//! (`nimmer_batch_*`, `nimmer_step_seconds`, `nimmer_step_target_tokens`).
 //!
 //! Per tier and zone class: `nimmer_requests_total{outcome}` (admitted, or rejected with the reason),
 //! `nimmer_tokens_total{kind=prompt|completion}` (tokens/s is its rate), `nimmer_slot_wait_seconds` and

@@ -102,8 +102,8 @@ pub(crate) struct StepLimits {
     pub rows: usize,
     /// Most tokens it runs (raised to `rows` so every row can decode).
     pub tokens: usize,
-    /// Tokens that fit the step's target time (`pace.rs`): the fair schedule runs at most this many rows and
-    /// tokens besides newcomers' prompts.
+    /// Tokens that fit the step's target time (`pace.rs`): while zones compete, the fair schedule runs at
+    /// most this many rows and tokens besides the prompts of zones with nothing decoding yet.
     pub target: Option<usize>,
     pub schedule: Schedule,
 }

@@ -72,6 +72,7 @@ pub(super) fn serve<M: Decoder>(
     let batch_size = metrics::histogram!("nimmer_batch_size", "tier" => tier.clone());
     let batch_tokens = metrics::histogram!("nimmer_batch_tokens", "tier" => tier.clone());
     let step_seconds = metrics::histogram!("nimmer_step_seconds", "tier" => tier.clone());
+    let step_target_tokens = metrics::gauge!("nimmer_step_target_tokens", "tier" => tier.clone());
     let block_bytes = cfg.kv_bytes_per_token() * BLOCK_TOKENS;
     Engine {
         prefix: PrefixCache::new(block_bytes, limits.prefix_cache_bytes, prefix),
@@ -87,6 +88,7 @@ pub(super) fn serve<M: Decoder>(
         batch_size,
         batch_tokens,
         step_seconds,
+        step_target_tokens,
         cost: StepCost::new(),
         last_rows: 0,
     }
@@ -113,6 +115,8 @@ struct Engine<M: Decoder> {
     last_rows: usize,
     /// What recent steps cost: sizes steps to `step_target`.
     cost: StepCost,
+    /// The tokens a step may run under `step_target` (0: no target).
+    step_target_tokens: metrics::Gauge,
 }
 
 impl<M: Decoder> Engine<M> {
@@ -231,12 +235,14 @@ impl<M: Decoder> Engine<M> {
     fn step(&mut self) {
         let started = Instant::now();
         let limits = self.info.limits.get();
+        let target = limits
+            .step_target
+            .and_then(|t| self.cost.tokens_within(t.as_secs_f64()));
+        self.step_target_tokens.set(target.unwrap_or(0) as f64);
         let (plan, service) = self.queue.plan(StepLimits {
             rows: limits.step_rows.min(self.max_batch),
             tokens: limits.batch_token_budget,
-            target: limits
-                .step_target
-                .and_then(|t| self.cost.tokens_within(t.as_secs_f64())),
+            target,
             schedule: limits.schedule,
         });
         self.info.service.record(&service, Instant::now());
