@@ -266,6 +266,14 @@ mod tests {
         }
     }
 
+    /// A sequence of `zone` (weight 1) with `prefill_left` prompt tokens to go.
+    fn pre(zone: u32, arrival: u64, prefill_left: usize) -> Candidate<u32> {
+        Candidate {
+            prefill_left,
+            ..dec(zone, 1.0, arrival)
+        }
+    }
+
     /// Runs `steps` steps over a fixed backlog and returns tokens per zone.
     fn run(
         clock: &mut FairClock<u32>,
@@ -361,10 +369,7 @@ mod tests {
     #[test]
     fn a_long_prefill_leaves_a_token_for_every_decoding_row() {
         let mut clock = FairClock::new();
-        let mut cands = vec![Candidate {
-            prefill_left: 1000,
-            ..dec(9, 1.0, 0)
-        }];
+        let mut cands = vec![pre(9, 0, 1000)];
         cands.extend((0..10).map(|i| dec(1, 1.0, 10 + i)));
         let plan = clock.plan(&cands, 32, 64, None);
         assert_eq!(plan[0], 54);
@@ -374,21 +379,14 @@ mod tests {
     #[test]
     fn a_newcomer_s_first_step_runs_it_alone_never_two_steps_in_a_row() {
         let mut clock = FairClock::new();
-        let pre = |zone, arrival| Candidate {
-            prefill_left: 200,
-            ..dec(zone, 1.0, arrival)
-        };
         // Zone 1 decodes and prefills, step after step.
         let mut cands: Vec<_> = (0..8).map(|i| dec(1, 1.0, i)).collect();
-        cands.push(pre(1, 8));
+        cands.push(pre(1, 8, 200));
         for _ in 0..5 {
             assert_eq!(clock.plan(&cands, 32, 256, None)[8], 200);
         }
         // A quiet zone arrives with a 40-token prompt: its step runs its prompt alone.
-        cands.push(Candidate {
-            prefill_left: 40,
-            ..dec(2, 1.0, 100)
-        });
+        cands.push(pre(2, 100, 40));
         let plan = clock.plan(&cands, 32, 256, None);
         assert_eq!(plan[9], 40, "{plan:?}");
         assert!(
@@ -407,10 +405,7 @@ mod tests {
         let mut ran = 0;
         for k in 0..10 {
             let mut now = cands.clone();
-            now.push(Candidate {
-                prefill_left: 40,
-                ..dec(100 + k, 1.0, 200 + k as u64)
-            });
+            now.push(pre(100 + k, 200 + k as u64, 40));
             ran += (clock.plan(&now, 32, 256, None)[8] > 0) as usize;
         }
         assert_eq!(ran, 5);
@@ -421,10 +416,7 @@ mod tests {
         let mut clock = FairClock::new();
         // Two zones decode 20 rows each and zone 1 has a prompt waiting; 16 tokens fit the target.
         let mut cands: Vec<_> = (0..40).map(|i| dec(1 + i % 2, 1.0, i as u64)).collect();
-        cands.push(Candidate {
-            prefill_left: 30,
-            ..dec(1, 1.0, 40)
-        });
+        cands.push(pre(1, 40, 30));
         for _ in 0..3 {
             let plan = clock.plan(&cands, 32, 256, Some(16));
             assert_eq!(plan.iter().sum::<usize>(), 16, "{plan:?}");
@@ -432,18 +424,12 @@ mod tests {
         }
         // A quiet zone arrives with a 40-token prompt: its step runs all of it (alone), and the next one
         // (with another newcomer's 12 tokens, not alone) holds the rest to the target.
-        cands.push(Candidate {
-            prefill_left: 40,
-            ..dec(3, 1.0, 100)
-        });
+        cands.push(pre(3, 100, 40));
         let plan = clock.plan(&cands, 32, 256, Some(16));
         assert_eq!(plan[41], 40, "{plan:?}");
         assert_eq!(plan.iter().sum::<usize>(), 40);
         cands[41].prefill_left = 0;
-        cands.push(Candidate {
-            prefill_left: 12,
-            ..dec(4, 1.0, 101)
-        });
+        cands.push(pre(4, 101, 12));
         let plan = clock.plan(&cands, 32, 256, Some(16));
         assert_eq!(plan[42], 12, "{plan:?}");
         assert_eq!(plan.iter().sum::<usize>(), 16 + 12, "{plan:?}");
@@ -452,17 +438,13 @@ mod tests {
     #[test]
     fn a_long_prompt_is_chunked_by_the_budget_not_the_target() {
         let mut clock = FairClock::new();
-        let long = |zone, arrival| Candidate {
-            prefill_left: 1000,
-            ..dec(zone, 1.0, arrival)
-        };
         // A lone zone: no other zone to hold the step for.
-        assert_eq!(clock.plan(&[long(1, 0)], 32, 256, Some(16)), vec![256]);
+        assert_eq!(clock.plan(&[pre(1, 0, 1000)], 32, 256, Some(16)), vec![256]);
         // Past its first chunk, beside a decoding zone: still whole chunks (it waits for its first token).
         let mut clock = FairClock::new();
         let mut cands: Vec<_> = (0..8).map(|i| dec(2, 1.0, i)).collect();
         clock.plan(&cands, 32, 256, Some(16));
-        cands.push(long(1, 8));
+        cands.push(pre(1, 8, 1000));
         assert_eq!(
             clock.plan(&cands, 32, 256, Some(16))[8],
             256,
@@ -487,10 +469,7 @@ mod tests {
         }
         // Zone 2, far behind zone 1 in service, sends another line: its 11-token prompt runs at once and
         // whole (zone 1's rows give way), the step still within its 16 tokens.
-        cands.push(Candidate {
-            prefill_left: 11,
-            ..dec(2, 1.0, 31)
-        });
+        cands.push(pre(2, 31, 11));
         let plan = clock.plan(&cands, 32, 256, Some(16));
         assert_eq!((plan[30], plan[31]), (1, 11), "{plan:?}");
         assert_eq!(plan.iter().sum::<usize>(), 16, "{plan:?}");

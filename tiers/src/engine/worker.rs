@@ -248,7 +248,8 @@ impl<M: Decoder> Engine<M> {
         self.info.service.record(&service, Instant::now());
         self.last_rows = plan.iter().filter(|&&n| n > 0).count();
         self.batch_size.record(self.last_rows as f64);
-        self.batch_tokens.record(plan.iter().sum::<usize>() as f64);
+        let step_tokens: usize = plan.iter().sum();
+        self.batch_tokens.record(step_tokens as f64);
         let mut chunks = Vec::with_capacity(plan.len());
         for (s, &n) in self.queue.running_mut().iter_mut().zip(&plan) {
             if n == 0 {
@@ -323,8 +324,8 @@ impl<M: Decoder> Engine<M> {
         self.queue.retire(&finished);
         let secs = started.elapsed().as_secs_f64();
         self.step_seconds.record(secs);
-        self.cost.record(plan.iter().sum(), secs);
-        tracing::trace!(tier = %self.info.name, rows = self.last_rows, tokens = plan.iter().sum::<usize>(), ms = secs * 1e3, "step");
+        self.cost.record(step_tokens, secs);
+        tracing::trace!(tier = %self.info.name, rows = self.last_rows, tokens = step_tokens, ms = secs * 1e3, "step");
     }
 }
 
